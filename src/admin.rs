@@ -1,0 +1,140 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz` (503 while draining) and `/targets`
+//! (JSON state of every target).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{self, Metrics};
+use crate::proxy::Snapshot;
+
+#[derive(Debug)]
+pub struct Admin {
+    pub metrics: Metrics,
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    pub draining: Arc<AtomicBool>,
+}
+
+impl Admin {
+    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+        }
+        match req.uri().path() {
+            "/metrics" => {
+                let mut response = Response::new(Full::new(Bytes::from(self.metrics.encode())));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(metrics::CONTENT_TYPE),
+                );
+                response
+            }
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" if self.draining.load(Ordering::Relaxed) => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            }
+            "/readyz" => text(StatusCode::OK, "ready\n"),
+            "/targets" => {
+                let mut response = Response::new(Full::new(Bytes::from(self.targets_json())));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("application/json"),
+                );
+                response
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; try /metrics, /healthz, /readyz or /targets\n",
+            ),
+        }
+    }
+
+    fn targets_json(&self) -> String {
+        let snapshot = self.snapshot.load();
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let targets: Vec<serde_json::Value> = snapshot
+            .targets
+            .iter()
+            .map(|t| {
+                let status = t.status();
+                let last_request = t.last_request_at().map(|at| {
+                    humantime::format_rfc3339_millis(wall - now.saturating_duration_since(at))
+                        .to_string()
+                });
+                serde_json::json!({
+                    "name": t.config.name,
+                    "namespace": t.config.namespace,
+                    "kind": if t.config.upstream.is_some() { "upstream" } else { "local" },
+                    "state": status.phase.as_str(),
+                    "instances": t.endpoints().len(),
+                    "desired": t.desired(),
+                    "in_flight": t.stats.in_flight(),
+                    "pending": t.stats.pending(),
+                    "requests": t.stats.requests.total(),
+                    "cold_starts": t.stats.cold_starts.load(Ordering::Relaxed),
+                    "last_request": last_request,
+                    "last_start_failure": status.last_failure.as_deref(),
+                })
+            })
+            .collect();
+        let mut body = serde_json::to_string_pretty(&serde_json::json!({ "targets": targets }))
+            .expect("JSON values serialise");
+        body.push('\n');
+        body
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Serves the admin endpoints until `shutdown`.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let admin = admin.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let response = admin.respond(&req);
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = connection => {}
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
+}

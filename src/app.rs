@@ -1,0 +1,244 @@
+//! Wires it all together: listeners, the targets and their providers and autoscalers, the
+//! admin endpoints; reloads routes on SIGHUP and drains on shutdown.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Admin};
+use crate::config::{Config, TargetConfig};
+use crate::metrics::Metrics;
+use crate::provider::Provider;
+use crate::provider::fixed::FixedProvider;
+use crate::provider::local::LocalProvider;
+use crate::proxy::route::{HostPattern, RouteTable};
+use crate::proxy::{self, Proxy, Snapshot, Unrouted};
+use crate::scaling::autoscaler;
+use crate::target::Target;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot install the {0} signal handler: {1}")]
+    Signal(&'static str, std::io::Error),
+}
+
+/// A target together with the tasks that look after it.
+struct Managed {
+    /// The latest configuration; its routing fields may be newer than `target.config`'s.
+    config: TargetConfig,
+    target: Arc<Target>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The control plane's view of what runs; the data plane only sees the published snapshot.
+struct Control {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    managed: HashMap<String, Managed>,
+    retired: Vec<Managed>,
+    local: Arc<LocalProvider>,
+    fixed: Arc<FixedProvider>,
+    interval: Duration,
+}
+
+impl Control {
+    /// Makes the running targets and routes match `config`. Targets whose runtime settings
+    /// are unchanged keep their instances and counters; the others are replaced, and the old
+    /// ones stop once their in-flight requests are done.
+    fn apply(&mut self, config: &Config) {
+        let mut next = HashMap::new();
+        for tc in &config.targets {
+            let managed = match self.managed.remove(&tc.name) {
+                Some(old) if old.target.config.same_runtime(tc) => Managed {
+                    config: tc.clone(),
+                    ..old
+                },
+                old => {
+                    if let Some(old) = old {
+                        self.retire(old);
+                    }
+                    self.start(tc.clone())
+                }
+            };
+            next.insert(tc.name.clone(), managed);
+        }
+        for (_, old) in self.managed.drain() {
+            self.retired.push(old);
+        }
+        for old in &self.retired {
+            old.stop.cancel();
+        }
+        self.retired
+            .retain(|m| !m.tasks.iter().all(|task| task.is_finished()));
+        self.managed = next;
+        self.publish();
+    }
+
+    fn retire(&mut self, old: Managed) {
+        old.stop.cancel();
+        self.retired.push(old);
+    }
+
+    fn start(&self, config: TargetConfig) -> Managed {
+        let target = Target::new(config.clone());
+        let stop = CancellationToken::new();
+        let provider: Arc<dyn Provider> = if target.config.upstream.is_some() {
+            self.fixed.clone()
+        } else {
+            self.local.clone()
+        };
+        let supervisor = provider.manage(target.clone(), stop.clone());
+        let scaler = tokio::spawn(autoscaler::run(
+            target.clone(),
+            provider,
+            self.interval,
+            stop.clone(),
+        ));
+        Managed {
+            config,
+            target,
+            stop,
+            tasks: vec![supervisor, scaler],
+        }
+    }
+
+    fn publish(&self) {
+        let mut routes = RouteTable::default();
+        let mut managed: Vec<&Managed> = self.managed.values().collect();
+        managed.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        for m in &managed {
+            for host in &m.config.hosts {
+                let pattern = HostPattern::parse(host).expect("validated host pattern");
+                for prefix in &m.config.path_prefixes {
+                    routes.insert(&pattern, prefix, m.target.clone());
+                }
+            }
+        }
+        let targets = managed.iter().map(|m| m.target.clone()).collect();
+        self.snapshot.store(Arc::new(Snapshot { routes, targets }));
+    }
+
+    /// Stops every target and waits until their processes are gone.
+    async fn shutdown(mut self) {
+        let all: Vec<Managed> = self
+            .managed
+            .drain()
+            .map(|(_, m)| m)
+            .chain(self.retired.drain(..))
+            .collect();
+        for m in &all {
+            m.stop.cancel();
+        }
+        for m in all {
+            for task in m.tasks {
+                let _ = task.await;
+            }
+        }
+    }
+}
+
+/// Runs wakegate until `shutdown` is cancelled, then drains and returns.
+/// `config_path`, when given, is re-read on SIGHUP.
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let bind = |what, addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| AppError::Bind { what, addr, source })
+    };
+    let proxy_listener = bind("proxy traffic", config.listen.proxy).await?;
+    let admin_listener = bind("admin", config.listen.admin).await?;
+    let proxy_addr = proxy_listener.local_addr().ok();
+    let admin_addr = admin_listener.local_addr().ok();
+
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let draining = Arc::new(AtomicBool::new(false));
+    let unrouted = Arc::new(Unrouted::default());
+    let mut control = Control {
+        snapshot: snapshot.clone(),
+        managed: HashMap::new(),
+        retired: Vec::new(),
+        local: Arc::new(LocalProvider::default()),
+        fixed: Arc::new(FixedProvider),
+        interval: config.autoscaler.interval,
+    };
+    control.apply(&config);
+
+    let admin = Arc::new(Admin {
+        metrics: Metrics::new(snapshot.clone(), unrouted.clone()),
+        snapshot: snapshot.clone(),
+        draining: draining.clone(),
+    });
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin, admin_stop.clone()));
+
+    let proxy = Proxy::new(snapshot.clone(), draining.clone(), unrouted);
+    let accept_stop = CancellationToken::new();
+    let mut drain_timeout = config.drain_timeout;
+    let proxy_task = tokio::spawn(proxy::server::serve(
+        proxy_listener,
+        proxy,
+        accept_stop.clone(),
+        drain_timeout,
+    ));
+    tracing::info!(
+        proxy = %proxy_addr.map(|a| a.to_string()).unwrap_or_default(),
+        admin = %admin_addr.map(|a| a.to_string()).unwrap_or_default(),
+        targets = config.targets.len(),
+        "listening"
+    );
+
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| AppError::Signal("SIGHUP", e))?;
+    let mut current = config;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = hangup.recv() => {
+                let Some(path) = &config_path else {
+                    tracing::warn!("SIGHUP ignored: no configuration file to reload");
+                    continue;
+                };
+                match Config::load(path) {
+                    Ok(next) => {
+                        if next.listen != current.listen {
+                            tracing::warn!("listen addresses change only on restart; keeping the current ones");
+                        }
+                        control.apply(&next);
+                        drain_timeout = next.drain_timeout;
+                        tracing::info!(targets = next.targets.len(), "configuration reloaded");
+                        current = next;
+                    }
+                    Err(error) => tracing::error!(%error, "configuration reload rejected; keeping the running one"),
+                }
+            }
+        }
+    }
+
+    tracing::info!(drain_timeout = %humantime::format_duration(drain_timeout), "shutting down: draining");
+    draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    accept_stop.cancel();
+    let _ = proxy_task.await;
+    control.shutdown().await;
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}

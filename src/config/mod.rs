@@ -1,0 +1,494 @@
+//! Typed configuration: the TOML file, its defaults, and `validate()`, which reports every
+//! problem with its field, its value and what was expected.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+mod duration;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listen: Listen,
+    /// On SIGTERM/SIGINT, how long in-flight and held requests may take to finish.
+    #[serde(default = "defaults::drain_timeout", with = "duration")]
+    pub drain_timeout: Duration,
+    #[serde(default)]
+    pub autoscaler: Autoscaler,
+    #[serde(default, rename = "target")]
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Where clients connect (HTTP/1.1 and h2c on the same port).
+    #[serde(default = "defaults::proxy_addr")]
+    pub proxy: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`, `/targets`.
+    #[serde(default = "defaults::admin_addr")]
+    pub admin: SocketAddr,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            proxy: defaults::proxy_addr(),
+            admin: defaults::admin_addr(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Autoscaler {
+    /// How often each target's scaling decision is taken (waking from zero never waits for it).
+    #[serde(default = "defaults::interval", with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for Autoscaler {
+    fn default() -> Self {
+        Self {
+            interval: defaults::interval(),
+        }
+    }
+}
+
+/// One `[[target]]`: where its traffic comes from (hosts, path prefixes) and what serves it
+/// (a local `command` that wakegate starts and stops, or a fixed `upstream`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: String,
+    /// The `namespace` label of this target's metrics.
+    #[serde(default = "defaults::namespace")]
+    pub namespace: String,
+    /// Exact host names, `*.suffix` wildcards, or `*` for every host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default = "defaults::path_prefixes")]
+    pub path_prefixes: Vec<String>,
+    /// Program and arguments; `{port}` is replaced by the port the instance must listen on.
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<PathBuf>,
+    /// A fixed `host:port` that is always on: proxied and counted, never started or stopped.
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub ready: ReadyCheck,
+    #[serde(default = "defaults::idle_timeout", with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "defaults::cold_start_timeout", with = "duration")]
+    pub cold_start_timeout: Duration,
+    #[serde(default = "defaults::max_pending")]
+    pub max_pending: u32,
+    /// Between SIGTERM and SIGKILL when an instance is stopped.
+    #[serde(default = "defaults::stop_grace", with = "duration")]
+    pub stop_grace: Duration,
+    /// Longest wait for an upstream's response headers; none by default.
+    #[serde(default, with = "duration::option")]
+    pub response_timeout: Option<Duration>,
+    #[serde(default)]
+    pub scaling: Scaling,
+}
+
+/// How wakegate decides that a freshly started instance can take traffic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ReadyCheck {
+    /// The port accepts a TCP connection.
+    #[default]
+    Tcp,
+    /// `GET path` answers with a 2xx or 3xx status.
+    HttpGet(String),
+}
+
+impl<'de> Deserialize<'de> for ReadyCheck {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            tcp: Option<bool>,
+            http_get: Option<String>,
+        }
+        let raw = Raw::deserialize(d)?;
+        match (raw.tcp, raw.http_get) {
+            (Some(true), None) => Ok(ReadyCheck::Tcp),
+            (None, Some(path)) => Ok(ReadyCheck::HttpGet(path)),
+            _ => Err(serde::de::Error::custom(
+                "expected exactly one of `{ tcp = true }` or `{ http_get = \"/path\" }`",
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    Concurrency,
+    Rps,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Scaling {
+    #[serde(default)]
+    pub min: u32,
+    #[serde(default = "defaults::max_instances")]
+    pub max: u32,
+    #[serde(default = "defaults::metric")]
+    pub metric: Metric,
+    /// Per-instance target of `metric`; defaults to 10 (concurrency) or 50 (rps).
+    pub target: Option<f64>,
+}
+
+impl Default for Scaling {
+    fn default() -> Self {
+        Self {
+            min: 0,
+            max: defaults::max_instances(),
+            metric: defaults::metric(),
+            target: None,
+        }
+    }
+}
+
+mod defaults {
+    use super::*;
+
+    pub fn proxy_addr() -> SocketAddr {
+        "127.0.0.1:8080".parse().expect("valid literal")
+    }
+    pub fn admin_addr() -> SocketAddr {
+        "127.0.0.1:9090".parse().expect("valid literal")
+    }
+    pub fn drain_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn interval() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn namespace() -> String {
+        "local".to_owned()
+    }
+    pub fn path_prefixes() -> Vec<String> {
+        vec!["/".to_owned()]
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn cold_start_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn max_pending() -> u32 {
+        1000
+    }
+    pub fn stop_grace() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn max_instances() -> u32 {
+        1
+    }
+    pub fn metric() -> Metric {
+        Metric::Concurrency
+    }
+}
+
+/// One problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub value: String,
+    pub expected: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: got {}, expected {}",
+            self.field, self.value, self.expected
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path} has {} problem(s):\n{}", problems.len(), list(problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Parses TOML text without validating it.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Every semantic problem of this configuration; empty when it is valid.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut push = |field: String, value: String, expected: &str| {
+            problems.push(Problem {
+                field,
+                value,
+                expected: expected.to_owned(),
+            })
+        };
+        if self.drain_timeout.is_zero() {
+            push(
+                "drain_timeout".into(),
+                "\"0s\"".into(),
+                "a duration above zero",
+            );
+        }
+        if self.autoscaler.interval < Duration::from_millis(10) {
+            push(
+                "autoscaler.interval".into(),
+                format!(
+                    "{:?}",
+                    humantime::format_duration(self.autoscaler.interval).to_string()
+                ),
+                "a duration of at least 10ms",
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut routes = std::collections::HashMap::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            let at = |field: &str| format!("target[{i}] ({}).{field}", t.name);
+            if t.name.is_empty()
+                || !t
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                push(
+                    format!("target[{i}].name"),
+                    format!("{:?}", t.name),
+                    "a non-empty name of letters, digits, '-', '_' or '.'",
+                );
+            } else if !names.insert(t.name.as_str()) {
+                push(
+                    format!("target[{i}].name"),
+                    format!("{:?}", t.name),
+                    "a name no other target uses",
+                );
+            }
+            if t.hosts.is_empty() {
+                push(
+                    at("hosts"),
+                    "[]".into(),
+                    "at least one host (exact, \"*.suffix\" or \"*\")",
+                );
+            }
+            for (h, host) in t.hosts.iter().enumerate() {
+                if let Err(why) = crate::proxy::route::HostPattern::parse(host) {
+                    push(at(&format!("hosts[{h}]")), format!("{host:?}"), why);
+                }
+            }
+            if t.path_prefixes.is_empty() {
+                push(
+                    at("path_prefixes"),
+                    "[]".into(),
+                    "at least one path prefix such as \"/\"",
+                );
+            }
+            for (p, prefix) in t.path_prefixes.iter().enumerate() {
+                if !prefix.starts_with('/') || prefix.contains(['?', '#', ' ']) {
+                    push(
+                        at(&format!("path_prefixes[{p}]")),
+                        format!("{prefix:?}"),
+                        "a path starting with '/' without '?', '#' or spaces",
+                    );
+                }
+            }
+            for host in &t.hosts {
+                for prefix in &t.path_prefixes {
+                    let key = (
+                        host.to_ascii_lowercase(),
+                        crate::proxy::route::normalize_prefix(prefix),
+                    );
+                    if let Some(other) = routes.insert(key, t.name.as_str())
+                        && other != t.name
+                    {
+                        push(
+                            at("hosts"),
+                            format!("{host:?} with prefix {prefix:?}"),
+                            &format!("a host and prefix not already routed to target {other:?}"),
+                        );
+                    }
+                }
+            }
+            match (&t.command, &t.upstream) {
+                (Some(_), Some(_)) => push(
+                    at("upstream"),
+                    format!("{:?}", t.upstream.as_deref().unwrap_or_default()),
+                    "either `command` or `upstream`, not both",
+                ),
+                (None, None) => push(
+                    at("command"),
+                    "nothing".into(),
+                    "either `command` (a local process) or `upstream` (a fixed host:port)",
+                ),
+                (Some(cmd), None) => {
+                    if cmd.is_empty() || cmd[0].is_empty() {
+                        push(
+                            at("command"),
+                            format!("{cmd:?}"),
+                            "a program followed by its arguments",
+                        );
+                    }
+                }
+                (None, Some(up)) => {
+                    if up
+                        .parse::<http::uri::Authority>()
+                        .ok()
+                        .and_then(|a| a.port_u16())
+                        .is_none()
+                        || up.contains('/')
+                    {
+                        push(
+                            at("upstream"),
+                            format!("{up:?}"),
+                            "a host:port such as \"127.0.0.1:9000\"",
+                        );
+                    }
+                }
+            }
+            if let ReadyCheck::HttpGet(path) = &t.ready
+                && !path.starts_with('/')
+            {
+                push(
+                    at("ready.http_get"),
+                    format!("{path:?}"),
+                    "a path starting with '/'",
+                );
+            }
+            if t.cold_start_timeout.is_zero() {
+                push(
+                    at("cold_start_timeout"),
+                    "\"0s\"".into(),
+                    "a duration above zero",
+                );
+            }
+            if t.idle_timeout.is_zero() {
+                push(at("idle_timeout"), "\"0s\"".into(), "a duration above zero");
+            }
+            if t.max_pending == 0 {
+                push(at("max_pending"), "0".into(), "at least 1");
+            }
+            if t.response_timeout.is_some_and(|d| d.is_zero()) {
+                push(
+                    at("response_timeout"),
+                    "\"0s\"".into(),
+                    "a duration above zero, or no value",
+                );
+            }
+            let s = &t.scaling;
+            if s.max == 0 {
+                push(at("scaling.max"), "0".into(), "at least 1");
+            }
+            if s.min > s.max {
+                push(
+                    at("scaling.min"),
+                    s.min.to_string(),
+                    &format!("at most scaling.max ({})", s.max),
+                );
+            }
+            if s.max > 1 && t.command.is_some() {
+                push(
+                    at("scaling.max"),
+                    s.max.to_string(),
+                    "1: local targets run one instance in this version",
+                );
+            }
+            if let Some(target) = s.target
+                && !(target.is_finite() && target > 0.0)
+            {
+                push(
+                    at("scaling.target"),
+                    target.to_string(),
+                    "a number above zero",
+                );
+            }
+        }
+        if self.listen.proxy == self.listen.admin && self.listen.proxy.port() != 0 {
+            push(
+                "listen.admin".into(),
+                self.listen.admin.to_string(),
+                "an address other than listen.proxy",
+            );
+        }
+        problems
+    }
+}
+
+impl TargetConfig {
+    /// True when `other` runs the same thing the same way, so a reload may keep its
+    /// instances and counters; routing fields (hosts, path prefixes) may differ.
+    pub fn same_runtime(&self, other: &TargetConfig) -> bool {
+        let strip = |t: &TargetConfig| TargetConfig {
+            hosts: Vec::new(),
+            path_prefixes: Vec::new(),
+            ..t.clone()
+        };
+        strip(self) == strip(other)
+    }
+
+    /// The per-instance target of the scaling metric, as the user wrote it or its default.
+    pub fn scaling_target(&self) -> f64 {
+        self.scaling.target.unwrap_or(match self.scaling.metric {
+            Metric::Concurrency => 10.0,
+            Metric::Rps => 50.0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,141 @@
+//! The built-in demo backend (`wakegate demo-backend`): a small HTTP server with a
+//! configurable start-up delay, used by the examples, tests and load tests.
+//!
+//! `/` says hello with its pid and port, `/healthz` answers `ok`, `/echo` streams the request
+//! body back, `/sleep?ms=N` answers after N milliseconds, `/headers` returns the request
+//! headers as JSON, and `/ws` is a WebSocket echo.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Waits `startup_delay` (a slow application booting), then serves on `addr` until
+/// `shutdown` resolves.
+pub async fn run(
+    addr: SocketAddr,
+    startup_delay: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    tokio::time::sleep(startup_delay).await;
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    println!(
+        "demo-backend listening on {local} (pid {})",
+        std::process::id()
+    );
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            () = &mut shutdown => return Ok(()),
+        };
+        let _ = stream.set_nodelay(true);
+        let port = local.port();
+        let service = hyper::service::service_fn(move |req| handle(req, port));
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()).map_err(|e| match e {}).boxed());
+    *response.status_mut() = status;
+    response
+}
+
+async fn handle(mut req: Request<Incoming>, port: u16) -> Result<Response<Body>, Infallible> {
+    let response = match req.uri().path() {
+        "/" => full(
+            StatusCode::OK,
+            format!(
+                "hello from demo-backend (pid {}, port {port})\n",
+                std::process::id()
+            ),
+        ),
+        "/healthz" => full(StatusCode::OK, "ok\n"),
+        "/echo" => Response::new(req.into_body().boxed()),
+        "/sleep" => {
+            let ms = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
+                .and_then(|v| v.parse::<u64>().ok());
+            match ms {
+                Some(ms) => {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    full(StatusCode::OK, format!("slept {ms} ms\n"))
+                }
+                None => full(StatusCode::BAD_REQUEST, "expected ?ms=N\n"),
+            }
+        }
+        "/headers" => {
+            let headers: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+                .collect();
+            full(
+                StatusCode::OK,
+                serde_json::Value::Object(headers).to_string(),
+            )
+        }
+        "/ws" => websocket(&mut req),
+        _ => full(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    Ok(response)
+}
+
+/// Accepts a WebSocket upgrade and echoes every message back.
+fn websocket(req: &mut Request<Incoming>) -> Response<Body> {
+    let Some(key) = req.headers().get("sec-websocket-key") else {
+        return full(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n");
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+        while let Some(Ok(message)) = ws.next().await {
+            if message.is_close() {
+                break;
+            }
+            if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut response = full(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    headers.insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        "sec-websocket-accept",
+        header::HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+    );
+    response
+}

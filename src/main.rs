@@ -1,0 +1,163 @@
+//! The `wakegate` command line: parse, load config, set up logging, run.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use wakegate::config::{Config, ConfigError};
+use wakegate::telemetry::{self, LogFormat};
+
+#[derive(Parser, Debug)]
+#[command(name = "wakegate", version, about = "An HTTP scale-to-zero proxy")]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "pretty",
+        env = "WAKEGATE_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// The TOML configuration file (re-read on SIGHUP).
+        #[arg(long, short, env = "WAKEGATE_CONFIG")]
+        config: PathBuf,
+        /// Overrides `listen.proxy`.
+        #[arg(long, env = "WAKEGATE_LISTEN_PROXY")]
+        listen_proxy: Option<SocketAddr>,
+        /// Overrides `listen.admin`.
+        #[arg(long, env = "WAKEGATE_LISTEN_ADMIN")]
+        listen_admin: Option<SocketAddr>,
+    },
+    /// Validate a configuration file and print every problem found (exit code 2 if invalid).
+    Check {
+        #[arg(long, short, env = "WAKEGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// A small HTTP server for examples and tests: /, /healthz, /echo, /sleep?ms=N, /headers, /ws.
+    DemoBackend {
+        #[arg(long, env = "PORT")]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: IpAddr,
+        /// How long to wait before listening, like a slow application starting up.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        startup_delay: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("wakegate: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run {
+                config,
+                listen_proxy,
+                listen_admin,
+            } => run(config, listen_proxy, listen_admin).await,
+            Command::Check { config } => check(&config),
+            Command::DemoBackend {
+                port,
+                host,
+                startup_delay,
+            } => {
+                let addr = SocketAddr::new(host, port);
+                match wakegate::demo::run(addr, startup_delay, terminated()).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        eprintln!("demo-backend: cannot serve on {addr}: {error}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+        }
+    })
+}
+
+async fn run(path: PathBuf, proxy: Option<SocketAddr>, admin: Option<SocketAddr>) -> ExitCode {
+    let mut config = match Config::load(&path) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!("{error}");
+            return config_exit_code(&error);
+        }
+    };
+    config.listen.proxy = proxy.unwrap_or(config.listen.proxy);
+    config.listen.admin = admin.unwrap_or(config.listen.admin);
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        terminated().await;
+        trigger.cancel();
+    });
+    match wakegate::app::run(config, Some(path), shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: valid ({} target{})",
+                path.display(),
+                config.targets.len(),
+                if config.targets.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            config_exit_code(&error)
+        }
+    }
+}
+
+fn config_exit_code(error: &ConfigError) -> ExitCode {
+    match error {
+        ConfigError::Read { .. } => ExitCode::FAILURE,
+        ConfigError::Parse { .. } | ConfigError::Invalid { .. } => ExitCode::from(2),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

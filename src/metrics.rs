@@ -1,0 +1,213 @@
+//! Prometheus / OpenMetrics export. Per-target values are read at scrape time from the same
+//! atomics the data plane updates and the autoscaler reads; nothing is global.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use arc_swap::ArcSwap;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::proxy::track::{Histogram, Reject};
+use crate::proxy::{Snapshot, Unrouted};
+use crate::target::Target;
+
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, unrouted: Arc<Unrouted>) -> Self {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(TargetCollector { snapshot, unrouted }));
+        Self { registry }
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+#[derive(Debug)]
+struct TargetCollector {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    unrouted: Arc<Unrouted>,
+}
+
+type Result = std::result::Result<(), std::fmt::Error>;
+
+fn labels(t: &Target) -> [(&'static str, &str); 2] {
+    [
+        ("namespace", t.config.namespace.as_str()),
+        ("service", t.config.name.as_str()),
+    ]
+}
+
+impl TargetCollector {
+    fn counter(
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        targets: &[Arc<Target>],
+        value: impl Fn(&Target) -> u64,
+    ) -> Result {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for t in targets {
+            family
+                .encode_family(&labels(t))?
+                .encode_counter::<NoLabelSet, _, f64>(&value(t), None)?;
+        }
+        Ok(())
+    }
+
+    fn gauge(
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        targets: &[Arc<Target>],
+        value: impl Fn(&Target) -> i64,
+    ) -> Result {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for t in targets {
+            family.encode_family(&labels(t))?.encode_gauge(&value(t))?;
+        }
+        Ok(())
+    }
+
+    fn histogram(
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        targets: &[Arc<Target>],
+        value: impl Fn(&Target) -> &Histogram,
+    ) -> Result {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for t in targets {
+            let (sum, count, buckets) = value(t).snapshot();
+            family
+                .encode_family(&labels(t))?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        Ok(())
+    }
+}
+
+impl prometheus_client::collector::Collector for TargetCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result {
+        let snapshot = self.snapshot.load();
+        let targets = &snapshot.targets;
+
+        let mut family = encoder.encode_descriptor(
+            "http_requests",
+            "Requests answered, by target, method and status code.",
+            None,
+            MetricType::Counter,
+        )?;
+        for t in targets.iter() {
+            let mut failed = Ok(());
+            t.stats.requests.each(|method, code, count| {
+                if failed.is_err() {
+                    return;
+                }
+                let code = code.map_or_else(|| "_OTHER".to_owned(), |c| c.to_string());
+                let labels = [
+                    ("namespace", t.config.namespace.as_str()),
+                    ("service", t.config.name.as_str()),
+                    ("method", method),
+                    ("code", code.as_str()),
+                ];
+                failed = family
+                    .encode_family(&labels)
+                    .and_then(|mut m| m.encode_counter::<NoLabelSet, _, f64>(&count, None));
+            });
+            failed?;
+        }
+
+        Self::histogram(
+            &mut encoder,
+            "http_request_duration_seconds",
+            "Time from a request's arrival to its response headers, holding included.",
+            targets,
+            |t| &t.stats.duration,
+        )?;
+        Self::gauge(
+            &mut encoder,
+            "http_requests_in_flight",
+            "Requests forwarded to an instance whose response has not finished.",
+            targets,
+            |t| t.stats.in_flight() as i64,
+        )?;
+        Self::gauge(
+            &mut encoder,
+            "wakegate_pending_requests",
+            "Requests held while the target has no ready instance.",
+            targets,
+            |t| t.stats.pending() as i64,
+        )?;
+        Self::counter(
+            &mut encoder,
+            "wakegate_cold_starts",
+            "Instance starts triggered by demand or by the autoscaler.",
+            targets,
+            |t| t.stats.cold_starts.load(Ordering::Relaxed),
+        )?;
+        Self::histogram(
+            &mut encoder,
+            "wakegate_cold_start_duration_seconds",
+            "Time from starting an instance to its readiness check passing.",
+            targets,
+            |t| &t.stats.cold_start_duration,
+        )?;
+        Self::gauge(
+            &mut encoder,
+            "wakegate_replicas_desired",
+            "Instances the autoscaler asks for.",
+            targets,
+            |t| i64::from(t.desired()),
+        )?;
+        Self::gauge(
+            &mut encoder,
+            "wakegate_replicas_ready",
+            "Instances ready to take requests.",
+            targets,
+            |t| t.endpoints().len() as i64,
+        )?;
+
+        let mut family = encoder.encode_descriptor(
+            "wakegate_rejected_requests",
+            "Requests answered by wakegate itself, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for t in targets.iter() {
+            for why in Reject::ALL {
+                let labels = [
+                    ("namespace", t.config.namespace.as_str()),
+                    ("service", t.config.name.as_str()),
+                    ("reason", why.label()),
+                ];
+                family
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, f64>(&t.stats.rejected(why), None)?;
+            }
+        }
+        for (reason, count) in [
+            ("no_route", &self.unrouted.no_route),
+            ("bad_request", &self.unrouted.bad_request),
+        ] {
+            let labels = [("namespace", ""), ("service", ""), ("reason", reason)];
+            family
+                .encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, f64>(&count.load(Ordering::Relaxed), None)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,315 @@
+//! Local processes: a target's `command` is started on a free loopback port when it is scaled
+//! up, held back from traffic until its readiness check passes, and stopped (SIGTERM, then
+//! SIGKILL after `stop_grace`) when scaled to zero. Children never outlive wakegate.
+
+use std::collections::HashMap;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::uri::Authority;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Provider;
+use crate::config::ReadyCheck;
+use crate::target::{Endpoint, Phase, Target};
+
+/// How often a starting instance's readiness is checked. Loopback checks cost microseconds,
+/// so a short interval keeps the added cold-start latency small.
+const READY_POLL: Duration = Duration::from_millis(5);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Desired {
+    replicas: u32,
+    /// Bumped by every `scale` call, so a repeated request retries a failed start.
+    asked: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct LocalProvider {
+    /// Per managed target (by address): where its supervisor reads what is wanted. Control
+    /// plane only; the data plane never touches it.
+    desired: Mutex<HashMap<usize, watch::Sender<Desired>>>,
+}
+
+fn key(target: &Target) -> usize {
+    target as *const Target as usize
+}
+
+impl Provider for LocalProvider {
+    fn manage(&self, target: Arc<Target>, stop: CancellationToken) -> JoinHandle<()> {
+        let (tx, rx) = watch::channel(Desired::default());
+        self.desired
+            .lock()
+            .expect("not poisoned")
+            .insert(key(&target), tx);
+        tokio::spawn(supervise(target, rx, stop))
+    }
+
+    fn scale(&self, target: &Target, replicas: u32) {
+        if let Some(tx) = self.desired.lock().expect("not poisoned").get(&key(target)) {
+            tx.send_modify(|d| {
+                d.replicas = replicas;
+                d.asked += 1;
+            });
+        }
+    }
+}
+
+struct Instance {
+    child: Child,
+    pid: u32,
+    endpoint: Arc<Endpoint>,
+}
+
+/// Converges the target's running instance to what is desired, until `stop`.
+async fn supervise(
+    target: Arc<Target>,
+    mut desired: watch::Receiver<Desired>,
+    stop: CancellationToken,
+) {
+    let mut instance: Option<Instance> = None;
+    // A failed start is retried only when scale() is called again.
+    let mut failed_at: Option<u64> = None;
+    while !stop.is_cancelled() {
+        let want = *desired.borrow_and_update();
+        match (&mut instance, want.replicas) {
+            (None, n) if n > 0 && failed_at != Some(want.asked) => {
+                match start(&target, &stop).await {
+                    Ok(started) => {
+                        target.publish(vec![started.endpoint.clone()], Phase::Ready);
+                        instance = Some(started);
+                        failed_at = None;
+                    }
+                    Err(reason) => {
+                        tracing::warn!(target = %target.name(), %reason, "start failed");
+                        target.start_failed(reason);
+                        failed_at = Some(want.asked);
+                    }
+                }
+                continue;
+            }
+            (Some(_), 0) => {
+                if let Some(running) = instance.take() {
+                    stop_instance(&target, running, "idle").await;
+                }
+                continue;
+            }
+            _ => {}
+        }
+        tokio::select! {
+            changed = desired.changed() => if changed.is_err() { break },
+            status = exited(&mut instance) => {
+                let running = instance.take().expect("exited() only resolves with an instance");
+                tracing::warn!(target = %target.name(), pid = running.pid, %status, "instance exited by itself");
+                target.publish(Vec::new(), Phase::Cold);
+                // Started again on the next request (or the autoscaler's next ask).
+                failed_at = Some(want.asked);
+            }
+            () = stop.cancelled() => {}
+        }
+    }
+    if let Some(running) = instance.take() {
+        stop_instance(&target, running, "shutdown").await;
+    }
+    target.publish(Vec::new(), Phase::Cold);
+}
+
+async fn exited(instance: &mut Option<Instance>) -> String {
+    match instance {
+        Some(i) => describe(i.child.wait().await),
+        None => std::future::pending().await,
+    }
+}
+
+fn describe(status: std::io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(status) => status.to_string(),
+        Err(e) => format!("unknown status ({e})"),
+    }
+}
+
+/// Starts one instance and waits until it is ready, it exits, `cold_start_timeout` passes or
+/// wakegate stops.
+async fn start(target: &Arc<Target>, stop: &CancellationToken) -> Result<Instance, String> {
+    let config = &target.config;
+    target.set_phase(Phase::Starting);
+    target
+        .stats
+        .cold_starts
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let began = Instant::now();
+
+    let port = free_port().map_err(|e| format!("no free local port: {e}"))?;
+    let mut child = spawn(target, port)?;
+    let pid = child.id().unwrap_or_default();
+    tracing::info!(target = %target.name(), pid, port, "starting instance");
+    let authority: Authority = format!("127.0.0.1:{port}")
+        .parse()
+        .expect("valid authority");
+
+    let outcome = tokio::select! {
+        () = wait_ready(&config.ready, &authority) => Ok(()),
+        status = child.wait() => Err(format!("process exited during start-up ({})", describe(status))),
+        () = tokio::time::sleep(config.cold_start_timeout) => Err(format!(
+            "not ready within {}", humantime::format_duration(config.cold_start_timeout)
+        )),
+        () = stop.cancelled() => Err("wakegate is shutting down".to_owned()),
+    };
+    if let Err(reason) = outcome {
+        terminate(&mut child, pid, config.stop_grace).await;
+        return Err(reason);
+    }
+    let took = began.elapsed();
+    target.stats.cold_start_duration.observe(took);
+    tracing::info!(target = %target.name(), pid, port, took_ms = took.as_millis() as u64, "instance ready");
+    Ok(Instance {
+        child,
+        pid,
+        endpoint: Endpoint::new(authority),
+    })
+}
+
+fn spawn(target: &Target, port: u16) -> Result<Child, String> {
+    let config = &target.config;
+    let argv: Vec<String> = config
+        .command
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|a| a.replace("{port}", &port.to_string()))
+        .collect();
+    let (program, args) = argv.split_first().ok_or("empty command")?;
+    // `wakegate` names this very binary, so examples work without installing it.
+    let program = if program == "wakegate" {
+        std::env::current_exe().map_err(|e| format!("cannot find wakegate's own binary: {e}"))?
+    } else {
+        program.into()
+    };
+    let mut command = Command::new(&program);
+    command
+        .args(args)
+        .envs(&config.env)
+        .env("PORT", port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        // Own process group: a Ctrl-C on wakegate's terminal does not reach the instance
+        // directly, and a stop reaches the whole group.
+        .process_group(0);
+    if let Some(cwd) = &config.cwd {
+        command.current_dir(cwd);
+    }
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            // Killed with wakegate, even if wakegate itself is killed with SIGKILL.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+    let name: Arc<str> = config.name.as_str().into();
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(log_lines(out, name.clone(), "stdout"));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(log_lines(err, name, "stderr"));
+    }
+    Ok(child)
+}
+
+async fn log_lines(stream: impl AsyncRead + Unpin, target: Arc<str>, stream_name: &'static str) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(target: "wakegate::process", target = %target, stream = stream_name, "{line}");
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn wait_ready(check: &ReadyCheck, authority: &Authority) {
+    loop {
+        if is_ready(check, authority).await {
+            return;
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
+}
+
+async fn is_ready(check: &ReadyCheck, authority: &Authority) -> bool {
+    let Ok(stream) = TcpStream::connect(authority.as_str()).await else {
+        return false;
+    };
+    let ReadyCheck::HttpGet(path) = check else {
+        return true;
+    };
+    let probe = async {
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream))
+                .await
+                .ok()?;
+        tokio::spawn(connection);
+        let request = http::Request::get(path.as_str())
+            .header(http::header::HOST, authority.as_str())
+            .header(http::header::USER_AGENT, "wakegate-readiness")
+            .body(Empty::new())
+            .ok()?;
+        let response = sender.send_request(request).await.ok()?;
+        Some(response.status().is_success() || response.status().is_redirection())
+    };
+    tokio::time::timeout(Duration::from_secs(1), probe)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// Takes the instance out of rotation, lets its in-flight requests finish, then stops it.
+async fn stop_instance(target: &Target, mut instance: Instance, why: &str) {
+    let config = &target.config;
+    target.publish(Vec::new(), Phase::Stopping);
+    if !instance.endpoint.drain(config.stop_grace).await {
+        tracing::warn!(target = %target.name(), pid = instance.pid, "stopping with requests still in flight");
+    }
+    tracing::info!(target = %target.name(), pid = instance.pid, reason = why, "stopping instance");
+    terminate(&mut instance.child, instance.pid, config.stop_grace).await;
+    target.set_phase(Phase::Cold);
+}
+
+/// SIGTERM to the instance's process group, SIGKILL after `grace`, then reap it.
+async fn terminate(child: &mut Child, pid: u32, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    if pid == 0 {
+        let _ = child.kill().await;
+        return;
+    }
+    let group = -(pid as libc::pid_t);
+    // SAFETY: plain syscall on a process group wakegate created.
+    unsafe { libc::kill(group, libc::SIGTERM) };
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        tracing::warn!(pid, "instance ignored SIGTERM; sending SIGKILL");
+        // SAFETY: as above.
+        unsafe { libc::kill(group, libc::SIGKILL) };
+        let _ = child.wait().await;
+    }
+}

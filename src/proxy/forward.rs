@@ -1,0 +1,241 @@
+//! Forwarding one request to a leased endpoint: hop-by-hop headers removed (RFC 9110 §7.6.1),
+//! `X-Forwarded-*` set, bodies streamed both ways over pooled keep-alive HTTP/1.1, and
+//! HTTP/1.1 upgrades (WebSocket) tunnelled in both directions.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use super::InFlight;
+use super::body::ProxyBody;
+use super::error::ProxyError;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The pooled upstream client.
+#[derive(Clone, Debug)]
+pub struct Forwarder {
+    client: Client<HttpConnector, Incoming>,
+}
+
+impl Default for Forwarder {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Self { client }
+    }
+}
+
+/// What the forwarder needs to know about the downstream side of a request.
+pub struct Downstream<'a> {
+    pub peer: SocketAddr,
+    /// The Host (or :authority) the client asked for, port included.
+    pub host: &'a HeaderValue,
+}
+
+impl Forwarder {
+    pub async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        downstream: Downstream<'_>,
+        in_flight: InFlight,
+        response_timeout: Option<Duration>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        let authority = in_flight.endpoint().authority.clone();
+        let mut parts = req.uri().clone().into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(authority);
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path are set");
+        *req.version_mut() = Version::HTTP_11;
+
+        let headers = req.headers_mut();
+        let upgrade_to = headers.get(header::UPGRADE).cloned();
+        strip_hop_by_hop(headers);
+        if let (true, Some(protocol)) = (upgrade, upgrade_to) {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, protocol);
+        }
+        if !headers.contains_key(header::HOST) {
+            headers.insert(header::HOST, downstream.host.clone());
+        }
+        append_forwarded_for(headers, downstream.peer);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        }
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            headers.insert(X_FORWARDED_HOST.clone(), downstream.host.clone());
+        }
+
+        let target = &in_flight.target().config.name;
+        let sent = self.client.request(req);
+        let result = match response_timeout {
+            Some(after) => tokio::time::timeout(after, sent).await.map_err(|_| {
+                ProxyError::UpstreamTimeout {
+                    target: target.clone(),
+                    after,
+                }
+            })?,
+            None => sent.await,
+        };
+        let mut response = result.map_err(|source| ProxyError::Upstream {
+            target: target.clone(),
+            source,
+        })?;
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(downstream_upgrade) = downstream_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(downstream_upgrade, upstream_upgrade, in_flight));
+            let (parts, _) = response.into_parts();
+            return Ok(Response::from_parts(parts, ProxyBody::empty()));
+        }
+
+        strip_hop_by_hop(response.headers_mut());
+        Ok(response.map(|body| ProxyBody::Upstream {
+            body,
+            in_flight: Some(in_flight),
+        }))
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and upstream connection; the target
+/// keeps counting the request as in flight until the tunnel closes.
+async fn tunnel(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    in_flight: InFlight,
+) {
+    let target = in_flight.target().config.name.clone();
+    match tokio::try_join!(downstream, upstream) {
+        Ok((client, server)) => {
+            let mut client = TokioIo::new(client);
+            let mut server = TokioIo::new(server);
+            if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                tracing::debug!(%target, %error, "upgraded connection closed with an error");
+            }
+        }
+        Err(error) => tracing::warn!(%target, %error, "upgrade failed"),
+    }
+    drop(in_flight);
+}
+
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v, "upgrade"))
+}
+
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .unwrap_or(false)
+}
+
+/// Removes the headers that only concern one connection (RFC 9110 §7.6.1), including every
+/// header the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for name in [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(before) if !before.is_empty() => format!("{before}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(value) = HeaderValue::try_from(value) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_by_connection_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        append_forwarded_for(&mut h, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    }
+
+    #[test]
+    fn upgrade_needs_both_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(!wants_upgrade(&h));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert!(wants_upgrade(&h));
+    }
+}

@@ -1,0 +1,208 @@
+//! The data plane: route → track → hold (cold start) → balance → forward. It reads immutable
+//! snapshots published by the control plane and never takes a lock on the request path.
+
+pub mod body;
+pub mod error;
+pub mod forward;
+pub mod hold;
+pub mod route;
+pub mod server;
+pub mod track;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Request, Response, header};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::target::{Endpoint, Lease, Target};
+use body::ProxyBody;
+use error::ProxyError;
+use forward::{Downstream, Forwarder};
+use route::RouteTable;
+
+static COLD_START_HEADER: http::HeaderName = http::HeaderName::from_static("x-wakegate-cold-start");
+
+/// What the data plane routes with; replaced whole on reload.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub routes: RouteTable<Arc<Target>>,
+    pub targets: Vec<Arc<Target>>,
+}
+
+/// Requests that never reached a target.
+#[derive(Debug, Default)]
+pub struct Unrouted {
+    pub no_route: AtomicU64,
+    pub bad_request: AtomicU64,
+}
+
+/// A request counted in flight on its target and holding its endpoint lease.
+#[derive(Debug)]
+pub struct InFlight {
+    target: Arc<Target>,
+    lease: Lease,
+}
+
+impl InFlight {
+    pub fn new(target: Arc<Target>, lease: Lease) -> Self {
+        target.stats.in_flight.fetch_add(1, Ordering::SeqCst);
+        Self { target, lease }
+    }
+
+    pub fn target(&self) -> &Arc<Target> {
+        &self.target
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        self.lease.endpoint()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.target.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The proxy service shared by every connection.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    forwarder: Forwarder,
+    draining: Arc<AtomicBool>,
+    unrouted: Arc<Unrouted>,
+}
+
+impl Proxy {
+    pub fn new(
+        snapshot: Arc<ArcSwap<Snapshot>>,
+        draining: Arc<AtomicBool>,
+        unrouted: Arc<Unrouted>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                snapshot,
+                forwarder: Forwarder::default(),
+                draining,
+                unrouted,
+            }),
+        }
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let inner = &self.inner;
+        if inner.draining.load(Ordering::Relaxed) {
+            return ProxyError::ShuttingDown.into_response();
+        }
+        let Some(host) = request_host(&req) else {
+            inner.unrouted.bad_request.fetch_add(1, Ordering::Relaxed);
+            return ProxyError::BadRequest("missing Host header").into_response();
+        };
+        let Some(target) = host.to_str().ok().and_then(|h| {
+            inner
+                .snapshot
+                .load()
+                .routes
+                .lookup(&route::host_of(h), req.uri().path())
+                .cloned()
+        }) else {
+            inner.unrouted.no_route.fetch_add(1, Ordering::Relaxed);
+            return ProxyError::NoRoute.into_response();
+        };
+
+        let started = Instant::now();
+        target.touch();
+        let method = track::method_index(req.method());
+        let response = match self.serve(&target, req, peer, &host).await {
+            Ok(response) => response,
+            Err(error) => {
+                if let Some(why) = error.reject() {
+                    target.stats.reject(why);
+                }
+                tracing::warn!(target = %target.name(), status = error.status().as_u16(), error = %error.chain(), "request failed");
+                error.into_response()
+            }
+        };
+        target
+            .stats
+            .requests
+            .add(method, response.status().as_u16());
+        target.stats.duration.observe(started.elapsed());
+        response
+    }
+
+    async fn serve(
+        &self,
+        target: &Arc<Target>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        host: &HeaderValue,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (in_flight, held) = match target.pick() {
+            Some(lease) => (InFlight::new(target.clone(), lease), false),
+            None => {
+                let (lease, pending) = hold::wait_ready(target).await?;
+                let in_flight = InFlight::new(target.clone(), lease);
+                drop(pending);
+                (in_flight, true)
+            }
+        };
+        let downstream = Downstream { peer, host };
+        let mut response = self
+            .inner
+            .forwarder
+            .forward(req, downstream, in_flight, target.config.response_timeout)
+            .await?;
+        if held {
+            response
+                .headers_mut()
+                .insert(COLD_START_HEADER.clone(), HeaderValue::from_static("true"));
+        }
+        Ok(response)
+    }
+}
+
+/// The Host header, or the authority of an absolute-form (HTTP/1.1) or HTTP/2 request.
+fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if let Some(host) = req.headers().get(header::HOST) {
+        return Some(host.clone());
+    }
+    req.uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+}
+
+/// A [`Proxy`] bound to one client connection, as a tower service.
+#[derive(Clone, Debug)]
+pub struct ConnectionService {
+    proxy: Proxy,
+    peer: SocketAddr,
+}
+
+impl tower::Service<Request<Incoming>> for ConnectionService {
+    type Response = Response<ProxyBody>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let proxy = self.proxy.clone();
+        let peer = self.peer;
+        Box::pin(async move { Ok(proxy.handle(req, peer).await) })
+    }
+}
