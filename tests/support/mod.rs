@@ -1,0 +1,250 @@
+//! Test harness: runs the real `wakegate` binary on port 0 with a generated config, finds its
+//! addresses from its JSON log, and talks to it over real sockets.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_wakegate");
+
+/// A `command = [...]` TOML value running the built-in demo backend.
+pub fn demo_command(startup_delay: &str) -> String {
+    format!(
+        r#"["{BIN}", "demo-backend", "--port", "{{port}}", "--startup-delay", "{startup_delay}"]"#
+    )
+}
+
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+pub struct Wakegate {
+    pub child: Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    logs: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Wakegate {
+    /// Starts wakegate with `targets` (TOML `[[target]]` tables) and whatever extra top-level
+    /// keys `head` holds (they go before the tables).
+    pub async fn start(head: &str, targets: &str) -> Wakegate {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("wakegate.toml");
+        std::fs::write(&config_path, config_text(head, targets)).expect("write config");
+        let mut child = Command::new(BIN)
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn wakegate");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stderr = child.stderr.take().expect("stderr piped");
+        let sink = logs.clone();
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && v["message"] == "listening"
+                    && let Some(tx) = tx.take()
+                {
+                    let proxy = v["proxy"].as_str().unwrap_or_default().parse().ok();
+                    let admin = v["admin"].as_str().unwrap_or_default().parse().ok();
+                    let _ = tx.send((proxy, admin));
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let (proxy, admin) = tokio::time::timeout(Duration::from_secs(20), rx)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "wakegate did not start; log:\n{}",
+                    logs.lock().unwrap().join("\n")
+                )
+            })
+            .unwrap_or_else(|_| {
+                panic!("wakegate exited; log:\n{}", logs.lock().unwrap().join("\n"))
+            });
+        Wakegate {
+            child,
+            proxy: proxy.expect("proxy address in log"),
+            admin: admin.expect("admin address in log"),
+            config_path,
+            logs,
+            _dir: dir,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// Replaces the configuration file (for a SIGHUP reload).
+    pub fn rewrite_config(&self, head: &str, targets: &str) {
+        std::fs::write(&self.config_path, config_text(head, targets)).expect("write config");
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("running") as i32
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: signalling our own child process.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0, "signal sent");
+    }
+
+    /// Waits for wakegate to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let status = tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("wakegate exits in time")
+            .expect("wait");
+        status.code()
+    }
+
+    /// A request to the proxy port with the given Host.
+    pub async fn get(&self, host: &str, path: &str) -> Response {
+        self.send(
+            self.proxy,
+            host,
+            Request::get(path).body(Full::default()).unwrap(),
+        )
+        .await
+    }
+
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        mut req: Request<Full<Bytes>>,
+    ) -> Response {
+        let uri = format!(
+            "http://{addr}{}",
+            req.uri().path_and_query().map_or("/", |p| p.as_str())
+        );
+        *req.uri_mut() = uri.parse().unwrap();
+        req.headers_mut()
+            .insert(http::header::HOST, host.parse().unwrap());
+        let response = self.client.request(req).await.expect("request sent");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("body read").to_bytes();
+        Response {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Response {
+        self.send(
+            self.admin,
+            "admin",
+            Request::get(path).body(Full::default()).unwrap(),
+        )
+        .await
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.admin_get("/metrics").await.body
+    }
+
+    /// The `/targets` entry of one target.
+    pub async fn target(&self, name: &str) -> serde_json::Value {
+        let all: serde_json::Value =
+            serde_json::from_str(&self.admin_get("/targets").await.body).unwrap();
+        all["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("target {name} in /targets"))
+    }
+
+    /// Polls `/targets` until `check` holds for the target, or panics after `limit`.
+    pub async fn wait_for_target(
+        &self,
+        name: &str,
+        limit: Duration,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let t = self.target(name).await;
+            if check(&t) {
+                return t;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "target {name} never reached the expected state; last: {t}\nlog:\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn config_text(head: &str, targets: &str) -> String {
+    format!(
+        "drain_timeout = \"10s\"\n{head}\n[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n{targets}\n"
+    )
+}
+
+/// The value of one sample in metrics text, e.g. `metric(&text, "wakegate_cold_starts_total", "service=\"hello\"")`.
+pub fn metric(text: &str, name: &str, label_fragment: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .find(|l| l.contains(label_fragment))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The pid reported by the demo backend's `/` body.
+pub fn pid_in(body: &str) -> i32 {
+    body.split("pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("a pid in {body:?}"))
+}
+
+/// True while a process with this pid exists (and is not a zombie).
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .split(") ")
+            .nth(1)
+            .is_some_and(|rest| rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}
