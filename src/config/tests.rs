@@ -1,1 +1,494 @@
+use super::*;
 
+/// A valid target body (without its `[[target]]` line) that tests extend or override.
+const UPSTREAM: &str =
+    "name = \"api\"\nhosts = [\"api.localhost\"]\nupstream = \"127.0.0.1:9000\"\n";
+const LOCAL: &str = "name = \"hello\"\nhosts = [\"hello.localhost\"]\ncommand = [\"demo\", \"--port\", \"{port}\"]\n";
+
+fn parse(text: &str) -> Config {
+    Config::parse(text).unwrap_or_else(|e| panic!("parses: {e}"))
+}
+
+/// The problems of a file with one target made of `base` plus `extra` lines.
+fn problems_of_target(base: &str, extra: &str) -> Vec<Problem> {
+    parse(&format!("[[target]]\n{base}{extra}\n")).validate()
+}
+
+/// Asserts that exactly one problem concerns `field`, with this value, and that its
+/// expectation mentions `expected`.
+fn assert_problem(problems: &[Problem], field: &str, value: &str, expected: &str) {
+    let found: Vec<&Problem> = problems.iter().filter(|p| p.field == field).collect();
+    assert_eq!(found.len(), 1, "one problem for {field} in {problems:#?}");
+    assert_eq!(found[0].value, value, "value of {field}");
+    assert!(
+        found[0].expected.contains(expected),
+        "{field}: expected {:?} to mention {expected:?}",
+        found[0].expected
+    );
+}
+
+#[test]
+fn an_empty_file_is_valid_and_gets_every_default() {
+    let config = parse("");
+    assert!(config.validate().is_empty());
+    assert_eq!(config.listen.proxy, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(config.listen.admin, "127.0.0.1:9090".parse().unwrap());
+    assert_eq!(config.drain_timeout, Duration::from_secs(30));
+    assert_eq!(config.autoscaler.interval, Duration::from_secs(1));
+    assert!(config.targets.is_empty());
+}
+
+#[test]
+fn a_minimal_target_gets_its_defaults() {
+    let config = parse(&format!("[[target]]\n{LOCAL}"));
+    assert!(config.validate().is_empty(), "{:?}", config.validate());
+    let t = &config.targets[0];
+    assert_eq!(t.namespace, "local");
+    assert_eq!(t.path_prefixes, ["/"]);
+    assert_eq!(t.ready, ReadyCheck::Tcp);
+    assert_eq!(t.idle_timeout, Duration::from_secs(300));
+    assert_eq!(t.cold_start_timeout, Duration::from_secs(60));
+    assert_eq!(t.max_pending, 1000);
+    assert_eq!(t.stop_grace, Duration::from_secs(10));
+    assert_eq!(t.response_timeout, None);
+    assert!(t.env.is_empty());
+    assert_eq!(t.cwd, None);
+    assert_eq!(t.upstream, None);
+    assert_eq!(t.scaling, Scaling::default());
+    assert_eq!(t.scaling.min, 0);
+    assert_eq!(t.scaling.max, 1);
+    assert_eq!(t.scaling.metric, Metric::Concurrency);
+    assert_eq!(t.scaling_target(), 10.0);
+}
+
+#[test]
+fn every_field_is_read_as_written() {
+    let config = parse(
+        r#"
+drain_timeout = "5s"
+[listen]
+proxy = "0.0.0.0:80"
+admin = "127.0.0.1:9999"
+[autoscaler]
+interval = "250ms"
+[[target]]
+name = "hello"
+namespace = "team-a"
+hosts = ["hello.localhost", "*.hello.test"]
+path_prefixes = ["/", "/api"]
+command = ["demo", "--port", "{port}"]
+env = { GREETING = "hi" }
+cwd = "/tmp"
+ready = { http_get = "/healthz" }
+idle_timeout = "5m"
+cold_start_timeout = "20s"
+max_pending = 7
+stop_grace = "1s"
+response_timeout = "2m"
+scaling = { min = 1, max = 1, metric = "rps", target = 25.5 }
+"#,
+    );
+    assert!(config.validate().is_empty(), "{:?}", config.validate());
+    assert_eq!(config.drain_timeout, Duration::from_secs(5));
+    assert_eq!(config.listen.proxy, "0.0.0.0:80".parse().unwrap());
+    assert_eq!(config.autoscaler.interval, Duration::from_millis(250));
+    let t = &config.targets[0];
+    assert_eq!(t.namespace, "team-a");
+    assert_eq!(t.hosts, ["hello.localhost", "*.hello.test"]);
+    assert_eq!(t.path_prefixes, ["/", "/api"]);
+    assert_eq!(t.env["GREETING"], "hi");
+    assert_eq!(t.cwd.as_deref(), Some(Path::new("/tmp")));
+    assert_eq!(t.ready, ReadyCheck::HttpGet("/healthz".into()));
+    assert_eq!(t.idle_timeout, Duration::from_secs(300));
+    assert_eq!(t.cold_start_timeout, Duration::from_secs(20));
+    assert_eq!(t.max_pending, 7);
+    assert_eq!(t.stop_grace, Duration::from_secs(1));
+    assert_eq!(t.response_timeout, Some(Duration::from_secs(120)));
+    assert_eq!(t.scaling.metric, Metric::Rps);
+    assert_eq!(t.scaling_target(), 25.5);
+}
+
+#[test]
+fn rps_scaling_defaults_to_a_target_of_50() {
+    let config = parse(&format!(
+        "[[target]]\n{UPSTREAM}scaling = {{ metric = \"rps\" }}\n"
+    ));
+    assert_eq!(config.targets[0].scaling_target(), 50.0);
+}
+
+#[test]
+fn unknown_fields_are_rejected_by_name_at_every_level() {
+    for (text, field) in [
+        ("drain_timout = \"1s\"", "drain_timout"),
+        ("[listen]\nproxi = \"127.0.0.1:1\"", "proxi"),
+        ("[autoscaler]\ninterval_ms = 5", "interval_ms"),
+        (&format!("[[target]]\n{UPSTREAM}idle = \"1s\""), "idle"),
+        (
+            &format!("[[target]]\n{UPSTREAM}scaling = {{ maximum = 3 }}"),
+            "maximum",
+        ),
+        (
+            &format!("[[target]]\n{UPSTREAM}ready = {{ http = \"/\" }}"),
+            "http",
+        ),
+    ] {
+        let error = Config::parse(text).expect_err(text);
+        assert!(
+            error.contains(&format!("unknown field `{field}`")),
+            "{text}: {error}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_duration_names_the_value_and_the_expected_form() {
+    let error = Config::parse(&format!("[[target]]\n{UPSTREAM}idle_timeout = \"soon\""))
+        .expect_err("not a duration");
+    assert!(error.contains("got \"soon\""), "{error}");
+    assert!(
+        error.contains("expected a duration such as \"500ms\", \"30s\" or \"5m\""),
+        "{error}"
+    );
+    let error = Config::parse(&format!(
+        "[[target]]\n{UPSTREAM}response_timeout = \"later\""
+    ))
+    .expect_err("not a duration");
+    assert!(error.contains("got \"later\""), "{error}");
+}
+
+#[test]
+fn a_ready_check_must_be_exactly_one_kind() {
+    for ready in ["{}", "{ tcp = false }", "{ tcp = true, http_get = \"/\" }"] {
+        let error =
+            Config::parse(&format!("[[target]]\n{UPSTREAM}ready = {ready}")).expect_err(ready);
+        assert!(
+            error
+                .contains("expected exactly one of `{ tcp = true }` or `{ http_get = \"/path\" }`"),
+            "{ready}: {error}"
+        );
+    }
+    let config = parse(&format!("[[target]]\n{UPSTREAM}ready = {{ tcp = true }}"));
+    assert_eq!(config.targets[0].ready, ReadyCheck::Tcp);
+}
+
+#[test]
+fn an_unknown_metric_is_rejected() {
+    let error = Config::parse(&format!(
+        "[[target]]\n{UPSTREAM}scaling = {{ metric = \"cpu\" }}"
+    ))
+    .expect_err("cpu");
+    assert!(error.contains("cpu"), "{error}");
+    assert!(
+        error.contains("concurrency") && error.contains("rps"),
+        "{error}"
+    );
+}
+
+#[test]
+fn global_durations_must_be_usable() {
+    let problems = parse("drain_timeout = \"0s\"\n[autoscaler]\ninterval = \"5ms\"").validate();
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert_problem(&problems, "drain_timeout", "\"0s\"", "above zero");
+    assert_problem(&problems, "autoscaler.interval", "\"5ms\"", "at least 10ms");
+}
+
+#[test]
+fn the_admin_listener_cannot_share_the_proxy_address() {
+    let problems =
+        parse("[listen]\nproxy = \"127.0.0.1:8000\"\nadmin = \"127.0.0.1:8000\"").validate();
+    assert_problem(
+        &problems,
+        "listen.admin",
+        "127.0.0.1:8000",
+        "other than listen.proxy",
+    );
+    // Port 0 picks two different free ports.
+    let ephemeral = parse("[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"");
+    assert!(ephemeral.validate().is_empty());
+}
+
+#[test]
+fn target_names_must_be_simple_and_unique() {
+    let problems = problems_of_target(
+        "name = \"hello world\"\nhosts = [\"a.localhost\"]\nupstream = \"127.0.0.1:1\"\n",
+        "",
+    );
+    assert_problem(
+        &problems,
+        "target[0].name",
+        "\"hello world\"",
+        "letters, digits",
+    );
+
+    let problems = parse(&format!(
+        "[[target]]\n{UPSTREAM}\n[[target]]\nname = \"api\"\nhosts = [\"other.localhost\"]\nupstream = \"127.0.0.1:1\"\n"
+    ))
+    .validate();
+    assert_problem(
+        &problems,
+        "target[1].name",
+        "\"api\"",
+        "no other target uses",
+    );
+}
+
+#[test]
+fn a_target_needs_valid_hosts() {
+    let problems = problems_of_target("name = \"api\"\nupstream = \"127.0.0.1:9000\"\n", "");
+    assert_problem(
+        &problems,
+        "target[0] (api).hosts",
+        "[]",
+        "at least one host",
+    );
+
+    let problems = problems_of_target(
+        "name = \"api\"\nupstream = \"127.0.0.1:9000\"\n",
+        "hosts = [\"ok.localhost\", \"http://api.localhost:80\"]",
+    );
+    assert_problem(
+        &problems,
+        "target[0] (api).hosts[1]",
+        "\"http://api.localhost:80\"",
+        "no scheme, port or path",
+    );
+}
+
+#[test]
+fn a_target_needs_valid_path_prefixes() {
+    let problems = problems_of_target(UPSTREAM, "path_prefixes = []");
+    assert_problem(
+        &problems,
+        "target[0] (api).path_prefixes",
+        "[]",
+        "at least one path prefix",
+    );
+    let problems = problems_of_target(UPSTREAM, "path_prefixes = [\"/ok\", \"api\", \"/a?b\"]");
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert_problem(
+        &problems,
+        "target[0] (api).path_prefixes[1]",
+        "\"api\"",
+        "starting with '/'",
+    );
+    assert_problem(
+        &problems,
+        "target[0] (api).path_prefixes[2]",
+        "\"/a?b\"",
+        "without '?'",
+    );
+}
+
+#[test]
+fn two_targets_cannot_claim_the_same_host_and_prefix() {
+    let problems = parse(&format!(
+        "[[target]]\n{UPSTREAM}\n[[target]]\nname = \"other\"\nhosts = [\"API.localhost\"]\npath_prefixes = [\"/\", \"/v2\"]\nupstream = \"127.0.0.1:1\"\n"
+    ))
+    .validate();
+    assert_problem(
+        &problems,
+        "target[1] (other).hosts",
+        "\"API.localhost\" with prefix \"/\"",
+        "not already routed to target \"api\"",
+    );
+
+    // The same host with a different prefix is fine; so is "/api" next to "/api/" in one target.
+    let config = parse(&format!(
+        "[[target]]\n{UPSTREAM}path_prefixes = [\"/api\", \"/api/\"]\n[[target]]\nname = \"root\"\nhosts = [\"api.localhost\"]\nupstream = \"127.0.0.1:1\"\n"
+    ));
+    assert!(config.validate().is_empty(), "{:?}", config.validate());
+}
+
+#[test]
+fn a_target_runs_either_a_command_or_an_upstream() {
+    let problems = problems_of_target(UPSTREAM, "command = [\"demo\"]");
+    assert_problem(
+        &problems,
+        "target[0] (api).upstream",
+        "\"127.0.0.1:9000\"",
+        "not both",
+    );
+    let problems = problems_of_target("name = \"api\"\nhosts = [\"api.localhost\"]\n", "");
+    assert_problem(
+        &problems,
+        "target[0] (api).command",
+        "nothing",
+        "either `command`",
+    );
+    let problems = problems_of_target(
+        "name = \"api\"\nhosts = [\"api.localhost\"]\n",
+        "command = []",
+    );
+    assert_problem(
+        &problems,
+        "target[0] (api).command",
+        "[]",
+        "a program followed by its arguments",
+    );
+    let problems = problems_of_target(
+        "name = \"api\"\nhosts = [\"api.localhost\"]\n",
+        "command = [\"\", \"x\"]",
+    );
+    assert_problem(
+        &problems,
+        "target[0] (api).command",
+        "[\"\", \"x\"]",
+        "a program",
+    );
+}
+
+#[test]
+fn an_upstream_is_a_host_and_port() {
+    for bad in [
+        "127.0.0.1",
+        "http://127.0.0.1:9000",
+        "127.0.0.1:9000/path",
+        "",
+    ] {
+        let problems = problems_of_target(
+            "name = \"api\"\nhosts = [\"api.localhost\"]\n",
+            &format!("upstream = {bad:?}"),
+        );
+        assert_problem(
+            &problems,
+            "target[0] (api).upstream",
+            &format!("{bad:?}"),
+            "a host:port",
+        );
+    }
+    for good in ["127.0.0.1:9000", "localhost:80", "[::1]:8080"] {
+        let problems = problems_of_target(
+            "name = \"api\"\nhosts = [\"api.localhost\"]\n",
+            &format!("upstream = {good:?}"),
+        );
+        assert!(problems.is_empty(), "{good}: {problems:?}");
+    }
+}
+
+#[test]
+fn the_http_ready_check_needs_a_path() {
+    let problems = problems_of_target(UPSTREAM, "ready = { http_get = \"healthz\" }");
+    assert_problem(
+        &problems,
+        "target[0] (api).ready.http_get",
+        "\"healthz\"",
+        "starting with '/'",
+    );
+}
+
+#[test]
+fn target_durations_and_queue_must_be_above_zero() {
+    let problems = problems_of_target(
+        UPSTREAM,
+        "cold_start_timeout = \"0s\"\nidle_timeout = \"0s\"\nmax_pending = 0\nresponse_timeout = \"0s\"",
+    );
+    assert_eq!(problems.len(), 4, "{problems:#?}");
+    assert_problem(
+        &problems,
+        "target[0] (api).cold_start_timeout",
+        "\"0s\"",
+        "above zero",
+    );
+    assert_problem(
+        &problems,
+        "target[0] (api).idle_timeout",
+        "\"0s\"",
+        "above zero",
+    );
+    assert_problem(&problems, "target[0] (api).max_pending", "0", "at least 1");
+    assert_problem(
+        &problems,
+        "target[0] (api).response_timeout",
+        "\"0s\"",
+        "above zero",
+    );
+}
+
+#[test]
+fn scaling_bounds_must_be_consistent() {
+    let problems = problems_of_target(UPSTREAM, "scaling = { max = 0 }");
+    assert_problem(&problems, "target[0] (api).scaling.max", "0", "at least 1");
+
+    let problems = problems_of_target(UPSTREAM, "scaling = { min = 3, max = 2 }");
+    assert_problem(
+        &problems,
+        "target[0] (api).scaling.min",
+        "3",
+        "at most scaling.max (2)",
+    );
+
+    for bad in ["0", "-1.5", "nan"] {
+        let problems = problems_of_target(UPSTREAM, &format!("scaling = {{ target = {bad} }}"));
+        assert_problem(
+            &problems,
+            "target[0] (api).scaling.target",
+            &bad.replace("nan", "NaN"),
+            "above zero",
+        );
+    }
+}
+
+#[test]
+fn local_targets_run_one_instance() {
+    let problems = problems_of_target(LOCAL, "scaling = { max = 2 }");
+    assert_problem(
+        &problems,
+        "target[0] (hello).scaling.max",
+        "2",
+        "1: local targets",
+    );
+    // Upstream targets are never started, so the bound does not concern them.
+    assert!(problems_of_target(UPSTREAM, "scaling = { max = 4 }").is_empty());
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let problems = parse(
+        r#"
+drain_timeout = "0s"
+[[target]]
+name = "nohosts"
+upstream = "127.0.0.1:9000"
+[[target]]
+name = "badup"
+hosts = ["badup.localhost"]
+upstream = "nowhere"
+max_pending = 0
+scaling = { min = 3, max = 2 }
+"#,
+    )
+    .validate();
+    let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "drain_timeout",
+            "target[0] (nohosts).hosts",
+            "target[1] (badup).upstream",
+            "target[1] (badup).max_pending",
+            "target[1] (badup).scaling.min",
+        ]
+    );
+    let error = ConfigError::Invalid {
+        path: "wakegate.toml".into(),
+        problems,
+    };
+    let text = error.to_string();
+    assert!(
+        text.starts_with("config file wakegate.toml has 5 problem(s):\n  - drain_timeout: got \"0s\", expected a duration above zero\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn same_runtime_ignores_routing_fields_only() {
+    let config = parse(&format!("[[target]]\n{LOCAL}"));
+    let a = &config.targets[0];
+    let mut rerouted = a.clone();
+    rerouted.hosts = vec!["other.localhost".into()];
+    rerouted.path_prefixes = vec!["/x".into()];
+    assert!(a.same_runtime(&rerouted));
+    let mut changed = a.clone();
+    changed.idle_timeout = Duration::from_secs(1);
+    assert!(!a.same_runtime(&changed));
+}

@@ -1,0 +1,175 @@
+//! The command line: `wakegate check` validates a file without running anything, and says
+//! exactly what is wrong; `--version` prints the version.
+
+mod support;
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use support::BIN;
+
+/// Runs the binary with `args` and waits at most 20 s for it.
+fn wakegate(args: &[&str]) -> Output {
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn wakegate");
+    let began = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if began.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("wakegate {args:?} did not exit within 20s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// `wakegate check --config FILE` on a file holding `text`.
+fn check(text: &str) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("wakegate.toml");
+    std::fs::write(&path, text).expect("write config");
+    let out = wakegate(&["check", "--config", path.to_str().unwrap()]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_accepts_a_valid_file() {
+    let (code, stdout, stderr) = check(
+        r#"
+[listen]
+proxy = "127.0.0.1:8080"
+admin = "127.0.0.1:9090"
+
+[[target]]
+name = "hello"
+hosts = ["hello.localhost"]
+command = ["wakegate", "demo-backend", "--port", "{port}"]
+ready = { http_get = "/healthz" }
+idle_timeout = "30s"
+scaling = { min = 0, max = 1 }
+
+[[target]]
+name = "static-api"
+hosts = ["api.localhost"]
+upstream = "127.0.0.1:9000"
+"#,
+    );
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert!(stdout.contains("valid (2 targets)"), "{stdout}");
+}
+
+#[test]
+fn check_reports_every_problem_with_field_value_and_expectation() {
+    let (code, _, stderr) = check(
+        r#"
+[[target]]
+name = "nohosts"
+upstream = "127.0.0.1:9000"
+
+[[target]]
+name = "badup"
+hosts = ["badup.localhost"]
+upstream = "http://127.0.0.1:9000/x"
+
+[[target]]
+name = "queue"
+hosts = ["queue.localhost"]
+upstream = "127.0.0.1:9001"
+max_pending = 0
+
+[[target]]
+name = "bounds"
+hosts = ["bounds.localhost"]
+upstream = "127.0.0.1:9002"
+scaling = { min = 3, max = 2 }
+"#,
+    );
+    assert_eq!(code, Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("4 problem(s)"), "{stderr}");
+    for expected in [
+        "target[0] (nohosts).hosts: got [], expected at least one host",
+        "target[1] (badup).upstream: got \"http://127.0.0.1:9000/x\", expected a host:port",
+        "target[2] (queue).max_pending: got 0, expected at least 1",
+        "target[3] (bounds).scaling.min: got 3, expected at most scaling.max (2)",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_rejects_an_unknown_field_by_name() {
+    let (code, _, stderr) = check(
+        r#"
+[[target]]
+name = "hello"
+hosts = ["hello.localhost"]
+upstream = "127.0.0.1:9000"
+idle_timout = "30s"
+"#,
+    );
+    assert_eq!(code, Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains("unknown field `idle_timout`"),
+        "names the field: {stderr}"
+    );
+    assert!(
+        stderr.contains("idle_timeout"),
+        "lists the known ones: {stderr}"
+    );
+}
+
+#[test]
+fn check_rejects_a_bad_duration_naming_the_value_and_the_expected_form() {
+    let (code, _, stderr) = check(
+        r#"
+[[target]]
+name = "hello"
+hosts = ["hello.localhost"]
+upstream = "127.0.0.1:9000"
+idle_timeout = "soon"
+"#,
+    );
+    assert_eq!(code, Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("\"soon\""), "names the value: {stderr}");
+    assert!(
+        stderr.contains("expected a duration such as \"500ms\", \"30s\" or \"5m\""),
+        "says the expected form: {stderr}"
+    );
+    assert!(
+        stderr.contains("idle_timeout"),
+        "points at the field: {stderr}"
+    );
+}
+
+#[test]
+fn check_of_a_missing_file_fails_saying_it_cannot_read_it() {
+    let out = wakegate(&["check", "--config", "/nonexistent/wakegate.toml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot read config file /nonexistent/wakegate.toml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn version_flag_prints_the_version() {
+    let out = wakegate(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("wakegate {}", env!("CARGO_PKG_VERSION"))
+    );
+}

@@ -1,0 +1,298 @@
+//! What clients see of the protocols wakegate proxies: streamed bodies, WebSocket, h2c,
+//! forwarding headers, and routing by path prefix.
+
+mod support;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode, Version, header};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Fails the test instead of hanging when `fut` takes longer than `secs`.
+async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took more than {secs}s"))
+}
+
+/// One demo-backend target named `name` on `host`.
+fn demo_target(name: &str, host: &str) -> String {
+    format!(
+        r#"
+[[target]]
+name = "{name}"
+hosts = ["{host}"]
+command = {}
+ready = {{ http_get = "/healthz" }}
+cold_start_timeout = "20s"
+"#,
+        demo_command("0s")
+    )
+}
+
+/// Peak and current resident memory of a process, in bytes (`VmHWM`, `VmRSS`).
+fn memory(pid: i32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{key} in /proc/{pid}/status"))
+    };
+    (kib("VmHWM:") * 1024, kib("VmRSS:") * 1024)
+}
+
+/// FNV-1a, fed chunk by chunk: the same bytes give the same sum however they are split.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn update(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+const CHUNK: usize = 64 * 1024;
+const CHUNKS: usize = 800; // 50 MiB
+
+/// Chunk `i` of the streamed body: different in every chunk, so a lost, repeated or
+/// reordered chunk changes the checksum.
+fn chunk(i: usize) -> Bytes {
+    (0..CHUNK)
+        .map(|j| (i.wrapping_mul(131) ^ j.wrapping_mul(7)) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+#[tokio::test]
+async fn a_50_mib_body_streams_through_echo_unchanged_without_buffering_it() {
+    let wg = Wakegate::start("", &demo_target("echo", "echo.localhost")).await;
+    let warm = wg.get("echo.localhost", "/").await;
+    assert_eq!(warm.status, 200, "{}", warm.body);
+    let (peak_before, rss_before) = memory(wg.pid());
+
+    let mut expected = Fnv::new();
+    for i in 0..CHUNKS {
+        expected.update(&chunk(i));
+    }
+
+    let stream = within(5, "connect", TcpStream::connect(wg.proxy))
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    let body = StreamBody::new(futures_util::stream::iter(
+        (0..CHUNKS).map(|i| Ok::<_, Infallible>(Frame::data(chunk(i)))),
+    ));
+    let request = Request::post("/echo")
+        .header(header::HOST, "echo.localhost")
+        .body(body)
+        .unwrap();
+
+    let (length, sum) = within(60, "the 50 MiB echo", async {
+        // The response starts while the request body is still being sent: read it as it comes.
+        let response = sender.send_request(request).await.expect("response");
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let (mut length, mut sum) = (0usize, Fnv::new());
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.expect("body frame").into_data() {
+                length += data.len();
+                sum.update(&data);
+            }
+        }
+        (length, sum)
+    })
+    .await;
+
+    assert_eq!(length, CHUNK * CHUNKS, "every byte came back");
+    assert_eq!(
+        sum.0, expected.0,
+        "the bytes came back unchanged and in order"
+    );
+    let (peak_after, rss_after) = memory(wg.pid());
+    const LIMIT: u64 = 20 * 1024 * 1024;
+    assert!(
+        peak_after.saturating_sub(peak_before) < LIMIT,
+        "peak memory grew from {peak_before} to {peak_after} bytes"
+    );
+    assert!(
+        rss_after.saturating_sub(rss_before) < LIMIT,
+        "resident memory grew from {rss_before} to {rss_after} bytes"
+    );
+}
+
+#[tokio::test]
+async fn websocket_text_and_binary_messages_are_echoed_through_the_proxy() {
+    let wg = Wakegate::start("", &demo_target("ws", "ws.localhost")).await;
+    let stream = TcpStream::connect(wg.proxy).await.unwrap();
+    let (mut ws, response) = within(
+        20,
+        "the WebSocket handshake",
+        tokio_tungstenite::client_async("ws://ws.localhost/ws", stream),
+    )
+    .await
+    .expect("WebSocket handshake through the proxy");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    // An open WebSocket is a request in flight: the target must not look idle.
+    assert_eq!(wg.target("ws").await["in_flight"], 1);
+
+    let binary: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    for message in [
+        Message::text("hello through wakegate"),
+        Message::binary(binary),
+        Message::text("and again"),
+    ] {
+        ws.send(message.clone()).await.expect("sent");
+        let echoed = within(5, "an echo", ws.next())
+            .await
+            .expect("a message")
+            .expect("a valid message");
+        assert_eq!(echoed, message);
+    }
+    ws.close(None).await.expect("closed cleanly");
+    drop(ws);
+    wg.wait_for_target("ws", Duration::from_secs(5), |t| t["in_flight"] == 0)
+        .await;
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_requests_are_answered_over_http2() {
+    let wg = Wakegate::start("", &demo_target("h2", "h2.localhost")).await;
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let request = Request::get(format!("http://{}/", wg.proxy))
+        .header(header::HOST, "h2.localhost")
+        .body(Full::default())
+        .unwrap();
+    let response = within(20, "the h2c request", client.request(request))
+        .await
+        .expect("h2c response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.starts_with("hello from demo-backend"), "{body}");
+
+    // A request body crosses from HTTP/2 downstream to the HTTP/1.1 upstream and back.
+    let request = Request::post(format!("http://{}/echo", wg.proxy))
+        .header(header::HOST, "h2.localhost")
+        .body(Full::new(Bytes::from_static(b"sent over h2c")))
+        .unwrap();
+    let response = within(20, "the h2c echo", client.request(request))
+        .await
+        .expect("h2c response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"sent over h2c");
+}
+
+#[tokio::test]
+async fn backend_sees_forwarding_headers_and_original_host_but_no_hop_by_hop_headers() {
+    let wg = Wakegate::start("", &demo_target("headers", "headers.localhost")).await;
+    let request = Request::get("/headers")
+        .header(header::CONNECTION, "x-custom")
+        .header("x-custom", "1")
+        .header("keep-alive", "timeout=5")
+        .header(header::TE, "trailers")
+        .header("x-end-to-end", "kept")
+        .body(Full::default())
+        .unwrap();
+    let response = within(
+        20,
+        "the /headers request",
+        wg.send(wg.proxy, "headers.localhost", request),
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    let seen: serde_json::Value = serde_json::from_str(&response.body).expect("JSON headers");
+
+    assert_eq!(seen["host"], "headers.localhost", "Host preserved: {seen}");
+    let forwarded_for = seen["x-forwarded-for"].as_str().unwrap_or_default();
+    assert!(
+        forwarded_for.contains("127.0.0.1"),
+        "X-Forwarded-For names the client: {seen}"
+    );
+    assert_eq!(seen["x-forwarded-proto"], "http", "{seen}");
+    assert_eq!(seen["x-forwarded-host"], "headers.localhost", "{seen}");
+    assert_eq!(seen["x-end-to-end"], "kept", "{seen}");
+    for hop_by_hop in ["connection", "x-custom", "keep-alive", "te"] {
+        assert!(
+            seen.get(hop_by_hop).is_none(),
+            "{hop_by_hop} reached the backend: {seen}"
+        );
+    }
+}
+
+/// A fixed upstream that answers every request with the path it saw.
+async fn path_echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                let body = format!("upstream saw {}", req.uri().path());
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn requests_go_to_the_target_with_the_longest_matching_path_prefix() {
+    let upstream = path_echo_upstream().await;
+    let targets = format!(
+        r#"
+{}
+[[target]]
+name = "api"
+hosts = ["site.localhost"]
+path_prefixes = ["/api"]
+upstream = "{upstream}"
+"#,
+        demo_target("site", "site.localhost")
+    );
+    let wg = Wakegate::start("", &targets).await;
+
+    // The demo backend says hello on "/" and answers other paths with its own 404 body.
+    for (path, status, body) in [
+        ("/", 200, "hello from demo-backend"),
+        ("/api", 200, "upstream saw /api"),
+        ("/api/users/7", 200, "upstream saw /api/users/7"),
+        ("/apiary", 404, "not found\n"),
+        ("/about", 404, "not found\n"),
+    ] {
+        let r = within(20, path, wg.get("site.localhost", path)).await;
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+        assert!(r.body.starts_with(body), "{path}: {:?}", r.body);
+    }
+    assert_eq!(wg.target("api").await["requests"], 2);
+    assert_eq!(wg.target("site").await["requests"], 3);
+}
