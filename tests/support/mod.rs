@@ -211,8 +211,14 @@ impl Wakegate {
 }
 
 fn config_text(head: &str, targets: &str) -> String {
+    // `head` may set its own drain_timeout; TOML forbids a second one.
+    let drain = if head.contains("drain_timeout") {
+        ""
+    } else {
+        "drain_timeout = \"10s\"\n"
+    };
     format!(
-        "drain_timeout = \"10s\"\n{head}\n[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n{targets}\n"
+        "{drain}{head}\n[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n{targets}\n"
     )
 }
 
@@ -247,4 +253,64 @@ pub fn process_alive(pid: i32) -> bool {
 
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
+}
+
+/// Fails the test instead of hanging when `fut` takes longer than `secs`.
+pub async fn within<T>(secs: u64, what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took more than {secs}s"))
+}
+
+/// Writes `request` as is to `addr` and returns everything read until the server closes the
+/// connection (so the request should be HTTP/1.0 or say `Connection: close`).
+pub async fn raw_exchange(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within(5, "raw exchange", async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.expect("read");
+        String::from_utf8_lossy(&response).into_owned()
+    })
+    .await
+}
+
+/// The status code of a raw HTTP/1.x response.
+pub fn raw_status(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("a status line in {response:?}"))
+}
+
+/// The built-in demo backend run by the test itself on a free loopback port (for `upstream`
+/// targets); killed on drop.
+pub struct DemoBackend {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl DemoBackend {
+    pub async fn start() -> DemoBackend {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let child = Command::new(BIN)
+            .args(["demo-backend", "--port", &addr.port().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn demo-backend");
+        within(10, "demo-backend listening", async {
+            while tokio::net::TcpStream::connect(addr).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        DemoBackend { child, addr }
+    }
 }

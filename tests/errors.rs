@@ -1,0 +1,218 @@
+//! The errors a client can get from wakegate itself: each with its status, a short plain-text
+//! reason, quickly, and counted in `wakegate_rejected_requests_total`.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// One local target `hello` on `hello.localhost`; `extra` adds or overrides fields.
+fn hello(command: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[target]]
+name = "hello"
+hosts = ["hello.localhost"]
+command = {command}
+{extra}
+"#
+    )
+}
+
+/// Asserts that `r` is one of wakegate's own short plain-text answers, and returns its body.
+fn plain_reason(r: &Response) -> &str {
+    assert!(
+        r.headers[http::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"),
+        "{:?}",
+        r.headers
+    );
+    let body = r.body.trim_end();
+    assert!(
+        !body.is_empty() && body.len() < 200 && !body.contains('\n'),
+        "a short one-line reason: {body:?}"
+    );
+    body
+}
+
+fn rejected(metrics: &str, reason: &str) -> Option<f64> {
+    metric(
+        metrics,
+        "wakegate_rejected_requests_total",
+        &format!("reason=\"{reason}\""),
+    )
+}
+
+#[tokio::test]
+async fn requests_beyond_max_pending_get_503_with_retry_after_at_once() {
+    let extra =
+        "ready = { http_get = \"/healthz\" }\nmax_pending = 2\ncold_start_timeout = \"20s\"";
+    let wg = Arc::new(Wakegate::start("", &hello(&demo_command("3s"), extra)).await);
+    let requests: Vec<_> = (0..5)
+        .map(|_| {
+            let wg = wg.clone();
+            tokio::spawn(async move {
+                let began = Instant::now();
+                let r = wg.get("hello.localhost", "/").await;
+                (r, began.elapsed())
+            })
+        })
+        .collect();
+    let (mut held, mut turned_away) = (0, 0);
+    for request in requests {
+        let (r, took) = within(15, "request", request).await.unwrap();
+        match r.status.as_u16() {
+            200 => {
+                held += 1;
+                assert_eq!(r.headers["x-wakegate-cold-start"], "true");
+                assert!(
+                    took >= Duration::from_secs(3),
+                    "held for the start: {took:?}"
+                );
+            }
+            503 => {
+                turned_away += 1;
+                assert!(took < Duration::from_secs(1), "rejected at once: {took:?}");
+                let retry_after: u64 = r.headers[http::header::RETRY_AFTER]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .expect("Retry-After in seconds");
+                assert!(retry_after >= 1);
+                let reason = plain_reason(&r);
+                assert!(reason.contains("hello"), "{reason}");
+            }
+            other => panic!("unexpected {other}: {}", r.body),
+        }
+    }
+    assert_eq!((held, turned_away), (2, 3), "max_pending = 2 are held");
+    let metrics = wg.metrics().await;
+    assert_eq!(rejected(&metrics, "queue_full"), Some(3.0));
+    assert_eq!(
+        metric(&metrics, "wakegate_pending_requests", "service=\"hello\""),
+        Some(0.0)
+    );
+}
+
+/// A 504 for a target that never became ready, near its 1s cold-start timeout.
+async fn assert_cold_start_times_out(target: &str) {
+    let wg = Wakegate::start("", target).await;
+    let began = Instant::now();
+    let r = within(10, "request", wg.get("hello.localhost", "/")).await;
+    let took = began.elapsed();
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_millis(2500),
+        "answered near the timeout: {took:?}"
+    );
+    let reason = plain_reason(&r);
+    assert!(
+        reason.contains("hello") && reason.contains("1s"),
+        "{reason}"
+    );
+    assert_eq!(
+        rejected(&wg.metrics().await, "cold_start_timeout"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_target_slower_than_its_cold_start_timeout_gets_504() {
+    let extra = "ready = { http_get = \"/healthz\" }\ncold_start_timeout = \"1s\"";
+    assert_cold_start_times_out(&hello(&demo_command("10s"), extra)).await;
+}
+
+#[tokio::test]
+async fn a_target_whose_readiness_check_never_passes_gets_504() {
+    let extra = "ready = { http_get = \"/nope\" }\ncold_start_timeout = \"1s\"";
+    assert_cold_start_times_out(&hello(&demo_command("0s"), extra)).await;
+}
+
+#[tokio::test]
+async fn a_target_that_exits_during_start_gets_502_at_once_and_each_request_retries_it() {
+    let command = r#"["sh", "-c", "sleep 0.2; exit 3"]"#;
+    let wg = Wakegate::start("", &hello(command, "cold_start_timeout = \"20s\"")).await;
+
+    for attempt in 1..=2 {
+        let began = Instant::now();
+        let r = within(10, "request", wg.get("hello.localhost", "/")).await;
+        let took = began.elapsed();
+        assert_eq!(r.status, 502, "{}", r.body);
+        assert!(
+            took < Duration::from_secs(5),
+            "not held until the timeout: {took:?}"
+        );
+        let reason = plain_reason(&r);
+        assert!(
+            reason.contains("hello")
+                && reason.contains("failed to start")
+                && reason.contains("exit status: 3"),
+            "{reason}"
+        );
+        let metrics = wg.metrics().await;
+        assert_eq!(
+            metric(&metrics, "wakegate_cold_starts_total", "service=\"hello\""),
+            Some(f64::from(attempt)),
+            "each request tries a new start"
+        );
+        assert_eq!(rejected(&metrics, "start_failed"), Some(f64::from(attempt)));
+    }
+    let target = wg.target("hello").await;
+    assert_eq!(target["state"], "cold");
+    assert!(
+        target["last_start_failure"]
+            .as_str()
+            .is_some_and(|why| why.contains("exit status: 3")),
+        "{target}"
+    );
+}
+
+#[tokio::test]
+async fn unrouted_hosts_get_404_requests_without_host_get_400_and_nothing_is_proxied_elsewhere() {
+    let extra = "ready = { http_get = \"/healthz\" }";
+    let wg = Wakegate::start("", &hello(&demo_command("0s"), extra)).await;
+
+    let r = within(5, "unknown host", wg.get("nowhere.localhost", "/")).await;
+    assert_eq!(r.status, 404);
+    let reason = plain_reason(&r);
+    assert!(reason.contains("no route"), "{reason}");
+
+    let r = raw_exchange(wg.proxy, "GET / HTTP/1.0\r\n\r\n").await;
+    assert_eq!(raw_status(&r), 400, "{r}");
+    assert!(r.contains("Host"), "says why: {r}");
+
+    let r = raw_exchange(
+        wg.proxy,
+        "GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&r), 404, "{r}");
+
+    // An absolute-form request for a loopback server wakegate does not route must not reach it.
+    let bystander = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = bystander.local_addr().unwrap();
+    let r = raw_exchange(
+        wg.proxy,
+        &format!("GET http://{at}/ HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(raw_status(&r), 404, "{r}");
+    let reached = tokio::time::timeout(Duration::from_millis(200), bystander.accept()).await;
+    assert!(
+        reached.is_err(),
+        "wakegate connected to {at}: an open proxy"
+    );
+
+    let metrics = wg.metrics().await;
+    assert_eq!(rejected(&metrics, "no_route"), Some(3.0));
+    assert_eq!(rejected(&metrics, "bad_request"), Some(1.0));
+    assert_eq!(
+        metric(&metrics, "wakegate_cold_starts_total", "service=\"hello\""),
+        Some(0.0),
+        "no target was woken"
+    );
+}
