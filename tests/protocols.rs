@@ -4,7 +4,6 @@
 mod support;
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -18,13 +17,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
-
-/// Fails the test instead of hanging when `fut` takes longer than `secs`.
-async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what} took more than {secs}s"))
-}
 
 /// One demo-backend target named `name` on `host`.
 fn demo_target(name: &str, host: &str) -> String {

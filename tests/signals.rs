@@ -3,18 +3,10 @@
 
 mod support;
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
-
-/// Fails the test instead of hanging when `fut` takes longer than `secs`.
-async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(secs), fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what} took more than {secs}s"))
-}
 
 fn demo_target(name: &str, host: &str) -> String {
     format!(
@@ -198,5 +190,91 @@ async fn sigterm_drains_in_flight_requests_then_exits_cleanly_and_stops_backends
     assert!(
         !process_alive(backend),
         "the demo backend {backend} is gone after wakegate exits"
+    );
+}
+
+/// A target whose stop grace is far longer than the drain timeout, so only the drain can
+/// explain a prompt exit.
+fn patient_target(name: &str, host: &str) -> String {
+    format!("{}stop_grace = \"30s\"\n", demo_target(name, host))
+}
+
+#[tokio::test]
+async fn sigterm_closes_requests_still_running_at_the_drain_timeout_and_exits_in_time() {
+    let mut wg = Wakegate::start(
+        "drain_timeout = \"1s\"",
+        &patient_target("a", "a.localhost"),
+    )
+    .await;
+    assert_eq!(wg.get("a.localhost", "/").await.status, 200);
+
+    let proxy = wg.proxy;
+    let slow = tokio::spawn(async move {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<bytes::Bytes>>();
+        let request = http::Request::get(format!("http://{proxy}/sleep?ms=20000"))
+            .header(http::header::HOST, "a.localhost")
+            .body(Default::default())
+            .unwrap();
+        client.request(request).await.map(|r| r.status())
+    });
+    wg.wait_for_target("a", Duration::from_secs(5), |t| t["in_flight"] == 1)
+        .await;
+
+    let began = std::time::Instant::now();
+    wg.signal(libc::SIGTERM);
+    assert_eq!(wg.wait_exit(Duration::from_secs(15)).await, Some(0));
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM with a 1s drain timeout"
+    );
+    let cut = within(5, "the cut request", slow).await.unwrap();
+    assert!(
+        cut.is_err(),
+        "the request was closed, not answered: {cut:?}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_open_websocket_work_until_the_drain_timeout_then_closes_it() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let mut wg = Wakegate::start(
+        "drain_timeout = \"1s\"",
+        &patient_target("ws", "ws.localhost"),
+    )
+    .await;
+    let stream = tokio::net::TcpStream::connect(wg.proxy).await.unwrap();
+    let (mut ws, _) = within(
+        20,
+        "the WebSocket handshake",
+        tokio_tungstenite::client_async("ws://ws.localhost/ws", stream),
+    )
+    .await
+    .expect("WebSocket through the proxy");
+
+    let began = std::time::Instant::now();
+    wg.signal(libc::SIGTERM);
+    ws.send(Message::text("still there?")).await.expect("sent");
+    let echoed = within(1, "an echo while draining", ws.next()).await;
+    assert_eq!(
+        echoed.expect("a message").expect("valid"),
+        Message::text("still there?")
+    );
+
+    // Then wakegate closes it: the stream ends (or errors) instead of staying open.
+    let ended = within(5, "the WebSocket closing", ws.next()).await;
+    assert!(
+        !matches!(ended, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{ended:?}"
+    );
+    assert_eq!(wg.wait_exit(Duration::from_secs(15)).await, Some(0));
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM with a 1s drain timeout"
     );
 }

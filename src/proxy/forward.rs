@@ -11,6 +11,8 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::InFlight;
 use super::body::ProxyBody;
@@ -26,6 +28,37 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 #[derive(Clone, Debug)]
 pub struct Forwarder {
     client: Client<HttpConnector, Incoming>,
+    tunnels: Tunnels,
+}
+
+/// Upgraded connections (WebSocket) outlive the HTTP connection that opened them, so a drain
+/// cannot see them through the server: it waits for them here, and cuts them when time is up.
+#[derive(Clone, Debug)]
+pub struct Tunnels {
+    /// Each open tunnel holds a receiver; `closed()` resolves once none is left.
+    open: watch::Sender<()>,
+    cut: CancellationToken,
+}
+
+impl Default for Tunnels {
+    fn default() -> Self {
+        Self {
+            open: watch::Sender::new(()),
+            cut: CancellationToken::new(),
+        }
+    }
+}
+
+impl Tunnels {
+    /// Resolves once no tunnel is open.
+    pub async fn closed(&self) {
+        self.open.closed().await
+    }
+
+    /// Closes every open tunnel (and any opened later).
+    pub fn cut(&self) {
+        self.cut.cancel()
+    }
 }
 
 impl Default for Forwarder {
@@ -37,7 +70,10 @@ impl Default for Forwarder {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
             .build(connector);
-        Self { client }
+        Self {
+            client,
+            tunnels: Tunnels::default(),
+        }
     }
 }
 
@@ -49,6 +85,10 @@ pub struct Downstream<'a> {
 }
 
 impl Forwarder {
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.tunnels
+    }
+
     pub async fn forward(
         &self,
         mut req: Request<Incoming>,
@@ -107,7 +147,15 @@ impl Forwarder {
             && let Some(downstream_upgrade) = downstream_upgrade
         {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(downstream_upgrade, upstream_upgrade, in_flight));
+            let open = self.tunnels.open.subscribe();
+            let cut = self.tunnels.cut.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = tunnel(downstream_upgrade, upstream_upgrade, in_flight) => {}
+                    () = cut.cancelled() => tracing::debug!("upgraded connection cut: drain time is up"),
+                }
+                drop(open);
+            });
             let (parts, _) = response.into_parts();
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
         }

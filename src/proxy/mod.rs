@@ -101,6 +101,11 @@ impl Proxy {
         }
     }
 
+    /// The upgraded connections this proxy opened.
+    pub fn tunnels(&self) -> &forward::Tunnels {
+        self.inner.forwarder.tunnels()
+    }
+
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let inner = &self.inner;
         if inner.draining.load(Ordering::Relaxed) {

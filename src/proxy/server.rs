@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ConnectionService, Proxy};
 
-/// Serves `listener` until `shutdown`, then stops accepting and lets open connections finish
-/// their requests for at most `drain`.
+/// Serves `listener` until `shutdown`, then stops accepting and lets open connections (and
+/// the upgraded ones, such as WebSockets) finish their requests for at most `drain`; whatever
+/// is still open then is closed.
 pub async fn serve(
     listener: TcpListener,
     proxy: Proxy,
@@ -26,6 +27,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
     let graceful = GracefulShutdown::new();
+    let force_close = CancellationToken::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -44,9 +46,15 @@ pub async fn serve(
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
                 let connection = graceful.watch(connection);
+                let force_close = force_close.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%peer, %error, "client connection ended with an error");
+                    tokio::select! {
+                        result = connection => if let Err(error) = result {
+                            tracing::debug!(%peer, %error, "client connection ended with an error");
+                        },
+                        // Dropping the connection drops its requests, and with them their
+                        // in-flight counts and endpoint leases.
+                        () = force_close.cancelled() => {}
                     }
                 });
             }
@@ -54,8 +62,17 @@ pub async fn serve(
         }
     }
     drop(listener);
+    let tunnels = proxy.tunnels();
+    let drained = async {
+        graceful.shutdown().await;
+        tunnels.closed().await;
+    };
     tokio::select! {
-        () = graceful.shutdown() => tracing::debug!("all client connections closed"),
-        () = tokio::time::sleep(drain) => tracing::warn!(after = ?drain, "drain timeout: closing remaining client connections"),
+        () = drained => tracing::debug!("all client connections closed"),
+        () = tokio::time::sleep(drain) => {
+            tracing::warn!(after = ?drain, "drain timeout: closing remaining client connections");
+            force_close.cancel();
+            tunnels.cut();
+        }
     }
 }
