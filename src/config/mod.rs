@@ -137,6 +137,7 @@ pub enum Metric {
     Rps,
 }
 
+/// How a target follows its load between `min` and `max` instances.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Scaling {
@@ -148,16 +149,39 @@ pub struct Scaling {
     pub metric: Metric,
     /// Per-instance target of `metric`; defaults to 10 (concurrency) or 50 (rps).
     pub target: Option<f64>,
+    /// The signal is averaged over this window for ordinary decisions.
+    #[serde(default = "defaults::stable_window", with = "duration")]
+    pub stable_window: Duration,
+    /// The short window that detects spikes.
+    #[serde(default = "defaults::panic_window", with = "duration")]
+    pub panic_window: Duration,
+    /// Panic when the panic window wants this many times the ready instances.
+    #[serde(default = "defaults::panic_threshold")]
+    pub panic_threshold: f64,
+    /// At most this many times the current instances per decision.
+    #[serde(default = "defaults::max_scale_up_rate")]
+    pub max_scale_up_rate: f64,
+    /// At least the current instances divided by this per decision.
+    #[serde(default = "defaults::max_scale_down_rate")]
+    pub max_scale_down_rate: f64,
+    /// A lower count is applied only once every recommendation of this long agrees.
+    #[serde(default = "defaults::scale_down_delay", with = "duration")]
+    pub scale_down_delay: Duration,
+}
+
+impl Scaling {
+    /// The per-instance target of the metric, as the user wrote it or its default.
+    pub fn target_value(&self) -> f64 {
+        self.target.unwrap_or(match self.metric {
+            Metric::Concurrency => 10.0,
+            Metric::Rps => 50.0,
+        })
+    }
 }
 
 impl Default for Scaling {
     fn default() -> Self {
-        Self {
-            min: 0,
-            max: defaults::max_instances(),
-            metric: defaults::metric(),
-            target: None,
-        }
+        toml::from_str("").expect("every scaling field has a default")
     }
 }
 
@@ -183,7 +207,7 @@ mod defaults {
         vec!["/".to_owned()]
     }
     pub fn idle_timeout() -> Duration {
-        Duration::from_secs(300)
+        TargetConfig::DEFAULT_IDLE_TIMEOUT
     }
     pub fn cold_start_timeout() -> Duration {
         Duration::from_secs(60)
@@ -195,7 +219,25 @@ mod defaults {
         Duration::from_secs(10)
     }
     pub fn max_instances() -> u32 {
-        1
+        10
+    }
+    pub fn stable_window() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn panic_window() -> Duration {
+        Duration::from_secs(6)
+    }
+    pub fn panic_threshold() -> f64 {
+        2.0
+    }
+    pub fn max_scale_up_rate() -> f64 {
+        1000.0
+    }
+    pub fn max_scale_down_rate() -> f64 {
+        2.0
+    }
+    pub fn scale_down_delay() -> Duration {
+        Duration::from_secs(30)
     }
     pub fn metric() -> Metric {
         Metric::Concurrency
@@ -441,12 +483,40 @@ impl Config {
                     &format!("at most scaling.max ({})", s.max),
                 );
             }
-            if s.max > 1 && t.command.is_some() {
+            for (field, window) in [
+                ("stable_window", s.stable_window),
+                ("panic_window", s.panic_window),
+            ] {
+                if window.is_zero() {
+                    push(
+                        at(&format!("scaling.{field}")),
+                        "\"0s\"".into(),
+                        "a duration above zero",
+                    );
+                }
+            }
+            if s.panic_window > s.stable_window {
                 push(
-                    at("scaling.max"),
-                    s.max.to_string(),
-                    "1: local targets run one instance in this version",
+                    at("scaling.panic_window"),
+                    humantime::format_duration(s.panic_window).to_string(),
+                    &format!(
+                        "at most scaling.stable_window ({})",
+                        humantime::format_duration(s.stable_window)
+                    ),
                 );
+            }
+            for (field, value, floor) in [
+                ("panic_threshold", s.panic_threshold, 1.0),
+                ("max_scale_up_rate", s.max_scale_up_rate, 1.0),
+                ("max_scale_down_rate", s.max_scale_down_rate, 1.0),
+            ] {
+                if !(value.is_finite() && value > floor) {
+                    push(
+                        at(&format!("scaling.{field}")),
+                        value.to_string(),
+                        "a number above 1",
+                    );
+                }
             }
             if let Some(target) = s.target
                 && !(target.is_finite() && target > 0.0)
@@ -470,6 +540,8 @@ impl Config {
 }
 
 impl TargetConfig {
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
     /// True when `other` runs the same thing the same way, so a reload may keep its
     /// instances and counters; routing fields (hosts, path prefixes) may differ.
     pub fn same_runtime(&self, other: &TargetConfig) -> bool {
@@ -479,14 +551,6 @@ impl TargetConfig {
             ..t.clone()
         };
         strip(self) == strip(other)
-    }
-
-    /// The per-instance target of the scaling metric, as the user wrote it or its default.
-    pub fn scaling_target(&self) -> f64 {
-        self.scaling.target.unwrap_or(match self.scaling.metric {
-            Metric::Concurrency => 10.0,
-            Metric::Rps => 50.0,
-        })
     }
 }
 
