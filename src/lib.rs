@@ -7,6 +7,7 @@ pub mod app;
 pub mod config;
 pub mod demo;
 pub mod metrics;
+pub mod plot;
 pub mod provider;
 pub mod proxy;
 pub mod scaling;

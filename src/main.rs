@@ -45,6 +45,27 @@ enum Command {
         #[arg(long, short, env = "WAKEGATE_CONFIG")]
         config: PathBuf,
     },
+    /// Replay a load trace through the scaling policy and write per-second CSV and an SVG plot.
+    Simulate {
+        /// CSV with `second,arrivals,service_ms` rows or a `second,http_requests_total` series.
+        #[arg(long)]
+        trace: PathBuf,
+        /// Take the scaling settings from this configuration (default: the defaults).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Which target of `--config` (default: the first one).
+        #[arg(long)]
+        target: Option<String>,
+        /// Modelled time from asking for an instance to its readiness.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        startup_delay: Duration,
+        /// Service time of each request in an `http_requests_total` trace.
+        #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+        service_time: Duration,
+        /// Where `<trace name>.csv` and `<trace name>.svg` are written.
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
     /// A small HTTP server for examples and tests: /, /healthz, /echo, /sleep?ms=N, /headers, /ws.
     DemoBackend {
         #[arg(long, env = "PORT")]
@@ -78,6 +99,21 @@ fn main() -> ExitCode {
                 listen_admin,
             } => run(config, listen_proxy, listen_admin).await,
             Command::Check { config } => check(&config),
+            Command::Simulate {
+                trace,
+                config,
+                target,
+                startup_delay,
+                service_time,
+                out_dir,
+            } => simulate(
+                &trace,
+                config.as_deref(),
+                target.as_deref(),
+                startup_delay,
+                service_time,
+                &out_dir,
+            ),
             Command::DemoBackend {
                 port,
                 host,
@@ -137,6 +173,82 @@ fn check(path: &std::path::Path) -> ExitCode {
             config_exit_code(&error)
         }
     }
+}
+
+fn simulate(
+    trace: &std::path::Path,
+    config: Option<&std::path::Path>,
+    target: Option<&str>,
+    startup: Duration,
+    service_time: Duration,
+    out_dir: &std::path::Path,
+) -> ExitCode {
+    use wakegate::scaling::{policy::Settings, simulate};
+    let settings = match config {
+        None => Settings::new(
+            &Default::default(),
+            wakegate::config::TargetConfig::DEFAULT_IDLE_TIMEOUT,
+        ),
+        Some(path) => {
+            let config = match Config::load(path) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("{error}");
+                    return config_exit_code(&error);
+                }
+            };
+            let chosen = match target {
+                Some(name) => config.targets.iter().find(|t| t.name == name),
+                None => config.targets.first(),
+            };
+            match chosen {
+                Some(t) => Settings::of(t),
+                None => {
+                    eprintln!(
+                        "--target: got {:?}, expected one of the targets in {}",
+                        target.unwrap_or_default(),
+                        path.display()
+                    );
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    };
+    let loads = match simulate::read_trace(trace, service_time) {
+        Ok(loads) => loads,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::from(2);
+        }
+    };
+    let rows = simulate::simulate(&loads, &settings, &simulate::Model { startup });
+    let name = trace
+        .file_stem()
+        .map_or("trace".into(), |s| s.to_string_lossy());
+    let csv = out_dir.join(format!("{name}.csv"));
+    let svg = out_dir.join(format!("{name}.svg"));
+    let title = format!(
+        "{name}: load and instances (target {} per instance, start-up {})",
+        settings.target,
+        humantime::format_duration(startup)
+    );
+    let written = std::fs::create_dir_all(out_dir)
+        .and_then(|()| std::fs::write(&csv, simulate::to_csv(&rows)))
+        .and_then(|()| std::fs::write(&svg, simulate::to_svg(&title, &rows, &settings)));
+    if let Err(error) = written {
+        eprintln!("cannot write results to {}: {error}", out_dir.display());
+        return ExitCode::FAILURE;
+    }
+    let max = rows.iter().map(|r| r.desired).max().unwrap_or(0);
+    let changes = simulate::direction_changes(&rows);
+    let queued = rows.iter().map(|r| r.queued).max().unwrap_or(0);
+    println!(
+        "{} seconds: up to {max} instances, {changes} changes of direction, at most {queued} requests held; wrote {} and {}",
+        rows.len(),
+        csv.display(),
+        svg.display()
+    );
+    ExitCode::SUCCESS
 }
 
 fn config_exit_code(error: &ConfigError) -> ExitCode {

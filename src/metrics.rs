@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use arc_swap::ArcSwap;
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeCounterValue, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use tokio::time::Instant;
 
 use crate::proxy::track::{Histogram, Reject};
 use crate::proxy::{Snapshot, Unrouted};
@@ -52,12 +53,12 @@ fn labels(t: &Target) -> [(&'static str, &str); 2] {
 }
 
 impl TargetCollector {
-    fn counter(
+    fn counter<V: EncodeCounterValue>(
         encoder: &mut DescriptorEncoder,
         name: &str,
         help: &str,
         targets: &[Arc<Target>],
-        value: impl Fn(&Target) -> u64,
+        value: impl Fn(&Target) -> V,
     ) -> Result {
         let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
         for t in targets {
@@ -180,6 +181,32 @@ impl prometheus_client::collector::Collector for TargetCollector {
             targets,
             |t| t.endpoints().len() as i64,
         )?;
+
+        Self::counter(
+            &mut encoder,
+            "wakegate_concurrency_seconds",
+            "Request-seconds spent in flight or held; its rate is the time-weighted average concurrency.",
+            targets,
+            |t| t.stats.concurrency.integral(t.micros(Instant::now())),
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "wakegate_scale_events",
+            "Changes of the desired instance count, by direction.",
+            None,
+            MetricType::Counter,
+        )?;
+        for t in targets.iter() {
+            for (direction, count) in [("up", &t.stats.scaled_up), ("down", &t.stats.scaled_down)] {
+                let labels = [
+                    ("namespace", t.config.namespace.as_str()),
+                    ("service", t.config.name.as_str()),
+                    ("direction", direction),
+                ];
+                family
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, f64>(&count.load(Ordering::Relaxed), None)?;
+            }
+        }
 
         let mut family = encoder.encode_descriptor(
             "wakegate_rejected_requests",

@@ -141,16 +141,23 @@ impl Target {
         &self.config.name
     }
 
-    /// Leases the ready endpoint with the fewest requests in flight, if there is one.
+    /// Leases a ready endpoint: of two picked at random, the one with fewer requests in
+    /// flight (power of two choices), falling back to any endpoint that is not draining.
     pub fn pick(&self) -> Option<Lease> {
         let endpoints = self.endpoints.load();
-        let mut best: Option<&Arc<Endpoint>> = None;
-        for e in endpoints.iter() {
-            if best.is_none_or(|b| e.in_flight() < b.in_flight()) {
-                best = Some(e);
+        let chosen = match endpoints.len() {
+            0 => return None,
+            1 => &endpoints[0],
+            n => {
+                let r = random();
+                let a = (r % n as u64) as usize;
+                let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
+                let (a, b) = (&endpoints[a], &endpoints[b]);
+                if b.in_flight() < a.in_flight() { b } else { a }
             }
-        }
-        best.and_then(|e| e.lease())
+        };
+        chosen
+            .lease()
             .or_else(|| endpoints.iter().find_map(|e| e.lease()))
     }
 
@@ -176,7 +183,6 @@ impl Target {
     /// Control plane: a start attempt failed; every request held for it fails now.
     pub fn start_failed(&self, reason: String) {
         self.status.send_modify(|s| {
-            s.phase = Phase::Cold;
             s.start_failures += 1;
             s.last_failure = Some(reason.into());
         });
@@ -208,12 +214,38 @@ impl Target {
         self.desired.load(Ordering::Relaxed)
     }
 
-    pub fn touch(&self) {
-        self.stats.touch(self.epoch.elapsed());
+    /// Microseconds from the target's epoch to `at`.
+    pub fn micros(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_micros() as u64
+    }
+
+    /// Data plane: a request arrived at `at`.
+    pub fn touch(&self, at: Instant) {
+        self.stats.touch(at.saturating_duration_since(self.epoch));
     }
 
     /// When the last request arrived, if one did.
     pub fn last_request_at(&self) -> Option<Instant> {
         self.stats.last_request().map(|d| self.epoch + d)
     }
+}
+
+/// A fast, non-cryptographic random number for load balancing choices.
+fn random() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let seed = std::collections::hash_map::RandomState::new();
+            std::hash::BuildHasher::hash_one(&seed, 0u64) | 1
+        });
+    }
+    STATE.with(|state| {
+        // xorshift64*
+        let mut x = state.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        state.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    })
 }

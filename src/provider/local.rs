@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -70,64 +70,115 @@ struct Instance {
     endpoint: Arc<Endpoint>,
 }
 
-/// Converges the target's running instance to what is desired, until `stop`.
+/// Converges the target's instances to what is desired, until `stop`.
 async fn supervise(
     target: Arc<Target>,
     mut desired: watch::Receiver<Desired>,
     stop: CancellationToken,
 ) {
-    let mut instance: Option<Instance> = None;
-    // A failed start is retried only when scale() is called again.
+    let mut ready: Vec<Instance> = Vec::new();
+    let mut starting: JoinSet<Result<Instance, String>> = JoinSet::new();
+    let mut stopping: JoinSet<()> = JoinSet::new();
+    // After a failed start (or a crash) nothing is started again until scale() asks again.
     let mut failed_at: Option<u64> = None;
+    let mut published = (Vec::new(), Phase::Cold);
     while !stop.is_cancelled() {
         let want = *desired.borrow_and_update();
-        match (&mut instance, want.replicas) {
-            (None, n) if n > 0 && failed_at != Some(want.asked) => {
-                match start(&target, &stop).await {
-                    Ok(started) => {
-                        target.publish(vec![started.endpoint.clone()], Phase::Ready);
-                        instance = Some(started);
-                        failed_at = None;
-                    }
-                    Err(reason) => {
-                        tracing::warn!(target = %target.name(), %reason, "start failed");
-                        target.start_failed(reason);
-                        failed_at = Some(want.asked);
-                    }
-                }
-                continue;
+        let wanted = want.replicas as usize;
+        if wanted > ready.len() + starting.len() && failed_at != Some(want.asked) {
+            for _ in ready.len() + starting.len()..wanted {
+                starting.spawn(start(target.clone(), stop.clone()));
             }
-            (Some(_), 0) => {
-                if let Some(running) = instance.take() {
-                    stop_instance(&target, running, "idle").await;
-                }
-                continue;
-            }
-            _ => {}
         }
+        while ready.len() > wanted {
+            // The least busy instance goes; it is out of rotation before it drains.
+            let (at, _) = ready
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, i)| i.endpoint.in_flight())
+                .expect("more instances than wanted");
+            let leaving = ready.swap_remove(at);
+            publish(&target, &ready, &starting, &stopping, &mut published);
+            stopping.spawn(stop_instance(target.clone(), leaving, "scaled down"));
+        }
+        publish(&target, &ready, &starting, &stopping, &mut published);
+
         tokio::select! {
             changed = desired.changed() => if changed.is_err() { break },
-            status = exited(&mut instance) => {
-                let running = instance.take().expect("exited() only resolves with an instance");
-                tracing::warn!(target = %target.name(), pid = running.pid, %status, "instance exited by itself");
-                target.publish(Vec::new(), Phase::Cold);
+            Some(started) = starting.join_next(), if !starting.is_empty() => match started {
+                Ok(Ok(instance)) => {
+                    ready.push(instance);
+                    failed_at = None;
+                }
+                Ok(Err(reason)) => {
+                    tracing::warn!(target = %target.name(), %reason, "start failed");
+                    target.start_failed(reason);
+                    failed_at = Some(want.asked);
+                }
+                Err(error) => tracing::error!(target = %target.name(), %error, "start task failed"),
+            },
+            (at, status) = exited(&mut ready) => {
+                let gone = ready.swap_remove(at);
+                tracing::warn!(target = %target.name(), pid = gone.pid, %status, "instance exited by itself");
                 // Started again on the next request (or the autoscaler's next ask).
                 failed_at = Some(want.asked);
             }
+            Some(_) = stopping.join_next(), if !stopping.is_empty() => {}
             () = stop.cancelled() => {}
         }
     }
-    if let Some(running) = instance.take() {
-        stop_instance(&target, running, "shutdown").await;
+    // Shutdown: starts in progress see `stop` and give up; the running instances stop together.
+    while let Some(started) = starting.join_next().await {
+        if let Ok(Ok(instance)) = started {
+            ready.push(instance);
+        }
     }
+    for instance in ready.drain(..) {
+        stopping.spawn(stop_instance(target.clone(), instance, "shutdown"));
+    }
+    publish(&target, &ready, &starting, &stopping, &mut published);
+    while stopping.join_next().await.is_some() {}
     target.publish(Vec::new(), Phase::Cold);
 }
 
-async fn exited(instance: &mut Option<Instance>) -> String {
-    match instance {
-        Some(i) => describe(i.child.wait().await),
-        None => std::future::pending().await,
+/// Publishes the ready endpoints and the phase, if they changed.
+fn publish(
+    target: &Target,
+    ready: &[Instance],
+    starting: &JoinSet<Result<Instance, String>>,
+    stopping: &JoinSet<()>,
+    published: &mut (Vec<Arc<Endpoint>>, Phase),
+) {
+    let endpoints: Vec<Arc<Endpoint>> = ready.iter().map(|i| i.endpoint.clone()).collect();
+    let phase = if !ready.is_empty() {
+        Phase::Ready
+    } else if !starting.is_empty() {
+        Phase::Starting
+    } else if !stopping.is_empty() {
+        Phase::Stopping
+    } else {
+        Phase::Cold
+    };
+    let same = phase == published.1
+        && endpoints.len() == published.0.len()
+        && endpoints
+            .iter()
+            .zip(&published.0)
+            .all(|(a, b)| Arc::ptr_eq(a, b));
+    if !same {
+        target.publish(endpoints.clone(), phase);
+        *published = (endpoints, phase);
     }
+}
+
+/// Resolves with the index and exit status of the first instance that exits.
+async fn exited(instances: &mut [Instance]) -> (usize, String) {
+    if instances.is_empty() {
+        return std::future::pending().await;
+    }
+    let waits = instances.iter_mut().map(|i| Box::pin(i.child.wait()));
+    let (status, at, _) = futures_util::future::select_all(waits).await;
+    (at, describe(status))
 }
 
 fn describe(status: std::io::Result<ExitStatus>) -> String {
@@ -139,9 +190,8 @@ fn describe(status: std::io::Result<ExitStatus>) -> String {
 
 /// Starts one instance and waits until it is ready, it exits, `cold_start_timeout` passes or
 /// wakegate stops.
-async fn start(target: &Arc<Target>, stop: &CancellationToken) -> Result<Instance, String> {
+async fn start(target: Arc<Target>, stop: CancellationToken) -> Result<Instance, String> {
     let config = &target.config;
-    target.set_phase(Phase::Starting);
     target
         .stats
         .cold_starts
@@ -149,7 +199,7 @@ async fn start(target: &Arc<Target>, stop: &CancellationToken) -> Result<Instanc
     let began = Instant::now();
 
     let port = free_port().map_err(|e| format!("no free local port: {e}"))?;
-    let mut child = spawn(target, port)?;
+    let mut child = spawn(&target, port)?;
     let pid = child.id().unwrap_or_default();
     tracing::info!(target = %target.name(), pid, port, "starting instance");
     let authority: Authority = format!("127.0.0.1:{port}")
@@ -282,16 +332,14 @@ async fn is_ready(check: &ReadyCheck, authority: &Authority) -> bool {
         .unwrap_or(false)
 }
 
-/// Takes the instance out of rotation, lets its in-flight requests finish, then stops it.
-async fn stop_instance(target: &Target, mut instance: Instance, why: &str) {
+/// Lets an instance that is already out of rotation finish its in-flight requests, then stops it.
+async fn stop_instance(target: Arc<Target>, mut instance: Instance, why: &'static str) {
     let config = &target.config;
-    target.publish(Vec::new(), Phase::Stopping);
     if !instance.endpoint.drain(config.stop_grace).await {
         tracing::warn!(target = %target.name(), pid = instance.pid, "stopping with requests still in flight");
     }
     tracing::info!(target = %target.name(), pid = instance.pid, reason = why, "stopping instance");
     terminate(&mut instance.child, instance.pid, config.stop_grace).await;
-    target.set_phase(Phase::Cold);
 }
 
 /// SIGTERM to the instance's process group, SIGKILL after `grace`, then reap it.

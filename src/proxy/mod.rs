@@ -43,21 +43,45 @@ pub struct Unrouted {
     pub bad_request: AtomicU64,
 }
 
+/// A request from its arrival until its response finished (or it failed), holding included:
+/// what the autoscaler integrates into the target's concurrency.
+#[derive(Debug)]
+pub struct Demand {
+    target: Arc<Target>,
+    started_us: u64,
+}
+
+impl Demand {
+    pub fn begin(target: Arc<Target>, at: Instant) -> Self {
+        let started_us = target.micros(at);
+        target.touch(at);
+        target.stats.concurrency.begin(started_us);
+        Self { target, started_us }
+    }
+}
+
+impl Drop for Demand {
+    fn drop(&mut self) {
+        let now = self.target.micros(Instant::now());
+        self.target.stats.concurrency.end(self.started_us, now);
+    }
+}
+
 /// A request counted in flight on its target and holding its endpoint lease.
 #[derive(Debug)]
 pub struct InFlight {
-    target: Arc<Target>,
+    demand: Demand,
     lease: Lease,
 }
 
 impl InFlight {
-    pub fn new(target: Arc<Target>, lease: Lease) -> Self {
-        target.stats.in_flight.fetch_add(1, Ordering::SeqCst);
-        Self { target, lease }
+    pub fn new(demand: Demand, lease: Lease) -> Self {
+        demand.target.stats.in_flight.fetch_add(1, Ordering::SeqCst);
+        Self { demand, lease }
     }
 
     pub fn target(&self) -> &Arc<Target> {
-        &self.target
+        &self.demand.target
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -67,7 +91,11 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.target.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.demand
+            .target
+            .stats
+            .in_flight
+            .fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -128,9 +156,9 @@ impl Proxy {
         };
 
         let started = Instant::now();
-        target.touch();
+        let demand = Demand::begin(target.clone(), started);
         let method = track::method_index(req.method());
-        let response = match self.serve(&target, req, peer, &host).await {
+        let response = match self.serve(&target, demand, req, peer, &host).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(why) = error.reject() {
@@ -151,15 +179,16 @@ impl Proxy {
     async fn serve(
         &self,
         target: &Arc<Target>,
+        demand: Demand,
         req: Request<Incoming>,
         peer: SocketAddr,
         host: &HeaderValue,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (in_flight, held) = match target.pick() {
-            Some(lease) => (InFlight::new(target.clone(), lease), false),
+            Some(lease) => (InFlight::new(demand, lease), false),
             None => {
                 let (lease, pending) = hold::wait_ready(target).await?;
-                let in_flight = InFlight::new(target.clone(), lease);
+                let in_flight = InFlight::new(demand, lease);
                 drop(pending);
                 (in_flight, true)
             }

@@ -183,6 +183,41 @@ impl Histogram {
     }
 }
 
+/// The integral over time of the requests a target is serving or holding, kept so that a
+/// reader can derive the time-weighted average concurrency of any interval: short requests
+/// between two readings are never missed. Times are microseconds since the target's epoch.
+#[derive(Debug, Default)]
+pub struct Concurrency {
+    active: AtomicI64,
+    /// Sum of the start times of the active requests.
+    active_starts: AtomicU64,
+    /// Sum of the durations of finished requests.
+    finished: AtomicU64,
+}
+
+impl Concurrency {
+    pub fn begin(&self, at_us: u64) {
+        self.active_starts.fetch_add(at_us, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn end(&self, started_us: u64, at_us: u64) {
+        self.finished
+            .fetch_add(at_us.saturating_sub(started_us), Ordering::Relaxed);
+        self.active_starts.fetch_sub(started_us, Ordering::Relaxed);
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Request-seconds accumulated up to `at_us` (the epoch is zero).
+    pub fn integral(&self, at_us: u64) -> f64 {
+        let active = self.active.load(Ordering::Relaxed).max(0) as u64;
+        let starts = self.active_starts.load(Ordering::Relaxed);
+        let finished = self.finished.load(Ordering::Relaxed);
+        let open = (active * at_us).saturating_sub(starts);
+        (finished + open) as f64 / 1e6
+    }
+}
+
 /// Everything counted for one target.
 #[derive(Debug)]
 pub struct Stats {
@@ -195,6 +230,10 @@ pub struct Stats {
     pub cold_starts: AtomicU64,
     pub cold_start_duration: Histogram,
     rejected: [AtomicU64; Reject::ALL.len()],
+    /// Requests arriving → response finished, holding included: the autoscaler's signal.
+    pub concurrency: Concurrency,
+    pub scaled_up: AtomicU64,
+    pub scaled_down: AtomicU64,
     /// Milliseconds since the target's epoch at the last request's arrival, plus one (0 = never).
     last_request: AtomicU64,
 }
@@ -209,6 +248,9 @@ impl Default for Stats {
             cold_starts: AtomicU64::new(0),
             cold_start_duration: Histogram::new(COLD_START_BUCKETS),
             rejected: std::array::from_fn(|_| AtomicU64::new(0)),
+            concurrency: Concurrency::default(),
+            scaled_up: AtomicU64::new(0),
+            scaled_down: AtomicU64::new(0),
             last_request: AtomicU64::new(0),
         }
     }
@@ -287,6 +329,21 @@ mod tests {
             c.add(0, code);
         }
         assert_eq!(c.total(), 100);
+    }
+
+    #[test]
+    fn concurrency_integral_counts_finished_and_open_requests() {
+        let c = Concurrency::default();
+        c.begin(0);
+        c.begin(1_000_000);
+        c.end(0, 2_000_000); // 2 s
+        // At 3 s: 2 s finished + 2 s of the open one.
+        assert!((c.integral(3_000_000) - 4.0).abs() < 1e-9);
+        c.end(1_000_000, 3_000_000);
+        assert!(
+            (c.integral(10_000_000) - 4.0).abs() < 1e-9,
+            "nothing open any more"
+        );
     }
 
     #[test]

@@ -1,15 +1,61 @@
-//! The per-target loop: wakes a cold target the moment a request asks for it, and on every
-//! tick feeds the policy and executes its decision through the provider.
+//! The per-target loop that owns the clock: wakes a cold target the moment a request asks for
+//! it, and on every tick samples the signal, feeds the policy and executes its decision
+//! through the provider.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::policy::{self, Observation, Policy};
+use super::policy::{Now, Policy, Sample, Settings, Window};
 use crate::provider::Provider;
-use crate::target::{Phase, Target};
+use crate::target::Target;
+
+/// Turns the target's counters into one [`Sample`] per tick.
+#[derive(Debug)]
+pub struct Sampler {
+    at: Instant,
+    integral: f64,
+    requests: u64,
+}
+
+impl Sampler {
+    pub fn new(target: &Target, at: Instant) -> Self {
+        Self {
+            at,
+            integral: target.stats.concurrency.integral(target.micros(at)),
+            requests: target.stats.requests.total(),
+        }
+    }
+
+    /// The time-weighted average concurrency and the request rate since the last call.
+    pub fn sample(&mut self, target: &Target, at: Instant) -> Sample {
+        let integral = target.stats.concurrency.integral(target.micros(at));
+        let requests = target.stats.requests.total();
+        let seconds = at.saturating_duration_since(self.at).as_secs_f64();
+        let sample = if seconds > 0.0 {
+            Sample {
+                at,
+                concurrency: ((integral - self.integral) / seconds).max(0.0),
+                rps: requests.saturating_sub(self.requests) as f64 / seconds,
+            }
+        } else {
+            Sample {
+                at,
+                concurrency: 0.0,
+                rps: 0.0,
+            }
+        };
+        *self = Self {
+            at,
+            integral,
+            requests,
+        };
+        sample
+    }
+}
 
 pub async fn run(
     target: Arc<Target>,
@@ -17,18 +63,16 @@ pub async fn run(
     interval: Duration,
     stop: CancellationToken,
 ) {
-    let scaling = &target.config.scaling;
-    let policy = Policy {
-        min: scaling.min,
-        max: scaling.max,
-        idle_timeout: target.config.idle_timeout,
-    };
-    let mut desired = policy.min;
+    let settings = Settings::of(&target.config);
+    let mut policy = Policy::default();
+    let mut window = Window::default();
+    let mut desired = settings.min;
     target.set_desired(desired);
     if desired > 0 {
         provider.scale(&target, desired);
     }
-    let mut last_busy: Option<Instant> = None;
+    let mut sampler = Sampler::new(&target, Instant::now());
+    let mut last_active: Option<Instant> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -36,39 +80,54 @@ pub async fn run(
             () = stop.cancelled() => return,
             () = target.wake_requested() => {
                 if target.endpoints().is_empty() {
-                    desired = desired.max(1);
-                    target.set_desired(desired);
-                    tracing::debug!(target = %target.name(), pending = target.stats.pending(), "wake requested");
+                    if desired == 0 {
+                        desired = 1;
+                        target.set_desired(desired);
+                        target.stats.scaled_up.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(target = %target.name(), from = 0, to = 1, pending = target.stats.pending(), "waking");
+                    }
                     provider.scale(&target, desired);
                 }
             }
             _ = ticker.tick() => {
                 let now = Instant::now();
-                let observed = Observation {
-                    in_flight: target.stats.in_flight(),
-                    pending: target.stats.pending(),
-                    last_active: last_busy.max(target.last_request_at()),
-                };
-                if observed.in_flight + observed.pending > 0 {
-                    last_busy = Some(now);
+                let sample = sampler.sample(&target, now);
+                window.push(sample, settings.keep());
+                let demand = target.stats.in_flight() + target.stats.pending();
+                if demand > 0 || sample.rps > 0.0 {
+                    last_active = Some(now);
                 }
-                let next = policy::decide(desired, &observed, &policy, now);
-                if next != desired {
+                let ready = target.endpoints().len() as u32;
+                let decision = policy.decide(&window, &settings, desired, Now {
+                    at: now,
+                    ready,
+                    demand,
+                    last_active: last_active.max(target.last_request_at()),
+                });
+                if decision.desired != desired {
+                    let up = decision.desired > desired;
+                    let counter = if up { &target.stats.scaled_up } else { &target.stats.scaled_down };
+                    counter.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(
                         target = %target.name(),
                         from = desired,
-                        to = next,
-                        in_flight = observed.in_flight,
-                        pending = observed.pending,
-                        idle_for_ms = observed.last_active.map(|at| now.saturating_duration_since(at).as_millis() as u64),
-                        idle_timeout_ms = policy.idle_timeout.as_millis() as u64,
+                        to = decision.desired,
+                        ready,
+                        stable = decision.stable,
+                        panic = decision.panic,
+                        panicking = decision.panicking,
+                        idle = decision.idle,
+                        metric = ?settings.metric,
+                        per_instance_target = settings.target,
+                        demand,
                         "scaling"
                     );
-                    desired = next;
+                    desired = decision.desired;
                     target.set_desired(desired);
                     provider.scale(&target, desired);
-                } else if desired > 0 && policy.min > 0 && target.status().phase == Phase::Cold {
-                    // An always-on instance exited or failed to start: ask again, once a tick.
+                } else if ready < desired && (demand > 0 || settings.min > 0) {
+                    // An instance crashed or failed to start while it is still needed: ask
+                    // again, at most once a tick.
                     provider.scale(&target, desired);
                 }
             }

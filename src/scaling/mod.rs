@@ -3,3 +3,4 @@
 
 pub mod autoscaler;
 pub mod policy;
+pub mod simulate;
