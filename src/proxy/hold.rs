@@ -2,7 +2,6 @@
 //! asks for a wake at once and releases every held request the moment an endpoint is ready.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use crate::target::{Lease, Phase, Target};
 
@@ -14,13 +13,12 @@ use super::track::CountGuard;
 /// in between.
 pub async fn wait_ready(target: &Arc<Target>) -> Result<(Lease, CountGuard<'_>), ProxyError> {
     let config = &target.config;
-    let held = CountGuard::new(&target.stats.pending);
-    if target.stats.pending.load(Ordering::SeqCst) > i64::from(config.max_pending) {
+    let Some(held) = CountGuard::below(&target.stats.pending, i64::from(config.max_pending)) else {
         return Err(ProxyError::QueueFull {
             target: config.name.clone(),
             max: config.max_pending,
         });
-    }
+    };
     // Subscribe before asking for the wake, so no failure of that start can be missed.
     let mut status = target.subscribe();
     let failures_seen = status.borrow_and_update().start_failures;

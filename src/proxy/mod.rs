@@ -208,14 +208,14 @@ impl Proxy {
     }
 }
 
-/// The Host header, or the authority of an absolute-form (HTTP/1.1) or HTTP/2 request.
+/// The host a request is for: the authority of an absolute-form request target or of an
+/// HTTP/2 request, which take precedence over `Host` (RFC 9112 §3.2.2, RFC 9113 §8.3.1), or
+/// else the `Host` header.
 fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
-    if let Some(host) = req.headers().get(header::HOST) {
-        return Some(host.clone());
+    match req.uri().authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => req.headers().get(header::HOST).cloned(),
     }
-    req.uri()
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
 }
 
 /// A [`Proxy`] bound to one client connection, as a tower service.

@@ -296,6 +296,16 @@ impl<'a> CountGuard<'a> {
         counter.fetch_add(1, Ordering::SeqCst);
         CountGuard(counter)
     }
+
+    /// Counts one more only while the counter is below `limit`.
+    pub fn below(counter: &'a AtomicI64, limit: i64) -> Option<Self> {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| CountGuard(counter))
+    }
 }
 
 impl Drop for CountGuard<'_> {
@@ -344,6 +354,17 @@ mod tests {
             (c.integral(10_000_000) - 4.0).abs() < 1e-9,
             "nothing open any more"
         );
+    }
+
+    #[test]
+    fn count_guard_below_never_passes_its_limit() {
+        let counter = AtomicI64::new(0);
+        let a = CountGuard::below(&counter, 2).expect("room");
+        let _b = CountGuard::below(&counter, 2).expect("room");
+        assert!(CountGuard::below(&counter, 2).is_none(), "full");
+        drop(a);
+        assert!(CountGuard::below(&counter, 2).is_some(), "room again");
+        assert_eq!(counter.load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -56,6 +56,14 @@ impl Settings {
         }
     }
 
+    /// ceil(signal / target): the instances a signal asks for. Computed a hair below each
+    /// integer, so that float noise in an average of exactly N × target asks for N, not N + 1.
+    pub fn instances_for(&self, signal: f64) -> u32 {
+        (signal / self.target - 1e-9)
+            .ceil()
+            .clamp(0.0, f64::from(u32::MAX)) as u32
+    }
+
     /// How much history decisions need.
     pub fn keep(&self) -> Duration {
         self.stable_window.max(self.panic_window)
@@ -143,14 +151,7 @@ impl Policy {
     pub fn decide(&mut self, window: &Window, s: &Settings, current: u32, now: Now) -> Decision {
         let stable = window.average(s.metric, s.stable_window, now.at);
         let panic = window.average(s.metric, s.panic_window, now.at);
-        // A hair below each integer, so that float noise in an average of exactly N × target
-        // does not ask for one more instance.
-        let want = |signal: f64| {
-            (signal / s.target - 1e-9)
-                .ceil()
-                .clamp(0.0, f64::from(u32::MAX)) as u32
-        };
-        let (want_stable, want_panic) = (want(stable), want(panic));
+        let (want_stable, want_panic) = (s.instances_for(stable), s.instances_for(panic));
 
         let base = now.ready.max(1);
         if f64::from(want_panic) >= s.panic_threshold * f64::from(base) && want_panic > now.ready {

@@ -291,7 +291,7 @@ pub fn to_svg(title: &str, rows: &[Row], settings: &Settings) -> String {
                 Series {
                     name: format!("ideal: ceil(in flight / {wanted})"),
                     color: "#c7c7c7",
-                    points: points(&|r| (r.in_flight / wanted).ceil()),
+                    points: points(&|r| f64::from(settings.instances_for(r.in_flight))),
                 },
                 Series {
                     name: "desired".into(),
