@@ -238,7 +238,15 @@ upstream = "{}"
         );
     }
 
-    let allowed = ["namespace", "service", "method", "code", "reason", "le"];
+    let allowed = [
+        "namespace",
+        "service",
+        "method",
+        "code",
+        "reason",
+        "direction",
+        "le",
+    ];
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((_, rest)) = line.split_once('{') else {
             continue;

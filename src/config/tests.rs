@@ -56,9 +56,9 @@ fn a_minimal_target_gets_its_defaults() {
     assert_eq!(t.upstream, None);
     assert_eq!(t.scaling, Scaling::default());
     assert_eq!(t.scaling.min, 0);
-    assert_eq!(t.scaling.max, 1);
+    assert_eq!(t.scaling.max, 10);
     assert_eq!(t.scaling.metric, Metric::Concurrency);
-    assert_eq!(t.scaling_target(), 10.0);
+    assert_eq!(t.scaling.target_value(), 10.0);
 }
 
 #[test]
@@ -105,7 +105,7 @@ scaling = { min = 1, max = 1, metric = "rps", target = 25.5 }
     assert_eq!(t.stop_grace, Duration::from_secs(1));
     assert_eq!(t.response_timeout, Some(Duration::from_secs(120)));
     assert_eq!(t.scaling.metric, Metric::Rps);
-    assert_eq!(t.scaling_target(), 25.5);
+    assert_eq!(t.scaling.target_value(), 25.5);
 }
 
 #[test]
@@ -113,7 +113,7 @@ fn rps_scaling_defaults_to_a_target_of_50() {
     let config = parse(&format!(
         "[[target]]\n{UPSTREAM}scaling = {{ metric = \"rps\" }}\n"
     ));
-    assert_eq!(config.targets[0].scaling_target(), 50.0);
+    assert_eq!(config.targets[0].scaling.target_value(), 50.0);
 }
 
 #[test]
@@ -429,16 +429,47 @@ fn scaling_bounds_must_be_consistent() {
 }
 
 #[test]
-fn local_targets_run_one_instance() {
-    let problems = problems_of_target(LOCAL, "scaling = { max = 2 }");
+fn local_targets_may_run_several_instances() {
+    assert!(problems_of_target(LOCAL, "scaling = { max = 4 }").is_empty());
+}
+
+#[test]
+fn scaling_windows_and_rates_are_validated() {
+    let problems = problems_of_target(
+        LOCAL,
+        "scaling = { stable_window = \"5s\", panic_window = \"10s\", panic_threshold = 1.0, max_scale_down_rate = 0.5 }",
+    );
     assert_problem(
         &problems,
-        "target[0] (hello).scaling.max",
-        "2",
-        "1: local targets",
+        "target[0] (hello).scaling.panic_window",
+        "10s",
+        "at most scaling.stable_window (5s)",
     );
-    // Upstream targets are never started, so the bound does not concern them.
-    assert!(problems_of_target(UPSTREAM, "scaling = { max = 4 }").is_empty());
+    assert_problem(
+        &problems,
+        "target[0] (hello).scaling.panic_threshold",
+        "1",
+        "a number above 1",
+    );
+    assert_problem(
+        &problems,
+        "target[0] (hello).scaling.max_scale_down_rate",
+        "0.5",
+        "a number above 1",
+    );
+}
+
+#[test]
+fn scaling_knobs_have_documented_defaults() {
+    let s = crate::config::Scaling::default();
+    assert_eq!((s.min, s.max), (0, 10));
+    assert_eq!(s.stable_window, Duration::from_secs(60));
+    assert_eq!(s.panic_window, Duration::from_secs(6));
+    assert_eq!(s.panic_threshold, 2.0);
+    assert_eq!(s.max_scale_up_rate, 1000.0);
+    assert_eq!(s.max_scale_down_rate, 2.0);
+    assert_eq!(s.scale_down_delay, Duration::from_secs(30));
+    assert_eq!(s.target_value(), 10.0);
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
-use http::{HeaderValue, Request, Response, header};
+use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -208,14 +208,21 @@ impl Proxy {
     }
 }
 
-/// The host a request is for: the authority of an absolute-form request target or of an
-/// HTTP/2 request, which take precedence over `Host` (RFC 9112 §3.2.2, RFC 9113 §8.3.1), or
-/// else the `Host` header.
+/// The host a request is for. The authority of an HTTP/1 absolute-form request target takes
+/// precedence over `Host` (RFC 9112 §3.2.2); an HTTP/2 request's `Host`, when a client sends
+/// one, is taken over its `:authority`, which well-behaved clients keep equal to it.
 fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
-    match req.uri().authority() {
-        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => req.headers().get(header::HOST).cloned(),
+    let authority = || {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    };
+    if req.version() < Version::HTTP_2
+        && let Some(authority) = authority()
+    {
+        return Some(authority);
     }
+    req.headers().get(header::HOST).cloned().or_else(authority)
 }
 
 /// A [`Proxy`] bound to one client connection, as a tower service.
