@@ -210,6 +210,23 @@ impl Wakegate {
     }
 }
 
+/// Stops wakegate the way an operator would (SIGTERM), so it stops every process it started
+/// (grandchildren included) before the test ends; SIGKILL only if it does not exit in time.
+impl Drop for Wakegate {
+    fn drop(&mut self) {
+        let Some(pid) = self.child.id() else { return };
+        // SAFETY: signalling and reaping our own child process.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        for _ in 0..300 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.start_kill();
+    }
+}
+
 fn config_text(head: &str, targets: &str) -> String {
     // `head` may set its own drain_timeout; TOML forbids a second one.
     let drain = if head.contains("drain_timeout") {
