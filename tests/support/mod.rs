@@ -2,6 +2,8 @@
 //! addresses from its JSON log, and talks to it over real sockets.
 #![allow(dead_code)]
 
+pub mod kube_api;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

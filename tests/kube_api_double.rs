@@ -1,0 +1,502 @@
+//! The Kubernetes API test double (`tests/support/kube_api.rs`) driven by the real kube client:
+//! watcher + reflector through changes, outages and expired history; `/scale`; Leases; Events.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::{Value, json};
+use support::kube_api::FakeApi;
+use support::within;
+use tokio::task::JoinHandle;
+
+fn service(name: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default", "labels": labels},
+        "spec": {
+            "selector": {"app": name},
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+        },
+    })
+}
+
+fn deployment(name: &str, replicas: i32) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "app", "image": "demo"}]},
+            },
+        },
+    })
+}
+
+/// A reflector over `api` with the default backoff, running until the handle is dropped.
+struct Reflector<K: Resource + Clone + 'static>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    store: Store<K>,
+    /// The watcher's errors (each one retried after a backoff).
+    errors: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl<K: Resource + Clone + 'static> Drop for Reflector<K>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn reflect<K>(api: Api<K>, config: watcher::Config) -> Reflector<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, config).default_backoff().reflect(writer);
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let sink = errors.clone();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(error) = event {
+                sink.lock().unwrap().push(error.to_string());
+            }
+        }
+    });
+    within(5, "the reflector's first list", store.wait_until_ready())
+        .await
+        .expect("reflector ready");
+    Reflector {
+        store,
+        errors,
+        task,
+    }
+}
+
+fn names<K: Resource + Clone>(store: &Store<K>) -> Vec<String>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    let mut names: Vec<String> = store.state().iter().map(|o| o.name_any()).collect();
+    names.sort();
+    names
+}
+
+/// Polls `check` every 20 ms until it holds; fails the test after `secs`.
+async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
+    within(secs, what, async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// Lists (not watches) of services the client made.
+fn service_lists(api: &FakeApi) -> usize {
+    api.requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/services") && !r.contains("watch="))
+        .count()
+}
+
+fn status_code(error: kube::Error) -> (u16, String) {
+    match error {
+        kube::Error::Api(status) => (status.code, status.reason.clone()),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn reflector_from_kubeconfig_sees_applied_and_deleted_services() {
+    let api = FakeApi::start().await;
+    api.apply(service("a", json!({})));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kube::config::Kubeconfig::read_from(api.write_kubeconfig(dir.path())).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(config.cluster_url.to_string(), format!("{}/", api.url()));
+    assert_eq!(config.default_namespace, "default");
+    let client = Client::try_from(config).unwrap();
+
+    let services = reflect(Api::<Service>::all(client), watcher::Config::default()).await;
+    assert_eq!(names(&services.store), ["a"]);
+
+    let b = api.apply(service("b", json!({})));
+    eventually(5, "b appears", || names(&services.store) == ["a", "b"]).await;
+    let seen = services.store.state();
+    let seen_b = seen.iter().find(|s| s.name_any() == "b").unwrap();
+    assert_eq!(
+        seen_b.resource_version().as_deref(),
+        b["metadata"]["resourceVersion"].as_str()
+    );
+    assert!(seen_b.uid().is_some());
+    assert!(seen_b.creation_timestamp().is_some());
+
+    assert!(api.delete("Service", "default", "a"));
+    eventually(5, "a disappears", || names(&services.store) == ["b"]).await;
+    let watches: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("GET /api/v1/services?") && r.contains("watch=true"))
+        .collect();
+    assert!(
+        watches
+            .iter()
+            .all(|w| w.contains("allowWatchBookmarks=true")),
+        "{watches:?}"
+    );
+    assert_eq!(service_lists(&api), 1);
+    assert_eq!(*services.errors.lock().unwrap(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn label_selector_filters_lists_and_watches() {
+    let api = FakeApi::start().await;
+    api.apply(service("x", json!({"tier": "web"})));
+    api.apply(service("y", json!({"tier": "db"})));
+    api.apply(service("z", json!({})));
+    let client = api.client();
+    let web = reflect(
+        Api::<Service>::namespaced(client.clone(), "default"),
+        watcher::Config::default().labels("tier=web"),
+    )
+    .await;
+    let tiered = reflect(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default().labels("tier,tier notin (cache)"),
+    )
+    .await;
+    assert_eq!(names(&web.store), ["x"]);
+    assert_eq!(names(&tiered.store), ["x", "y"]);
+
+    // An object that starts or stops matching is added to or deleted from the watch.
+    api.apply(service("y", json!({"tier": "web"})));
+    api.apply(service("x", json!({"tier": "cache"})));
+    eventually(5, "x leaves and y joins", || {
+        names(&web.store) == ["y"] && names(&tiered.store) == ["y"]
+    })
+    .await;
+
+    let named: Vec<Service> = Api::<Service>::all(client)
+        .list(&kube::api::ListParams::default().fields("metadata.name=z"))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(named.len(), 1);
+    assert_eq!(named[0].name_any(), "z");
+}
+
+#[tokio::test]
+async fn watch_cut_by_an_outage_resumes_and_sees_later_changes() {
+    let api = FakeApi::start().await;
+    api.apply(service("a", json!({})));
+    let client = api.client();
+    let services = reflect(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .await;
+
+    api.set_down(true);
+    let during = Api::<Service>::namespaced(client.clone(), "default")
+        .list(&Default::default())
+        .await;
+    assert!(during.is_err(), "a request during the outage fails");
+    api.apply(service("missed", json!({})));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.set_down(false);
+
+    eventually(10, "the change made during the outage arrives", || {
+        names(&services.store) == ["a", "missed"]
+    })
+    .await;
+    api.apply(service("later", json!({})));
+    eventually(5, "a later change arrives", || {
+        names(&services.store) == ["a", "later", "missed"]
+    })
+    .await;
+    // It resumed the watch from its resourceVersion instead of listing again.
+    assert_eq!(service_lists(&api), 1, "{:#?}", api.requests());
+    assert!(
+        !services.errors.lock().unwrap().is_empty(),
+        "the outage was seen"
+    );
+}
+
+#[tokio::test]
+async fn watches_time_out_with_a_bookmark_and_resume_from_it_without_relisting() {
+    let api = FakeApi::start().await;
+    api.apply(service("a", json!({})));
+    let client = api.client();
+    let services = reflect(
+        Api::<Service>::all(client),
+        watcher::Config::default().timeout(1),
+    )
+    .await;
+    // Changes to other kinds move the version on; the bookmark carries it to the watcher.
+    let other = api.apply(deployment("web", 1));
+    let version = other["metadata"]["resourceVersion"].as_str().unwrap();
+    let resumed = format!("resourceVersion={version}");
+    eventually(5, "a watch resumed from the bookmark's version", || {
+        api.requests()
+            .iter()
+            .any(|r| r.contains("watch=true") && r.ends_with(&resumed))
+    })
+    .await;
+    api.apply(service("b", json!({})));
+    eventually(5, "b appears", || names(&services.store) == ["a", "b"]).await;
+    assert_eq!(service_lists(&api), 1);
+    assert_eq!(*services.errors.lock().unwrap(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn expired_watch_history_makes_the_watcher_relist_and_the_store_stays_right() {
+    let api = FakeApi::start().await;
+    api.apply(service("a", json!({})));
+    api.apply(service("b", json!({})));
+    let client = api.client();
+    let services = reflect(Api::<Service>::all(client), watcher::Config::default()).await;
+    assert_eq!(service_lists(&api), 1);
+
+    // An open watch is told 410 Expired.
+    api.expire_watch_history();
+    eventually(5, "a relist after the open watch expired", || {
+        service_lists(&api) == 2
+    })
+    .await;
+    api.apply(service("c", json!({})));
+    eventually(5, "c appears", || names(&services.store) == ["a", "b", "c"]).await;
+
+    // A watch resuming after an outage from a forgotten version is told 410 too, and the
+    // relist drops what was deleted meanwhile.
+    api.set_down(true);
+    api.delete("Service", "default", "a");
+    api.apply(service("d", json!({})));
+    api.expire_watch_history();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    api.set_down(false);
+    eventually(10, "the store matches after the relist", || {
+        names(&services.store) == ["b", "c", "d"]
+    })
+    .await;
+    assert_eq!(service_lists(&api), 3);
+    api.apply(service("e", json!({})));
+    eventually(5, "watching again after the relist", || {
+        names(&services.store) == ["b", "c", "d", "e"]
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn patch_scale_with_server_side_apply_sets_replicas_and_records_the_manager() {
+    let api = FakeApi::start().await;
+    api.apply(deployment("web", 0));
+    let client = api.client();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let watched = reflect(deployments.clone(), watcher::Config::default()).await;
+
+    let scale = deployments.get_scale("web").await.unwrap();
+    assert_eq!(scale.spec.unwrap().replicas, Some(0));
+
+    let scale = deployments
+        .patch_scale(
+            "web",
+            &PatchParams::apply("wakegate").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "autoscaling/v1",
+                "kind": "Scale",
+                "spec": {"replicas": 3},
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(scale.spec.unwrap().replicas, Some(3));
+    assert_eq!(scale.status.unwrap().selector.as_deref(), Some("app=web"));
+    assert_eq!(api.deployment_replicas("default", "web"), Some(3));
+    assert_eq!(
+        api.scale_patches("default", "web"),
+        [("wakegate".into(), 3)]
+    );
+    let patch = api
+        .requests()
+        .into_iter()
+        .find(|r| r.starts_with("PATCH /apis/apps/v1/namespaces/default/deployments/web/scale?"))
+        .expect("a scale PATCH");
+    assert!(patch.contains("fieldManager=wakegate") && patch.contains("force=true"));
+
+    eventually(5, "the watch sees the new replicas", || {
+        watched.store.state().iter().any(|d| {
+            d.spec.as_ref().and_then(|s| s.replicas) == Some(3) && d.metadata.generation == Some(2)
+        })
+    })
+    .await;
+
+    let scale = deployments
+        .patch_scale(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 1}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(scale.spec.unwrap().replicas, Some(1));
+    assert_eq!(
+        api.scale_patches("default", "web"),
+        [("wakegate".into(), 3), (String::new(), 1)]
+    );
+
+    let missing = deployments.get_scale("nope").await.unwrap_err();
+    assert_eq!(status_code(missing), (404, "NotFound".into()));
+}
+
+#[tokio::test]
+async fn lease_create_twice_or_replace_from_a_stale_version_is_a_409() {
+    let api = FakeApi::start().await;
+    let leases: Api<Lease> = Api::namespaced(api.client(), "default");
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "wakegate-leader"},
+        "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15},
+    }))
+    .unwrap();
+
+    let first = leases.create(&PostParams::default(), &lease).await.unwrap();
+    assert!(first.resource_version().is_some());
+    let again = leases
+        .create(&PostParams::default(), &lease)
+        .await
+        .unwrap_err();
+    assert_eq!(status_code(again), (409, "AlreadyExists".into()));
+
+    let mut taken = first.clone();
+    taken.spec.as_mut().unwrap().holder_identity = Some("b".into());
+    let second = leases
+        .replace("wakegate-leader", &PostParams::default(), &taken)
+        .await
+        .unwrap();
+    assert_ne!(second.resource_version(), first.resource_version());
+
+    let mut stale = first.clone();
+    stale.spec.as_mut().unwrap().holder_identity = Some("c".into());
+    let conflict = leases
+        .replace("wakegate-leader", &PostParams::default(), &stale)
+        .await
+        .unwrap_err();
+    assert_eq!(status_code(conflict), (409, "Conflict".into()));
+
+    let now = leases.get("wakegate-leader").await.unwrap();
+    assert_eq!(now.spec.unwrap().holder_identity.as_deref(), Some("b"));
+    assert_eq!(
+        leases.list(&Default::default()).await.unwrap().items.len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn recorder_events_are_stored_and_repeats_become_a_series() {
+    let api = FakeApi::start().await;
+    let client = api.client();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "wakegate".into(),
+            instance: Some("wakegate-0".into()),
+        },
+    );
+    let web = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Service".into()),
+        namespace: Some("default".into()),
+        name: Some("web".into()),
+        ..Default::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "InvalidAnnotation".into(),
+        note: Some("wakegate.io/min-replicas: \"x\" is not a number".into()),
+        action: "Skip".into(),
+        secondary: None,
+    };
+
+    recorder.publish(&event, &web).await.unwrap();
+    let events = api.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["apiVersion"], "events.k8s.io/v1");
+    assert_eq!(events[0]["reason"], "InvalidAnnotation");
+    assert_eq!(events[0]["type"], "Warning");
+    assert_eq!(events[0]["regarding"]["name"], "web");
+    assert_eq!(events[0]["reportingController"], "wakegate");
+
+    // The same event again is a PATCH that counts it.
+    recorder.publish(&event, &web).await.unwrap();
+    let events = api.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["series"]["count"], 2);
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.starts_with("PATCH /apis/events.k8s.io/v1/namespaces/default/events/"))
+    );
+
+    // Core v1 events are stored too.
+    let core: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client, "default");
+    let legacy = serde_json::from_value(json!({
+        "metadata": {"name": "web.legacy"},
+        "involvedObject": {"kind": "Service", "name": "web", "namespace": "default"},
+        "reason": "Woken",
+    }))
+    .unwrap();
+    core.create(&PostParams::default(), &legacy).await.unwrap();
+    let events = api.events();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1]["apiVersion"], "v1");
+    assert_eq!(events[1]["reason"], "Woken");
+}
+
+#[tokio::test]
+async fn streaming_list_watcher_gets_the_initial_events_then_changes() {
+    let api = FakeApi::start().await;
+    api.apply(service("a", json!({})));
+    let services = reflect(
+        Api::<Service>::all(api.client()),
+        watcher::Config::default().streaming_lists(),
+    )
+    .await;
+    assert_eq!(names(&services.store), ["a"]);
+    api.apply(service("b", json!({})));
+    eventually(5, "b appears", || names(&services.store) == ["a", "b"]).await;
+    assert_eq!(service_lists(&api), 0, "no list, only a watch");
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.contains("watch=true") && r.contains("sendInitialEvents=true"))
+    );
+}
