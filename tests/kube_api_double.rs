@@ -1,8 +1,10 @@
 //! The Kubernetes API test double (`tests/support/kube_api.rs`) driven by the real kube client:
-//! watcher + reflector through changes, outages and expired history; `/scale`; Leases; Events.
+//! watcher + reflector through changes, outages and expired history; `/scale`; Leases; Events;
+//! and the simulated kubelet running Deployments as demo backends.
 
 mod support;
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,14 +12,15 @@ use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
-use support::kube_api::FakeApi;
-use support::within;
+use support::kube_api::{FakeApi, KubeletOptions};
+use support::{BIN, process_alive, raw_exchange, raw_status, within};
 use tokio::task::JoinHandle;
 
 fn service(name: &str, labels: Value) -> Value {
@@ -481,6 +484,131 @@ async fn recorder_events_are_stored_and_repeats_become_a_series() {
     assert_eq!(events[1]["reason"], "Woken");
 }
 
+/// (endpoints, ready endpoints) of an EndpointSlice.
+fn counts(slice: &EndpointSlice) -> (usize, usize) {
+    let ready = slice
+        .endpoints
+        .iter()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+        .count();
+    (slice.endpoints.len(), ready)
+}
+
+#[tokio::test]
+async fn kubelet_turns_replicas_into_ready_demo_backends_and_zero_into_none() {
+    let api = FakeApi::start().await;
+    api.apply(service("web", json!({})));
+    api.apply(deployment("web", 0));
+    api.start_kubelet(KubeletOptions {
+        startup_delay: Duration::from_millis(300),
+        program: BIN.into(),
+    });
+    let client = api.client();
+    let slices = reflect(
+        Api::<EndpointSlice>::namespaced(client.clone(), "default"),
+        watcher::Config::default().labels("kubernetes.io/service-name=web"),
+    )
+    .await;
+    // Everything the watch showed, in order.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorder = {
+        let seen = seen.clone();
+        let store = slices.store.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(slice) = store.state().first() {
+                    let now = counts(slice);
+                    let mut seen = seen.lock().unwrap();
+                    if seen.last() != Some(&now) {
+                        seen.push(now);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    eventually(5, "an empty slice for web", || {
+        api.get("EndpointSlice", "default", "web-sim").is_some()
+    })
+    .await;
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let two = Patch::Apply(
+        json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "spec": {"replicas": 2}}),
+    );
+    deployments
+        .patch_scale("web", &PatchParams::apply("wakegate").force(), &two)
+        .await
+        .unwrap();
+    eventually(10, "two ready endpoints", || {
+        slices
+            .store
+            .state()
+            .first()
+            .is_some_and(|s| counts(s) == (2, 2))
+    })
+    .await;
+    recorder.abort();
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .any(|&(total, ready)| total > 0 && ready < total),
+        "pods were published not ready before they were ready: {seen:?}"
+    );
+
+    let slice = slices.store.state().first().unwrap().as_ref().clone();
+    assert_eq!(slice.address_type, "IPv4");
+    let ports = slice.ports.unwrap();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0].name.as_deref(), Some("http"));
+    let port = u16::try_from(ports[0].port.unwrap()).unwrap();
+    let mut addresses: Vec<String> = slice
+        .endpoints
+        .iter()
+        .map(|e| e.addresses[0].clone())
+        .collect();
+    addresses.sort();
+    assert_eq!(addresses, ["127.0.0.2", "127.0.0.3"]);
+    for address in &addresses {
+        let addr = SocketAddr::new(address.parse().unwrap(), port);
+        let response = raw_exchange(addr, "GET / HTTP/1.0\r\n\r\n").await;
+        assert_eq!(raw_status(&response), 200, "{response}");
+        assert!(response.contains("hello from demo-backend"), "{response}");
+    }
+    let pods = api.pods("default", "web");
+    assert_eq!(pods.len(), 2);
+    assert!(pods.iter().all(|p| p.ready && p.addr.port() == port));
+
+    let status = deployments.get_status("web").await.unwrap().status.unwrap();
+    assert_eq!(status.ready_replicas, Some(2));
+    assert_eq!(status.replicas, Some(2));
+    let scale = deployments.get_scale("web").await.unwrap();
+    assert_eq!(scale.status.unwrap().replicas, 2);
+
+    let zero = Patch::Apply(
+        json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "spec": {"replicas": 0}}),
+    );
+    deployments
+        .patch_scale("web", &PatchParams::apply("wakegate").force(), &zero)
+        .await
+        .unwrap();
+    eventually(5, "no endpoints", || {
+        slices
+            .store
+            .state()
+            .first()
+            .is_some_and(|s| counts(s) == (0, 0))
+    })
+    .await;
+    eventually(5, "the pods' processes are gone", || {
+        pods.iter().all(|p| !process_alive(p.pid as i32))
+    })
+    .await;
+    assert!(api.pods("default", "web").is_empty());
+    let status = deployments.get("web").await.unwrap().status.unwrap();
+    assert_eq!(status.ready_replicas, None);
+}
+
 #[tokio::test]
 async fn streaming_list_watcher_gets_the_initial_events_then_changes() {
     let api = FakeApi::start().await;
@@ -499,4 +627,25 @@ async fn streaming_list_watcher_gets_the_initial_events_then_changes() {
             .iter()
             .any(|r| r.contains("watch=true") && r.contains("sendInitialEvents=true"))
     );
+}
+
+#[tokio::test]
+async fn dropping_the_fake_api_kills_its_pods() {
+    let api = FakeApi::start().await;
+    api.apply(service("web", json!({})));
+    api.apply(deployment("web", 1));
+    api.start_kubelet(KubeletOptions {
+        startup_delay: Duration::ZERO,
+        program: BIN.into(),
+    });
+    eventually(10, "a ready pod", || {
+        api.pods("default", "web").iter().any(|p| p.ready)
+    })
+    .await;
+    let pid = api.pods("default", "web")[0].pid;
+    drop(api);
+    eventually(5, "the pod's process is gone", || {
+        !process_alive(pid as i32)
+    })
+    .await;
 }

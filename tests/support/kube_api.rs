@@ -1,14 +1,16 @@
 //! A Kubernetes API server test double that the real `kube` client talks to over HTTP: the
 //! REST and watch protocol (JSON only) for Services, EndpointSlices, Deployments and their
-//! `/scale`, Leases and Events.
+//! `/scale`, Leases and Events, and a simulated kubelet that runs a Deployment's pods as local
+//! demo backends on loopback addresses and publishes them in EndpointSlices.
 //!
 //! One global resourceVersion orders every change. Each kind keeps a bounded history of its
 //! changes, which watches replay from; a watch from before the history gets `410 Expired`,
 //! which is what makes a real client relist.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -19,7 +21,8 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::{Map, Value, json};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -29,14 +32,40 @@ const HISTORY_LIMIT: usize = 1000;
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 /// A watch without `timeoutSeconds` ends after this long (the real server picks 30–60 min).
 const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
+/// How often the kubelet polls pods for readiness (and the API for changes it missed).
+const KUBELET_TICK: Duration = Duration::from_millis(20);
+/// SIGTERM, then SIGKILL after this long.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// `endpointslice.kubernetes.io/managed-by` of the slices the simulated kubelet maintains.
+const SLICE_MANAGER: &str = "kubelet-sim.wakegate.test";
 
 type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
-/// A running fake API server. Dropping it stops the server and cuts its watches.
+/// A running fake API server. Dropping it stops the server, cuts its watches and kills the
+/// simulated pods.
 pub struct FakeApi {
     addr: SocketAddr,
     shared: Arc<Shared>,
     server: JoinHandle<()>,
+    kubelet: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What the simulated kubelet runs as a pod.
+#[derive(Clone, Debug)]
+pub struct KubeletOptions {
+    /// The demo backend's `--startup-delay`: how long a pod takes to become ready.
+    pub startup_delay: Duration,
+    /// The wakegate binary (`env!("CARGO_BIN_EXE_wakegate")`), run as `demo-backend`.
+    pub program: PathBuf,
+}
+
+/// One simulated pod, as a test sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimPod {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub pid: u32,
+    pub ready: bool,
 }
 
 impl FakeApi {
@@ -52,6 +81,7 @@ impl FakeApi {
             addr,
             shared,
             server,
+            kubelet: Mutex::new(None),
         }
     }
 
@@ -190,12 +220,64 @@ users:
     pub fn expire_watch_history(&self) {
         self.shared.mutate(State::expire_history);
     }
+
+    /// Starts the simulated kubelet (once): for each Deployment it keeps `spec.replicas` pods
+    /// running as `demo-backend` processes on 127.0.0.2, 127.0.0.3, … and one free port per
+    /// Deployment, publishes them in an EndpointSlice `{service}-sim` for every Service whose
+    /// selector matches the pod template, and keeps the Deployment's status up to date.
+    pub fn start_kubelet(&self, options: KubeletOptions) {
+        assert!(
+            options.program.exists(),
+            "kubelet program {} exists",
+            options.program.display()
+        );
+        let mut kubelet = self.kubelet.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(kubelet.is_none(), "the kubelet is already running");
+        *kubelet = Some(tokio::spawn(run_kubelet(self.shared.clone(), options)));
+    }
+
+    /// The simulated pods of a Deployment, by pod index.
+    pub fn pods(&self, namespace: &str, deployment: &str) -> Vec<SimPod> {
+        let kubelet = self.shared.kubelet();
+        let key = (namespace.to_owned(), deployment.to_owned());
+        let Some(sim) = kubelet.deployments.get(&key) else {
+            return Vec::new();
+        };
+        sim.pods
+            .iter()
+            .map(|(&index, pod)| SimPod {
+                name: pod_name(deployment, index),
+                addr: SocketAddr::new(pod_ip(index).into(), sim.port),
+                pid: pod.pid,
+                ready: pod.ready,
+            })
+            .collect()
+    }
 }
 
 impl Drop for FakeApi {
     fn drop(&mut self) {
         self.shared.mutate(|state| state.closed = true);
         self.server.abort();
+        if let Some(kubelet) = self
+            .kubelet
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            kubelet.abort();
+        }
+        let mut kubelet = self.shared.kubelet();
+        let pods = std::mem::take(&mut kubelet.deployments)
+            .into_values()
+            .flat_map(|sim| sim.pods.into_values())
+            .map(|pod| pod.child);
+        let stopping = std::mem::take(&mut kubelet.stopping)
+            .into_iter()
+            .map(|(child, _)| child);
+        for mut child in pods.chain(stopping) {
+            let _ = child.start_kill();
+        }
     }
 }
 
@@ -338,13 +420,18 @@ struct State {
 #[derive(Default)]
 struct Shared {
     state: Mutex<State>,
-    /// Bumped after every mutation; watches wait on it.
+    /// Bumped after every mutation; watches and the kubelet wait on it.
     changed: watch::Sender<u64>,
+    kubelet: Mutex<Kubelet>,
 }
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn kubelet(&self) -> MutexGuard<'_, Kubelet> {
+        self.kubelet.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `f` on the state, then wakes every watch.
@@ -1409,4 +1496,368 @@ async fn send_lines(tx: &Frames, lines: Vec<Value>) -> bool {
         }
     }
     true
+}
+
+// ---------------------------------------------------------------------------------------
+// Simulated kubelet
+
+#[derive(Default)]
+struct Kubelet {
+    deployments: BTreeMap<(String, String), SimDeployment>,
+    /// Sent SIGTERM, not reaped yet.
+    stopping: Vec<(Child, Instant)>,
+}
+
+struct SimDeployment {
+    /// Every pod of the Deployment listens on this port, each on its own loopback address.
+    port: u16,
+    pods: BTreeMap<u8, SimProcess>,
+}
+
+struct SimProcess {
+    child: Child,
+    pid: u32,
+    ready: bool,
+}
+
+/// A Deployment as the kubelet needs it.
+struct DeploymentView {
+    key: (String, String),
+    replicas: usize,
+    labels: Map<String, Value>,
+}
+
+struct ServiceView {
+    namespace: String,
+    name: String,
+    selector: Map<String, Value>,
+    port_names: Vec<String>,
+}
+
+/// Pod `index` of a Deployment, as the kubelet publishes it: (index, ready).
+type PodStates = BTreeMap<(String, String), (u16, Vec<(u8, bool)>)>;
+
+fn pod_ip(index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, index + 2)
+}
+
+fn pod_name(deployment: &str, index: u8) -> String {
+    format!("{deployment}-sim-{index}")
+}
+
+async fn run_kubelet(shared: Arc<Shared>, options: KubeletOptions) {
+    let mut changes = shared.changed.subscribe();
+    loop {
+        reconcile(&shared, &options).await;
+        tokio::select! {
+            _ = changes.changed() => {}
+            () = tokio::time::sleep(KUBELET_TICK) => {}
+        }
+    }
+}
+
+async fn reconcile(shared: &Shared, options: &KubeletOptions) {
+    let (deployments, services) = {
+        let state = shared.state();
+        if state.closed {
+            return;
+        }
+        (deployment_views(&state), service_views(&state))
+    };
+
+    // Start and stop processes to match the replica counts.
+    let mut stop = Vec::new();
+    let mut probe = Vec::new();
+    {
+        let mut kubelet = shared.kubelet();
+        kubelet.deployments.retain(|key, sim| {
+            let keep = deployments.iter().any(|d| &d.key == key);
+            if !keep {
+                stop.extend(std::mem::take(&mut sim.pods).into_values());
+            }
+            keep
+        });
+        for d in &deployments {
+            let sim = kubelet
+                .deployments
+                .entry(d.key.clone())
+                .or_insert_with(|| SimDeployment {
+                    port: free_port(),
+                    pods: BTreeMap::new(),
+                });
+            // A pod whose process exited is replaced, like a restarted container.
+            sim.pods
+                .retain(|_, pod| matches!(pod.child.try_wait(), Ok(None)));
+            while sim.pods.len() > d.replicas {
+                if let Some((_, pod)) = sim.pods.pop_last() {
+                    stop.push(pod);
+                }
+            }
+            while sim.pods.len() < d.replicas {
+                let Some(index) = (0..=u8::MAX - 2).find(|i| !sim.pods.contains_key(i)) else {
+                    break;
+                };
+                match spawn_pod(options, pod_ip(index), sim.port) {
+                    Ok(pod) => {
+                        sim.pods.insert(index, pod);
+                    }
+                    Err(error) => {
+                        eprintln!("kubelet-sim: cannot start a pod: {error}");
+                        break;
+                    }
+                }
+            }
+            for (&index, pod) in &sim.pods {
+                if !pod.ready {
+                    let addr = SocketAddr::new(pod_ip(index).into(), sim.port);
+                    probe.push((d.key.clone(), index, addr));
+                }
+            }
+        }
+    }
+
+    // Readiness: the pod accepts a TCP connection.
+    let mut ready = Vec::new();
+    for (key, index, addr) in probe {
+        let connect = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr));
+        if let Ok(Ok(_)) = connect.await {
+            ready.push((key, index));
+        }
+    }
+    let pods: PodStates = {
+        let mut kubelet = shared.kubelet();
+        for (key, index) in ready {
+            if let Some(pod) = kubelet
+                .deployments
+                .get_mut(&key)
+                .and_then(|sim| sim.pods.get_mut(&index))
+            {
+                pod.ready = true;
+            }
+        }
+        kubelet
+            .deployments
+            .iter()
+            .map(|(key, sim)| {
+                let pods = sim.pods.iter().map(|(&i, pod)| (i, pod.ready)).collect();
+                (key.clone(), (sim.port, pods))
+            })
+            .collect()
+    };
+
+    // Publish, then stop: a pod leaves its EndpointSlice before it gets SIGTERM.
+    let changed = {
+        let mut state = shared.state();
+        publish(&mut state, &deployments, &services, &pods)
+    };
+    if changed {
+        shared.changed.send_modify(|n| *n += 1);
+    }
+    let mut kubelet = shared.kubelet();
+    for pod in stop {
+        // SAFETY: signalling a child process this kubelet started and has not reaped.
+        unsafe { libc::kill(pod.pid as i32, libc::SIGTERM) };
+        kubelet.stopping.push((pod.child, Instant::now()));
+    }
+    kubelet
+        .stopping
+        .retain_mut(|(child, since)| match child.try_wait() {
+            Ok(None) => {
+                if since.elapsed() > STOP_GRACE {
+                    let _ = child.start_kill();
+                }
+                true
+            }
+            _ => false,
+        });
+}
+
+fn deployment_views(state: &State) -> Vec<DeploymentView> {
+    state
+        .objects
+        .iter()
+        .filter(|((kind, _, _), _)| *kind == Kind::Deployment)
+        .map(|((_, namespace, name), stored)| {
+            let object = &stored.object;
+            let replicas = object["spec"]["replicas"].as_u64().unwrap_or(1);
+            DeploymentView {
+                key: (namespace.clone(), name.clone()),
+                replicas: usize::try_from(replicas).unwrap_or(usize::MAX).min(250),
+                labels: object["spec"]["template"]["metadata"]["labels"]
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+fn service_views(state: &State) -> Vec<ServiceView> {
+    state
+        .objects
+        .iter()
+        .filter(|((kind, _, _), _)| *kind == Kind::Service)
+        .map(|((_, namespace, name), stored)| {
+            let spec = &stored.object["spec"];
+            ServiceView {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                selector: spec["selector"].as_object().cloned().unwrap_or_default(),
+                port_names: spec["ports"]
+                    .as_array()
+                    .map(|ports| {
+                        ports
+                            .iter()
+                            .map(|p| p["name"].as_str().unwrap_or("").to_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// Writes the EndpointSlices and Deployment statuses that `pods` implies; true if anything
+/// changed.
+fn publish(
+    state: &mut State,
+    deployments: &[DeploymentView],
+    services: &[ServiceView],
+    pods: &PodStates,
+) -> bool {
+    let mut changed = false;
+    let mut slices = BTreeSet::new();
+    for service in services {
+        let selects = |d: &&DeploymentView| {
+            d.key.0 == service.namespace
+                && !service.selector.is_empty()
+                && service
+                    .selector
+                    .iter()
+                    .all(|(k, v)| d.labels.get(k) == Some(v))
+        };
+        let Some(deployment) = deployments.iter().find(selects) else {
+            continue;
+        };
+        let Some((port, deployment_pods)) = pods.get(&deployment.key) else {
+            continue;
+        };
+        let name = format!("{}-sim", service.name);
+        let endpoints: Vec<Value> = deployment_pods
+            .iter()
+            .map(|&(index, ready)| {
+                json!({
+                    "addresses": [pod_ip(index).to_string()],
+                    "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                    "targetRef": {
+                        "kind": "Pod",
+                        "namespace": service.namespace,
+                        "name": pod_name(&deployment.key.1, index),
+                    },
+                })
+            })
+            .collect();
+        let ports: Vec<Value> = service
+            .port_names
+            .iter()
+            .map(|port_name| json!({"name": port_name, "port": port, "protocol": "TCP"}))
+            .collect();
+        let slice = json!({
+            "metadata": {
+                "name": name,
+                "namespace": service.namespace,
+                "labels": {
+                    "kubernetes.io/service-name": service.name,
+                    "endpointslice.kubernetes.io/managed-by": SLICE_MANAGER,
+                },
+            },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": ports,
+        });
+        changed |= state.write_if_changed(Kind::EndpointSlice, slice);
+        slices.insert((service.namespace.clone(), name));
+    }
+    let stale: Vec<(String, String)> = state
+        .objects
+        .iter()
+        .filter(|((kind, ns, name), stored)| {
+            *kind == Kind::EndpointSlice
+                && str_at(
+                    &stored.object,
+                    "/metadata/labels/endpointslice.kubernetes.io~1managed-by",
+                ) == SLICE_MANAGER
+                && !slices.contains(&(ns.clone(), name.clone()))
+        })
+        .map(|((_, ns, name), _)| (ns.clone(), name.clone()))
+        .collect();
+    for (namespace, name) in stale {
+        changed |= state
+            .remove(Kind::EndpointSlice, &namespace, &name)
+            .is_some();
+    }
+    for deployment in deployments {
+        let Some((_, deployment_pods)) = pods.get(&deployment.key) else {
+            continue;
+        };
+        let (namespace, name) = &deployment.key;
+        let Some(current) = state.get(Kind::Deployment, namespace, name) else {
+            continue;
+        };
+        let total = deployment_pods.len();
+        let ready = deployment_pods.iter().filter(|(_, ready)| *ready).count();
+        // Zero counts are left out, as the real server's `omitempty` does.
+        let mut status = Map::new();
+        status.insert(
+            "observedGeneration".into(),
+            current["metadata"]["generation"].clone(),
+        );
+        for (field, count) in [
+            ("replicas", total),
+            ("updatedReplicas", total),
+            ("readyReplicas", ready),
+            ("availableReplicas", ready),
+        ] {
+            if count > 0 {
+                status.insert(field.into(), count.into());
+            }
+        }
+        let status = Value::Object(status);
+        if current["status"] != status {
+            let mut updated = current.clone();
+            updated["status"] = status;
+            state.write(Kind::Deployment, updated);
+            changed = true;
+        }
+    }
+    changed
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn spawn_pod(options: &KubeletOptions, ip: Ipv4Addr, port: u16) -> std::io::Result<SimProcess> {
+    let child = Command::new(&options.program)
+        .arg("demo-backend")
+        .args(["--host", &IpAddr::from(ip).to_string()])
+        .args(["--port", &port.to_string()])
+        .args([
+            "--startup-delay",
+            &format!("{}ms", options.startup_delay.as_millis()),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().unwrap_or_default();
+    Ok(SimProcess {
+        child,
+        pid,
+        ready: false,
+    })
 }
