@@ -24,6 +24,8 @@ pub struct Admin {
     pub metrics: Metrics,
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub draining: Arc<AtomicBool>,
+    /// False until the Kubernetes watches have listed once (always true without them).
+    pub synced: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Admin {
@@ -44,6 +46,10 @@ impl Admin {
             "/readyz" if self.draining.load(Ordering::Relaxed) => {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             }
+            "/readyz" if !*self.synced.borrow() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "waiting for the first Kubernetes sync\n",
+            ),
             "/readyz" => text(StatusCode::OK, "ready\n"),
             "/targets" => {
                 let mut response = Response::new(Full::new(Bytes::from(self.targets_json())));
@@ -76,7 +82,7 @@ impl Admin {
                 serde_json::json!({
                     "name": t.config.name,
                     "namespace": t.config.namespace,
-                    "kind": if t.config.upstream.is_some() { "upstream" } else { "local" },
+                    "kind": if t.config.kubernetes.is_some() { "kubernetes" } else if t.config.upstream.is_some() { "upstream" } else { "local" },
                     "state": status.phase.as_str(),
                     "instances": t.endpoints().len(),
                     "desired": t.desired(),

@@ -18,10 +18,11 @@ use crate::config::{Config, TargetConfig};
 use crate::metrics::Metrics;
 use crate::provider::Provider;
 use crate::provider::fixed::FixedProvider;
+use crate::provider::kubernetes::{self, KubeError, KubernetesProvider};
 use crate::provider::local::LocalProvider;
 use crate::proxy::route::{HostPattern, RouteTable};
 use crate::proxy::{self, Proxy, Snapshot, Unrouted};
-use crate::scaling::autoscaler;
+use crate::scaling::autoscaler::{self, RemoteSignal};
 use crate::target::Target;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,8 @@ pub enum AppError {
     },
     #[error("cannot install the {0} signal handler: {1}")]
     Signal(&'static str, std::io::Error),
+    #[error(transparent)]
+    Kubernetes(#[from] KubeError),
 }
 
 /// A target together with the tasks that look after it.
@@ -48,21 +51,46 @@ struct Managed {
 /// The control plane's view of what runs; the data plane only sees the published snapshot.
 struct Control {
     snapshot: Arc<ArcSwap<Snapshot>>,
+    /// By "namespace/name".
     managed: HashMap<String, Managed>,
     retired: Vec<Managed>,
     local: Arc<LocalProvider>,
     fixed: Arc<FixedProvider>,
+    kube: Option<Arc<KubernetesProvider>>,
     interval: Duration,
+    /// Targets from the configuration file, and those discovered in Kubernetes.
+    from_file: Vec<TargetConfig>,
+    discovered: Vec<TargetConfig>,
+}
+
+fn key(t: &TargetConfig) -> String {
+    format!("{}/{}", t.namespace, t.name)
 }
 
 impl Control {
-    /// Makes the running targets and routes match `config`. Targets whose runtime settings
-    /// are unchanged keep their instances and counters; the others are replaced, and the old
-    /// ones stop once their in-flight requests are done.
-    fn apply(&mut self, config: &Config) {
+    fn apply_file(&mut self, config: &Config) {
+        self.from_file = config.targets.clone();
+        self.apply();
+    }
+
+    fn apply_discovered(&mut self, targets: Vec<TargetConfig>) {
+        self.discovered = targets;
+        self.apply();
+    }
+
+    /// Makes the running targets and routes match the configured and discovered ones.
+    /// Targets whose runtime settings are unchanged keep their instances and counters; the
+    /// others are replaced, and the old ones stop once their in-flight requests are done.
+    fn apply(&mut self) {
         let mut next = HashMap::new();
-        for tc in &config.targets {
-            let managed = match self.managed.remove(&tc.name) {
+        let wanted: Vec<TargetConfig> = self
+            .from_file
+            .iter()
+            .chain(&self.discovered)
+            .cloned()
+            .collect();
+        for tc in &wanted {
+            let managed = match self.managed.remove(&key(tc)) {
                 Some(old) if old.target.config.same_runtime(tc) => Managed {
                     config: tc.clone(),
                     ..old
@@ -74,7 +102,7 @@ impl Control {
                     self.start(tc.clone())
                 }
             };
-            next.insert(tc.name.clone(), managed);
+            next.insert(key(tc), managed);
         }
         for (_, old) in self.managed.drain() {
             self.retired.push(old);
@@ -96,16 +124,21 @@ impl Control {
     fn start(&self, config: TargetConfig) -> Managed {
         let target = Target::new(config.clone());
         let stop = CancellationToken::new();
-        let provider: Arc<dyn Provider> = if target.config.upstream.is_some() {
-            self.fixed.clone()
-        } else {
-            self.local.clone()
+        let mut remote: Option<Arc<dyn RemoteSignal>> = None;
+        let provider: Arc<dyn Provider> = match (&target.config.kubernetes, &self.kube) {
+            (Some(_), Some(kube)) => {
+                remote = Some(kube.peer_signal());
+                Arc::new(kube.clone())
+            }
+            _ if target.config.upstream.is_some() => self.fixed.clone(),
+            _ => self.local.clone(),
         };
         let supervisor = provider.manage(target.clone(), stop.clone());
         let scaler = tokio::spawn(autoscaler::run(
             target.clone(),
             provider,
             self.interval,
+            remote,
             stop.clone(),
         ));
         Managed {
@@ -171,20 +204,38 @@ pub async fn run(
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let draining = Arc::new(AtomicBool::new(false));
     let unrouted = Arc::new(Unrouted::default());
+    let kube_stop = CancellationToken::new();
+    let (kube, mut discovered, synced, kube_tasks) = match &config.kubernetes {
+        Some(k) => {
+            let client = kubernetes::client(k).await?;
+            let started = KubernetesProvider::start(client, k.clone(), kube_stop.clone());
+            (
+                Some(started.provider),
+                Some(started.targets),
+                started.synced,
+                started.tasks,
+            )
+        }
+        None => (None, None, tokio::sync::watch::channel(true).1, Vec::new()),
+    };
     let mut control = Control {
         snapshot: snapshot.clone(),
         managed: HashMap::new(),
         retired: Vec::new(),
         local: Arc::new(LocalProvider::default()),
         fixed: Arc::new(FixedProvider),
+        kube: kube.clone(),
         interval: config.autoscaler.interval,
+        from_file: Vec::new(),
+        discovered: Vec::new(),
     };
-    control.apply(&config);
+    control.apply_file(&config);
 
     let admin = Arc::new(Admin {
-        metrics: Metrics::new(snapshot.clone(), unrouted.clone()),
+        metrics: Metrics::new(snapshot.clone(), unrouted.clone(), kube.clone()),
         snapshot: snapshot.clone(),
         draining: draining.clone(),
+        synced,
     });
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, admin_stop.clone()));
@@ -211,6 +262,14 @@ pub async fn run(
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
+            Ok(()) = async { match discovered.as_mut() {
+                Some(rx) => rx.changed().await,
+                None => std::future::pending().await,
+            } } => {
+                let targets = discovered.as_mut().map(|rx| rx.borrow_and_update().clone()).unwrap_or_default();
+                tracing::info!(targets = targets.len(), "Kubernetes targets changed");
+                control.apply_discovered(targets);
+            }
             _ = hangup.recv() => {
                 let Some(path) = &config_path else {
                     tracing::warn!("SIGHUP ignored: no configuration file to reload");
@@ -218,10 +277,10 @@ pub async fn run(
                 };
                 match Config::load(path) {
                     Ok(next) => {
-                        if next.listen != current.listen {
-                            tracing::warn!("listen addresses change only on restart; keeping the current ones");
+                        if next.listen != current.listen || next.kubernetes != current.kubernetes {
+                            tracing::warn!("listen addresses and [kubernetes] change only on restart; keeping the current ones");
                         }
-                        control.apply(&next);
+                        control.apply_file(&next);
                         drain_timeout = next.drain_timeout;
                         tracing::info!(targets = next.targets.len(), "configuration reloaded");
                         current = next;
@@ -237,6 +296,10 @@ pub async fn run(
     accept_stop.cancel();
     let _ = proxy_task.await;
     control.shutdown().await;
+    kube_stop.cancel();
+    for task in kube_tasks {
+        let _ = task.await;
+    }
     admin_stop.cancel();
     let _ = admin_task.await;
     tracing::info!("stopped");

@@ -10,9 +10,37 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
+use crate::provider::kubernetes::KubernetesProvider;
 use crate::proxy::track::{Histogram, Reject};
 use crate::proxy::{Snapshot, Unrouted};
 use crate::target::Target;
+
+/// Kubernetes-mode state: leadership and rejected annotations.
+#[derive(Debug)]
+struct KubeCollector(Arc<KubernetesProvider>);
+
+impl prometheus_client::collector::Collector for KubeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result {
+        let leader = i64::from(self.0.leader.load(Ordering::Relaxed));
+        encoder
+            .encode_descriptor(
+                "wakegate_leader",
+                "1 while this replica makes the N-to-M scaling decisions.",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&leader)?;
+        encoder
+            .encode_descriptor(
+                "wakegate_invalid_annotations",
+                "wakegate.io annotations that could not be used (the Service was skipped or a default used).",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, f64>(&self.0.invalid_annotations.load(Ordering::Relaxed), None)?;
+        Ok(())
+    }
+}
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -22,9 +50,16 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, unrouted: Arc<Unrouted>) -> Self {
+    pub fn new(
+        snapshot: Arc<ArcSwap<Snapshot>>,
+        unrouted: Arc<Unrouted>,
+        kube: Option<Arc<KubernetesProvider>>,
+    ) -> Self {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(TargetCollector { snapshot, unrouted }));
+        if let Some(kube) = kube {
+            registry.register_collector(Box::new(KubeCollector(kube)));
+        }
         Self { registry }
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub mod annotations;
 mod duration;
 
 /// The whole configuration file.
@@ -24,6 +25,72 @@ pub struct Config {
     pub autoscaler: Autoscaler,
     #[serde(default, rename = "target")]
     pub targets: Vec<TargetConfig>,
+    /// Discover targets from annotated Services and scale their Deployments.
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// `[kubernetes]`: where to find the API server and what to watch.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Watch these namespaces; empty means all.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Default: in-cluster configuration, else `KUBECONFIG` or `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    pub autoscaler: AutoscalerMode,
+    /// Leader election for N→M decisions; without it this replica decides alone.
+    pub lease: Option<LeaseConfig>,
+    /// The headless Service listing every wakegate replica, whose `/metrics` the leader sums.
+    pub peers: Option<PeersConfig>,
+}
+
+/// Who makes N→M decisions for Kubernetes targets. Waking from zero is always wakegate's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoscalerMode {
+    #[default]
+    Internal,
+    /// KEDA or an HPA scales from the exported metrics.
+    External,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    pub namespace: String,
+    pub name: String,
+    /// A leader that has not renewed for this long is replaced.
+    #[serde(default = "defaults::lease_duration", with = "duration")]
+    pub duration: Duration,
+    /// How often the leader renews (and followers check).
+    #[serde(default = "defaults::lease_renew", with = "duration")]
+    pub renew: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeersConfig {
+    pub namespace: String,
+    pub service: String,
+    /// The EndpointSlice port (by name or number) of each replica's admin listener.
+    #[serde(default = "defaults::peers_port")]
+    pub port: String,
+    /// A peer that does not answer `/metrics` within this long is skipped for that tick.
+    #[serde(default = "defaults::scrape_timeout", with = "duration")]
+    pub scrape_timeout: Duration,
+}
+
+/// Where a target discovered from a Kubernetes Service sends traffic and what it scales.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeTarget {
+    pub namespace: String,
+    pub service: String,
+    pub deployment: String,
+    /// The name of the Service port to route to ("" for an unnamed port), as EndpointSlices
+    /// name their ports.
+    pub port_name: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -99,6 +166,12 @@ pub struct TargetConfig {
     pub response_timeout: Option<Duration>,
     #[serde(default)]
     pub scaling: Scaling,
+    /// Browsers (`Accept: text/html`) get a self-refreshing "waking up" page instead of waiting.
+    #[serde(default)]
+    pub wake_page: bool,
+    /// Set for targets discovered from Kubernetes (never read from the file).
+    #[serde(skip)]
+    pub kubernetes: Option<KubeTarget>,
 }
 
 /// How wakegate decides that a freshly started instance can take traffic.
@@ -187,6 +260,19 @@ impl Default for Scaling {
 
 mod defaults {
     use super::*;
+
+    pub fn lease_duration() -> Duration {
+        Duration::from_secs(15)
+    }
+    pub fn lease_renew() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn peers_port() -> String {
+        "admin".to_owned()
+    }
+    pub fn scrape_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
 
     pub fn proxy_addr() -> SocketAddr {
         "127.0.0.1:8080".parse().expect("valid literal")
@@ -534,6 +620,44 @@ impl Config {
                 self.listen.admin.to_string(),
                 "an address other than listen.proxy",
             );
+        }
+        if let Some(k) = &self.kubernetes {
+            if let Some(lease) = &k.lease {
+                for (field, value) in [("namespace", &lease.namespace), ("name", &lease.name)] {
+                    if value.is_empty() {
+                        push(
+                            format!("kubernetes.lease.{field}"),
+                            "\"\"".into(),
+                            "a non-empty name",
+                        );
+                    }
+                }
+                if lease.renew.is_zero() || lease.renew >= lease.duration {
+                    push(
+                        "kubernetes.lease.renew".into(),
+                        humantime::format_duration(lease.renew).to_string(),
+                        &format!(
+                            "a duration above zero and below kubernetes.lease.duration ({})",
+                            humantime::format_duration(lease.duration)
+                        ),
+                    );
+                }
+            }
+            if let Some(peers) = &k.peers {
+                for (field, value) in [
+                    ("namespace", &peers.namespace),
+                    ("service", &peers.service),
+                    ("port", &peers.port),
+                ] {
+                    if value.is_empty() {
+                        push(
+                            format!("kubernetes.peers.{field}"),
+                            "\"\"".into(),
+                            "a non-empty value",
+                        );
+                    }
+                }
+            }
         }
         problems
     }

@@ -3,6 +3,7 @@
 //! reads the endpoints they publish on the [`Target`].
 
 pub mod fixed;
+pub mod kubernetes;
 pub mod local;
 
 use std::sync::Arc;

@@ -186,6 +186,10 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (in_flight, held) = match target.pick() {
             Some(lease) => (InFlight::new(demand, lease), false),
+            None if target.config.wake_page && accepts_html(&req) => {
+                target.request_wake();
+                return Ok(wake_page(target));
+            }
             None => {
                 let (lease, pending) = hold::wait_ready(target).await?;
                 let in_flight = InFlight::new(demand, lease);
@@ -223,6 +227,33 @@ fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
         return Some(authority);
     }
     req.headers().get(header::HOST).cloned().or_else(authority)
+}
+
+fn accepts_html(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")))
+}
+
+/// What a browser gets instead of waiting for a cold start: a page that reloads itself.
+fn wake_page(target: &Target) -> Response<ProxyBody> {
+    let name = &target.config.name;
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
+         <title>Waking up {name}</title></head><body style=\"font-family:sans-serif;margin:4em\">\
+         <h1>Waking up {name}…</h1><p>This page reloads by itself in a moment.</p></body></html>\n"
+    );
+    let mut response = Response::new(ProxyBody::text(html));
+    *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 /// A [`Proxy`] bound to one client connection, as a tower service.

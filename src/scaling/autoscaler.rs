@@ -13,6 +13,21 @@ use super::policy::{Now, Policy, Sample, Settings, Window};
 use crate::provider::Provider;
 use crate::target::Target;
 
+/// What other wakegate replicas saw of a target since the last tick.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Remote {
+    /// Request-seconds in flight or held.
+    pub integral: f64,
+    pub requests: u64,
+    /// In flight or held right now.
+    pub demand: u64,
+}
+
+/// The rest of the cluster's signal, added to this replica's own counters.
+pub trait RemoteSignal: Send + Sync {
+    fn take(&self, target: &Target) -> Remote;
+}
+
 /// Turns the target's counters into one [`Sample`] per tick.
 #[derive(Debug)]
 pub struct Sampler {
@@ -30,16 +45,17 @@ impl Sampler {
         }
     }
 
-    /// The time-weighted average concurrency and the request rate since the last call.
-    pub fn sample(&mut self, target: &Target, at: Instant) -> Sample {
+    /// The time-weighted average concurrency and the request rate since the last call, with
+    /// what `remote` replicas added meanwhile.
+    pub fn sample(&mut self, target: &Target, at: Instant, remote: Remote) -> Sample {
         let integral = target.stats.concurrency.integral(target.micros(at));
         let requests = target.stats.requests.total();
         let seconds = at.saturating_duration_since(self.at).as_secs_f64();
         let sample = if seconds > 0.0 {
             Sample {
                 at,
-                concurrency: ((integral - self.integral) / seconds).max(0.0),
-                rps: requests.saturating_sub(self.requests) as f64 / seconds,
+                concurrency: ((integral - self.integral + remote.integral) / seconds).max(0.0),
+                rps: (requests.saturating_sub(self.requests) + remote.requests) as f64 / seconds,
             }
         } else {
             Sample {
@@ -61,6 +77,7 @@ pub async fn run(
     target: Arc<Target>,
     provider: Arc<dyn Provider>,
     interval: Duration,
+    remote: Option<Arc<dyn RemoteSignal>>,
     stop: CancellationToken,
 ) {
     let settings = Settings::of(&target.config);
@@ -73,6 +90,9 @@ pub async fn run(
     }
     let mut sampler = Sampler::new(&target, Instant::now());
     let mut last_active: Option<Instant> = None;
+    // Instances this loop did not ask for (a Deployment already running when wakegate
+    // started) are adopted as the current count, until the loop asks for something itself.
+    let mut asked = desired > 0;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -80,6 +100,7 @@ pub async fn run(
             () = stop.cancelled() => return,
             () = target.wake_requested() => {
                 if target.endpoints().is_empty() {
+                    asked = true;
                     if desired == 0 {
                         desired = 1;
                         target.set_desired(desired);
@@ -91,13 +112,18 @@ pub async fn run(
             }
             _ = ticker.tick() => {
                 let now = Instant::now();
-                let sample = sampler.sample(&target, now);
+                let remote = remote.as_ref().map(|r| r.take(&target)).unwrap_or_default();
+                let sample = sampler.sample(&target, now, remote);
                 window.push(sample, settings.keep());
-                let demand = target.stats.in_flight() + target.stats.pending();
+                let demand = target.stats.in_flight() + target.stats.pending() + remote.demand;
                 if demand > 0 || sample.rps > 0.0 {
                     last_active = Some(now);
                 }
                 let ready = target.endpoints().len() as u32;
+                if !asked && ready > desired {
+                    desired = ready;
+                    target.set_desired(desired);
+                }
                 let decision = policy.decide(&window, &settings, desired, Now {
                     at: now,
                     ready,
@@ -123,6 +149,7 @@ pub async fn run(
                         "scaling"
                     );
                     desired = decision.desired;
+                    asked = true;
                     target.set_desired(desired);
                     provider.scale(&target, desired);
                 } else if ready < desired && (demand > 0 || settings.min > 0) {

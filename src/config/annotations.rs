@@ -1,0 +1,309 @@
+//! Targets from Kubernetes Services: the `wakegate.io/*` annotations, their defaults, and a
+//! problem (field, value, expected) for every annotation that could not be used. A bad value
+//! falls back to its default; a bad route (hosts, path prefixes, port) skips the Service.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Service;
+
+use super::{KubeTarget, Metric, Problem, ReadyCheck, Scaling, TargetConfig, defaults};
+use crate::proxy::route::HostPattern;
+
+pub const PREFIX: &str = "wakegate.io/";
+
+/// Every annotation wakegate reads; anything else under the prefix is reported as unknown.
+pub const KNOWN: [&str; 14] = [
+    "enabled",
+    "deployment",
+    "hosts",
+    "path-prefixes",
+    "port",
+    "min-replicas",
+    "max-replicas",
+    "metric",
+    "target",
+    "scale-down-delay",
+    "idle-timeout",
+    "cold-start-timeout",
+    "max-pending",
+    "wake-page",
+];
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// No `wakegate.io/enabled: "true"`.
+    NotEnabled,
+    /// Opted in, but it cannot be routed safely; the problems say why.
+    Skipped(Vec<Problem>),
+    /// A target, and the annotations whose defaults were used instead of their values.
+    Target(Box<TargetConfig>, Vec<Problem>),
+}
+
+pub fn from_service(service: &Service) -> Outcome {
+    let meta = &service.metadata;
+    let empty = BTreeMap::new();
+    let annotations = meta.annotations.as_ref().unwrap_or(&empty);
+    let get = |key: &str| annotations.get(&format!("{PREFIX}{key}")).map(|v| v.trim());
+    let (Some(namespace), Some(name)) = (meta.namespace.clone(), meta.name.clone()) else {
+        return Outcome::NotEnabled;
+    };
+    let mut problems = Vec::new();
+    let mut problem = |key: &str, value: &str, expected: &str| {
+        problems.push(Problem {
+            field: format!("{PREFIX}{key}"),
+            value: format!("{value:?}"),
+            expected: expected.to_owned(),
+        })
+    };
+
+    match get("enabled") {
+        Some("true") => {}
+        None | Some("false") => return Outcome::NotEnabled,
+        Some(other) => {
+            problem("enabled", other, "\"true\" or \"false\"");
+            return Outcome::Skipped(problems);
+        }
+    }
+    for key in annotations.keys() {
+        if let Some(short) = key.strip_prefix(PREFIX)
+            && !KNOWN.contains(&short)
+        {
+            problem(
+                short,
+                &annotations[key],
+                &format!("one of the wakegate.io annotations: {}", KNOWN.join(", ")),
+            );
+        }
+    }
+
+    // Routing: a bad value here skips the Service rather than guess where traffic goes.
+    let mut skip = false;
+    let list = |value: &str| -> Vec<String> {
+        value
+            .split(',')
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .collect()
+    };
+    let hosts = match get("hosts") {
+        None => vec![
+            format!("{name}.{namespace}"),
+            format!("{name}.{namespace}.svc"),
+            format!("{name}.{namespace}.svc.cluster.local"),
+        ],
+        Some(value) => {
+            let hosts = list(value);
+            if hosts.is_empty() || hosts.iter().any(|h| HostPattern::parse(h).is_err()) {
+                problem(
+                    "hosts",
+                    value,
+                    "a comma-separated list of host names, \"*.suffix\" or \"*\"",
+                );
+                skip = true;
+            }
+            hosts
+        }
+    };
+    let path_prefixes = match get("path-prefixes") {
+        None => defaults::path_prefixes(),
+        Some(value) => {
+            let prefixes = list(value);
+            if prefixes.is_empty()
+                || prefixes
+                    .iter()
+                    .any(|p| !p.starts_with('/') || p.contains(['?', '#', ' ']))
+            {
+                problem(
+                    "path-prefixes",
+                    value,
+                    "a comma-separated list of paths starting with '/'",
+                );
+                skip = true;
+            }
+            prefixes
+        }
+    };
+    let ports = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default();
+    let port_name = match get("port") {
+        None => match ports.first() {
+            Some(p) => p.name.clone().unwrap_or_default(),
+            None => {
+                problem("port", "", "a Service with at least one port");
+                skip = true;
+                String::new()
+            }
+        },
+        Some(value) => {
+            let found = ports.iter().find(|p| {
+                p.name.as_deref() == Some(value) || value.parse::<i32>().is_ok_and(|n| n == p.port)
+            });
+            match found {
+                Some(p) => p.name.clone().unwrap_or_default(),
+                None => {
+                    let names: Vec<String> = ports
+                        .iter()
+                        .map(|p| p.name.clone().unwrap_or_else(|| p.port.to_string()))
+                        .collect();
+                    problem(
+                        "port",
+                        value,
+                        &format!(
+                            "the name or number of one of the Service's ports ({})",
+                            names.join(", ")
+                        ),
+                    );
+                    skip = true;
+                    String::new()
+                }
+            }
+        }
+    };
+    let deployment = match get("deployment") {
+        None => name.clone(),
+        Some(value) => {
+            let valid = !value.is_empty()
+                && value.len() <= 253
+                && value.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                });
+            if !valid {
+                problem(
+                    "deployment",
+                    value,
+                    "the name of a Deployment in the Service's namespace",
+                );
+                skip = true;
+            }
+            value.to_owned()
+        }
+    };
+    if skip {
+        return Outcome::Skipped(problems);
+    }
+
+    // Tuning: a bad value falls back to its default.
+    let mut number = |key: &str, default: u32, floor: u32| -> u32 {
+        match get(key) {
+            None => default,
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if n >= floor => n,
+                _ => {
+                    problem(
+                        key,
+                        v,
+                        &format!("a whole number of at least {floor}; using {default}"),
+                    );
+                    default
+                }
+            },
+        }
+    };
+    let mut min = number("min-replicas", 0, 0);
+    let mut max = number("max-replicas", 10, 1);
+    let max_pending = number("max-pending", defaults::max_pending(), 1);
+    if min > max {
+        problem(
+            "min-replicas",
+            &min.to_string(),
+            &format!("at most wakegate.io/max-replicas ({max}); using 0 and 10"),
+        );
+        (min, max) = (0, 10);
+    }
+    let metric = match get("metric") {
+        None | Some("concurrency") => Metric::Concurrency,
+        Some("rps") => Metric::Rps,
+        Some(other) => {
+            problem(
+                "metric",
+                other,
+                "\"concurrency\" or \"rps\"; using concurrency",
+            );
+            Metric::Concurrency
+        }
+    };
+    let target = match get("target") {
+        None => None,
+        Some(v) => match v.parse::<f64>() {
+            Ok(t) if t.is_finite() && t > 0.0 => Some(t),
+            _ => {
+                problem(
+                    "target",
+                    v,
+                    "a number above zero; using the metric's default",
+                );
+                None
+            }
+        },
+    };
+    let mut duration = |key: &str, default: Duration| -> Duration {
+        match get(key) {
+            None => default,
+            Some(v) => match humantime::parse_duration(v) {
+                Ok(d) if !d.is_zero() => d,
+                _ => {
+                    problem(
+                        key,
+                        v,
+                        &format!(
+                            "a duration such as \"30s\" or \"5m\"; using {}",
+                            humantime::format_duration(default)
+                        ),
+                    );
+                    default
+                }
+            },
+        }
+    };
+    let scale_down_delay = duration("scale-down-delay", defaults::scale_down_delay());
+    let idle_timeout = duration("idle-timeout", defaults::idle_timeout());
+    let cold_start_timeout = duration("cold-start-timeout", defaults::cold_start_timeout());
+    let wake_page = match get("wake-page") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            problem("wake-page", other, "\"true\" or \"false\"; using false");
+            false
+        }
+    };
+
+    let target = TargetConfig {
+        name: name.clone(),
+        namespace: namespace.clone(),
+        hosts,
+        path_prefixes,
+        command: None,
+        env: BTreeMap::new(),
+        cwd: None,
+        upstream: None,
+        ready: ReadyCheck::Tcp,
+        idle_timeout,
+        cold_start_timeout,
+        max_pending,
+        stop_grace: defaults::stop_grace(),
+        response_timeout: None,
+        scaling: Scaling {
+            min,
+            max,
+            metric,
+            target,
+            scale_down_delay,
+            ..Scaling::default()
+        },
+        wake_page,
+        kubernetes: Some(KubeTarget {
+            namespace,
+            service: name,
+            deployment,
+            port_name,
+        }),
+    };
+    Outcome::Target(Box::new(target), problems)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,216 @@
+use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::*;
+
+fn service(annotations: &[(&str, &str)], ports: &[(&str, i32)]) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some("hello".into()),
+            namespace: Some("demo".into()),
+            annotations: Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| (format!("{PREFIX}{k}"), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(name, port)| ServicePort {
+                        name: (!name.is_empty()).then(|| name.to_string()),
+                        port: *port,
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn target(outcome: Outcome) -> (TargetConfig, Vec<Problem>) {
+    match outcome {
+        Outcome::Target(t, problems) => (*t, problems),
+        other => panic!("expected a target, got {other:?}"),
+    }
+}
+
+#[test]
+fn services_without_the_opt_in_are_ignored() {
+    assert_eq!(
+        from_service(&service(&[], &[("http", 80)])),
+        Outcome::NotEnabled
+    );
+    assert_eq!(
+        from_service(&service(&[("enabled", "false")], &[("http", 80)])),
+        Outcome::NotEnabled
+    );
+}
+
+#[test]
+fn an_opted_in_service_gets_every_default() {
+    let (t, problems) = target(from_service(&service(
+        &[("enabled", "true")],
+        &[("http", 80), ("metrics", 9090)],
+    )));
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!((t.namespace.as_str(), t.name.as_str()), ("demo", "hello"));
+    assert_eq!(
+        t.hosts,
+        [
+            "hello.demo",
+            "hello.demo.svc",
+            "hello.demo.svc.cluster.local"
+        ]
+    );
+    assert_eq!(t.path_prefixes, ["/"]);
+    let k = t.kubernetes.as_ref().unwrap();
+    assert_eq!(
+        (k.deployment.as_str(), k.port_name.as_str()),
+        ("hello", "http"),
+        "first port"
+    );
+    assert_eq!((t.scaling.min, t.scaling.max), (0, 10));
+    assert_eq!(t.scaling.metric, Metric::Concurrency);
+    assert_eq!(t.scaling.target_value(), 10.0);
+    assert_eq!(t.scaling.scale_down_delay, Duration::from_secs(30));
+    assert_eq!(t.idle_timeout, Duration::from_secs(300));
+    assert_eq!(t.cold_start_timeout, Duration::from_secs(60));
+    assert_eq!(t.max_pending, 1000);
+    assert!(!t.wake_page);
+}
+
+#[test]
+fn every_annotation_is_read() {
+    let (t, problems) = target(from_service(&service(
+        &[
+            ("enabled", "true"),
+            ("deployment", "hello-v2"),
+            ("hosts", "hello.example.com, *.hello.example.com"),
+            ("path-prefixes", "/api,/v2"),
+            ("port", "9090"),
+            ("min-replicas", "1"),
+            ("max-replicas", "5"),
+            ("metric", "rps"),
+            ("target", "25"),
+            ("scale-down-delay", "1m"),
+            ("idle-timeout", "10m"),
+            ("cold-start-timeout", "2m"),
+            ("max-pending", "50"),
+            ("wake-page", "true"),
+        ],
+        &[("http", 80), ("metrics", 9090)],
+    )));
+    assert!(problems.is_empty(), "{problems:?}");
+    let k = t.kubernetes.as_ref().unwrap();
+    assert_eq!(
+        (k.deployment.as_str(), k.port_name.as_str()),
+        ("hello-v2", "metrics")
+    );
+    assert_eq!(t.hosts, ["hello.example.com", "*.hello.example.com"]);
+    assert_eq!(t.path_prefixes, ["/api", "/v2"]);
+    assert_eq!((t.scaling.min, t.scaling.max), (1, 5));
+    assert_eq!(t.scaling.metric, Metric::Rps);
+    assert_eq!(t.scaling.target_value(), 25.0);
+    assert_eq!(t.scaling.scale_down_delay, Duration::from_secs(60));
+    assert_eq!(t.idle_timeout, Duration::from_secs(600));
+    assert_eq!(t.cold_start_timeout, Duration::from_secs(120));
+    assert_eq!(t.max_pending, 50);
+    assert!(t.wake_page);
+}
+
+#[test]
+fn a_bad_tuning_value_uses_its_default_and_says_so() {
+    let (t, problems) = target(from_service(&service(
+        &[
+            ("enabled", "true"),
+            ("max-replicas", "ten"),
+            ("idle-timeout", "soon"),
+            ("metric", "cpu"),
+            ("typo", "1"),
+        ],
+        &[("http", 80)],
+    )));
+    assert_eq!(t.scaling.max, 10);
+    assert_eq!(t.idle_timeout, Duration::from_secs(300));
+    assert_eq!(t.scaling.metric, Metric::Concurrency);
+    let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+    for field in [
+        "wakegate.io/max-replicas",
+        "wakegate.io/idle-timeout",
+        "wakegate.io/metric",
+        "wakegate.io/typo",
+    ] {
+        assert!(fields.contains(&field), "{field} in {fields:?}");
+    }
+    let max = problems
+        .iter()
+        .find(|p| p.field == "wakegate.io/max-replicas")
+        .unwrap();
+    assert_eq!(max.value, "\"ten\"");
+    assert!(
+        max.expected.contains("whole number") && max.expected.contains("using 10"),
+        "{max}"
+    );
+}
+
+#[test]
+fn min_above_max_falls_back_to_both_defaults() {
+    let (t, problems) = target(from_service(&service(
+        &[
+            ("enabled", "true"),
+            ("min-replicas", "5"),
+            ("max-replicas", "2"),
+        ],
+        &[("http", 80)],
+    )));
+    assert_eq!((t.scaling.min, t.scaling.max), (0, 10));
+    assert_eq!(problems.len(), 1);
+}
+
+#[test]
+fn a_bad_route_skips_the_service() {
+    for (key, value) in [
+        ("hosts", "http://x.com"),
+        ("path-prefixes", "api"),
+        ("port", "grpc"),
+        ("deployment", "Bad_Name"),
+    ] {
+        match from_service(&service(
+            &[("enabled", "true"), (key, value)],
+            &[("http", 80)],
+        )) {
+            Outcome::Skipped(problems) => {
+                assert_eq!(problems.len(), 1, "{problems:?}");
+                assert_eq!(problems[0].field, format!("{PREFIX}{key}"));
+                assert_eq!(problems[0].value, format!("{value:?}"));
+            }
+            other => panic!("{key}={value}: expected a skip, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        from_service(&service(&[("enabled", "yes")], &[("http", 80)])),
+        Outcome::Skipped(_)
+    ));
+    assert!(
+        matches!(
+            from_service(&service(&[("enabled", "true")], &[])),
+            Outcome::Skipped(_)
+        ),
+        "no port"
+    );
+}
+
+#[test]
+fn an_unnamed_port_is_matched_by_number() {
+    let (t, _) = target(from_service(&service(
+        &[("enabled", "true"), ("port", "8080")],
+        &[("", 8080)],
+    )));
+    assert_eq!(t.kubernetes.unwrap().port_name, "");
+}
