@@ -89,7 +89,8 @@ pub async fn run(
         provider.scale(&target, desired);
     }
     let mut sampler = Sampler::new(&target, Instant::now());
-    let mut last_active: Option<Instant> = None;
+    // The idle timeout counts from start-up too: instances found running are not stopped at once.
+    let mut last_active: Option<Instant> = Some(Instant::now());
     // Instances this loop did not ask for (a Deployment already running when wakegate
     // started) are adopted as the current count, until the loop asks for something itself.
     let mut asked = desired > 0;

@@ -48,6 +48,11 @@ impl Wakegate {
     /// Starts wakegate with `targets` (TOML `[[target]]` tables) and whatever extra top-level
     /// keys `head` holds (they go before the tables).
     pub async fn start(head: &str, targets: &str) -> Wakegate {
+        Wakegate::start_with_env(head, targets, &[]).await
+    }
+
+    /// As [`Wakegate::start`], with extra environment variables for the process.
+    pub async fn start_with_env(head: &str, targets: &str, env: &[(&str, &str)]) -> Wakegate {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("wakegate.toml");
         std::fs::write(&config_path, config_text(head, targets)).expect("write config");
@@ -55,6 +60,7 @@ impl Wakegate {
             .args(["--log-format", "json", "run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -244,7 +250,7 @@ fn config_text(head: &str, targets: &str) -> String {
 /// The value of one sample in metrics text, e.g. `metric(&text, "wakegate_cold_starts_total", "service=\"hello\"")`.
 pub fn metric(text: &str, name: &str, label_fragment: &str) -> Option<f64> {
     text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .find(|l| l.contains(label_fragment))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())

@@ -1,0 +1,382 @@
+//! The Kubernetes flow end to end: the real wakegate binary and the real kube client against
+//! the API-server test double, whose simulated kubelet runs real demo-backend processes.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::kube_api::{FakeApi, KubeletOptions};
+use support::*;
+
+const NS: &str = "demo";
+
+fn deployment(name: &str, replicas: i32) -> serde_json::Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": name, "namespace": NS },
+        "spec": {
+            "replicas": replicas,
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": { "containers": [{ "name": "app", "image": "demo" }] }
+            }
+        }
+    })
+}
+
+fn service(name: &str, annotations: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": name, "namespace": NS, "annotations": annotations },
+        "spec": {
+            "selector": { "app": name },
+            "ports": [{ "name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP" }]
+        }
+    })
+}
+
+async fn api_with_kubelet() -> FakeApi {
+    let api = FakeApi::start().await;
+    api.start_kubelet(KubeletOptions {
+        startup_delay: Duration::from_millis(300),
+        program: BIN.into(),
+    });
+    api
+}
+
+/// The `[kubernetes]` section and its kubeconfig, written next to the API double.
+fn kubernetes_section(api: &FakeApi, dir: &std::path::Path, extra: &str) -> String {
+    let kubeconfig = api.write_kubeconfig(dir);
+    format!(
+        "[kubernetes]\nkubeconfig = \"{}\"\nnamespaces = [\"{NS}\"]\n{extra}\n",
+        kubeconfig.display()
+    )
+}
+
+const FAST: &str = "[autoscaler]\ninterval = \"200ms\"";
+
+/// Waits for `/readyz` (the first Kubernetes sync).
+async fn wait_ready(wg: &Wakegate) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while wg.admin_get("/readyz").await.status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never became ready; log:\n{}",
+            wg.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_annotated_service_is_woken_on_the_first_request_and_scaled_to_zero_when_idle() {
+    let api = api_with_kubelet().await;
+    api.apply(deployment("hello", 0));
+    api.apply(service(
+        "hello",
+        json!({
+            "wakegate.io/enabled": "true",
+            "wakegate.io/hosts": "hello.example.com",
+            "wakegate.io/idle-timeout": "2s",
+            "wakegate.io/scale-down-delay": "1s",
+        }),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let wg = Wakegate::start(FAST, &kubernetes_section(&api, dir.path(), "")).await;
+    wait_ready(&wg).await;
+    wg.wait_for_target("hello", Duration::from_secs(10), |t| {
+        t["kind"] == "kubernetes"
+    })
+    .await;
+
+    let first = wg.get("hello.example.com", "/").await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.headers["x-wakegate-cold-start"], "true");
+    assert!(first.body.starts_with("hello from demo-backend"));
+    assert_eq!(
+        api.scale_patches(NS, "hello").first(),
+        Some(&("wakegate".to_owned(), 1))
+    );
+    assert_eq!(api.deployment_replicas(NS, "hello"), Some(1));
+
+    let warm = wg.get("hello.example.com", "/").await;
+    assert_eq!(warm.status, 200);
+    assert!(warm.headers.get("x-wakegate-cold-start").is_none());
+
+    // Idle: the leader (the only replica, no lease) scales the Deployment back to zero.
+    eventually("scale to zero", Duration::from_secs(15), || {
+        (api.deployment_replicas(NS, "hello") == Some(0)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        api.scale_patches(NS, "hello").last(),
+        Some(&("wakegate".to_owned(), 0))
+    );
+    wg.wait_for_target("hello", Duration::from_secs(10), |t| t["instances"] == 0)
+        .await;
+    let metrics = wg.metrics().await;
+    assert_eq!(
+        metric(&metrics, "wakegate_cold_starts_total", "service=\"hello\""),
+        Some(1.0)
+    );
+
+    // And it wakes again.
+    let again = wg.get("hello.example.com", "/").await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.headers["x-wakegate-cold-start"], "true");
+}
+
+#[tokio::test]
+async fn bad_annotations_are_reported_as_events_and_crash_nothing() {
+    let api = api_with_kubelet().await;
+    api.apply(deployment("tuned", 0));
+    api.apply(service(
+        "tuned",
+        json!({ "wakegate.io/enabled": "true", "wakegate.io/hosts": "tuned.example.com", "wakegate.io/max-replicas": "ten" }),
+    ));
+    api.apply(service(
+        "unroutable",
+        json!({ "wakegate.io/enabled": "true", "wakegate.io/hosts": "http://nope" }),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let wg = Wakegate::start(FAST, &kubernetes_section(&api, dir.path(), "")).await;
+    wait_ready(&wg).await;
+
+    let events = eventually(
+        "two InvalidAnnotation events",
+        Duration::from_secs(10),
+        || {
+            let events: Vec<_> = api
+                .events()
+                .into_iter()
+                .filter(|e| e["reason"] == "InvalidAnnotation")
+                .collect();
+            (events.len() >= 2).then_some(events)
+        },
+    )
+    .await;
+    let text = serde_json::to_string(&events).unwrap();
+    assert!(
+        text.contains("wakegate.io/max-replicas") && text.contains("ten"),
+        "{text}"
+    );
+    assert!(
+        text.contains("wakegate.io/hosts") && text.contains("http://nope"),
+        "{text}"
+    );
+    let metrics = wg.metrics().await;
+    assert!(
+        metric(&metrics, "wakegate_invalid_annotations_total", "").unwrap_or(0.0) >= 2.0,
+        "{metrics}"
+    );
+
+    // The tuned Service runs on its defaults; the unroutable one was skipped.
+    let tuned = wg.get("tuned.example.com", "/").await;
+    assert_eq!(tuned.status, 200, "{}", tuned.body);
+    assert_eq!(wg.get("nope", "/").await.status, 404);
+    assert_eq!(wg.admin_get("/healthz").await.status, 200);
+}
+
+#[tokio::test]
+async fn warm_traffic_is_served_while_the_api_server_is_down() {
+    let api = api_with_kubelet().await;
+    api.apply(deployment("steady", 1));
+    api.apply(service(
+        "steady",
+        json!({ "wakegate.io/enabled": "true", "wakegate.io/hosts": "steady.example.com", "wakegate.io/min-replicas": "1" }),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let wg = Wakegate::start(FAST, &kubernetes_section(&api, dir.path(), "")).await;
+    wait_ready(&wg).await;
+    wg.wait_for_target("steady", Duration::from_secs(15), |t| t["instances"] == 1)
+        .await;
+
+    api.set_down(true);
+    let outage = Instant::now();
+    let mut served = 0;
+    while outage.elapsed() < Duration::from_secs(30) {
+        let r = wg.get("steady.example.com", "/").await;
+        assert_eq!(r.status, 200, "during the outage: {}", r.body);
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(served >= 50);
+    api.set_down(false);
+    // Watches resume: a change made after the outage is seen.
+    api.apply(service(
+        "later",
+        json!({ "wakegate.io/enabled": "true", "wakegate.io/hosts": "later.example.com" }),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !wg.admin_get("/targets").await.body.contains("\"later\"") {
+        assert!(
+            Instant::now() < deadline,
+            "the watch never resumed; log:\n{}",
+            wg.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(wg.get("steady.example.com", "/").await.status, 200);
+}
+
+#[tokio::test]
+async fn readiness_waits_for_the_first_sync() {
+    let api = FakeApi::start().await;
+    api.set_down(true);
+    let dir = tempfile::tempdir().unwrap();
+    let wg = Wakegate::start(FAST, &kubernetes_section(&api, dir.path(), "")).await;
+    let r = wg.admin_get("/readyz").await;
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains("Kubernetes"), "{}", r.body);
+    api.set_down(false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while wg.admin_get("/readyz").await.status != 200 {
+        assert!(Instant::now() < deadline, "never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The peers Service's EndpointSlice for one wakegate replica.
+fn peer_slice(replica: &str, admin: std::net::SocketAddr) -> serde_json::Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("wakegate-peers-{replica}"),
+            "namespace": "wakegate",
+            "labels": { "kubernetes.io/service-name": "wakegate-peers" }
+        },
+        "addressType": "IPv4",
+        "ports": [{ "name": "admin", "port": admin.port(), "protocol": "TCP" }],
+        "endpoints": [{
+            "addresses": [admin.ip().to_string()],
+            "conditions": { "ready": true },
+            "targetRef": { "kind": "Pod", "namespace": "wakegate", "name": replica }
+        }]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_elect_one_leader_which_scales_from_the_summed_signal_and_hands_over() {
+    let api = api_with_kubelet().await;
+    api.apply(deployment("busy", 0));
+    api.apply(service(
+        "busy",
+        json!({
+            "wakegate.io/enabled": "true",
+            "wakegate.io/hosts": "busy.example.com",
+            "wakegate.io/target": "2",
+            "wakegate.io/max-replicas": "3",
+        }),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let section = kubernetes_section(
+        &api,
+        dir.path(),
+        "lease = { namespace = \"wakegate\", name = \"wakegate\", duration = \"3s\", renew = \"500ms\" }\n\
+         peers = { namespace = \"wakegate\", service = \"wakegate-peers\" }",
+    );
+    let a = Arc::new(Wakegate::start_with_env(FAST, &section, &[("POD_NAME", "wakegate-a")]).await);
+    let b = Arc::new(Wakegate::start_with_env(FAST, &section, &[("POD_NAME", "wakegate-b")]).await);
+    api.apply(peer_slice("wakegate-a", a.admin));
+    api.apply(peer_slice("wakegate-b", b.admin));
+    for replica in [&a, &b] {
+        wait_ready(replica).await;
+        replica
+            .wait_for_target("busy", Duration::from_secs(10), |t| {
+                t["kind"] == "kubernetes"
+            })
+            .await;
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (leader, follower) = loop {
+        let la = metric(&a.metrics().await, "wakegate_leader", "").unwrap_or(0.0);
+        let lb = metric(&b.metrics().await, "wakegate_leader", "").unwrap_or(0.0);
+        match (la, lb) {
+            (1.0, 0.0) => break (a.clone(), b.clone()),
+            (0.0, 1.0) => break (b.clone(), a.clone()),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "exactly one leader: {la} {lb}; log of a:\n{}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Load goes only through the follower: the leader scales up from what the follower
+    // counted (concurrency 8, target 2 per replica, max 3).
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (follower, stop) = (follower.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = follower.get("busy.example.com", "/sleep?ms=200").await;
+                    assert_eq!(r.status, 200, "{}", r.body);
+                }
+            })
+        })
+        .collect();
+    eventually("the leader to scale to 3", Duration::from_secs(20), || {
+        api.scale_patches(NS, "busy")
+            .iter()
+            .any(|(_, n)| *n == 3)
+            .then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.expect("every request answered 200");
+    }
+    assert!(metric(&follower.metrics().await, "wakegate_leader", "") == Some(0.0));
+    let by_leader = |logs: String| {
+        logs.lines().any(|l| {
+            l.contains("scaled deployment")
+                && l.contains("\"replicas\":3")
+                && l.contains("\"waking\":false")
+        })
+    };
+    assert!(
+        by_leader(leader.logs()),
+        "the leader made the 1 → 3 decision:\n{}",
+        leader.logs()
+    );
+    assert!(!by_leader(follower.logs()), "the follower did not");
+
+    // The leader dies without releasing its lease; the follower takes over once it expires.
+    leader.signal(libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while metric(&follower.metrics().await, "wakegate_leader", "") != Some(1.0) {
+        assert!(Instant::now() < deadline, "the follower never took over");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let lease = api
+        .get("Lease", "wakegate", "wakegate")
+        .expect("the lease exists");
+    let follower_name = if Arc::ptr_eq(&follower, &a) {
+        "wakegate-a"
+    } else {
+        "wakegate-b"
+    };
+    assert_eq!(lease["spec"]["holderIdentity"], follower_name);
+}
