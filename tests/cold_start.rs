@@ -7,17 +7,7 @@ use std::time::{Duration, Instant};
 use support::*;
 
 fn hello(delay: &str) -> String {
-    format!(
-        r#"
-[[target]]
-name = "hello"
-hosts = ["hello.localhost"]
-command = {}
-ready = {{ http_get = "/healthz" }}
-cold_start_timeout = "20s"
-"#,
-        demo_command(delay)
-    )
+    demo_target("hello", "hello.localhost", delay)
 }
 
 #[tokio::test]

@@ -18,21 +18,6 @@ use support::*;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
-/// One demo-backend target named `name` on `host`.
-fn demo_target(name: &str, host: &str) -> String {
-    format!(
-        r#"
-[[target]]
-name = "{name}"
-hosts = ["{host}"]
-command = {}
-ready = {{ http_get = "/healthz" }}
-cold_start_timeout = "20s"
-"#,
-        demo_command("0s")
-    )
-}
-
 /// Peak and current resident memory of a process, in bytes (`VmHWM`, `VmRSS`).
 fn memory(pid: i32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -76,7 +61,7 @@ fn chunk(i: usize) -> Bytes {
 
 #[tokio::test]
 async fn a_50_mib_body_streams_through_echo_unchanged_without_buffering_it() {
-    let wg = Wakegate::start("", &demo_target("echo", "echo.localhost")).await;
+    let wg = Wakegate::start("", &demo_target("echo", "echo.localhost", "0s")).await;
     let warm = wg.get("echo.localhost", "/").await;
     assert_eq!(warm.status, 200, "{}", warm.body);
     let (peak_before, rss_before) = memory(wg.pid());
@@ -136,7 +121,7 @@ async fn a_50_mib_body_streams_through_echo_unchanged_without_buffering_it() {
 
 #[tokio::test]
 async fn websocket_text_and_binary_messages_are_echoed_through_the_proxy() {
-    let wg = Wakegate::start("", &demo_target("ws", "ws.localhost")).await;
+    let wg = Wakegate::start("", &demo_target("ws", "ws.localhost", "0s")).await;
     let stream = TcpStream::connect(wg.proxy).await.unwrap();
     let (mut ws, response) = within(
         20,
@@ -170,7 +155,7 @@ async fn websocket_text_and_binary_messages_are_echoed_through_the_proxy() {
 
 #[tokio::test]
 async fn h2c_prior_knowledge_requests_are_answered_over_http2() {
-    let wg = Wakegate::start("", &demo_target("h2", "h2.localhost")).await;
+    let wg = Wakegate::start("", &demo_target("h2", "h2.localhost", "0s")).await;
     let client = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http::<Full<Bytes>>();
@@ -203,7 +188,7 @@ async fn h2c_prior_knowledge_requests_are_answered_over_http2() {
 
 #[tokio::test]
 async fn backend_sees_forwarding_headers_and_original_host_but_no_hop_by_hop_headers() {
-    let wg = Wakegate::start("", &demo_target("headers", "headers.localhost")).await;
+    let wg = Wakegate::start("", &demo_target("headers", "headers.localhost", "0s")).await;
     let request = Request::get("/headers")
         .header(header::CONNECTION, "x-custom")
         .header("x-custom", "1")
@@ -269,7 +254,7 @@ hosts = ["site.localhost"]
 path_prefixes = ["/api"]
 upstream = "{upstream}"
 "#,
-        demo_target("site", "site.localhost")
+        demo_target("site", "site.localhost", "0s")
     );
     let wg = Wakegate::start("", &targets).await;
 

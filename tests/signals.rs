@@ -8,20 +8,6 @@ use std::time::Duration;
 
 use support::*;
 
-fn demo_target(name: &str, host: &str) -> String {
-    format!(
-        r#"
-[[target]]
-name = "{name}"
-hosts = ["{host}"]
-command = {}
-ready = {{ http_get = "/healthz" }}
-cold_start_timeout = "20s"
-"#,
-        demo_command("0s")
-    )
-}
-
 /// Starts a `/sleep?ms=1500` request to `a.localhost` and returns once wakegate counts it in
 /// flight.
 async fn slow_request_in_flight(wg: &Arc<Wakegate>) -> tokio::task::JoinHandle<Response> {
@@ -61,7 +47,7 @@ async fn poll_until(
 
 #[tokio::test]
 async fn sighup_adds_a_route_without_failing_requests_in_flight() {
-    let wg = Arc::new(Wakegate::start("", &demo_target("a", "a.localhost")).await);
+    let wg = Arc::new(Wakegate::start("", &demo_target("a", "a.localhost", "0s")).await);
     assert_eq!(wg.get("a.localhost", "/").await.status, 200);
     assert_eq!(wg.get("b.localhost", "/").await.status, 404, "no route yet");
 
@@ -70,8 +56,8 @@ async fn sighup_adds_a_route_without_failing_requests_in_flight() {
         "",
         &format!(
             "{}{}",
-            demo_target("a", "a.localhost"),
-            demo_target("b", "b.localhost")
+            demo_target("a", "a.localhost", "0s"),
+            demo_target("b", "b.localhost", "0s")
         ),
     );
     wg.signal(libc::SIGHUP);
@@ -93,7 +79,7 @@ async fn sighup_adds_a_route_without_failing_requests_in_flight() {
 
 #[tokio::test]
 async fn sighup_with_an_invalid_config_is_rejected_and_old_routes_keep_working() {
-    let wg = Wakegate::start("", &demo_target("a", "a.localhost")).await;
+    let wg = Wakegate::start("", &demo_target("a", "a.localhost", "0s")).await;
     let before = wg.get("a.localhost", "/").await;
     assert_eq!(before.status, 200);
 
@@ -101,8 +87,8 @@ async fn sighup_with_an_invalid_config_is_rejected_and_old_routes_keep_working()
         "",
         &format!(
             "{}{}max_pending = 0\n",
-            demo_target("a", "a.localhost"),
-            demo_target("b", "b.localhost")
+            demo_target("a", "a.localhost", "0s"),
+            demo_target("b", "b.localhost", "0s")
         ),
     );
     wg.signal(libc::SIGHUP);
@@ -139,7 +125,7 @@ async fn sighup_with_an_invalid_config_is_rejected_and_old_routes_keep_working()
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_then_exits_cleanly_and_stops_backends() {
-    let mut wg = Wakegate::start("", &demo_target("a", "a.localhost")).await;
+    let mut wg = Wakegate::start("", &demo_target("a", "a.localhost", "0s")).await;
     let warm = wg.get("a.localhost", "/").await;
     assert_eq!(warm.status, 200);
     let backend = pid_in(&warm.body);
@@ -196,7 +182,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_cleanly_and_stops_backends
 /// A target whose stop grace is far longer than the drain timeout, so only the drain can
 /// explain a prompt exit.
 fn patient_target(name: &str, host: &str) -> String {
-    format!("{}stop_grace = \"30s\"\n", demo_target(name, host))
+    format!("{}stop_grace = \"30s\"\n", demo_target(name, host, "0s"))
 }
 
 #[tokio::test]

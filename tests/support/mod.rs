@@ -28,6 +28,22 @@ pub fn demo_command(startup_delay: &str) -> String {
     )
 }
 
+/// One `[[target]]` running the demo backend, named `name`, on `host`, with an HTTP readiness
+/// check.
+pub fn demo_target(name: &str, host: &str, startup_delay: &str) -> String {
+    format!(
+        r#"
+[[target]]
+name = "{name}"
+hosts = ["{host}"]
+command = {}
+ready = {{ http_get = "/healthz" }}
+cold_start_timeout = "20s"
+"#,
+        demo_command(startup_delay)
+    )
+}
+
 pub struct Response {
     pub status: StatusCode,
     pub headers: HeaderMap,

@@ -95,7 +95,7 @@ pub struct KubernetesProvider {
     deployments: Vec<Store<Deployment>>,
     managed: Mutex<HashMap<(String, String), Managed>>,
     /// Wakes the recompute loop after any watched change.
-    changed: Notify,
+    changed: Arc<Notify>,
     /// True until this replica loses (or never wins) the lease; always true without one.
     pub leader: Arc<AtomicBool>,
     pub invalid_annotations: AtomicU64,
@@ -140,37 +140,26 @@ impl KubernetesProvider {
             config.namespaces.iter().cloned().map(Some).collect()
         };
         let changed = Arc::new(Notify::new());
-        let mut tasks = Vec::new();
-        let mut readiness = Vec::new();
+        let mut watches = Watches {
+            client: &client,
+            changed: changed.clone(),
+            stop: &stop,
+            tasks: Vec::new(),
+            readiness: Vec::new(),
+        };
         let mut services = Vec::new();
         let mut slices = Vec::new();
         let mut deployments = Vec::new();
         for scope in &scopes {
-            services.push(watch_into(
-                &client,
-                scope.as_deref(),
-                &changed,
-                &stop,
-                &mut tasks,
-                &mut readiness,
-            ));
-            slices.push(watch_into(
-                &client,
-                scope.as_deref(),
-                &changed,
-                &stop,
-                &mut tasks,
-                &mut readiness,
-            ));
-            deployments.push(watch_into(
-                &client,
-                scope.as_deref(),
-                &changed,
-                &stop,
-                &mut tasks,
-                &mut readiness,
-            ));
+            services.push(watches.watch(scope.as_deref()));
+            slices.push(watches.watch(scope.as_deref()));
+            deployments.push(watches.watch(scope.as_deref()));
         }
+        let Watches {
+            mut tasks,
+            readiness,
+            ..
+        } = watches;
         let identity = identity();
         let recorder = Recorder::new(
             client.clone(),
@@ -188,25 +177,12 @@ impl KubernetesProvider {
             slices,
             deployments,
             managed: Mutex::new(HashMap::new()),
-            changed: Notify::new(),
+            changed,
             leader: leader.clone(),
             invalid_annotations: AtomicU64::new(0),
             recorder,
             peer_signal: peer_signal.clone(),
         });
-        // Forward store changes to the provider's own notify (the stores exist before it).
-        {
-            let provider = provider.clone();
-            let stop = stop.clone();
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        () = changed.notified() => provider.changed.notify_one(),
-                        () = stop.cancelled() => return,
-                    }
-                }
-            }));
-        }
         if let Some(lease) = config.lease.clone() {
             tasks.push(tokio::spawn(lease::run(
                 client.clone(),
@@ -510,54 +486,60 @@ impl KubernetesProvider {
     }
 }
 
-/// Starts a reflector-backed watch of `K` in `namespace` (all when `None`).
-fn watch_into<K>(
-    client: &Client,
-    namespace: Option<&str>,
-    changed: &Arc<Notify>,
-    stop: &CancellationToken,
-    tasks: &mut Vec<JoinHandle<()>>,
-    readiness: &mut Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
-) -> Store<K>
-where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
-{
-    let api: Api<K> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let (store, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer);
-    let changed = changed.clone();
-    let stop = stop.clone();
-    let kind = K::kind(&());
-    tasks.push(tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        loop {
-            tokio::select! {
-                next = stream.next() => match next {
-                    Some(Ok(_)) => changed.notify_one(),
-                    Some(Err(error)) => tracing::warn!(%kind, %error, "watch failed; retrying with backoff"),
-                    None => return,
-                },
-                () = stop.cancelled() => return,
+type Readiness = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Starts reflector-backed watches whose every change wakes `changed`.
+struct Watches<'a> {
+    client: &'a Client,
+    changed: Arc<Notify>,
+    stop: &'a CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    /// Each resolves once its store has listed.
+    readiness: Vec<Readiness>,
+}
+
+impl Watches<'_> {
+    /// A store of every `K` in `namespace` (all namespaces when `None`).
+    fn watch<K>(&mut self, namespace: Option<&str>) -> Store<K>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let api: Api<K> = match namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        };
+        let (store, writer) = reflector::store();
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer);
+        let changed = self.changed.clone();
+        let stop = self.stop.clone();
+        let kind = K::kind(&());
+        self.tasks.push(tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                tokio::select! {
+                    next = stream.next() => match next {
+                        Some(Ok(_)) => changed.notify_one(),
+                        Some(Err(error)) => tracing::warn!(%kind, %error, "watch failed; retrying with backoff"),
+                        None => return,
+                    },
+                    () = stop.cancelled() => return,
+                }
             }
-        }
-    }));
-    let ready = store.clone();
-    readiness.push(Box::pin(async move {
-        let _ = ready.wait_until_ready().await;
-    }));
-    store
+        }));
+        let ready = store.clone();
+        self.readiness.push(Box::pin(async move {
+            let _ = ready.wait_until_ready().await;
+        }));
+        store
+    }
 }
 
 impl Provider for Arc<KubernetesProvider> {
