@@ -1,0 +1,1325 @@
+//! The Kubernetes material in deploy/ as a user gets it: every kustomization rendered by
+//! `kubectl kustomize` and every object parsed into its Kubernetes type, then the settings a
+//! user relies on checked (RBAC, probes, drain, peers, annotations, KEDA, the dashboard).
+//! Nothing is applied to a cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::Resource;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+const BASE: &str = "deploy/base";
+const MONITORING: &str = "deploy/monitoring";
+const HELLO: &str = "deploy/examples/hello";
+const KEDA: &str = "deploy/examples/keda";
+const KUSTOMIZATIONS: [&str; 4] = [BASE, MONITORING, HELLO, KEDA];
+
+/// wakegate's own namespace, where its Lease, peers and Role live.
+const NAMESPACE: &str = "wakegate";
+const CONFIG_DIR: &str = "/etc/wakegate";
+const CONFIG_KEY: &str = "wakegate.toml";
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// The objects of one rendered kustomization, each already checked against its type.
+struct Rendered {
+    dir: &'static str,
+    objects: Vec<Value>,
+}
+
+/// `kubectl kustomize DIR`, every document parsed and checked (see [`check_object`]).
+fn render(dir: &'static str) -> Rendered {
+    let output = match Command::new("kubectl")
+        .arg("kustomize")
+        .arg(repo(dir))
+        .output()
+    {
+        Ok(output) => output,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => panic!(
+            "the deploy tests need `kubectl` (1.21 or later, with its built-in kustomize) on \
+             PATH to render {dir}; it was not found. Install kubectl; Debian's \
+             kubernetes-client package is too old (kubectl 1.20, kustomize v2.0.3)."
+        ),
+        Err(error) => panic!("cannot run kubectl: {error}"),
+    };
+    if !output.status.success() {
+        panic!(
+            "`kubectl kustomize {dir}` failed (kustomize {}; these kustomizations need v4 or \
+             later):\n{}",
+            kustomize_version(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let text = String::from_utf8(output.stdout).expect("kubectl prints UTF-8");
+    let mut objects = Vec::new();
+    for document in serde_norway::Deserializer::from_str(&text) {
+        let object = Value::deserialize(document)
+            .unwrap_or_else(|e| panic!("{dir}: kubectl printed invalid YAML: {e}"));
+        if object.is_null() {
+            continue;
+        }
+        if let Err(problem) = check_object(&object) {
+            let kind = object["kind"].as_str().unwrap_or("?");
+            panic!("{dir}: {kind} {}: {problem}", name(&object));
+        }
+        objects.push(object);
+    }
+    assert!(!objects.is_empty(), "{dir} renders no object");
+    Rendered { dir, objects }
+}
+
+fn kustomize_version() -> String {
+    Command::new("kubectl")
+        .args(["version", "--client", "-o", "json"])
+        .output()
+        .ok()
+        .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+        .and_then(|v| v["kustomizeVersion"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "version unknown".to_owned())
+}
+
+fn name(object: &Value) -> String {
+    match object["metadata"]["namespace"].as_str() {
+        Some(ns) => format!(
+            "{ns}/{}",
+            object["metadata"]["name"].as_str().unwrap_or("?")
+        ),
+        None => object["metadata"]["name"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned(),
+    }
+}
+
+/// Parses a Kubernetes object into its k8s-openapi type by kind (unknown kinds are an error),
+/// or checks the fields of the CRDs used here. k8s-openapi ignores fields it does not know, so
+/// the object must also serialize back unchanged: a misspelt or misplaced field shows as a
+/// difference.
+fn check_object(object: &Value) -> Result<(), String> {
+    let api_version = object["apiVersion"].as_str().unwrap_or_default();
+    let kind = object["kind"].as_str().unwrap_or_default();
+    match (api_version, kind) {
+        (Namespace::API_VERSION, Namespace::KIND) => round_trip::<Namespace>(object),
+        (ServiceAccount::API_VERSION, ServiceAccount::KIND) => round_trip::<ServiceAccount>(object),
+        (ClusterRole::API_VERSION, ClusterRole::KIND) => round_trip::<ClusterRole>(object),
+        (ClusterRoleBinding::API_VERSION, ClusterRoleBinding::KIND) => {
+            round_trip::<ClusterRoleBinding>(object)
+        }
+        (Role::API_VERSION, Role::KIND) => round_trip::<Role>(object),
+        (RoleBinding::API_VERSION, RoleBinding::KIND) => round_trip::<RoleBinding>(object),
+        (ConfigMap::API_VERSION, ConfigMap::KIND) => round_trip::<ConfigMap>(object),
+        (Deployment::API_VERSION, Deployment::KIND) => round_trip::<Deployment>(object),
+        (Service::API_VERSION, Service::KIND) => round_trip::<Service>(object),
+        (PodDisruptionBudget::API_VERSION, PodDisruptionBudget::KIND) => {
+            round_trip::<PodDisruptionBudget>(object)
+        }
+        (Ingress::API_VERSION, Ingress::KIND) => round_trip::<Ingress>(object),
+        ("monitoring.coreos.com/v1", "ServiceMonitor") => check_service_monitor(object),
+        ("keda.sh/v1alpha1", "ScaledObject") => check_scaled_object(object),
+        _ => Err(format!(
+            "unknown kind {api_version}/{kind}: teach tests/deploy.rs its type before shipping it"
+        )),
+    }
+}
+
+fn round_trip<T: Resource + DeserializeOwned + Serialize>(object: &Value) -> Result<(), String> {
+    let typed: T = serde_json::from_value(object.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&typed).expect("k8s-openapi types serialize");
+    match first_difference(object, &back, String::new()) {
+        None => Ok(()),
+        Some(path) => Err(format!(
+            "`{path}` does not survive parsing into a {}: misspelt, misplaced or of the wrong type",
+            T::KIND
+        )),
+    }
+}
+
+/// The path of the first place where `a` and `b` differ.
+fn first_difference(a: &Value, b: &Value, path: String) -> Option<String> {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            keys.into_iter().find_map(|k| match (a.get(k), b.get(k)) {
+                (Some(x), Some(y)) => first_difference(x, y, format!("{path}.{k}")),
+                _ => Some(format!("{path}.{k}")),
+            })
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (x, y))| first_difference(x, y, format!("{path}[{i}]"))),
+        _ if a == b => None,
+        _ => Some(path),
+    }
+}
+
+/// Every key of `object` is one of `allowed`, and the `required` ones are there.
+fn keys(object: &Value, at: &str, allowed: &[&str], required: &[&str]) -> Result<(), String> {
+    let map = object
+        .as_object()
+        .ok_or_else(|| format!("`{at}` is not a mapping"))?;
+    if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(format!("`{at}.{unknown}` is not a field of this CRD"));
+    }
+    if let Some(missing) = required.iter().find(|k| !map.contains_key(**k)) {
+        return Err(format!("`{at}.{missing}` is required"));
+    }
+    Ok(())
+}
+
+fn check_metadata(object: &Value) -> Result<(), String> {
+    keys(
+        object,
+        "",
+        &["apiVersion", "kind", "metadata", "spec"],
+        &["metadata", "spec"],
+    )?;
+    keys(
+        &object["metadata"],
+        "metadata",
+        &["name", "namespace", "labels", "annotations"],
+        &["name", "namespace"],
+    )
+}
+
+/// The fields of monitoring.coreos.com/v1 ServiceMonitor used or likely to be added here.
+fn check_service_monitor(object: &Value) -> Result<(), String> {
+    check_metadata(object)?;
+    let spec = &object["spec"];
+    keys(
+        spec,
+        "spec",
+        &[
+            "selector",
+            "namespaceSelector",
+            "endpoints",
+            "jobLabel",
+            "targetLabels",
+        ],
+        &["selector", "endpoints"],
+    )?;
+    keys(
+        &spec["selector"],
+        "spec.selector",
+        &["matchLabels", "matchExpressions"],
+        &[],
+    )?;
+    let endpoints = spec["endpoints"]
+        .as_array()
+        .ok_or("`spec.endpoints` is not a list")?;
+    for endpoint in endpoints {
+        keys(
+            endpoint,
+            "spec.endpoints[]",
+            &[
+                "port",
+                "path",
+                "interval",
+                "scrapeTimeout",
+                "scheme",
+                "honorLabels",
+                "honorTimestamps",
+                "relabelings",
+                "metricRelabelings",
+            ],
+            &["port"],
+        )?;
+    }
+    Ok(())
+}
+
+/// The fields of keda.sh/v1alpha1 ScaledObject used or likely to be added here. KEDA's
+/// trigger metadata is a map of strings: a number there is refused by the API server.
+fn check_scaled_object(object: &Value) -> Result<(), String> {
+    check_metadata(object)?;
+    let spec = &object["spec"];
+    keys(
+        spec,
+        "spec",
+        &[
+            "scaleTargetRef",
+            "minReplicaCount",
+            "maxReplicaCount",
+            "idleReplicaCount",
+            "pollingInterval",
+            "cooldownPeriod",
+            "initialCooldownPeriod",
+            "fallback",
+            "advanced",
+            "triggers",
+        ],
+        &["scaleTargetRef", "triggers"],
+    )?;
+    keys(
+        &spec["scaleTargetRef"],
+        "spec.scaleTargetRef",
+        &["apiVersion", "kind", "name", "envSourceContainerName"],
+        &["name"],
+    )?;
+    let triggers = spec["triggers"]
+        .as_array()
+        .ok_or("`spec.triggers` is not a list")?;
+    for trigger in triggers {
+        keys(
+            trigger,
+            "spec.triggers[]",
+            &[
+                "type",
+                "name",
+                "metadata",
+                "metricType",
+                "authenticationRef",
+                "useCachedMetrics",
+            ],
+            &["type", "metadata"],
+        )?;
+        let metadata = trigger["metadata"]
+            .as_object()
+            .ok_or("`spec.triggers[].metadata` is not a mapping")?;
+        if let Some((k, v)) = metadata.iter().find(|(_, v)| !v.is_string()) {
+            return Err(format!("trigger metadata `{k}` is {v}, not a string"));
+        }
+    }
+    Ok(())
+}
+
+impl Rendered {
+    /// Every object of type `T`.
+    fn all<T: Resource + DeserializeOwned>(&self) -> Vec<T> {
+        self.objects
+            .iter()
+            .filter(|o| o["apiVersion"] == T::API_VERSION && o["kind"] == T::KIND)
+            .map(|o| serde_json::from_value(o.clone()).expect("checked by render"))
+            .collect()
+    }
+
+    /// The one object of type `T` called `name` (in any namespace).
+    fn one<T: Resource + DeserializeOwned>(&self, name: &str) -> T {
+        let mut found: Vec<Value> = self
+            .objects
+            .iter()
+            .filter(|o| o["apiVersion"] == T::API_VERSION && o["kind"] == T::KIND)
+            .filter(|o| o["metadata"]["name"] == name)
+            .cloned()
+            .collect();
+        assert_eq!(found.len(), 1, "{}: {} {name}", self.dir, T::KIND);
+        serde_json::from_value(found.remove(0)).expect("checked by render")
+    }
+
+    fn custom(&self, kind: &str) -> Vec<&Value> {
+        self.objects.iter().filter(|o| o["kind"] == kind).collect()
+    }
+
+    /// The wakegate Deployment and its container.
+    fn wakegate(&self) -> (Deployment, Container) {
+        let deployment: Deployment = self.one("wakegate");
+        let containers = &pod_spec(&deployment).containers;
+        assert_eq!(containers.len(), 1, "{}: wakegate's containers", self.dir);
+        let container = containers[0].clone();
+        (deployment, container)
+    }
+
+    /// The text of wakegate.toml in the ConfigMap that the wakegate Deployment mounts, and
+    /// the path it is mounted at.
+    fn mounted_config(&self) -> (String, String) {
+        let (deployment, container) = self.wakegate();
+        let volume = pod_spec(&deployment)
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.config_map.is_some())
+            .expect("wakegate mounts a ConfigMap volume");
+        let config_map_name = volume.config_map.as_ref().unwrap().name.clone();
+        let mount = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == volume.name)
+            .expect("the ConfigMap volume is mounted");
+        assert_eq!(
+            mount.read_only,
+            Some(true),
+            "{}: config mount is read-only",
+            self.dir
+        );
+        let config_map: ConfigMap = self.one(&config_map_name);
+        let text = config_map
+            .data
+            .as_ref()
+            .and_then(|d| d.get(CONFIG_KEY))
+            .unwrap_or_else(|| panic!("{}: {config_map_name} has no {CONFIG_KEY}", self.dir))
+            .clone();
+        (text, mount.mount_path.clone())
+    }
+}
+
+fn pod_spec(deployment: &Deployment) -> &k8s_openapi::api::core::v1::PodSpec {
+    let spec = deployment.spec.as_ref().expect("Deployment spec");
+    spec.template.spec.as_ref().expect("pod template spec")
+}
+
+fn pod_labels(deployment: &Deployment) -> BTreeMap<String, String> {
+    let spec = deployment.spec.as_ref().expect("Deployment spec");
+    spec.template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default()
+}
+
+/// Whether every pair of `selector` is among `labels` (and the selector is not empty).
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// wakegate.toml as a TOML table, after checking every part the current `Config` type knows.
+///
+/// `Config` does not know `[kubernetes]` yet (the Kubernetes provider is being written) and
+/// rejects unknown fields, so that section is taken out before `Config::parse`. Once the
+/// provider lands, parse and validate the whole file with `Config::parse` instead.
+fn parse_config(text: &str) -> toml::Table {
+    let table: toml::Table = toml::from_str(text).expect("wakegate.toml is valid TOML");
+    let mut known = table.clone();
+    known.remove("kubernetes");
+    let config = wakegate::config::Config::parse(&toml::to_string(&known).unwrap())
+        .expect("wakegate.toml without [kubernetes] parses as a wakegate Config");
+    let problems = config.validate();
+    assert!(
+        problems.is_empty(),
+        "wakegate.toml is invalid: {problems:?}"
+    );
+    table
+}
+
+fn duration(config: &toml::Table, key: &str) -> Duration {
+    let text = config[key].as_str().expect("a duration string");
+    humantime::parse_duration(text).expect("a valid duration")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Grant {
+    group: String,
+    resource: String,
+    verb: String,
+}
+
+fn grants(rules: &[PolicyRule]) -> BTreeSet<Grant> {
+    let mut grants = BTreeSet::new();
+    for rule in rules {
+        assert!(
+            rule.resource_names.is_none() && rule.non_resource_urls.is_none(),
+            "only group/resource/verb rules are expected: {rule:?}"
+        );
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    for part in [group, resource, verb] {
+                        assert!(!part.contains('*'), "a wildcard in {rule:?}");
+                    }
+                    grants.insert(Grant {
+                        group: group.clone(),
+                        resource: resource.clone(),
+                        verb: verb.clone(),
+                    });
+                }
+            }
+        }
+    }
+    grants
+}
+
+fn expected(list: &[(&str, &str, &[&str])]) -> BTreeSet<Grant> {
+    list.iter()
+        .flat_map(|(group, resource, verbs)| {
+            verbs.iter().map(|verb| Grant {
+                group: (*group).to_owned(),
+                resource: (*resource).to_owned(),
+                verb: (*verb).to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Every Kubernetes API call wakegate makes outside its own namespace.
+fn cluster_grants() -> BTreeSet<Grant> {
+    expected(&[
+        ("", "services", &["get", "list", "watch"]),
+        ("discovery.k8s.io", "endpointslices", &["list", "watch"]),
+        ("apps", "deployments", &["get", "list", "watch"]),
+        ("apps", "deployments/scale", &["get", "patch"]),
+        ("events.k8s.io", "events", &["create", "patch"]),
+    ])
+}
+
+fn lease_grants() -> BTreeSet<Grant> {
+    expected(&[(
+        "coordination.k8s.io",
+        "leases",
+        &["get", "create", "update"],
+    )])
+}
+
+#[test]
+fn every_kustomization_renders_into_known_kubernetes_types() {
+    for dir in KUSTOMIZATIONS {
+        let rendered = render(dir);
+        let kinds: BTreeSet<&str> = rendered
+            .objects
+            .iter()
+            .filter_map(|o| o["kind"].as_str())
+            .collect();
+        assert!(!kinds.is_empty(), "{dir}");
+    }
+}
+
+#[test]
+fn unknown_kinds_and_misspelt_fields_are_refused() {
+    let unknown = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}});
+    assert!(
+        check_object(&unknown)
+            .unwrap_err()
+            .contains("unknown kind v1/Pod")
+    );
+    let misspelt = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+        "spec": {"clusterIp": "None"}
+    });
+    assert_eq!(
+        check_object(&misspelt).unwrap_err(),
+        "`.spec.clusterIp` does not survive parsing into a Service: \
+         misspelt, misplaced or of the wrong type"
+    );
+    let number = serde_json::json!({
+        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+        "metadata": {"name": "x", "namespace": "y"},
+        "spec": {"scaleTargetRef": {"name": "x"},
+                 "triggers": [{"type": "prometheus", "metadata": {"threshold": 50}}]}
+    });
+    assert!(check_object(&number).unwrap_err().contains("not a string"));
+}
+
+#[test]
+fn cluster_role_grants_exactly_the_api_calls_wakegate_makes() {
+    for dir in [BASE, MONITORING, KEDA] {
+        let rendered = render(dir);
+        let roles: Vec<ClusterRole> = rendered.all();
+        assert_eq!(roles.len(), 1, "{dir}: one ClusterRole");
+        let rules = roles[0].rules.as_deref().unwrap_or_default();
+        assert_eq!(grants(rules), cluster_grants(), "{dir}: ClusterRole grants");
+        assert!(roles[0].aggregation_rule.is_none(), "{dir}: no aggregation");
+
+        let binding: ClusterRoleBinding = rendered.one("wakegate");
+        assert_eq!(binding.role_ref.kind, "ClusterRole");
+        assert_eq!(
+            binding.role_ref.name,
+            roles[0].metadata.name.clone().unwrap()
+        );
+        let subjects = binding.subjects.unwrap_or_default();
+        assert_eq!(subjects.len(), 1, "{dir}: one subject");
+        assert_eq!(subjects[0].kind, "ServiceAccount");
+        assert_eq!(subjects[0].name, "wakegate");
+        assert_eq!(subjects[0].namespace.as_deref(), Some(NAMESPACE));
+    }
+}
+
+#[test]
+fn lease_role_grants_only_leases_in_wakegate_namespace() {
+    for dir in [BASE, MONITORING, KEDA] {
+        let rendered = render(dir);
+        let roles: Vec<Role> = rendered.all();
+        assert_eq!(roles.len(), 1, "{dir}: one Role");
+        let role = &roles[0];
+        assert_eq!(role.metadata.namespace.as_deref(), Some(NAMESPACE));
+        let rules = role.rules.as_deref().unwrap_or_default();
+        assert_eq!(grants(rules), lease_grants(), "{dir}: Role grants");
+
+        // The Lease wakegate is configured to use lives where the Role grants it.
+        let (text, _) = rendered.mounted_config();
+        let config = parse_config(&text);
+        let lease = config["kubernetes"]["lease"]
+            .as_table()
+            .expect("lease table");
+        assert_eq!(lease["namespace"].as_str(), Some(NAMESPACE));
+        assert!(lease["name"].as_str().is_some_and(|n| !n.is_empty()));
+
+        let bindings: Vec<RoleBinding> = rendered.all();
+        assert_eq!(bindings.len(), 1, "{dir}: one RoleBinding");
+        let binding = &bindings[0];
+        assert_eq!(binding.metadata.namespace.as_deref(), Some(NAMESPACE));
+        assert_eq!(binding.role_ref.kind, "Role");
+        assert_eq!(binding.role_ref.name, role.metadata.name.clone().unwrap());
+        let subjects = binding.subjects.clone().unwrap_or_default();
+        assert_eq!(subjects.len(), 1);
+        assert_eq!(subjects[0].kind, "ServiceAccount");
+        assert_eq!(subjects[0].name, "wakegate");
+        assert_eq!(subjects[0].namespace.as_deref(), Some(NAMESPACE));
+    }
+}
+
+#[test]
+fn deployment_runs_two_hardened_replicas_probed_on_the_admin_port() {
+    let rendered = render(BASE);
+    let (deployment, container) = rendered.wakegate();
+    assert_eq!(deployment.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let spec = deployment.spec.as_ref().unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let pod = pod_spec(&deployment);
+    assert_eq!(pod.service_account_name.as_deref(), Some("wakegate"));
+    let _: ServiceAccount = rendered.one("wakegate");
+
+    assert_eq!(
+        container.args.as_deref().unwrap_or_default(),
+        [
+            "run",
+            "--config",
+            "/etc/wakegate/wakegate.toml",
+            "--log-format",
+            "json"
+        ]
+    );
+    let image = container.image.as_deref().unwrap_or_default();
+    assert!(
+        image.ends_with(&format!(":{}", env!("CARGO_PKG_VERSION"))),
+        "{image}"
+    );
+    for (env, field) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        let var = container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == env)
+            .unwrap_or_else(|| panic!("{env} is set"));
+        let from = var.value_from.as_ref().and_then(|v| v.field_ref.as_ref());
+        assert_eq!(from.map(|f| f.field_path.as_str()), Some(field), "{env}");
+    }
+    let ports: BTreeMap<String, i32> = container
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+        .collect();
+    assert_eq!(
+        ports,
+        BTreeMap::from([("http".into(), 8080), ("admin".into(), 9090)])
+    );
+
+    for (probe, path) in [
+        (&container.liveness_probe, "/healthz"),
+        (&container.readiness_probe, "/readyz"),
+    ] {
+        let get = probe.as_ref().and_then(|p| p.http_get.as_ref());
+        let get = get.unwrap_or_else(|| panic!("an HTTP probe on {path}"));
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(get.port, IntOrString::String("admin".into()), "{path}");
+    }
+
+    let resources = container.resources.as_ref().expect("resources");
+    let requests = resources.requests.clone().unwrap_or_default();
+    assert_eq!(requests["cpu"].0, "100m");
+    assert_eq!(requests["memory"].0, "64Mi");
+    assert_eq!(
+        resources.limits.clone().unwrap_or_default()["memory"].0,
+        "256Mi"
+    );
+
+    let security = container
+        .security_context
+        .as_ref()
+        .expect("securityContext");
+    let pod_security = pod.security_context.as_ref();
+    let run_as_non_root = security
+        .run_as_non_root
+        .or(pod_security.and_then(|s| s.run_as_non_root));
+    assert_eq!(run_as_non_root, Some(true));
+    let uid = security
+        .run_as_user
+        .or(pod_security.and_then(|s| s.run_as_user));
+    assert_eq!(uid, Some(65532), "the image's nonroot user");
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    let drop = security.capabilities.as_ref().and_then(|c| c.drop.clone());
+    assert_eq!(drop, Some(vec!["ALL".to_owned()]));
+    assert!(security.privileged != Some(true));
+    let seccomp = security
+        .seccomp_profile
+        .as_ref()
+        .or(pod_security.and_then(|s| s.seccomp_profile.as_ref()));
+    assert_eq!(seccomp.map(|s| s.type_.as_str()), Some("RuntimeDefault"));
+
+    // Spread across nodes, softly: a one-node cluster still runs both replicas.
+    let spread = pod.topology_spread_constraints.iter().flatten().any(|c| {
+        c.topology_key == "kubernetes.io/hostname" && c.when_unsatisfiable == "ScheduleAnyway"
+    });
+    let soft_anti_affinity = pod
+        .affinity
+        .as_ref()
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .is_some_and(|a| {
+            a.preferred_during_scheduling_ignored_during_execution
+                .is_some()
+                && a.required_during_scheduling_ignored_during_execution
+                    .is_none()
+        });
+    assert!(spread || soft_anti_affinity, "replicas spread across nodes");
+}
+
+#[test]
+fn termination_grace_outlasts_the_pre_stop_pause_and_drain_timeout() {
+    for dir in [BASE, MONITORING, KEDA] {
+        let rendered = render(dir);
+        let (text, _) = rendered.mounted_config();
+        let drain = duration(&parse_config(&text), "drain_timeout");
+        let (deployment, container) = rendered.wakegate();
+        let pre_stop = container
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.sleep.as_ref())
+            .map_or(0, |s| s.seconds);
+        let grace = pod_spec(&deployment)
+            .termination_grace_period_seconds
+            .expect("terminationGracePeriodSeconds is set");
+        let needed = Duration::from_secs(pre_stop.try_into().unwrap()) + drain;
+        assert!(
+            Duration::from_secs(grace.try_into().unwrap()) > needed,
+            "{dir}: terminationGracePeriodSeconds {grace} must exceed the preStop pause \
+             ({pre_stop}s) plus drain_timeout ({drain:?}), or SIGKILL cuts a drain short"
+        );
+    }
+}
+
+#[test]
+fn config_is_mounted_at_etc_wakegate_and_names_the_peers_service() {
+    for dir in [BASE, MONITORING, KEDA] {
+        let rendered = render(dir);
+        let (text, mount_path) = rendered.mounted_config();
+        assert_eq!(mount_path, CONFIG_DIR, "{dir}");
+        let (_, container) = rendered.wakegate();
+        let args = container.args.unwrap_or_default();
+        let config_arg = args
+            .iter()
+            .position(|a| a == "--config")
+            .map(|i| &args[i + 1]);
+        assert_eq!(config_arg, Some(&format!("{CONFIG_DIR}/{CONFIG_KEY}")));
+
+        let config = parse_config(&text);
+        let kubernetes = config["kubernetes"].as_table().expect("[kubernetes]");
+        let known = ["namespaces", "kubeconfig", "autoscaler", "lease", "peers"];
+        for key in kubernetes.keys() {
+            assert!(
+                known.contains(&key.as_str()),
+                "{dir}: unknown kubernetes.{key}"
+            );
+        }
+        assert!(kubernetes["namespaces"].as_array().is_some());
+        assert!(kubernetes.get("kubeconfig").is_none(), "in-cluster config");
+        let autoscaler = kubernetes["autoscaler"].as_str();
+        assert!(
+            matches!(autoscaler, Some("internal" | "external")),
+            "{autoscaler:?}"
+        );
+
+        let peers = kubernetes["peers"].as_table().expect("peers table");
+        let service: Service = rendered.one(peers["service"].as_str().expect("peers.service"));
+        assert_eq!(
+            service.metadata.namespace.as_deref(),
+            peers["namespace"].as_str(),
+            "{dir}: peers.namespace"
+        );
+    }
+}
+
+#[test]
+fn peers_service_is_headless_with_an_admin_port_on_ready_pods() {
+    let rendered = render(BASE);
+    let (deployment, container) = rendered.wakegate();
+    let peers: Service = rendered.one("wakegate-peers");
+    let spec = peers.spec.expect("spec");
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(spec.publish_not_ready_addresses, Some(false));
+    assert!(selects(
+        &spec.selector.unwrap_or_default(),
+        &pod_labels(&deployment)
+    ));
+    let ports = spec.ports.unwrap_or_default();
+    let admin = ports
+        .iter()
+        .find(|p| p.name.as_deref() == Some("admin"))
+        .expect("a port named admin");
+    assert_eq!(admin.port, 9090);
+    assert_eq!(admin.target_port, Some(IntOrString::String("admin".into())));
+    assert!(
+        container
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.name.as_deref() == Some("admin"))
+    );
+}
+
+#[test]
+fn traffic_service_and_disruption_budget_select_wakegate_pods() {
+    let rendered = render(BASE);
+    let (deployment, _) = rendered.wakegate();
+    let labels = pod_labels(&deployment);
+
+    let service: Service = rendered.one("wakegate");
+    let spec = service.spec.expect("spec");
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    assert!(selects(&spec.selector.unwrap_or_default(), &labels));
+    let ports = spec.ports.unwrap_or_default();
+    assert_eq!(ports.len(), 1, "traffic only, no admin port");
+    assert_eq!(ports[0].port, 80);
+    assert_eq!(
+        ports[0].target_port,
+        Some(IntOrString::String("http".into()))
+    );
+
+    let pdb: PodDisruptionBudget = rendered.one("wakegate");
+    let spec = pdb.spec.expect("spec");
+    assert_eq!(spec.min_available, Some(IntOrString::Int(1)));
+    let selector = spec
+        .selector
+        .and_then(|s| s.match_labels)
+        .unwrap_or_default();
+    assert!(selects(&selector, &labels));
+}
+
+#[test]
+fn dockerfile_exposes_the_deployments_container_ports() {
+    let dockerfile = std::fs::read_to_string(repo("Dockerfile")).expect("Dockerfile");
+    let exposed: BTreeSet<i32> = dockerfile
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("EXPOSE "))
+        .flat_map(str::split_whitespace)
+        .map(|p| p.trim_end_matches("/tcp").parse().expect("a port number"))
+        .collect();
+    let (_, container) = render(BASE).wakegate();
+    let ports: BTreeSet<i32> = container
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| p.container_port)
+        .collect();
+    assert_eq!(exposed, ports);
+}
+
+#[test]
+fn service_monitor_scrapes_peers_admin_metrics_keeping_wakegate_labels() {
+    let rendered = render(MONITORING);
+    let monitors = rendered.custom("ServiceMonitor");
+    assert_eq!(monitors.len(), 1);
+    let monitor = monitors[0];
+    assert_eq!(monitor["metadata"]["namespace"], NAMESPACE);
+    let selector: BTreeMap<String, String> =
+        serde_json::from_value(monitor["spec"]["selector"]["matchLabels"].clone())
+            .expect("matchLabels");
+    let peers: Service = rendered.one("wakegate-peers");
+    assert!(selects(
+        &selector,
+        &peers.metadata.labels.clone().unwrap_or_default()
+    ));
+    let traffic: Service = rendered.one("wakegate");
+    assert!(
+        !selects(&selector, &traffic.metadata.labels.unwrap_or_default()),
+        "one scrape per replica, not one per Service"
+    );
+    let endpoints = monitor["spec"]["endpoints"].as_array().unwrap();
+    assert_eq!(endpoints.len(), 1);
+    assert_eq!(endpoints[0]["port"], "admin");
+    assert_eq!(endpoints[0]["path"], "/metrics");
+    assert_eq!(
+        endpoints[0]["honorLabels"], true,
+        "without honorLabels, Prometheus's namespace/service target labels replace wakegate's"
+    );
+
+    // Not in the base: it needs the Prometheus Operator's CRD.
+    assert!(render(BASE).custom("ServiceMonitor").is_empty());
+}
+
+/// What the annotations of an opted-in Service must look like (DESIGN.md's table).
+///
+/// The provider's own annotation parser is being written; once it lands, check these with
+/// it instead of this copy of the rules.
+fn check_annotations(service: &Service) -> Result<BTreeMap<String, String>, String> {
+    let all = service.metadata.annotations.clone().unwrap_or_default();
+    let ours: BTreeMap<String, String> = all
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("wakegate.io/")?.to_owned(), v)))
+        .collect();
+    let number = |v: &str| v.parse::<u32>().map_err(|e| format!("{v:?}: {e}"));
+    for (key, value) in &ours {
+        let bad = |why: String| format!("wakegate.io/{key}: {why}");
+        match key.as_str() {
+            "enabled" | "wake-page" => {
+                if !matches!(value.as_str(), "true" | "false") {
+                    return Err(bad(format!("{value:?} is not true or false")));
+                }
+            }
+            "deployment" => {
+                let ok = !value.is_empty()
+                    && value.len() <= 253
+                    && value
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.".contains(c));
+                if !ok {
+                    return Err(bad(format!("{value:?} is not a Deployment name")));
+                }
+            }
+            "hosts" => {
+                for host in value.split(',').map(str::trim) {
+                    let name = host.strip_prefix("*.").unwrap_or(host);
+                    let ok = !name.is_empty()
+                        && name.split('.').all(|label| {
+                            !label.is_empty()
+                                && label.chars().all(|c| {
+                                    c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
+                                })
+                        });
+                    if !ok {
+                        return Err(bad(format!("{host:?} is not a host name")));
+                    }
+                }
+            }
+            "path-prefixes" => {
+                if let Some(p) = value
+                    .split(',')
+                    .map(str::trim)
+                    .find(|p| !p.starts_with('/'))
+                {
+                    return Err(bad(format!("{p:?} does not start with /")));
+                }
+            }
+            "port" => {
+                if value.is_empty() {
+                    return Err(bad("empty".into()));
+                }
+            }
+            "min-replicas" | "max-replicas" => {
+                number(value).map_err(bad)?;
+            }
+            "max-pending" => {
+                if number(value).map_err(bad)? == 0 {
+                    return Err(bad("must be above zero".into()));
+                }
+            }
+            "metric" => {
+                if !matches!(value.as_str(), "concurrency" | "rps") {
+                    return Err(bad(format!("{value:?} is not concurrency or rps")));
+                }
+            }
+            "target" => {
+                let target: f64 = value.parse().map_err(|e| bad(format!("{value:?}: {e}")))?;
+                if target.is_nan() || target <= 0.0 {
+                    return Err(bad("must be above zero".into()));
+                }
+            }
+            "scale-down-delay" | "idle-timeout" | "cold-start-timeout" => {
+                humantime::parse_duration(value).map_err(|e| bad(format!("{value:?}: {e}")))?;
+            }
+            _ => return Err(format!("wakegate.io/{key} is not a wakegate annotation")),
+        }
+    }
+    if ours.get("enabled").map(String::as_str) != Some("true") {
+        return Err("wakegate.io/enabled is not \"true\"".into());
+    }
+    let min = ours.get("min-replicas").map_or(Ok(0), |v| number(v))?;
+    let max = ours.get("max-replicas").map_or(Ok(10), |v| number(v))?;
+    if min > max {
+        return Err(format!("min-replicas {min} is above max-replicas {max}"));
+    }
+    Ok(ours)
+}
+
+#[test]
+fn annotation_check_refuses_what_wakegate_would_skip() {
+    let service = |pairs: &[(&str, &str)]| Service {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            annotations: Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (format!("wakegate.io/{k}"), (*v).to_owned()))
+                    .collect(),
+            ),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    assert!(check_annotations(&service(&[("enabled", "true")])).is_ok());
+    for bad in [
+        vec![("enabled", "yes")],
+        vec![("enabled", "true"), ("idle-timeout", "five minutes")],
+        vec![
+            ("enabled", "true"),
+            ("min-replicas", "3"),
+            ("max-replicas", "2"),
+        ],
+        vec![("enabled", "true"), ("hosts", "Hello.example.com")],
+        vec![("enabled", "true"), ("metric", "cpu")],
+        vec![("enabled", "true"), ("max-replica", "5")],
+    ] {
+        assert!(check_annotations(&service(&bad)).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn hello_service_carries_valid_wakegate_annotations() {
+    let rendered = render(HELLO);
+    let service: Service = rendered.one("hello");
+    let annotations = check_annotations(&service).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(annotations["hosts"], "hello.example.com");
+    assert_eq!(annotations["min-replicas"], "0");
+    assert_eq!(annotations["max-replicas"], "5");
+    assert_eq!(
+        humantime::parse_duration(&annotations["idle-timeout"]).unwrap(),
+        Duration::from_secs(300)
+    );
+
+    // What the annotations name exists: the Deployment (same namespace, selected by the
+    // Service) and the port.
+    let workload = annotations
+        .get("deployment")
+        .cloned()
+        .or(service.metadata.name.clone());
+    let deployment: Deployment = rendered.one(&workload.unwrap());
+    assert_eq!(deployment.metadata.namespace, service.metadata.namespace);
+    assert_eq!(
+        deployment.spec.as_ref().unwrap().replicas,
+        Some(0),
+        "starts cold"
+    );
+    let spec = service.spec.expect("spec");
+    assert!(selects(
+        &spec.selector.unwrap_or_default(),
+        &pod_labels(&deployment)
+    ));
+    let port = &annotations["port"];
+    assert!(
+        spec.ports
+            .iter()
+            .flatten()
+            .any(|p| { p.name.as_deref() == Some(port.as_str()) || p.port.to_string() == *port })
+    );
+
+    // Its pods would pass the `restricted` Pod Security Standard too, and start the demo
+    // backend on the port the Service targets.
+    let container = &pod_spec(&deployment).containers[0];
+    let args = container.args.clone().unwrap_or_default();
+    assert_eq!(args[0], "demo-backend");
+    assert!(args.windows(2).any(|w| w == ["--host", "0.0.0.0"]));
+    assert!(args.windows(2).any(|w| w == ["--port", "8080"]));
+    let security = container
+        .security_context
+        .as_ref()
+        .expect("securityContext");
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    let pod_security = pod_spec(&deployment).security_context.as_ref();
+    assert_eq!(pod_security.and_then(|s| s.run_as_non_root), Some(true));
+}
+
+#[test]
+fn hello_ingress_sends_its_host_to_wakegate_from_wakegate_namespace() {
+    let hello = render(HELLO);
+    let ingress: Ingress = hello.one("hello");
+    // An Ingress backend is a Service of the Ingress's own namespace.
+    assert_eq!(ingress.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let rules = ingress.spec.and_then(|s| s.rules).unwrap_or_default();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].host.as_deref(), Some("hello.example.com"));
+    let paths = &rules[0].http.as_ref().expect("http rule").paths;
+    let backend = paths[0]
+        .backend
+        .service
+        .as_ref()
+        .expect("a Service backend");
+    assert_eq!(backend.name, "wakegate");
+    let port_name = backend.port.as_ref().and_then(|p| p.name.clone());
+
+    let base = render(BASE);
+    let wakegate: Service = base.one(&backend.name);
+    assert_eq!(wakegate.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let ports = wakegate.spec.and_then(|s| s.ports).unwrap_or_default();
+    assert!(ports.iter().any(|p| p.name == port_name), "{port_name:?}");
+
+    let service: Service = hello.one("hello");
+    let hosts = &check_annotations(&service).unwrap()["hosts"];
+    assert!(hosts.split(',').any(|h| h.trim() == "hello.example.com"));
+}
+
+#[test]
+fn keda_example_runs_wakegate_external_and_scales_hello_on_its_metrics() {
+    let keda = render(KEDA);
+    let (text, _) = keda.mounted_config();
+    let config = parse_config(&text);
+    assert_eq!(
+        config["kubernetes"]["autoscaler"].as_str(),
+        Some("external"),
+        "KEDA's HPA and wakegate must not both scale hello"
+    );
+
+    // The same settings as the base's otherwise, so the two do not drift apart.
+    let (base_text, _) = render(BASE).mounted_config();
+    let mut as_internal = config.clone();
+    as_internal["kubernetes"]["autoscaler"] = toml::Value::String("internal".into());
+    assert_eq!(
+        as_internal,
+        parse_config(&base_text),
+        "{KEDA}/wakegate.toml differs from {BASE}/wakegate.toml in more than `autoscaler`"
+    );
+
+    let objects = keda.custom("ScaledObject");
+    assert_eq!(objects.len(), 1);
+    let scaled = objects[0];
+    let spec = &scaled["spec"];
+    let target = &spec["scaleTargetRef"];
+    assert_eq!(target["kind"], "Deployment");
+    let deployment: Deployment = keda.one(target["name"].as_str().unwrap());
+    assert_eq!(
+        deployment.metadata.namespace.as_deref(),
+        scaled["metadata"]["namespace"].as_str()
+    );
+    assert_eq!(spec["minReplicaCount"], 0, "KEDA takes hello to zero");
+
+    let service: Service = keda.one("hello");
+    let annotations = check_annotations(&service).unwrap();
+    assert_eq!(
+        spec["maxReplicaCount"].as_u64().unwrap().to_string(),
+        annotations["max-replicas"]
+    );
+
+    let triggers = spec["triggers"].as_array().unwrap();
+    let documented = documented_metrics();
+    for trigger in triggers {
+        assert_eq!(trigger["type"], "prometheus");
+        let query = trigger["metadata"]["query"].as_str().unwrap();
+        assert!(
+            query.contains(r#"namespace="demo",service="hello""#),
+            "{query}"
+        );
+        for metric in metric_names(query) {
+            assert!(
+                documented.contains(&metric),
+                "{metric} is not in README's Metrics table"
+            );
+        }
+        assert!(trigger["metadata"]["threshold"].as_str().is_some());
+    }
+    let rate = &triggers[0]["metadata"];
+    assert!(
+        rate["query"]
+            .as_str()
+            .unwrap()
+            .contains("http_requests_total")
+    );
+    assert_eq!(rate["threshold"], "50");
+}
+
+/// Every series name README's Metrics table documents (a histogram's `_bucket`, `_sum` and
+/// `_count`).
+fn documented_metrics() -> BTreeSet<String> {
+    let readme = std::fs::read_to_string(repo("README.md")).expect("README.md");
+    let section = readme
+        .split("\n## Metrics\n")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("README has a Metrics section");
+    let mut names = BTreeSet::new();
+    for line in section.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (metrics, kind) = (cells[1], cells[2]);
+        for name in metrics.split('`').skip(1).step_by(2) {
+            if kind.starts_with("histogram") {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            } else {
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    assert!(names.contains("http_requests_total"), "{names:?}");
+    names
+}
+
+/// The metric names a PromQL expression selects: identifiers that are not functions,
+/// keywords, label names, label values, ranges or Grafana variables.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let chars: Vec<char> = expr.chars().collect();
+    let mut names = BTreeSet::new();
+    let mut i = 0;
+    let mut label_list_next = false;
+    // Skips from an opening character to its closing one, past quoted strings.
+    let skip = |mut i: usize, close: char| {
+        while i < chars.len() && chars[i] != close {
+            if chars[i] == '"' {
+                i += 1;
+                while i < chars.len() && chars[i] != '"' {
+                    i += if chars[i] == '\\' { 2 } else { 1 };
+                }
+            }
+            i += 1;
+        }
+        i + 1
+    };
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '{' {
+            i = skip(i + 1, '}');
+        } else if c == '[' {
+            i = skip(i + 1, ']');
+        } else if c == '"' {
+            i = skip(i + 1, '"');
+        } else if c == '(' && label_list_next {
+            i = skip(i + 1, ')');
+            label_list_next = false;
+        } else if c.is_ascii_digit() || c == '$' {
+            i += 1;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || "._".contains(chars[i])) {
+                i += 1;
+            }
+        } else if c.is_ascii_alphabetic() || c == '_' || c == ':' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || "_:".contains(chars[i])) {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let next = chars[i..].iter().find(|c| !c.is_whitespace());
+            match word.as_str() {
+                "by" | "without" | "on" | "ignoring" | "group_left" | "group_right" => {
+                    label_list_next = next == Some(&'(');
+                }
+                // Operators, and aggregations (which may be followed by `by (...)`).
+                "bool" | "and" | "or" | "unless" | "offset" | "atan2" | "sum" | "min" | "max"
+                | "avg" | "group" | "stddev" | "stdvar" | "count" | "count_values" | "bottomk"
+                | "topk" | "quantile" | "limitk" | "limit_ratio" => {}
+                _ if next == Some(&'(') => {}
+                _ => {
+                    names.insert(word);
+                }
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+#[test]
+fn metric_names_are_read_out_of_promql() {
+    let names = |e: &str| metric_names(e).into_iter().collect::<Vec<_>>();
+    assert_eq!(
+        names(
+            r#"histogram_quantile(0.99, sum by (le) (rate(a_bucket{service=~"$service", x="}"}[$__rate_interval])))"#
+        ),
+        ["a_bucket"]
+    );
+    assert_eq!(
+        names("sum(rate(b_total[2m])) / on (service) group_left max(c) + d offset 5m"),
+        ["b_total", "c", "d"]
+    );
+}
+
+#[test]
+fn grafana_dashboard_queries_only_documented_metrics() {
+    let text = std::fs::read_to_string(repo("deploy/grafana/wakegate-dashboard.json"))
+        .expect("the dashboard");
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    assert!(dashboard["schemaVersion"].as_u64().unwrap() >= 36);
+    assert!(dashboard["uid"].as_str().is_some_and(|u| !u.is_empty()));
+
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables");
+    let variable = |name: &str| {
+        variables
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("a `{name}` variable"))
+    };
+    let datasource = variable("DS_PROMETHEUS");
+    assert_eq!(datasource["type"], "datasource");
+    assert_eq!(datasource["query"], "prometheus");
+    let documented = documented_metrics();
+    let mut used = BTreeSet::new();
+    for name in ["namespace", "service"] {
+        // Grafana's label_values(SELECTOR, LABEL), not PromQL.
+        let query = variable(name)["definition"].as_str().unwrap();
+        let (selector, label) = query
+            .strip_prefix("label_values(")
+            .and_then(|q| q.strip_suffix(')'))
+            .and_then(|q| q.rsplit_once(','))
+            .unwrap_or_else(|| panic!("{query} is label_values(SELECTOR, LABEL)"));
+        assert_eq!(label.trim(), name);
+        assert_eq!(
+            metric_names(selector),
+            BTreeSet::from(["http_requests_total".to_owned()])
+        );
+        used.extend(metric_names(selector));
+    }
+
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut ids = BTreeSet::new();
+    for panel in panels {
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "panel ids are unique"
+        );
+        if panel["type"] == "row" {
+            continue;
+        }
+        let title = panel["title"].as_str().unwrap();
+        assert_eq!(panel["datasource"]["uid"], "${DS_PROMETHEUS}", "{title}");
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}");
+        for target in targets {
+            assert_eq!(target["datasource"]["uid"], "${DS_PROMETHEUS}", "{title}");
+            let expr = target["expr"].as_str().expect("an expr");
+            assert!(
+                expr.contains(r#"namespace=~"$namespace""#),
+                "{title}: {expr}"
+            );
+            assert!(expr.contains(r#"service=~"$service""#), "{title}: {expr}");
+            let names = metric_names(expr);
+            assert!(!names.is_empty(), "{title}: {expr}");
+            for name in &names {
+                assert!(
+                    documented.contains(name),
+                    "{title}: {name} is not in README's Metrics table"
+                );
+            }
+            used.extend(names);
+        }
+    }
+    for needed in [
+        "http_requests_total",
+        "http_request_duration_seconds_bucket",
+        "http_requests_in_flight",
+        "wakegate_pending_requests",
+        "wakegate_cold_starts_total",
+        "wakegate_cold_start_duration_seconds_bucket",
+        "wakegate_replicas_desired",
+        "wakegate_replicas_ready",
+        "wakegate_scale_events_total",
+        "wakegate_rejected_requests_total",
+    ] {
+        assert!(used.contains(needed), "no panel shows {needed}");
+    }
+}
