@@ -58,8 +58,8 @@ fn render(dir: &'static str) -> Rendered {
     };
     if !output.status.success() {
         panic!(
-            "`kubectl kustomize {dir}` failed (kustomize {}; these kustomizations need v4 or \
-             later):\n{}",
+            "`kubectl kustomize {dir}` failed ({}; these kustomizations need kustomize v4 or \
+             later, kubectl 1.21 or later):\n{}",
             kustomize_version(),
             String::from_utf8_lossy(&output.stderr)
         );
@@ -82,14 +82,24 @@ fn render(dir: &'static str) -> Rendered {
     Rendered { dir, objects }
 }
 
+/// Which kustomize `kubectl` has, for error messages.
 fn kustomize_version() -> String {
-    Command::new("kubectl")
+    let version = Command::new("kubectl")
         .args(["version", "--client", "-o", "json"])
         .output()
         .ok()
         .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
-        .and_then(|v| v["kustomizeVersion"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| "version unknown".to_owned())
+        .unwrap_or_default();
+    match (
+        version["kustomizeVersion"].as_str(),
+        version["clientVersion"]["gitVersion"].as_str(),
+    ) {
+        (Some(kustomize), _) => format!("kustomize {kustomize}"),
+        (None, Some(kubectl)) => {
+            format!("kubectl {kubectl}, which does not report its kustomize version")
+        }
+        (None, None) => "kustomize of unknown version".to_owned(),
+    }
 }
 
 fn name(object: &Value) -> String {
