@@ -459,9 +459,9 @@ fn expected(list: &[(&str, &str, &[&str])]) -> BTreeSet<Grant> {
 /// Every Kubernetes API call wakegate makes outside its own namespace.
 fn cluster_grants() -> BTreeSet<Grant> {
     expected(&[
-        ("", "services", &["get", "list", "watch"]),
+        ("", "services", &["list", "watch"]),
         ("discovery.k8s.io", "endpointslices", &["list", "watch"]),
-        ("apps", "deployments", &["get", "list", "watch"]),
+        ("apps", "deployments", &["list", "watch"]),
         ("apps", "deployments/scale", &["get", "patch"]),
         ("events.k8s.io", "events", &["create", "patch"]),
     ])

@@ -380,3 +380,53 @@ async fn two_replicas_elect_one_leader_which_scales_from_the_summed_signal_and_h
     };
     assert_eq!(lease["spec"]["holderIdentity"], follower_name);
 }
+
+#[tokio::test]
+async fn a_held_request_wakes_the_target_again_when_something_else_scales_it_back_to_zero() {
+    // As with KEDA (autoscaler = "external") scaling to zero right after a wake, before its
+    // metrics show the demand: the held request must not wait for its timeout.
+    let api = FakeApi::start().await;
+    api.start_kubelet(KubeletOptions {
+        startup_delay: Duration::from_secs(2),
+        program: BIN.into(),
+    });
+    api.apply(deployment("keda", 0));
+    api.apply(service(
+        "keda",
+        json!({ "wakegate.io/enabled": "true", "wakegate.io/hosts": "keda.example.com" }),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let wg = Arc::new(
+        Wakegate::start(
+            FAST,
+            &kubernetes_section(&api, dir.path(), "autoscaler = \"external\""),
+        )
+        .await,
+    );
+    wait_ready(&wg).await;
+    wg.wait_for_target("keda", Duration::from_secs(10), |t| {
+        t["kind"] == "kubernetes"
+    })
+    .await;
+
+    let held = {
+        let wg = wg.clone();
+        tokio::spawn(async move { wg.get("keda.example.com", "/").await })
+    };
+    eventually("the wake", Duration::from_secs(10), || {
+        (api.deployment_replicas(NS, "keda") == Some(1)).then_some(())
+    })
+    .await;
+    // Someone else scales it back to zero while the pod is still starting.
+    api.apply(deployment("keda", 0));
+
+    let response = held.await.unwrap();
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert_eq!(response.headers["x-wakegate-cold-start"], "true");
+    let wakes: Vec<i32> = api
+        .scale_patches(NS, "keda")
+        .iter()
+        .map(|(_, n)| *n)
+        .collect();
+    assert_eq!(wakes, vec![1, 1], "woken, scaled away, woken again");
+}
