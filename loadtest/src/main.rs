@@ -1,0 +1,340 @@
+//! `loadtest`: wakegate's load generator and its named scenarios (see loadtest/README.md).
+//!
+//! `loadtest run` sends load to one URL; `loadtest scenario NAME` sets up wakegate, nginx and
+//! an upstream on 127.0.0.1, measures them interleaved, and writes a report.
+
+mod load;
+mod procs;
+mod report;
+mod scenario;
+mod stand;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Harness(String),
+}
+
+impl Error {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "loadtest",
+    about = "wakegate's load generator and load-test scenarios"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Send load to one URL on this machine and print throughput, latency and errors.
+    Run {
+        /// `http://127.0.0.1:PORT/path` (loopback addresses only).
+        #[arg(long)]
+        url: http::Uri,
+        /// The `Host` header (h2c: `:authority`); default: the URL's host and port.
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long, short, default_value_t = 64)]
+        connections: usize,
+        #[arg(long, short, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Open loop: this many requests per second in total, latency counted from when each
+        /// request fell due. Without it: closed loop, as fast as the connections go.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// HTTP/2 over cleartext with prior knowledge instead of HTTP/1.1.
+        #[arg(long)]
+        h2c: bool,
+        /// h2c: requests in flight at once on each connection.
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        /// A request unanswered after this long counts as a timeout error.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a named scenario and write NAME.md, NAME.json and NAME.svg.
+    Scenario {
+        name: scenario::Name,
+        /// Where the reports go.
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/loadtest/results"))]
+        out: PathBuf,
+        /// Interleaved rounds of the paths compared.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds instead of minutes: one round, short runs, fewer cycles (a smoke test).
+        #[arg(long)]
+        quick: bool,
+        /// The wakegate binary (default: the one next to this program, built first when run
+        /// through `cargo run`).
+        #[arg(long)]
+        wakegate: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("loadtest: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        // Dropping the command's future on a signal stops every child it started.
+        tokio::select! {
+            result = command(cli.command) => result,
+            signal = terminated() => {
+                eprintln!("\nloadtest: {signal}, stopping");
+                Ok(ExitCode::from(130))
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("loadtest: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn command(command: Command) -> Result<ExitCode, Error> {
+    match command {
+        Command::Run {
+            url,
+            host,
+            connections,
+            duration,
+            rate,
+            h2c,
+            streams,
+            timeout,
+            json,
+        } => {
+            run(
+                url,
+                host,
+                connections,
+                duration,
+                rate,
+                h2c,
+                streams,
+                timeout,
+                json,
+            )
+            .await
+        }
+        Command::Scenario {
+            name,
+            out,
+            rounds,
+            quick,
+            wakegate,
+        } => {
+            let settings = scenario::Settings {
+                wakegate: wakegate_binary(wakegate)?,
+                out,
+                rounds: if quick { 1 } else { rounds.max(1) },
+                quick,
+            };
+            scenario::run(name, &settings).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    url: http::Uri,
+    host: Option<String>,
+    connections: usize,
+    duration: Duration,
+    rate: Option<f64>,
+    h2c: bool,
+    streams: usize,
+    timeout: Duration,
+    json: bool,
+) -> Result<ExitCode, Error> {
+    let usage = |why: &str| Error::Harness(format!("--url {url}: {why}"));
+    if url.scheme_str() != Some("http") {
+        return Err(usage("expected an http:// URL"));
+    }
+    let authority = url.authority().ok_or_else(|| usage("expected a host"))?;
+    let port = authority.port_u16().unwrap_or(80);
+    let addr: SocketAddr = tokio::net::lookup_host((authority.host(), port))
+        .await
+        .map_err(|e| usage(&format!("cannot resolve: {e}")))?
+        .find(|a| a.ip().is_loopback())
+        .ok_or_else(|| usage("load goes to loopback addresses only (127.0.0.0/8, [::1])"))?;
+    if connections == 0 || rate.is_some_and(|r| r <= 0.0 || !r.is_finite()) {
+        return Err(usage("--connections and --rate must be above zero"));
+    }
+    let mut plan = load::Plan::new(
+        addr,
+        host.as_deref().unwrap_or(authority.as_str()),
+        connections,
+        duration,
+    );
+    plan.path = url.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    plan.rate = rate;
+    plan.timeout = timeout;
+    plan.streams = streams;
+    plan.protocol = if h2c {
+        load::Protocol::H2c
+    } else {
+        load::Protocol::Http1
+    };
+    plan.label = "run".into();
+    let outcome = load::run(&plan).await;
+    let percentiles = [0.5, 0.9, 0.99, 0.999, 0.9999, 1.0];
+    if json {
+        let latency: serde_json::Map<_, _> = percentiles
+            .iter()
+            .map(|q| {
+                (
+                    format!("p{}", q * 100.0),
+                    serde_json::json!(report::quantile_ms(&outcome.latency, *q)),
+                )
+            })
+            .collect();
+        let summary = serde_json::json!({
+            "url": url.to_string(),
+            "protocol": if h2c { "h2c" } else { "http/1.1" },
+            "connections": connections,
+            "rate": rate,
+            "elapsed_s": outcome.elapsed.as_secs_f64(),
+            "ok": outcome.ok,
+            "rps": outcome.rps(),
+            "errors": outcome.errors,
+            "unsent": outcome.unsent,
+            "latency_ms": latency,
+        });
+        println!("{summary:#}");
+    } else {
+        let mode = match rate {
+            Some(r) => format!("open loop at {r} req/s, latency from when each request fell due"),
+            None => "closed loop".into(),
+        };
+        println!(
+            "{url} ({}), {connections} connections, {mode}, {:.1} s",
+            if h2c { "h2c" } else { "HTTP/1.1" },
+            outcome.elapsed.as_secs_f64()
+        );
+        println!(
+            "{} ok responses, {:.0} req/s; errors: {}{}",
+            outcome.ok,
+            outcome.rps(),
+            outcome.error_summary(),
+            if outcome.unsent > 0 {
+                format!("; {} due but not sent by the end", outcome.unsent)
+            } else {
+                String::new()
+            }
+        );
+        let line: Vec<String> = percentiles
+            .iter()
+            .map(|q| {
+                let name = if *q == 1.0 {
+                    "max".into()
+                } else {
+                    format!("p{}", q * 100.0)
+                };
+                format!(
+                    "{name} {}",
+                    report::ms(report::quantile_ms(&outcome.latency, *q))
+                )
+            })
+            .collect();
+        println!("latency: {}", line.join(", "));
+    }
+    // Zero successes means the target or the harness is broken, never that it was slow.
+    Ok(if outcome.ok == 0 {
+        eprintln!("loadtest: no successful response");
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The wakegate binary the scenarios run. Under `cargo run` (which sets `CARGO`), it is built
+/// first with this program's profile, so the numbers are never a stale binary's.
+fn wakegate_binary(given: Option<PathBuf>) -> Result<PathBuf, Error> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    let exe = std::env::current_exe().map_err(|e| Error::io("find this program's path", e))?;
+    let dir = exe
+        .parent()
+        .ok_or_else(|| Error::Harness("this program has no directory".into()))?;
+    let path = dir.join("wakegate");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut build = std::process::Command::new(cargo);
+        build.args(["build", "--quiet", "--bin", "wakegate"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        build.current_dir(env!("CARGO_MANIFEST_DIR"));
+        let status = build
+            .status()
+            .map_err(|e| Error::io("run cargo build --bin wakegate", e))?;
+        if !status.success() {
+            return Err(Error::Harness(format!(
+                "cargo build --bin wakegate: {status}"
+            )));
+        }
+    }
+    if !path.exists() {
+        return Err(Error::Harness(format!(
+            "{} not found: build it first (cargo build --release --bins) or pass --wakegate",
+            path.display()
+        )));
+    }
+    if dir.file_name().is_some_and(|n| n == "debug") {
+        eprintln!("loadtest: warning: a debug build measures nothing useful; use --release");
+    }
+    Ok(path)
+}
+
+/// Resolves on SIGINT or SIGTERM with the signal's name.
+async fn terminated() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

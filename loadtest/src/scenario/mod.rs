@@ -1,0 +1,159 @@
+//! The named scenarios. Each sets up what it measures on 127.0.0.1, runs the paths it compares
+//! interleaved (A, B, C, A, B, C, ...) so that the machine's other load hits them alike, and
+//! writes its report; every child process stops when the scenario ends, fails or is interrupted.
+
+mod burst;
+mod cold_start;
+mod latency;
+mod routes;
+mod warm;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Name {
+    /// Throughput, latency, CPU and memory: direct, through nginx, through wakegate.
+    Warm,
+    /// Open-loop latency at half the maximum rate: what each proxy adds to direct.
+    Latency,
+    /// Idle → first request on a local target: wakegate's overhead over the backend's start.
+    ColdStart,
+    /// 10,000 concurrent requests arriving at a cold target.
+    Burst,
+    /// Throughput and memory with 1, 1,000 and 10,000 targets.
+    Routes,
+    /// Every scenario above, in turn.
+    All,
+}
+
+pub struct Settings {
+    pub wakegate: PathBuf,
+    pub out: PathBuf,
+    pub rounds: usize,
+    pub quick: bool,
+}
+
+impl Settings {
+    /// `full` normally, `quick` with `--quick`.
+    pub fn pick(&self, full: Duration, quick: Duration) -> Duration {
+        if self.quick { quick } else { full }
+    }
+
+    pub fn count(&self, full: usize, quick: usize) -> usize {
+        if self.quick { quick } else { full }
+    }
+}
+
+pub async fn run(name: Name, settings: &Settings) -> Result<(), Error> {
+    let names: &[Name] = match name {
+        Name::All => &[
+            Name::Warm,
+            Name::Latency,
+            Name::ColdStart,
+            Name::Burst,
+            Name::Routes,
+        ],
+        _ => std::slice::from_ref(&name),
+    };
+    for name in names {
+        let written = match name {
+            Name::Warm => warm::run(settings).await?,
+            Name::Latency => latency::run(settings).await?,
+            Name::ColdStart => cold_start::run(settings).await?,
+            Name::Burst => burst::run(settings).await?,
+            Name::Routes => routes::run(settings).await?,
+            Name::All => unreachable!("expanded above"),
+        };
+        let text = std::fs::read_to_string(&written).unwrap_or_default();
+        println!("{text}");
+        eprintln!("loadtest: wrote {} (and .json, .svg)", written.display());
+    }
+    Ok(())
+}
+
+fn log(message: impl std::fmt::Display) {
+    eprintln!(">> {message}");
+}
+
+/// A progress line: `\r`-updated on a terminal, one line each otherwise.
+fn progress(line: String) {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprint!("\r{line}\x1b[K");
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+fn progress_end() {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+}
+
+/// The upstream, nginx proxying to it (when installed) and wakegate proxying to it: the three
+/// paths `warm` and `latency` compare.
+struct Stand {
+    upstream: crate::stand::Upstream,
+    nginx: Option<crate::stand::Server>,
+    wakegate: crate::stand::Wakegate,
+}
+
+impl Stand {
+    async fn start(
+        work: &crate::procs::WorkDir,
+        settings: &Settings,
+        nginx: bool,
+        probe: Duration,
+    ) -> Result<Stand, Error> {
+        use crate::stand;
+        log(format!(
+            "choosing the upstream: the demo backend{} measured directly for {probe:?} each",
+            if nginx { " and a static nginx" } else { "" }
+        ));
+        let upstream = stand::choose_upstream(work, &settings.wakegate, nginx, probe).await?;
+        log(upstream.describe());
+        let nginx = if nginx {
+            Some(stand::start_nginx_proxy(work, upstream.server.addr)?)
+        } else {
+            None
+        };
+        let wakegate = stand::Wakegate::start(
+            work,
+            &settings.wakegate,
+            "wakegate",
+            "",
+            &format!(
+                "[[target]]\nname = \"upstream\"\nhosts = [\"*\"]\nupstream = \"{}\"\n",
+                upstream.server.addr
+            ),
+        )?;
+        Ok(Stand {
+            upstream,
+            nginx,
+            wakegate,
+        })
+    }
+
+    /// (name, server) of each path, in the order they run: direct, nginx, wakegate.
+    fn paths(&self) -> Vec<(&'static str, &crate::stand::Server)> {
+        let mut paths = vec![("direct", &self.upstream.server)];
+        if let Some(nginx) = &self.nginx {
+            paths.push(("nginx", nginx));
+        }
+        paths.push(("wakegate", &self.wakegate.server));
+        paths
+    }
+
+    fn check_running(&mut self) -> Result<(), Error> {
+        self.upstream.server.check_running()?;
+        if let Some(nginx) = &mut self.nginx {
+            nginx.check_running()?;
+        }
+        self.wakegate.server.check_running()
+    }
+}

@@ -1,0 +1,290 @@
+//! `warm`: the same upstream reached directly, through nginx and through wakegate, closed loop,
+//! interleaved rounds: throughput, latency, each proxy's CPU time per 100k requests and peak
+//! memory, and wakegate's ratios to nginx.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde_json::json;
+use wakegate::plot::Panel;
+
+use super::{Settings, Stand, log};
+use crate::Error;
+use crate::load::{self, Plan};
+use crate::procs::WorkDir;
+use crate::report::{self, Machine, Table, median};
+use crate::stand::{self, CONNECTIONS};
+
+struct Round {
+    round: usize,
+    path: &'static str,
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    errors: u64,
+    error_kinds: BTreeMap<String, u64>,
+    /// CPU seconds of the path's server per 100,000 successful requests.
+    cpu_per_100k: f64,
+}
+
+/// (name, value of a round, how to show it, which way is better)
+type Metric = (
+    &'static str,
+    fn(&Round) -> f64,
+    fn(f64) -> String,
+    &'static str,
+);
+
+pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
+    let nginx = stand::nginx_version();
+    let machine = Machine::now(nginx.clone());
+    if nginx.is_none() {
+        log(stand::NO_NGINX);
+    }
+    let duration = settings.pick(Duration::from_secs(10), Duration::from_secs(2));
+    let warmup = settings.pick(Duration::from_secs(2), Duration::from_millis(500));
+    let probe = settings.pick(Duration::from_secs(3), Duration::from_secs(1));
+    let work = WorkDir::new()?;
+    let mut stand = Stand::start(&work, settings, nginx.is_some(), probe).await?;
+
+    for (name, server) in stand.paths() {
+        let mut plan = Plan::new(server.addr, "loadtest", CONNECTIONS, warmup);
+        plan.label = format!("warm-up {name:<9}");
+        load::run(&plan).await;
+    }
+    let mut rounds = Vec::new();
+    let mut latency: BTreeMap<&str, Histogram<u64>> = BTreeMap::new();
+    for round in 1..=settings.rounds {
+        for (name, server) in stand.paths() {
+            let mut plan = Plan::new(server.addr, "loadtest", CONNECTIONS, duration);
+            plan.label = format!("round {round}/{} {name:<9}", settings.rounds);
+            let cpu_before = server.cpu_seconds();
+            let outcome = load::run(&plan).await;
+            let cpu = server.cpu_seconds() - cpu_before;
+            stand::require_responses(name, &outcome)?;
+            latency
+                .entry(name)
+                .or_insert_with(load::histogram)
+                .add(&outcome.latency)
+                .expect("same bounds");
+            let row = Round {
+                round,
+                path: name,
+                rps: outcome.rps(),
+                p50: outcome.ms(0.5),
+                p99: outcome.ms(0.99),
+                p999: outcome.ms(0.999),
+                errors: outcome.error_count(),
+                error_kinds: outcome.errors.clone(),
+                cpu_per_100k: cpu / outcome.ok as f64 * 100_000.0,
+            };
+            log(format!(
+                "{name}: {:.0} req/s, p50 {}, p99 {}, errors: {}, CPU {:.3} s per 100k",
+                row.rps,
+                report::ms(row.p50),
+                report::ms(row.p99),
+                outcome.error_summary(),
+                row.cpu_per_100k
+            ));
+            rounds.push(row);
+        }
+        stand.check_running()?;
+    }
+
+    let paths: Vec<(&'static str, f64)> = stand
+        .paths()
+        .into_iter()
+        .map(|(name, server)| (name, server.peak_rss_mib()))
+        .collect();
+    let med = |path: &str, f: fn(&Round) -> f64| {
+        median(
+            &rounds
+                .iter()
+                .filter(|r| r.path == path)
+                .map(f)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let nginx_rps = med("nginx", |r| r.rps);
+
+    let mut table = Table::new(&[
+        "path",
+        "req/s",
+        "p50",
+        "p99",
+        "p99.9",
+        "errors",
+        "CPU s per 100k req",
+        "peak RSS",
+        "req/s vs nginx",
+    ]);
+    let mut medians = serde_json::Map::new();
+    for (path, rss) in &paths {
+        let errors: u64 = rounds
+            .iter()
+            .filter(|r| r.path == *path)
+            .map(|r| r.errors)
+            .sum();
+        let m = json!({
+            "rps": med(path, |r| r.rps),
+            "p50_ms": med(path, |r| r.p50),
+            "p99_ms": med(path, |r| r.p99),
+            "p99_9_ms": med(path, |r| r.p999),
+            "errors": errors,
+            "cpu_s_per_100k": med(path, |r| r.cpu_per_100k),
+            "peak_rss_mib": rss,
+        });
+        table.row(vec![
+            (*path).into(),
+            report::int(med(path, |r| r.rps)),
+            report::ms(med(path, |r| r.p50)),
+            report::ms(med(path, |r| r.p99)),
+            report::ms(med(path, |r| r.p999)),
+            errors.to_string(),
+            format!("{:.3}", med(path, |r| r.cpu_per_100k)),
+            format!("{rss:.1} MiB"),
+            report::ratio(med(path, |r| r.rps) / nginx_rps),
+        ]);
+        medians.insert((*path).into(), m);
+    }
+
+    let rss = |path: &str| {
+        paths
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map_or(f64::NAN, |(_, r)| *r)
+    };
+    let metrics: [Metric; 5] = [
+        ("req/s", |r| r.rps, report::int, "higher is better"),
+        ("p50 latency", |r| r.p50, report::ms, "lower is better"),
+        ("p99 latency", |r| r.p99, report::ms, "lower is better"),
+        ("p99.9 latency", |r| r.p999, report::ms, "lower is better"),
+        (
+            "CPU s per 100k requests",
+            |r| r.cpu_per_100k,
+            |v| format!("{v:.3} s"),
+            "lower is better",
+        ),
+    ];
+    let mut ratios = Table::new(&["metric", "wakegate", "nginx", "wakegate / nginx", "better"]);
+    let mut ratio_json = serde_json::Map::new();
+    for (metric, f, show, better) in metrics {
+        let (w, n) = (med("wakegate", f), med("nginx", f));
+        ratios.row(vec![
+            metric.into(),
+            show(w),
+            show(n),
+            report::ratio(w / n),
+            better.into(),
+        ]);
+        ratio_json.insert(metric.into(), json!(w / n));
+    }
+    let (w, n) = (rss("wakegate"), rss("nginx"));
+    ratios.row(vec![
+        "peak RSS".into(),
+        format!("{w:.1} MiB"),
+        format!("{n:.1} MiB"),
+        report::ratio(w / n),
+        "lower is better".into(),
+    ]);
+    ratio_json.insert("peak RSS".into(), json!(w / n));
+
+    let mut per_round = Table::new(&[
+        "round",
+        "path",
+        "req/s",
+        "p50",
+        "p99",
+        "p99.9",
+        "errors",
+        "CPU s per 100k req",
+    ]);
+    for r in &rounds {
+        per_round.row(vec![
+            r.round.to_string(),
+            r.path.into(),
+            report::int(r.rps),
+            report::ms(r.p50),
+            report::ms(r.p99),
+            report::ms(r.p999),
+            r.errors.to_string(),
+            format!("{:.3}", r.cpu_per_100k),
+        ]);
+    }
+
+    let order = paths.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(", ");
+    let mut md = format!(
+        "# warm: direct, through nginx, through wakegate\n\n{}\n\n{}\n\n\
+         Load: {CONNECTIONS} connections, HTTP/1.1, closed loop, {} s per run after a {} s \
+         warm-up of each path; {} round(s), interleaved ({order}); medians over the rounds. \
+         nginx: {} workers, keep-alive upstream, `reuseport`, no access log; wakegate: one \
+         `upstream` target, `hosts = [\"*\"]`, `RUST_LOG=warn`. CPU: user + system time from \
+         /proc/PID/stat of the path's server (nginx: master and workers; direct: the upstream) \
+         over each run, per 100,000 successful responses. Peak RSS: `VmHWM` (nginx: summed \
+         over its workers; direct: the upstream's) at the end.\n\n{}",
+        machine.markdown(),
+        stand.upstream.describe(),
+        duration.as_secs_f64(),
+        warmup.as_secs_f64(),
+        settings.rounds,
+        stand::threads(),
+        table.markdown()
+    );
+    if stand.nginx.is_some() {
+        md.push_str(&format!(
+            "\nwakegate against nginx (medians):\n\n{}",
+            ratios.markdown()
+        ));
+    } else {
+        md.push_str(&format!("\n{}.\n", stand::NO_NGINX));
+    }
+    md.push_str(&format!("\nEach round:\n\n{}", per_round.markdown()));
+
+    let data = json!({
+        "scenario": "warm",
+        "machine": machine.json(),
+        "settings": {
+            "connections": CONNECTIONS,
+            "duration_s": duration.as_secs_f64(),
+            "warmup_s": warmup.as_secs_f64(),
+            "rounds": settings.rounds,
+            "nginx_workers": stand::threads(),
+        },
+        "upstream": {
+            "chosen": stand.upstream.server.name,
+            "probes_rps": stand.upstream.probes.iter().cloned().collect::<BTreeMap<_, _>>(),
+        },
+        "medians": medians,
+        "wakegate_vs_nginx": ratio_json,
+        "rounds": rounds.iter().map(|r| json!({
+            "round": r.round,
+            "path": r.path,
+            "rps": r.rps,
+            "p50_ms": r.p50,
+            "p99_ms": r.p99,
+            "p99_9_ms": r.p999,
+            "errors": r.error_kinds,
+            "cpu_s_per_100k": r.cpu_per_100k,
+        })).collect::<Vec<_>>(),
+    });
+    let panels = [Panel {
+        y_label: "latency (ms)",
+        series: latency
+            .iter()
+            .enumerate()
+            .map(|(i, (path, h))| report::series(*path, i, report::latency_curve(h, 3.0)))
+            .collect(),
+    }];
+    report::write(
+        &settings.out,
+        "warm",
+        &md,
+        data,
+        "warm: latency by percentile, every round merged (closed loop)",
+        "percentile (0 = p0, 1 = p90, 2 = p99, 3 = p99.9)",
+        &panels,
+    )
+}
