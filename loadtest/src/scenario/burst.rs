@@ -57,15 +57,15 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     let machine = Machine::now(stand::nginx_version());
     let requests = settings.count(10_000, 1_000);
     // Each connection is a file descriptor here and one in wakegate (which inherits the
-    // limit), plus wakegate's upstream connections.
+    // limit), where it may also open an upstream connection per request.
     let wanted = (2 * requests + 1_024) as u64;
     let nofile = procs::raise_nofile(wanted);
     log(format!(
         "open files limit (RLIMIT_NOFILE, inherited by wakegate): {nofile}{}",
-        if nofile < wanted {
-            format!(" — below the {wanted} wanted; expect `too many open files` errors")
+        if nofile < (requests + 1_024) as u64 {
+            " — too low for one descriptor per connection; expect `too many open files` errors"
         } else {
-            String::new()
+            ""
         }
     ));
     let work = WorkDir::new()?;
@@ -111,8 +111,11 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
          A local target running the demo backend (`--startup-delay {STARTUP_DELAY}`, ready \
          check `tcp`, default scaling). {requests} HTTP/1.1 connections are opened to wakegate \
          first ({CONNECTING} at a time), then every connection sends its `GET /` at the same \
-         instant; times are from that instant. Open files limit: {nofile} (raised with \
-         `setrlimit` to the hard limit if below {wanted}; wakegate inherits it). Peak RSS is \
+         instant; times are from that instant. The requests are sent at once but wakegate \
+         reads them one connection at a time: those it reads after the instance is ready are \
+         forwarded without being held, so with a queue smaller than the burst more than \
+         `max_pending` can succeed. Open files limit: {nofile} (raised with `setrlimit` \
+         towards {wanted}, up to the hard limit; wakegate inherits it). Peak RSS is \
          wakegate's `VmHWM` (its instances not included), idle = `VmRSS` with the \
          connections open, before the burst.\n\n{}",
         machine.markdown(),

@@ -132,7 +132,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         "added p50 vs direct",
         "added p99 vs direct",
         "errors",
-        "not sent",
+        "due, not sent",
     ]);
     let mut medians = serde_json::Map::new();
     for (path, _) in stand.paths() {
@@ -187,7 +187,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         "p99",
         "p99.9",
         "errors",
-        "not sent",
+        "due, not sent",
     ]);
     for r in &rounds {
         per_round.row(vec![
@@ -214,7 +214,9 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
          maximum), {CONNECTIONS} HTTP/1.1 connections, {} s per run, {} round(s) interleaved; \
          latency from when each request fell due (no coordinated omission), medians over the \
          rounds; \"added\" is the path's percentile minus direct's in the same round, median \
-         over the rounds.\n\n{}",
+         over the rounds. \"due, not sent\": requests that fell due but were not sent before \
+         the run ended; a handful are the last milliseconds' requests, more mean the path \
+         could not keep up.\n\n{}",
         LOAD * 100.0,
         machine.markdown(),
         stand.upstream.describe(),
