@@ -460,7 +460,11 @@ async fn connection(
                 }
                 continue;
             } else {
-                match Sender::connect(plan.addr, plan.protocol).await {
+                let connect = Sender::connect(plan.addr, plan.protocol);
+                let connected = tokio::time::timeout(plan.timeout, connect)
+                    .await
+                    .unwrap_or_else(|_| Err("connect: timeout".into()));
+                match connected {
                     Ok(s) => {
                         sender = Some(s);
                         backoff_until = None;
