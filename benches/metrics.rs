@@ -81,7 +81,7 @@ fn encode(c: &mut Criterion) {
     let snapshot = Arc::new(ArcSwap::from_pointee(snapshot(TARGETS)));
     let unrouted = Arc::new(Unrouted::default());
     unrouted.no_route.fetch_add(7, Ordering::Relaxed);
-    let metrics = Metrics::new(snapshot, unrouted);
+    let metrics = Metrics::new(snapshot, unrouted, None);
     let text = metrics.encode();
     assert!(
         text.contains("service=\"svc-999\""),
