@@ -23,6 +23,11 @@ STATIC_PORT="${STATIC_PORT:-18102}"
 NGINX_PORT="${NGINX_PORT:-18103}"
 WAKEGATE_PORT="${WAKEGATE_PORT:-18104}"
 WAKEGATE_ADMIN_PORT="${WAKEGATE_ADMIN_PORT:-18105}"
+# Optional: another wakegate binary (e.g. a build of main) measured alongside as "baseline",
+# interleaved with the others, on these ports.
+BASELINE_BIN="${BASELINE_BIN:-}"
+BASELINE_PORT="${BASELINE_PORT:-18106}"
+BASELINE_ADMIN_PORT="${BASELINE_ADMIN_PORT:-18107}"
 export RUST_LOG="${RUST_LOG:-warn}"
 
 wrk_args=(-t"$THREADS" -c"$CONNECTIONS" --latency)
@@ -32,6 +37,8 @@ done
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/wakegate-loadtest.XXXXXX")"
 pids=()
+# The process started under each name, whose CPU time is measured.
+declare -A pid_of
 cleanup() {
     local pid
     for pid in "${pids[@]}"; do
@@ -82,7 +89,20 @@ start() {
     shift 2
     "$@" >"$work/$name.log" 2>&1 &
     pids+=("$!")
+    pid_of[$name]="$!"
     wait_listening "$port" "$name" "$!"
+}
+
+# cpu_ticks PID: user plus system CPU time of PID and of its child processes (nginx's
+# workers), in clock ticks.
+cpu_ticks() {
+    local pid="$1" child stats=("/proc/$1/stat")
+    for child in $(cat /proc/"$pid"/task/*/children 2>/dev/null || true); do
+        stats+=("/proc/$child/stat")
+    done
+    # Fields after "pid (comm) ": utime and stime are the 12th and 13th.
+    { cat "${stats[@]}" 2>/dev/null || true; } |
+        awk '{ sub(/^.*\) /, ""); ticks += $12 + $13 } END { print ticks + 0 }'
 }
 
 # nginx_conf NAME SERVER_BLOCK: an nginx prefix directory under $work, its config file printed.
@@ -133,12 +153,16 @@ wrk_into() {
     unset 'pids[-1]'
 }
 
-# run_wrk NAME URL DURATION FILE: one wrk run; appends
-# "name<TAB>req/s<TAB>avg ms<TAB>p99 ms<TAB>errors" to FILE and prints it on stderr.
+# run_wrk NAME URL DURATION FILE [PID]: one wrk run; appends "name<TAB>req/s<TAB>avg ms<TAB>
+# p99 ms<TAB>errors<TAB>CPU seconds per 100k requests of PID (and its children)" to FILE and
+# prints it on stderr.
 run_wrk() {
-    local name="$1" url="$2" duration="$3" file="$4" out="$work/wrk.txt"
+    local name="$1" url="$2" duration="$3" file="$4" pid="${5:-}" out="$work/wrk.txt"
+    local before=0 after=0
+    [ -n "$pid" ] && before="$(cpu_ticks "$pid")"
     wrk_into "$out" -d"$duration" "$url"
-    awk -v name="$name" '
+    [ -n "$pid" ] && after="$(cpu_ticks "$pid")"
+    awk -v name="$name" -v ticks="$((after - before))" -v hz="$(getconf CLK_TCK)" -v measured="${pid:+1}" '
         function ms(v) {
             if (v ~ /us$/) return substr(v, 1, length(v) - 2) / 1000
             if (v ~ /ms$/) return substr(v, 1, length(v) - 2) + 0
@@ -148,11 +172,13 @@ run_wrk() {
         $1 == "Latency" && avg == "" { avg = ms($2) }
         $1 == "99%" { p99 = ms($2) }
         $1 == "Requests/sec:" { rps = $2 }
+        $2 == "requests" && $3 == "in" { requests = $1 }
         /Socket errors:/ { gsub(",", ""); errors += $4 + $6 + $8 + $10 }
         /Non-2xx or 3xx responses:/ { errors += $NF }
         END {
             if (rps == "") { print "compare.sh: no result from wrk for " name > "/dev/stderr"; exit 1 }
-            printf "%s\t%.0f\t%.3f\t%.3f\t%d\n", name, rps, avg, p99, errors
+            cpu = measured && requests > 0 ? sprintf("%.3f", ticks / hz / requests * 100000) : "-"
+            printf "%s\t%.0f\t%.3f\t%.3f\t%d\t%s\n", name, rps, avg, p99, errors, cpu
         }' "$out" >>"$file"
     tail -n 1 "$file" >&2
 }
@@ -164,6 +190,11 @@ log "building wakegate (release)"
 bin="$root/target/release/wakegate"
 
 ensure_free "$DEMO_PORT" "$STATIC_PORT" "$NGINX_PORT" "$WAKEGATE_PORT" "$WAKEGATE_ADMIN_PORT"
+targets=(direct nginx wakegate)
+if [ -n "$BASELINE_BIN" ]; then
+    ensure_free "$BASELINE_PORT" "$BASELINE_ADMIN_PORT"
+    targets+=(baseline)
+fi
 
 # Two upstream candidates; the faster one directly is the upstream for both proxies, so the
 # upstream limits the proxies as little as possible.
@@ -211,33 +242,51 @@ proxy_conf="$(nginx_conf proxy "
 log "starting nginx proxy on $NGINX_PORT"
 start_nginx proxy "$NGINX_PORT" "$proxy_conf"
 
-cat >"$work/wakegate.toml" <<EOF
+# start_wakegate NAME BINARY PORT ADMIN_PORT
+start_wakegate() {
+    local name="$1" binary="$2" port="$3" admin="$4"
+    cat >"$work/$name.toml" <<EOF
 [listen]
-proxy = "127.0.0.1:$WAKEGATE_PORT"
-admin = "127.0.0.1:$WAKEGATE_ADMIN_PORT"
+proxy = "127.0.0.1:$port"
+admin = "127.0.0.1:$admin"
 
 [[target]]
 name = "upstream"
 hosts = ["*"]
 upstream = "127.0.0.1:$upstream_port"
 EOF
-log "starting wakegate on $WAKEGATE_PORT"
-start wakegate "$WAKEGATE_PORT" "$bin" run --config "$work/wakegate.toml"
+    log "starting $name ($binary) on $port"
+    start "$name" "$port" "$binary" run --config "$work/$name.toml"
+}
+start_wakegate wakegate "$bin" "$WAKEGATE_PORT" "$WAKEGATE_ADMIN_PORT"
+if [ -n "$BASELINE_BIN" ]; then
+    start_wakegate baseline "$BASELINE_BIN" "$BASELINE_PORT" "$BASELINE_ADMIN_PORT"
+fi
 
-direct_url="http://127.0.0.1:$upstream_port/"
-nginx_url="http://127.0.0.1:$NGINX_PORT/"
-wakegate_url="http://127.0.0.1:$WAKEGATE_PORT/"
+declare -A url_of=(
+    [direct]="http://127.0.0.1:$upstream_port/"
+    [nginx]="http://127.0.0.1:$NGINX_PORT/"
+    [wakegate]="http://127.0.0.1:$WAKEGATE_PORT/"
+    [baseline]="http://127.0.0.1:$BASELINE_PORT/"
+)
+# Whose CPU time counts for each target: the upstream itself for direct, else the proxy.
+if [ "$upstream_port" = "$STATIC_PORT" ]; then upstream_name=static; else upstream_name=demo; fi
+declare -A measured_pid=(
+    [direct]="${pid_of[$upstream_name]}"
+    [nginx]="${pid_of[proxy]}"
+    [wakegate]="${pid_of[wakegate]}"
+    [baseline]="${pid_of[baseline]:-}"
+)
 
 log "warming up each for $WARMUP"
-for url in "$direct_url" "$nginx_url" "$wakegate_url"; do
-    wrk_into /dev/null -d"$WARMUP" "$url"
+for name in "${targets[@]}"; do
+    wrk_into /dev/null -d"$WARMUP" "${url_of[$name]}"
 done
 
 for round in $(seq "$ROUNDS"); do
-    for name in direct nginx wakegate; do
-        url_var="${name}_url"
-        log "round $round/$ROUNDS: $name (${!url_var}), $DURATION"
-        run_wrk "$name" "${!url_var}" "$DURATION" "$work/results.tsv"
+    for name in "${targets[@]}"; do
+        log "round $round/$ROUNDS: $name (${url_of[$name]}), $DURATION"
+        run_wrk "$name" "${url_of[$name]}" "$DURATION" "$work/results.tsv" "${measured_pid[$name]}"
     done
 done
 
@@ -248,21 +297,25 @@ report() {
     echo "upstream: $upstream on 127.0.0.1:$upstream_port (probed directly: demo backend $demo_rps req/s, static nginx $static_rps req/s)"
     echo "load: wrk ${wrk_args[*]} -d$DURATION, $ROUNDS round(s), interleaved; medians over the rounds"
     echo
-    echo "| target | req/s | avg latency | p99 latency | errors | req/s vs nginx |"
-    echo "|---|---:|---:|---:|---:|---:|"
-    awk -F'\t' '
+    echo "CPU: user + system seconds of the proxy (nginx: master and workers; direct: the upstream) per 100,000 requests"
+    echo
+    echo "| target | req/s | avg latency | p99 latency | errors | req/s vs nginx | CPU s / 100k req | CPU vs nginx |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    awk -F'\t' -v targets="${targets[*]}" '
         function median(list,    n, a, i, j, t) {
             n = split(list, a, " ")
             for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
             return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
         }
-        { rps[$1] = rps[$1] " " $2; avg[$1] = avg[$1] " " $3; p99[$1] = p99[$1] " " $4; err[$1] += $5 }
+        { rps[$1] = rps[$1] " " $2; avg[$1] = avg[$1] " " $3; p99[$1] = p99[$1] " " $4; err[$1] += $5; cpu[$1] = cpu[$1] " " $6 }
         END {
             nginx = median(rps["nginx"])
-            split("direct nginx wakegate", order, " ")
-            for (k = 1; k <= 3; k++) {
+            nginx_cpu = median(cpu["nginx"])
+            n = split(targets, order, " ")
+            for (k = 1; k <= n; k++) {
                 name = order[k]
-                printf "| %s | %.0f | %.3f ms | %.3f ms | %d | %.2f |\n", name, median(rps[name]), median(avg[name]), median(p99[name]), err[name], median(rps[name]) / nginx
+                c = median(cpu[name])
+                printf "| %s | %.0f | %.3f ms | %.3f ms | %d | %.2f | %.3f | %.2f |\n", name, median(rps[name]), median(avg[name]), median(p99[name]), err[name], median(rps[name]) / nginx, c, (nginx_cpu > 0 ? c / nginx_cpu : 0)
             }
         }' "$work/results.tsv"
 }
