@@ -35,6 +35,8 @@ pub enum AppError {
     },
     #[error("cannot install the {0} signal handler: {1}")]
     Signal(&'static str, std::io::Error),
+    #[error("cannot start the proxy worker threads: {0}")]
+    Workers(std::io::Error),
     #[error(transparent)]
     Kubernetes(#[from] KubeError),
 }
@@ -191,14 +193,22 @@ pub async fn run(
     config_path: Option<PathBuf>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
-    let bind = |what, addr| async move {
-        TcpListener::bind(addr)
+    let listen = &config.listen;
+    let proxy_listeners =
+        proxy::server::bind(listen.proxy, listen.workers()).map_err(|source| AppError::Bind {
+            what: "proxy traffic",
+            addr: listen.proxy,
+            source,
+        })?;
+    let admin_listener =
+        TcpListener::bind(listen.admin)
             .await
-            .map_err(|source| AppError::Bind { what, addr, source })
-    };
-    let proxy_listener = bind("proxy traffic", config.listen.proxy).await?;
-    let admin_listener = bind("admin", config.listen.admin).await?;
-    let proxy_addr = proxy_listener.local_addr().ok();
+            .map_err(|source| AppError::Bind {
+                what: "admin",
+                addr: listen.admin,
+                source,
+            })?;
+    let proxy_addr = proxy_listeners.first().and_then(|l| l.local_addr().ok());
     let admin_addr = admin_listener.local_addr().ok();
 
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
@@ -243,12 +253,9 @@ pub async fn run(
     let proxy = Proxy::new(snapshot.clone(), draining.clone(), unrouted);
     let accept_stop = CancellationToken::new();
     let mut drain_timeout = config.drain_timeout;
-    let proxy_task = tokio::spawn(proxy::server::serve(
-        proxy_listener,
-        proxy,
-        accept_stop.clone(),
-        drain_timeout,
-    ));
+    let proxy_workers =
+        proxy::server::Workers::spawn(proxy_listeners, &proxy, &accept_stop, drain_timeout)
+            .map_err(AppError::Workers)?;
     tracing::info!(
         proxy = %proxy_addr.map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_addr.map(|a| a.to_string()).unwrap_or_default(),
@@ -294,7 +301,7 @@ pub async fn run(
     tracing::info!(drain_timeout = %humantime::format_duration(drain_timeout), "shutting down: draining");
     draining.store(true, std::sync::atomic::Ordering::Relaxed);
     accept_stop.cancel();
-    let _ = proxy_task.await;
+    proxy_workers.join().await;
     control.shutdown().await;
     kube_stop.cancel();
     for task in kube_tasks {

@@ -102,6 +102,9 @@ pub struct Listen {
     /// `/metrics`, `/healthz`, `/readyz`, `/targets`.
     #[serde(default = "defaults::admin_addr")]
     pub admin: SocketAddr,
+    /// Proxy worker threads, each with its own runtime, listening socket and upstream
+    /// connections; default: one per CPU the process may use.
+    pub workers: Option<usize>,
 }
 
 impl Default for Listen {
@@ -109,7 +112,17 @@ impl Default for Listen {
         Self {
             proxy: defaults::proxy_addr(),
             admin: defaults::admin_addr(),
+            workers: None,
         }
+    }
+}
+
+impl Listen {
+    /// How many proxy workers to run.
+    pub fn workers(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
     }
 }
 
@@ -415,6 +428,9 @@ impl Config {
                 "\"0s\"".into(),
                 "a duration above zero",
             );
+        }
+        if self.listen.workers == Some(0) {
+            push("listen.workers".into(), "0".into(), "at least 1");
         }
         if self.autoscaler.interval < Duration::from_millis(10) {
             push(

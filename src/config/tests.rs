@@ -208,6 +208,15 @@ fn the_admin_listener_cannot_share_the_proxy_address() {
 }
 
 #[test]
+fn proxy_workers_default_to_the_cpus_and_must_be_at_least_one() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(parse("").listen.workers(), cpus);
+    assert_eq!(parse("[listen]\nworkers = 3").listen.workers(), 3);
+    let problems = parse("[listen]\nworkers = 0").validate();
+    assert_problem(&problems, "listen.workers", "0", "at least 1");
+}
+
+#[test]
 fn target_names_must_be_simple_and_unique() {
     let problems = problems_of_target(
         "name = \"hello world\"\nhosts = [\"a.localhost\"]\nupstream = \"127.0.0.1:1\"\n",

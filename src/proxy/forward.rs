@@ -63,6 +63,13 @@ impl Tunnels {
 
 impl Default for Forwarder {
     fn default() -> Self {
+        Self::new(Tunnels::default())
+    }
+}
+
+impl Forwarder {
+    /// A forwarder with a pool of its own that records its upgraded connections in `tunnels`.
+    pub fn new(tunnels: Tunnels) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -70,10 +77,7 @@ impl Default for Forwarder {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
             .build(connector);
-        Self {
-            client,
-            tunnels: Tunnels::default(),
-        }
+        Self { client, tunnels }
     }
 }
 

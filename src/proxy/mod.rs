@@ -129,6 +129,21 @@ impl Proxy {
         }
     }
 
+    /// The same proxy with its own upstream connection pool, for one worker runtime: pooled
+    /// connections belong to the runtime that drives them. Tunnels stay shared, so a drain sees
+    /// every worker's.
+    pub fn for_worker(&self) -> Self {
+        let inner = &self.inner;
+        Self {
+            inner: Arc::new(Inner {
+                snapshot: inner.snapshot.clone(),
+                forwarder: Forwarder::new(inner.forwarder.tunnels().clone()),
+                draining: inner.draining.clone(),
+                unrouted: inner.unrouted.clone(),
+            }),
+        }
+    }
+
     /// The upgraded connections this proxy opened.
     pub fn tunnels(&self) -> &forward::Tunnels {
         self.inner.forwarder.tunnels()

@@ -1,13 +1,18 @@
 //! Accepting client connections: HTTP/1.1 and h2c (prior knowledge) on one port, upgrades
-//! enabled, and a graceful drain on shutdown.
+//! enabled, and a graceful drain on shutdown; one single-threaded runtime per worker thread,
+//! each with its own listening socket of one `SO_REUSEPORT` group.
 
+use std::io;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::{ConnectionService, Proxy};
@@ -73,6 +78,100 @@ pub async fn serve(
             tracing::warn!(after = ?drain, "drain timeout: closing remaining client connections");
             force_close.cancel();
             tunnels.cut();
+        }
+    }
+}
+
+/// Binds `count` listening sockets to `addr` as one `SO_REUSEPORT` group: the kernel spreads
+/// new connections over them, so each worker accepts its own without sharing a queue.
+pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        // SO_REUSEPORT would also let another process of the same user that listens there
+        // already share the port silently: a plain bind first fails if the port is taken, as a
+        // single listener would. (Port 0 gives a port nobody uses.)
+        socket(addr)?.bind(&addr.into())?;
+    }
+    let mut addr = addr;
+    (0..count.max(1))
+        .map(|_| {
+            let socket = socket(addr)?;
+            socket.set_reuse_port(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(1024)?;
+            // The others join the port the first one got.
+            addr = socket.local_addr()?.as_socket().unwrap_or(addr);
+            Ok(socket.into())
+        })
+        .collect()
+}
+
+fn socket(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// The worker threads serving the proxy listeners.
+#[derive(Debug)]
+pub struct Workers {
+    done: Vec<oneshot::Receiver<()>>,
+}
+
+impl Workers {
+    /// Serves each listener on a thread of its own with a current-thread runtime, until
+    /// `shutdown`, then drains as [`serve`] does. Each worker has its own upstream connection
+    /// pool, so a request never leaves the thread that accepted its connection.
+    pub fn spawn(
+        listeners: Vec<std::net::TcpListener>,
+        proxy: &Proxy,
+        shutdown: &CancellationToken,
+        drain: Duration,
+    ) -> io::Result<Self> {
+        // Should a later worker fail to start, the ones already running stop at once.
+        let stop = shutdown.child_token();
+        let mut done = Vec::with_capacity(listeners.len());
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let spawned = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .and_then(|runtime| {
+                    let (finished, finished_rx) = oneshot::channel();
+                    let proxy = proxy.for_worker();
+                    let stop = stop.clone();
+                    std::thread::Builder::new()
+                        .name(format!("wakegate-proxy-{i}"))
+                        .spawn(move || {
+                            runtime.block_on(async move {
+                                match TcpListener::from_std(listener) {
+                                    Ok(listener) => serve(listener, proxy, stop, drain).await,
+                                    Err(error) => {
+                                        tracing::error!(%error, "proxy worker cannot listen")
+                                    }
+                                }
+                            });
+                            // Dropping the runtime drops what is left: idle upstream connections.
+                            drop(runtime);
+                            let _ = finished.send(());
+                        })?;
+                    Ok(finished_rx)
+                });
+            match spawned {
+                Ok(finished) => done.push(finished),
+                Err(error) => {
+                    stop.cancel();
+                    return Err(error);
+                }
+            }
+        }
+        Ok(Self { done })
+    }
+
+    /// Resolves once every worker has drained and stopped.
+    pub async fn join(self) {
+        for finished in self.done {
+            // An error means the worker is gone too (it panicked).
+            let _ = finished.await;
         }
     }
 }
