@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -83,9 +83,16 @@ impl Forwarder {
 
 /// What the forwarder needs to know about the downstream side of a request.
 pub struct Downstream<'a> {
-    pub peer: SocketAddr,
+    /// The client's address, as [`forwarded_for`] formats it.
+    pub forwarded_for: &'a HeaderValue,
     /// The Host (or :authority) the client asked for, port included.
     pub host: &'a HeaderValue,
+}
+
+/// A client's IP address as an `X-Forwarded-For` entry: formatted once per connection rather
+/// than once per request.
+pub fn forwarded_for(peer: SocketAddr) -> HeaderValue {
+    HeaderValue::try_from(peer.ip().to_string()).expect("an IP address is a valid header value")
 }
 
 impl Forwarder {
@@ -100,8 +107,11 @@ impl Forwarder {
         in_flight: InFlight,
         response_timeout: Option<Duration>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
-        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let upgrade_to = match req.version() {
+            Version::HTTP_11 => upgrade_protocol(req.headers()),
+            _ => None,
+        };
+        let downstream_upgrade = upgrade_to.is_some().then(|| hyper::upgrade::on(&mut req));
 
         let authority = in_flight.endpoint().authority.clone();
         let mut parts = req.uri().clone().into_parts();
@@ -114,22 +124,22 @@ impl Forwarder {
         *req.version_mut() = Version::HTTP_11;
 
         let headers = req.headers_mut();
-        let upgrade_to = headers.get(header::UPGRADE).cloned();
         strip_hop_by_hop(headers);
-        if let (true, Some(protocol)) = (upgrade, upgrade_to) {
+        if let Some(protocol) = upgrade_to {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol);
         }
-        if !headers.contains_key(header::HOST) {
-            headers.insert(header::HOST, downstream.host.clone());
-        }
-        append_forwarded_for(headers, downstream.peer);
-        if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-        }
-        if !headers.contains_key(&X_FORWARDED_HOST) {
-            headers.insert(X_FORWARDED_HOST.clone(), downstream.host.clone());
-        }
+        // One lookup each: `entry` rather than `contains_key` then `insert`.
+        headers
+            .entry(header::HOST)
+            .or_insert_with(|| downstream.host.clone());
+        append_forwarded_for(headers, downstream.forwarded_for);
+        headers
+            .entry(&X_FORWARDED_PROTO)
+            .or_insert_with(|| HeaderValue::from_static("http"));
+        headers
+            .entry(&X_FORWARDED_HOST)
+            .or_insert_with(|| downstream.host.clone());
 
         let target = &in_flight.target().config.name;
         let sent = self.client.request(req);
@@ -193,12 +203,15 @@ async fn tunnel(
     drop(in_flight);
 }
 
-fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| has_token(v, "upgrade"))
+/// The protocol an HTTP/1.1 request asks to upgrade to: its `Upgrade`, if its `Connection`
+/// names it.
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let protocol = headers.get(header::UPGRADE)?;
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| has_token(v, "upgrade"))
+        .then(|| protocol.clone())
 }
 
 fn has_token(value: &HeaderValue, token: &str) -> bool {
@@ -208,42 +221,73 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The headers that only concern one connection (RFC 9110 §7.6.1), `Connection` first.
+static HOP_BY_HOP: [&HeaderName; 7] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+];
+
 /// Removes the headers that only concern one connection (RFC 9110 §7.6.1), including every
 /// header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
+    // Most messages carry none, or only `Connection: keep-alive`: one pass over the names says
+    // which to remove, cheaper than a lookup for each.
+    let mut found = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+            found |= 1 << i;
+        }
+    }
+    if found == 0 {
+        return;
+    }
+    if found & 1 != 0 {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            // Those are removed below if present; no need to look them up twice.
+            .filter(|t| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {
             headers.remove(name);
         }
-        headers.remove(header::CONNECTION);
     }
-    for name in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if found & (1 << i) != 0 {
+            headers.remove(*name);
+        }
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(before) if !before.is_empty() => format!("{before}, {ip}"),
-        _ => ip,
-    };
-    if let Ok(value) = HeaderValue::try_from(value) {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
+fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
+    match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Vacant(entry) => {
+            entry.insert(ip.clone());
+        }
+        Entry::Occupied(mut entry) => {
+            let value = match entry.get().to_str() {
+                Ok(before) if !before.is_empty() => {
+                    let this = ip.to_str().unwrap_or_default();
+                    HeaderValue::try_from(format!("{before}, {this}"))
+                        .unwrap_or_else(|_| ip.clone())
+                }
+                _ => ip.clone(),
+            };
+            entry.insert(value);
+        }
     }
 }
 
@@ -269,25 +313,41 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert_eq!(h["x-kept"], "yes");
+
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("X-Other, Upgrade"),
+        );
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h[header::CONTENT_LENGTH], "0");
     }
 
     #[test]
     fn forwarded_for_is_appended() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        append_forwarded_for(&mut h, "127.0.0.1:5000".parse().unwrap());
+        append_forwarded_for(&mut h, &forwarded_for("127.0.0.1:5000".parse().unwrap()));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, &forwarded_for("[::1]:5000".parse().unwrap()));
+        assert_eq!(h["x-forwarded-for"], "::1");
     }
 
     #[test]
     fn upgrade_needs_both_headers() {
         let mut h = HeaderMap::new();
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        assert!(!wants_upgrade(&h));
+        assert_eq!(upgrade_protocol(&h), None);
         h.insert(
             header::CONNECTION,
             HeaderValue::from_static("keep-alive, Upgrade"),
         );
-        assert!(wants_upgrade(&h));
+        assert_eq!(upgrade_protocol(&h).unwrap(), "websocket");
     }
 }

@@ -9,12 +9,10 @@ pub mod route;
 pub mod server;
 pub mod track;
 
-use std::future::Future;
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, Version, header};
@@ -149,7 +147,37 @@ impl Proxy {
         self.inner.forwarder.tunnels()
     }
 
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    /// The proxy bound to one client connection: what hyper calls for each of its requests.
+    pub fn connection(
+        &self,
+        peer: SocketAddr,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<ProxyBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static {
+        let connection = Arc::new((self.clone(), forward::forwarded_for(peer)));
+        // A closure, not a tower service: hyper keeps the request's future in place rather
+        // than in a new box per request.
+        hyper::service::service_fn(move |req| {
+            let connection = connection.clone();
+            async move {
+                let (proxy, forwarded_for) = &*connection;
+                Ok(proxy.handle(req, forwarded_for).await)
+            }
+        })
+    }
+
+    /// Answers one request; `forwarded_for` is the client's address (see
+    /// [`forward::forwarded_for`]).
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        forwarded_for: &HeaderValue,
+    ) -> Response<ProxyBody> {
         let inner = &self.inner;
         if inner.draining.load(Ordering::Relaxed) {
             return ProxyError::ShuttingDown.into_response();
@@ -173,7 +201,7 @@ impl Proxy {
         let started = Instant::now();
         let demand = Demand::begin(target.clone(), started);
         let method = track::method_index(req.method());
-        let response = match self.serve(&target, demand, req, peer, &host).await {
+        let response = match self.serve(&target, demand, req, forwarded_for, &host).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(why) = error.reject() {
@@ -196,7 +224,7 @@ impl Proxy {
         target: &Arc<Target>,
         demand: Demand,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        forwarded_for: &HeaderValue,
         host: &HeaderValue,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (in_flight, held) = match target.pick() {
@@ -212,7 +240,10 @@ impl Proxy {
                 (in_flight, true)
             }
         };
-        let downstream = Downstream { peer, host };
+        let downstream = Downstream {
+            forwarded_for,
+            host,
+        };
         let mut response = self
             .inner
             .forwarder
@@ -269,27 +300,4 @@ fn wake_page(target: &Target) -> Response<ProxyBody> {
     headers.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
-}
-
-/// A [`Proxy`] bound to one client connection, as a tower service.
-#[derive(Clone, Debug)]
-pub struct ConnectionService {
-    proxy: Proxy,
-    peer: SocketAddr,
-}
-
-impl tower::Service<Request<Incoming>> for ConnectionService {
-    type Response = Response<ProxyBody>;
-    type Error = std::convert::Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let proxy = self.proxy.clone();
-        let peer = self.peer;
-        Box::pin(async move { Ok(proxy.handle(req, peer).await) })
-    }
 }

@@ -9,13 +9,12 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::{ConnectionService, Proxy};
+use super::Proxy;
 
 /// Serves `listener` until `shutdown`, then stops accepting and lets open connections (and
 /// the upgraded ones, such as WebSockets) finish their requests for at most `drain`; whatever
@@ -46,9 +45,8 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(ConnectionService { proxy: proxy.clone(), peer });
                 let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .serve_connection_with_upgrades(TokioIo::new(stream), proxy.connection(peer))
                     .into_owned();
                 let connection = graceful.watch(connection);
                 let force_close = force_close.clone();
