@@ -5,6 +5,8 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -272,4 +274,78 @@ upstream = "{upstream}"
     }
     assert_eq!(wg.target("api").await["requests"], 2);
     assert_eq!(wg.target("site").await["requests"], 3);
+}
+
+/// A fixed upstream that counts the connections it accepts and, unless `keep_alive`, closes
+/// each after one response.
+async fn counting_upstream(keep_alive: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let service = hyper::service::service_fn(|_: Request<Incoming>| async move {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("counted"))))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .keep_alive(keep_alive)
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, accepted)
+}
+
+/// Sends `n` requests one after the other on a single client connection, each answered 200.
+async fn sequential_requests(wg: &Wakegate, n: usize) {
+    let stream = TcpStream::connect(wg.proxy).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    for i in 0..n {
+        let request = Request::get("/")
+            .header(header::HOST, "counted.localhost")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let response = within(5, "a request", sender.send_request(request))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "request {i}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"counted", "request {i}");
+    }
+}
+
+fn counted_target(upstream: SocketAddr) -> String {
+    format!(
+        "[[target]]\nname = \"counted\"\nhosts = [\"counted.localhost\"]\nupstream = \"{upstream}\"\n"
+    )
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused_from_one_request_to_the_next() {
+    let (upstream, accepted) = counting_upstream(true).await;
+    let wg = Wakegate::start("", &counted_target(upstream)).await;
+    sequential_requests(&wg, 20).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one upstream connection"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_each_connection_still_gets_every_request() {
+    let (upstream, accepted) = counting_upstream(false).await;
+    let wg = Wakegate::start("", &counted_target(upstream)).await;
+    sequential_requests(&wg, 5).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        5,
+        "a new connection each time"
+    );
 }

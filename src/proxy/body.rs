@@ -1,5 +1,6 @@
 //! The response body type of the data plane: an upstream body streamed through untouched (and
-//! carrying the request's in-flight count until it ends), or a small body of wakegate's own.
+//! carrying the request's in-flight count and its upstream connection until it ends), or a
+//! small body of wakegate's own.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -9,18 +10,42 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::InFlight;
+use super::pool::Pooled;
 
 #[derive(Debug)]
 pub enum ProxyBody {
-    Upstream {
-        body: Incoming,
-        /// Released when the body is finished or dropped.
-        in_flight: Option<InFlight>,
-    },
+    Upstream(UpstreamBody),
     Full(Option<Bytes>),
 }
 
+#[derive(Debug)]
+pub struct UpstreamBody {
+    body: Incoming,
+    /// Released when the body is finished or dropped.
+    in_flight: Option<InFlight>,
+    /// Back to the pool if the body was read to the end, else closed.
+    connection: Option<Pooled>,
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take()
+            && self.body.is_end_stream()
+        {
+            connection.release();
+        }
+    }
+}
+
 impl ProxyBody {
+    pub fn upstream(body: Incoming, in_flight: InFlight, connection: Pooled) -> Self {
+        ProxyBody::Upstream(UpstreamBody {
+            body,
+            in_flight: Some(in_flight),
+            connection: Some(connection),
+        })
+    }
+
     pub fn text(text: impl Into<Bytes>) -> Self {
         ProxyBody::Full(Some(text.into()))
     }
@@ -39,10 +64,10 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream { body, in_flight } => {
-                let polled = Pin::new(body).poll_frame(cx);
+            ProxyBody::Upstream(upstream) => {
+                let polled = Pin::new(&mut upstream.body).poll_frame(cx);
                 if let Poll::Ready(None) = polled {
-                    in_flight.take();
+                    upstream.in_flight.take();
                 }
                 polled
             }
@@ -52,14 +77,14 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Upstream(upstream) => upstream.body.is_end_stream(),
             ProxyBody::Full(data) => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Upstream(upstream) => upstream.body.size_hint(),
             ProxyBody::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
         }

@@ -24,7 +24,7 @@ pub enum ProxyError {
     Upstream {
         target: String,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: super::pool::UpstreamError,
     },
     #[error("upstream of target {target} did not respond within {}", humantime::format_duration(*.after))]
     UpstreamTimeout { target: String, after: Duration },

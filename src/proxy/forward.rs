@@ -1,22 +1,21 @@
 //! Forwarding one request to a leased endpoint: hop-by-hop headers removed (RFC 9110 §7.6.1),
-//! `X-Forwarded-*` set, bodies streamed both ways over pooled keep-alive HTTP/1.1, and
-//! HTTP/1.1 upgrades (WebSocket) tunnelled in both directions.
+//! `X-Forwarded-*` set, bodies streamed both ways over pooled keep-alive HTTP/1.1 (see
+//! [`super::pool`]), and HTTP/1.1 upgrades (WebSocket) tunnelled in both directions.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::InFlight;
 use super::body::ProxyBody;
 use super::error::ProxyError;
+use super::pool::{self, Pool};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -24,10 +23,10 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// The pooled upstream client.
+/// The upstream side of one worker: its connection pool, and the tunnels shared by all.
 #[derive(Clone, Debug)]
 pub struct Forwarder {
-    client: Client<HttpConnector, Incoming>,
+    pool: Pool,
     tunnels: Tunnels,
 }
 
@@ -70,14 +69,10 @@ impl Default for Forwarder {
 impl Forwarder {
     /// A forwarder with a pool of its own that records its upgraded connections in `tunnels`.
     pub fn new(tunnels: Tunnels) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .build(connector);
-        Self { client, tunnels }
+        Self {
+            pool: Pool::new(pool::Settings::default()),
+            tunnels,
+        }
     }
 }
 
@@ -113,14 +108,19 @@ impl Forwarder {
         };
         let downstream_upgrade = upgrade_to.is_some().then(|| hyper::upgrade::on(&mut req));
 
-        let authority = in_flight.endpoint().authority.clone();
-        let mut parts = req.uri().clone().into_parts();
-        parts.scheme = Some(http::uri::Scheme::HTTP);
-        parts.authority = Some(authority);
-        if parts.path_and_query.is_none() {
-            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        let authority = &in_flight.endpoint().authority;
+        // The request line an upstream expects: origin-form (`/path?query`), as a client sends
+        // it to a server, so the usual origin-form request goes through untouched; the
+        // endpoint's authority-form for CONNECT.
+        if req.method() == Method::CONNECT {
+            *req.uri_mut() = Uri::from(authority.clone());
+        } else if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+            let origin = match req.uri().path_and_query() {
+                Some(path) => Uri::from(path.clone()),
+                None => Uri::from_static("/"),
+            };
+            *req.uri_mut() = origin;
         }
-        *req.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path are set");
         *req.version_mut() = Version::HTTP_11;
 
         let headers = req.headers_mut();
@@ -142,7 +142,7 @@ impl Forwarder {
             .or_insert_with(|| downstream.host.clone());
 
         let target = &in_flight.target().config.name;
-        let sent = self.client.request(req);
+        let sent = self.pool.send(authority, req);
         let result = match response_timeout {
             Some(after) => tokio::time::timeout(after, sent).await.map_err(|_| {
                 ProxyError::UpstreamTimeout {
@@ -152,7 +152,7 @@ impl Forwarder {
             })?,
             None => sent.await,
         };
-        let mut response = result.map_err(|source| ProxyError::Upstream {
+        let (mut response, connection) = result.map_err(|source| ProxyError::Upstream {
             target: target.clone(),
             source,
         })?;
@@ -175,10 +175,7 @@ impl Forwarder {
         }
 
         strip_hop_by_hop(response.headers_mut());
-        Ok(response.map(|body| ProxyBody::Upstream {
-            body,
-            in_flight: Some(in_flight),
-        }))
+        Ok(response.map(|body| ProxyBody::upstream(body, in_flight, connection)))
     }
 }
 

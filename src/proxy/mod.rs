@@ -5,6 +5,7 @@ pub mod body;
 pub mod error;
 pub mod forward;
 pub mod hold;
+pub mod pool;
 pub mod route;
 pub mod server;
 pub mod track;
