@@ -236,7 +236,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // which to remove, cheaper than a lookup for each.
     let mut found = 0u8;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+        let name = name.as_str();
+        // The lengths of the hop-by-hop names: most other headers are told apart without a
+        // string comparison.
+        if matches!(name.len(), 2 | 7 | 10 | 16 | 17)
+            && let Some(i) = HOP_BY_HOP.iter().position(|h| h.as_str() == name)
+        {
             found |= 1 << i;
         }
     }
@@ -247,6 +252,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
+            // The usual values name no other header.
+            .filter(|v| {
+                let v = v.as_bytes();
+                !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close"))
+            })
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)

@@ -4,7 +4,7 @@
 //! idle connections per endpoint address, found through a snapshot of the address map.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -12,11 +12,10 @@ use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 use http::uri::Authority;
 use http::{Request, Response};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 /// Why no response came from an upstream.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +39,7 @@ pub enum UpstreamError {
 pub struct Settings {
     /// Idle connections kept per endpoint; more are closed as their responses end.
     pub max_idle: usize,
-    /// An idle connection unused this long is closed.
+    /// An idle connection unused this long is closed (at the latest after twice as long).
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
 }
@@ -55,52 +54,75 @@ impl Default for Settings {
     }
 }
 
-/// The upstream connections of one worker.
-#[derive(Debug, Clone, Default)]
-pub struct Pool {
-    inner: Arc<Inner>,
+/// The upstream connections of one worker, for requests with bodies of type `B`.
+#[derive(Debug)]
+pub struct Pool<B = Incoming> {
+    inner: Arc<Inner<B>>,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
+impl<B> Clone for Pool<B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+type ByAddress<B> = HashMap<Box<str>, Arc<Idle<B>>, foldhash::fast::RandomState>;
+
+#[derive(Debug)]
+struct Inner<B> {
     settings: Settings,
     /// Replaced whole (copy on write) when an endpoint address is seen first or swept away.
-    idle: ArcSwap<HashMap<Box<str>, Arc<Idle>>>,
+    idle: ArcSwap<ByAddress<B>>,
     sweeping: AtomicBool,
 }
 
+/// The idle connections to one address.
 #[derive(Debug)]
-struct Idle(ArrayQueue<IdleConnection>);
+struct Idle<B> {
+    queue: ArrayQueue<IdleConnection<B>>,
+    /// Sweeps so far: idle connections are stamped with it rather than with the time, which
+    /// would take two clock reads per request.
+    sweeps: AtomicU64,
+}
 
 #[derive(Debug)]
-struct IdleConnection {
-    sender: SendRequest<Incoming>,
-    since: Instant,
+struct IdleConnection<B> {
+    sender: SendRequest<B>,
+    /// The sweep count when it became idle.
+    since: u64,
 }
 
 /// A connection a request was sent on. Dropped, it is closed; [released](Pooled::release) once
 /// its response has ended, it waits in the pool for the next request.
 #[derive(Debug)]
-pub struct Pooled {
-    sender: SendRequest<Incoming>,
-    home: Arc<Idle>,
+pub struct Pooled<B = Incoming> {
+    sender: SendRequest<B>,
+    home: Arc<Idle<B>>,
 }
 
-impl Pooled {
+impl<B> Pooled<B> {
     /// Puts the connection back, if it can take another request now (its response was read to
     /// the end and the upstream did not close it).
     pub fn release(self) {
         if self.sender.is_ready() {
             // A full queue drops (closes) the connection.
-            let _ = self.home.0.push(IdleConnection {
+            let since = self.home.sweeps.load(Ordering::Relaxed);
+            let _ = self.home.queue.push(IdleConnection {
                 sender: self.sender,
-                since: Instant::now(),
+                since,
             });
         }
     }
 }
 
-impl Pool {
+impl<B> Pool<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     pub fn new(settings: Settings) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -116,12 +138,11 @@ impl Pool {
     pub async fn send(
         &self,
         authority: &Authority,
-        mut req: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Pooled), UpstreamError> {
+        mut req: Request<B>,
+    ) -> Result<(Response<Incoming>, Pooled<B>), UpstreamError> {
         let home = self.idle(authority);
-        let timeout = self.inner.settings.idle_timeout;
-        while let Some(IdleConnection { mut sender, since }) = home.0.pop() {
-            if !sender.is_ready() || since.elapsed() >= timeout {
+        while let Some(IdleConnection { mut sender, .. }) = home.queue.pop() {
+            if !sender.is_ready() {
                 continue;
             }
             match sender.try_send_request(req).await {
@@ -138,24 +159,27 @@ impl Pool {
         Ok((response, Pooled { sender, home }))
     }
 
-    fn idle(&self, authority: &Authority) -> Arc<Idle> {
+    fn idle(&self, authority: &Authority) -> Arc<Idle<B>> {
         if let Some(idle) = self.inner.idle.load().get(authority.as_str()) {
             return idle.clone();
         }
         let max_idle = self.inner.settings.max_idle.max(1);
         let mut added = None;
         self.inner.idle.rcu(|map| {
-            let mut map = HashMap::clone(map);
-            let idle = map
-                .entry(authority.as_str().into())
-                .or_insert_with(|| Arc::new(Idle(ArrayQueue::new(max_idle))));
+            let mut map = ByAddress::clone(map);
+            let idle = map.entry(authority.as_str().into()).or_insert_with(|| {
+                Arc::new(Idle {
+                    queue: ArrayQueue::new(max_idle),
+                    sweeps: AtomicU64::new(0),
+                })
+            });
             added = Some(idle.clone());
             map
         });
         added.expect("rcu ran at least once")
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<SendRequest<Incoming>, UpstreamError> {
+    async fn connect(&self, authority: &Authority) -> Result<SendRequest<B>, UpstreamError> {
         let after = self.inner.settings.connect_timeout;
         let host = authority
             .host()
@@ -173,9 +197,8 @@ impl Pool {
                 source,
             })?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let target = authority.clone();
         tokio::spawn(async move {
             if let Err(error) = connection.with_upgrades().await {
@@ -186,14 +209,15 @@ impl Pool {
         Ok(sender)
     }
 
-    /// Once per pool, a task on the current runtime that closes connections idle for longer
-    /// than the idle timeout and forgets addresses with none left, until the pool is dropped.
+    /// Once per pool, a task on the current runtime that sweeps every idle timeout, closing
+    /// the connections idle since before the previous sweep and forgetting addresses with none
+    /// left, until the pool is dropped.
     fn sweep_in_background(&self) {
         if self.inner.sweeping.swap(true, Ordering::Relaxed) {
             return;
         }
         let pool = Arc::downgrade(&self.inner);
-        let every = self.inner.settings.idle_timeout / 2;
+        let every = self.inner.settings.idle_timeout;
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
             ticks.tick().await;
@@ -208,29 +232,30 @@ impl Pool {
     }
 }
 
-impl Inner {
+impl<B> Inner<B> {
     fn sweep(&self) {
-        let timeout = self.settings.idle_timeout;
         let mut emptied = Vec::new();
         for (authority, idle) in self.idle.load().iter() {
-            for _ in 0..idle.0.len() {
-                match idle.0.pop() {
-                    Some(c) if c.sender.is_ready() && c.since.elapsed() < timeout => {
-                        let _ = idle.0.push(c);
+            // Stamped before the previous sweep: idle for at least one idle timeout.
+            let previous = idle.sweeps.fetch_add(1, Ordering::Relaxed);
+            for _ in 0..idle.queue.len() {
+                match idle.queue.pop() {
+                    Some(c) if c.sender.is_ready() && c.since >= previous => {
+                        let _ = idle.queue.push(c);
                     }
                     Some(_) => {}
                     None => break,
                 }
             }
-            if idle.0.is_empty() {
+            if idle.queue.is_empty() {
                 emptied.push(authority.clone());
             }
         }
         if !emptied.is_empty() {
             self.idle.rcu(|map| {
-                let mut map = HashMap::clone(map);
+                let mut map = ByAddress::clone(map);
                 // A request may have put a connection back meanwhile: keep those.
-                map.retain(|a, idle| !(idle.0.is_empty() && emptied.contains(a)));
+                map.retain(|a, idle| !(idle.queue.is_empty() && emptied.contains(a)));
                 map
             });
         }
@@ -239,14 +264,97 @@ impl Inner {
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty, Full};
+
     use super::*;
+
+    /// An upstream that counts the connections it accepts.
+    async fn upstream() -> (Authority, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(|_| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (authority, accepted)
+    }
+
+    /// One GET whose response is read to the end; the connection is returned with it.
+    async fn get(pool: &Pool<Empty<Bytes>>, authority: &Authority) -> Pooled<Empty<Bytes>> {
+        let req = Request::get("/")
+            .header(http::header::HOST, authority.as_str())
+            .body(Empty::new())
+            .unwrap();
+        let (response, connection) = pool.send(authority, req).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        connection
+    }
+
+    fn idle_count(pool: &Pool<Empty<Bytes>>, authority: &Authority) -> Option<usize> {
+        let idle = pool.inner.idle.load();
+        idle.get(authority.as_str()).map(|idle| idle.queue.len())
+    }
+
+    #[tokio::test]
+    async fn a_released_connection_serves_the_next_request() {
+        let (authority, accepted) = upstream().await;
+        let pool = Pool::new(Settings::default());
+        for _ in 0..3 {
+            get(&pool, &authority).await.release();
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(idle_count(&pool, &authority), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_connection_dropped_instead_of_released_is_not_reused() {
+        let (authority, accepted) = upstream().await;
+        let pool = Pool::new(Settings::default());
+        drop(get(&pool, &authority).await);
+        get(&pool, &authority).await.release();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_at_the_second_sweep_then_its_address_forgotten() {
+        let (authority, _) = upstream().await;
+        let pool = Pool::new(Settings::default());
+        get(&pool, &authority).await.release();
+        pool.inner.sweep();
+        assert_eq!(
+            idle_count(&pool, &authority),
+            Some(1),
+            "idle less than one sweep"
+        );
+        pool.inner.sweep();
+        assert_eq!(
+            idle_count(&pool, &authority),
+            None,
+            "closed, address forgotten"
+        );
+    }
 
     #[tokio::test]
     async fn a_connection_refused_is_an_error_naming_the_address() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let pool = Pool::new(Settings::default());
+        let pool = Pool::<Empty<Bytes>>::new(Settings::default());
         let authority: Authority = addr.to_string().parse().unwrap();
         let error = pool.connect(&authority).await.unwrap_err();
         assert!(error.to_string().contains(&addr.to_string()), "{error}");
