@@ -10,11 +10,6 @@ use tokio_util::sync::CancellationToken;
 use wakegate::config::{Config, ConfigError};
 use wakegate::telemetry::{self, LogFormat};
 
-// The proxy allocates a handful of small objects per request (read buffers, futures, header
-// maps): mimalloc's thread-local free lists do that in fewer instructions than glibc's malloc.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser, Debug)]
 #[command(name = "wakegate", version, about = "An HTTP scale-to-zero proxy")]
 struct Cli {
