@@ -24,7 +24,8 @@ pub struct Admin {
     pub metrics: Metrics,
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub draining: Arc<AtomicBool>,
-    /// False until the Kubernetes watches have listed once (always true without them).
+    /// False until the targets of the first Kubernetes sync are routed (always true without
+    /// Kubernetes).
     pub synced: tokio::sync::watch::Receiver<bool>,
 }
 

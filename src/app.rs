@@ -215,19 +215,17 @@ pub async fn run(
     let draining = Arc::new(AtomicBool::new(false));
     let unrouted = Arc::new(Unrouted::default());
     let kube_stop = CancellationToken::new();
-    let (kube, mut discovered, synced, kube_tasks) = match &config.kubernetes {
+    let (kube, mut discovered, kube_tasks) = match &config.kubernetes {
         Some(k) => {
             let client = kubernetes::client(k).await?;
             let started = KubernetesProvider::start(client, k.clone(), kube_stop.clone());
-            (
-                Some(started.provider),
-                Some(started.targets),
-                started.synced,
-                started.tasks,
-            )
+            (Some(started.provider), Some(started.targets), started.tasks)
         }
-        None => (None, None, tokio::sync::watch::channel(true).1, Vec::new()),
+        None => (None, None, Vec::new()),
     };
+    // Ready once the targets of the first Kubernetes sync are routed, not merely listed: a
+    // request sent the moment `/readyz` says so finds its route.
+    let (routed, routed_rx) = tokio::sync::watch::channel(discovered.is_none());
     let mut control = Control {
         snapshot: snapshot.clone(),
         managed: HashMap::new(),
@@ -245,7 +243,7 @@ pub async fn run(
         metrics: Metrics::new(snapshot.clone(), unrouted.clone(), kube.clone()),
         snapshot: snapshot.clone(),
         draining: draining.clone(),
-        synced,
+        synced: routed_rx,
     });
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, admin_stop.clone()));
@@ -273,9 +271,12 @@ pub async fn run(
                 Some(rx) => rx.changed().await,
                 None => std::future::pending().await,
             } } => {
-                let targets = discovered.as_mut().map(|rx| rx.borrow_and_update().clone()).unwrap_or_default();
-                tracing::info!(targets = targets.len(), "Kubernetes targets changed");
-                control.apply_discovered(targets);
+                let targets = discovered.as_mut().and_then(|rx| rx.borrow_and_update().clone());
+                if let Some(targets) = targets {
+                    tracing::info!(targets = targets.len(), "Kubernetes targets changed");
+                    control.apply_discovered(targets);
+                    routed.send_replace(true);
+                }
             }
             _ = hangup.recv() => {
                 let Some(path) = &config_path else {

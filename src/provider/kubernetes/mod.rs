@@ -123,10 +123,8 @@ pub fn identity() -> String {
 /// A running provider and what it reports.
 pub struct Started {
     pub provider: Arc<KubernetesProvider>,
-    /// The discovered targets, on every change.
-    pub targets: watch::Receiver<Vec<TargetConfig>>,
-    /// True once every watch has listed once.
-    pub synced: watch::Receiver<bool>,
+    /// The discovered targets, on every change; `None` until every watch has listed once.
+    pub targets: watch::Receiver<Option<Vec<TargetConfig>>>,
     /// End after `stop` is cancelled.
     pub tasks: Vec<JoinHandle<()>>,
 }
@@ -202,8 +200,7 @@ impl KubernetesProvider {
             )));
         }
 
-        let (targets_tx, targets_rx) = watch::channel(Vec::new());
-        let (synced_tx, synced_rx) = watch::channel(false);
+        let (targets_tx, targets_rx) = watch::channel(None);
         let looping = provider.clone();
         tasks.push(tokio::spawn(async move {
             tokio::select! {
@@ -215,12 +212,11 @@ impl KubernetesProvider {
             loop {
                 let discovered = looping.discover(&mut reported).await;
                 targets_tx.send_if_modified(|current| {
-                    let changed = *current != discovered;
-                    *current = discovered;
+                    let changed = current.as_ref() != Some(&discovered);
+                    *current = Some(discovered);
                     changed
                 });
                 looping.publish_endpoints();
-                let _ = synced_tx.send(true);
                 tokio::select! {
                     () = looping.changed.notified() => {}
                     () = stop.cancelled() => return,
@@ -230,7 +226,6 @@ impl KubernetesProvider {
         Started {
             provider,
             targets: targets_rx,
-            synced: synced_rx,
             tasks,
         }
     }
