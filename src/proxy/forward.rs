@@ -97,7 +97,7 @@ impl Forwarder {
 
     pub async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Box<Request<Incoming>>,
         downstream: Downstream<'_>,
         in_flight: InFlight,
         response_timeout: Option<Duration>,
@@ -106,7 +106,7 @@ impl Forwarder {
             Version::HTTP_11 => upgrade_protocol(req.headers()),
             _ => None,
         };
-        let downstream_upgrade = upgrade_to.is_some().then(|| hyper::upgrade::on(&mut req));
+        let downstream_upgrade = upgrade_to.is_some().then(|| hyper::upgrade::on(&mut *req));
 
         let authority = &in_flight.endpoint().authority;
         // The request line an upstream expects: origin-form (`/path?query`), as a client sends
@@ -142,7 +142,7 @@ impl Forwarder {
             .or_insert_with(|| downstream.host.clone());
 
         let target = &in_flight.target().config.name;
-        let sent = self.pool.send(authority, req);
+        let sent = self.pool.send(authority, *req);
         let result = match response_timeout {
             Some(after) => tokio::time::timeout(after, sent).await.map_err(|_| {
                 ProxyError::UpstreamTimeout {

@@ -165,6 +165,10 @@ impl Proxy {
         // than in a new box per request.
         hyper::service::service_fn(move |req| {
             let connection = connection.clone();
+            // Boxed: every layer of the request's future keeps its own copy of what it is
+            // given, so a request passed down by value would be stored five times over in
+            // each held or in-flight request's future (a pointer is stored instead).
+            let req = Box::new(req);
             async move {
                 let (proxy, forwarded_for) = &*connection;
                 Ok(proxy.handle(req, forwarded_for).await)
@@ -176,7 +180,7 @@ impl Proxy {
     /// [`forward::forwarded_for`]).
     pub async fn handle(
         &self,
-        req: Request<Incoming>,
+        req: Box<Request<Incoming>>,
         forwarded_for: &HeaderValue,
     ) -> Response<ProxyBody> {
         let inner = &self.inner;
@@ -224,7 +228,7 @@ impl Proxy {
         &self,
         target: &Arc<Target>,
         demand: Demand,
-        req: Request<Incoming>,
+        req: Box<Request<Incoming>>,
         forwarded_for: &HeaderValue,
         host: &HeaderValue,
     ) -> Result<Response<ProxyBody>, ProxyError> {

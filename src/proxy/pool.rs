@@ -154,7 +154,9 @@ where
                 },
             }
         }
-        let mut sender = self.connect(authority).await?;
+        // Boxed: connecting is rare next to reusing, and its future would otherwise make
+        // every request's future larger.
+        let mut sender = Box::pin(self.connect(authority)).await?;
         let response = sender.send_request(req).await?;
         Ok((response, Pooled { sender, home }))
     }
