@@ -188,6 +188,87 @@ async fn h2c_prior_knowledge_requests_are_answered_over_http2() {
     assert_eq!(&body[..], b"sent over h2c");
 }
 
+/// A client connection whose first write stops after a few bytes and whose next write waits
+/// a while: the HTTP/2 preface reaches wakegate in two pieces.
+struct SlowStart {
+    stream: TcpStream,
+    written: usize,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for SlowStart {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SlowStart {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if this.written == 0 {
+            let n = buf.len().min(5);
+            let result = std::pin::Pin::new(&mut this.stream).poll_write(cx, &buf[..n]);
+            if let std::task::Poll::Ready(Ok(n)) = result {
+                this.written = n;
+                this.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(100))));
+            }
+            return result;
+        }
+        if let Some(pause) = &mut this.pause {
+            std::task::ready!(pause.as_mut().poll(cx));
+            this.pause = None;
+        }
+        std::pin::Pin::new(&mut this.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn an_http2_preface_that_arrives_in_pieces_is_still_recognised() {
+    let wg = Wakegate::start("", &demo_target("h2", "h2.localhost", "0s")).await;
+    let stream = SlowStart {
+        stream: TcpStream::connect(wg.proxy).await.unwrap(),
+        written: 0,
+        pause: None,
+    };
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = Request::get("http://h2.localhost/")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let response = within(20, "the h2c request", sender.send_request(request))
+        .await
+        .expect("h2c response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).starts_with("hello from demo-backend"));
+}
+
 #[tokio::test]
 async fn backend_sees_forwarding_headers_and_original_host_but_no_hop_by_hop_headers() {
     let wg = Wakegate::start("", &demo_target("headers", "headers.localhost", "0s")).await;

@@ -4,17 +4,144 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Socket, Type};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Proxy;
+
+/// What a client that speaks HTTP/2 without an upgrade sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The longest a new connection may take to send its request head (or HTTP/2 preface).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How client connections are served: the HTTP/1.1 and HTTP/2 settings, and what a drain
+/// needs to reach every open connection.
+struct Connections {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    /// Cancelled when the drain begins: each connection then finishes its requests and closes.
+    closing: CancellationToken,
+    /// Cancelled when the drain time is up: what is still open is dropped.
+    force_close: CancellationToken,
+    /// Each open connection holds a receiver; `closed()` resolves once none is left.
+    open: watch::Sender<()>,
+}
+
+impl Connections {
+    fn new() -> Self {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new());
+        Self {
+            http1,
+            http2,
+            closing: CancellationToken::new(),
+            force_close: CancellationToken::new(),
+            open: watch::Sender::new(()),
+        }
+    }
+
+    /// Serves one client connection until it closes, the drain asks it to finish, or the
+    /// drain time is up.
+    fn spawn(&self, stream: TcpStream, proxy: &Proxy, peer: SocketAddr) {
+        let service = proxy.connection(peer);
+        let http1 = self.http1.clone();
+        let http2 = self.http2.clone();
+        let closing = self.closing.clone();
+        let force_close = self.force_close.clone();
+        let open = self.open.subscribe();
+        tokio::spawn(async move {
+            let served = async {
+                // hyper's own connections rather than hyper-util's auto-detecting one: that
+                // one reads the first bytes itself and hands them back through a wrapper, so
+                // hyper's first read sees a few bytes, and its second read then doubles the
+                // 8 KiB read buffer of every connection (16 KiB each).
+                let result = match protocol(&stream, &closing).await {
+                    Some(Protocol::Http2) => {
+                        let mut connection =
+                            pin!(http2.serve_connection(TokioIo::new(stream), service));
+                        tokio::select! {
+                            result = connection.as_mut() => result,
+                            () = closing.cancelled() => {
+                                connection.as_mut().graceful_shutdown();
+                                connection.await
+                            }
+                        }
+                    }
+                    Some(Protocol::Http1) => {
+                        let mut connection = pin!(
+                            http1
+                                .serve_connection(TokioIo::new(stream), service)
+                                .with_upgrades()
+                        );
+                        tokio::select! {
+                            result = connection.as_mut() => result,
+                            () = closing.cancelled() => {
+                                connection.as_mut().graceful_shutdown();
+                                connection.await
+                            }
+                        }
+                    }
+                    None => Ok(()),
+                };
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "client connection ended with an error");
+                }
+            };
+            tokio::select! {
+                () = served => {}
+                // Dropping the connection drops its requests, and with them their in-flight
+                // counts and endpoint leases.
+                () = force_close.cancelled() => {}
+            }
+            drop(open);
+        });
+    }
+}
+
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Tells HTTP/2 with prior knowledge from HTTP/1 by peeking at the first bytes, which stay in
+/// the socket for hyper to read. `None`: the client closed, sent nothing in time, or the drain
+/// began before it sent anything.
+async fn protocol(stream: &TcpStream, closing: &CancellationToken) -> Option<Protocol> {
+    let decide = async {
+        let mut first = [0u8; H2_PREFACE.len()];
+        loop {
+            let n = stream.peek(&mut first).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if first[..n] != H2_PREFACE[..n] {
+                return Some(Protocol::Http1);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(Protocol::Http2);
+            }
+            // A prefix of the preface so far (clients send it whole, so this is rare): the
+            // socket stays readable while the bytes sit unread, so wait a little, not for
+            // readiness, before peeking again.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::select! {
+        protocol = tokio::time::timeout(HEADER_READ_TIMEOUT, decide) => protocol.ok().flatten(),
+        () = closing.cancelled() => None,
+    }
+}
 
 /// Serves `listener` until `shutdown`, then stops accepting and lets open connections (and
 /// the upgraded ones, such as WebSockets) finish their requests for at most `drain`; whatever
@@ -25,13 +152,7 @@ pub async fn serve(
     shutdown: CancellationToken,
     drain: Duration,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    let graceful = GracefulShutdown::new();
-    let force_close = CancellationToken::new();
+    let connections = Connections::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -45,36 +166,23 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), proxy.connection(peer))
-                    .into_owned();
-                let connection = graceful.watch(connection);
-                let force_close = force_close.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        result = connection => if let Err(error) = result {
-                            tracing::debug!(%peer, %error, "client connection ended with an error");
-                        },
-                        // Dropping the connection drops its requests, and with them their
-                        // in-flight counts and endpoint leases.
-                        () = force_close.cancelled() => {}
-                    }
-                });
+                connections.spawn(stream, &proxy, peer);
             }
             () = shutdown.cancelled() => break,
         }
     }
     drop(listener);
+    connections.closing.cancel();
     let tunnels = proxy.tunnels();
     let drained = async {
-        graceful.shutdown().await;
+        connections.open.closed().await;
         tunnels.closed().await;
     };
     tokio::select! {
         () = drained => tracing::debug!("all client connections closed"),
         () = tokio::time::sleep(drain) => {
             tracing::warn!(after = ?drain, "drain timeout: closing remaining client connections");
-            force_close.cancel();
+            connections.force_close.cancel();
             tunnels.cut();
         }
     }
