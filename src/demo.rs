@@ -1,5 +1,6 @@
 //! The built-in demo backend (`wakegate demo-backend`): a small HTTP server with a
-//! configurable start-up delay, used by the examples, tests and load tests.
+//! configurable start-up delay, used by the examples, tests and load tests. Once it listens it
+//! says so with `READY=1` to `$NOTIFY_SOCKET`, when that is set (systemd's `sd_notify`).
 //!
 //! `/` says hello with its pid and port, `/healthz` answers `ok`, `/echo` streams the request
 //! body back, `/sleep?ms=N` answers after N milliseconds, `/headers` returns the request
@@ -22,8 +23,8 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Waits `startup_delay` (a slow application booting), then serves on `addr` until
-/// `shutdown` resolves.
+/// Waits `startup_delay` (a slow application booting), then notifies readiness and serves on
+/// `addr` until `shutdown` resolves.
 pub async fn run(
     addr: SocketAddr,
     startup_delay: Duration,
@@ -36,6 +37,9 @@ pub async fn run(
         "demo-backend listening on {local} (pid {})",
         std::process::id()
     );
+    if let Err(e) = notify_ready() {
+        eprintln!("demo-backend: cannot send READY=1 to $NOTIFY_SOCKET: {e}");
+    }
     let builder = auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
     loop {
@@ -53,6 +57,23 @@ pub async fn run(
             let _ = connection.await;
         });
     }
+}
+
+/// Sends `READY=1` to `$NOTIFY_SOCKET` (a path, or `@name` in the abstract namespace), if set.
+fn notify_ready() -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+    let Some(address) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let to = match address.as_bytes().strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(&address)?,
+    };
+    UnixDatagram::unbound()?.send_to_addr(b"READY=1", &to)?;
+    Ok(())
 }
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {

@@ -67,6 +67,7 @@ enum Command {
         out_dir: PathBuf,
     },
     /// A small HTTP server for examples and tests: /, /healthz, /echo, /sleep?ms=N, /headers, /ws.
+    /// Once it listens it sends READY=1 to $NOTIFY_SOCKET, if set.
     DemoBackend {
         #[arg(long, env = "PORT")]
         port: u16,

@@ -1,5 +1,5 @@
 //! The command line: `wakegate check` validates a file without running anything, and says
-//! exactly what is wrong; `--version` prints the version.
+//! exactly what is wrong; `--version` prints the version; `demo-backend` notifies readiness.
 
 mod support;
 
@@ -172,4 +172,39 @@ fn version_flag_prints_the_version() {
         String::from_utf8_lossy(&out.stdout).trim(),
         format!("wakegate {}", env!("CARGO_PKG_VERSION"))
     );
+}
+
+#[test]
+fn demo_backend_sends_ready_to_its_notify_socket_once_it_listens() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket_path = dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let began = Instant::now();
+    let mut backend = std::process::Command::new(BIN)
+        .args(["demo-backend", "--port", &addr.port().to_string()])
+        .args(["--startup-delay", "200ms"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn demo-backend");
+
+    let mut buf = [0u8; 64];
+    let received = socket.recv(&mut buf);
+    let listening = std::net::TcpStream::connect(addr).is_ok();
+    let _ = backend.kill();
+    let _ = backend.wait();
+    let len = received.expect("a notification within 10s");
+    assert_eq!(&buf[..len], b"READY=1");
+    assert!(
+        began.elapsed() >= Duration::from_millis(200),
+        "after its start-up delay"
+    );
+    assert!(listening, "it listens by the time it says so");
 }
