@@ -1,4 +1,5 @@
-//! Waking a cold target: held requests, the cold-start header, and starting exactly once.
+//! Waking a cold target: held requests, the cold-start header, starting exactly once, and
+//! instances that notify their own readiness.
 
 mod support;
 
@@ -8,6 +9,20 @@ use support::*;
 
 fn hello(delay: &str) -> String {
     demo_target("hello", "hello.localhost", delay)
+}
+
+/// The target `hello` running `command` (a TOML array), ready when it notifies.
+fn notifying(command: &str) -> String {
+    format!(
+        r#"
+[[target]]
+name = "hello"
+hosts = ["hello.localhost"]
+command = {command}
+ready = {{ notify = true }}
+cold_start_timeout = "20s"
+"#
+    )
 }
 
 #[tokio::test]
@@ -64,4 +79,35 @@ async fn concurrent_requests_during_a_cold_start_all_succeed_and_start_one_proce
         ),
         Some(200.0)
     );
+}
+
+#[tokio::test]
+async fn a_notify_target_takes_its_first_request_once_the_instance_sends_ready() {
+    let wg = Wakegate::start("", &notifying(&demo_command("300ms"))).await;
+
+    let began = Instant::now();
+    let first = within(10, "first request", wg.get("hello.localhost", "/")).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert!(
+        began.elapsed() >= Duration::from_millis(300),
+        "waited for the start-up delay"
+    );
+    assert_eq!(first.headers["x-wakegate-cold-start"], "true");
+    assert!(first.body.starts_with("hello from demo-backend"));
+    assert_eq!(wg.target("hello").await["state"], "ready");
+}
+
+#[tokio::test]
+async fn a_notification_from_a_process_the_instance_started_counts() {
+    // The shell is the instance; the demo backend, its child, notifies.
+    let command = format!(
+        r#"["sh", "-c", "'{BIN}' demo-backend --port {{port}} --startup-delay 100ms & wait"]"#
+    );
+    let wg = Wakegate::start("", &notifying(&command)).await;
+
+    let first = within(10, "first request", wg.get("hello.localhost", "/")).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.headers["x-wakegate-cold-start"], "true");
+    let instance = wg.started_pids()[0];
+    assert_ne!(pid_in(&first.body), instance, "served by the shell's child");
 }

@@ -98,8 +98,9 @@ async fn requests_beyond_max_pending_get_503_with_retry_after_at_once() {
     );
 }
 
-/// A 504 for a target that never became ready, near its 1s cold-start timeout.
-async fn assert_cold_start_times_out(target: &str) {
+/// A 504 for a target that never became ready, near its 1s cold-start timeout; returns the
+/// running wakegate.
+async fn assert_cold_start_times_out(target: &str) -> Wakegate {
     let wg = Wakegate::start("", target).await;
     let began = Instant::now();
     let r = within(10, "request", wg.get("hello.localhost", "/")).await;
@@ -118,6 +119,7 @@ async fn assert_cold_start_times_out(target: &str) {
         rejected(&wg.metrics().await, "cold_start_timeout"),
         Some(1.0)
     );
+    wg
 }
 
 #[tokio::test]
@@ -130,6 +132,30 @@ async fn a_target_slower_than_its_cold_start_timeout_gets_504() {
 async fn a_target_whose_readiness_check_never_passes_gets_504() {
     let extra = "ready = { http_get = \"/nope\" }\ncold_start_timeout = \"1s\"";
     assert_cold_start_times_out(&hello(&demo_command("0s"), extra)).await;
+}
+
+#[tokio::test]
+async fn a_notify_target_that_never_sends_ready_gets_504_and_its_process_is_stopped() {
+    // Listening, so a `tcp` check would pass, but never told where to notify.
+    let command = format!(
+        r#"["sh", "-c", "unset NOTIFY_SOCKET; exec '{BIN}' demo-backend --port {{port}}"]"#
+    );
+    let extra = "ready = { notify = true }\ncold_start_timeout = \"1s\"";
+    let wg = assert_cold_start_times_out(&hello(&command, extra)).await;
+
+    let pid = wg.started_pids()[0];
+    let target = wg
+        .wait_for_target("hello", Duration::from_secs(5), |t| {
+            t["state"] == "cold" && !t["last_start_failure"].is_null()
+        })
+        .await;
+    assert!(
+        target["last_start_failure"]
+            .as_str()
+            .is_some_and(|why| why.contains("not ready within 1s")),
+        "{target}"
+    );
+    assert!(!process_alive(pid), "the instance (pid {pid}) was stopped");
 }
 
 #[tokio::test]

@@ -195,6 +195,9 @@ pub enum ReadyCheck {
     Tcp,
     /// `GET path` answers with a 2xx or 3xx status.
     HttpGet(String),
+    /// The instance says so itself: it sends `READY=1` to the socket named in its
+    /// `NOTIFY_SOCKET` (systemd's `sd_notify` protocol).
+    Notify,
 }
 
 impl<'de> Deserialize<'de> for ReadyCheck {
@@ -204,15 +207,32 @@ impl<'de> Deserialize<'de> for ReadyCheck {
         struct Raw {
             tcp: Option<bool>,
             http_get: Option<String>,
+            notify: Option<bool>,
         }
         let raw = Raw::deserialize(d)?;
-        match (raw.tcp, raw.http_get) {
-            (Some(true), None) => Ok(ReadyCheck::Tcp),
-            (None, Some(path)) => Ok(ReadyCheck::HttpGet(path)),
-            _ => Err(serde::de::Error::custom(
-                "expected exactly one of `{ tcp = true }` or `{ http_get = \"/path\" }`",
-            )),
+        match (raw.tcp, &raw.http_get, raw.notify) {
+            (Some(true), None, None) => return Ok(ReadyCheck::Tcp),
+            (None, Some(path), None) => return Ok(ReadyCheck::HttpGet(path.clone())),
+            (None, None, Some(true)) => return Ok(ReadyCheck::Notify),
+            _ => {}
         }
+        let given: Vec<String> = [
+            raw.tcp.map(|on| format!("tcp = {on}")),
+            raw.http_get.map(|path| format!("http_get = {path:?}")),
+            raw.notify.map(|on| format!("notify = {on}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let given = if given.is_empty() {
+            "{}".to_owned()
+        } else {
+            format!("{{ {} }}", given.join(", "))
+        };
+        Err(serde::de::Error::custom(format!(
+            "got `{given}`, expected exactly one of `{{ tcp = true }}`, \
+             `{{ http_get = \"/path\" }}` or `{{ notify = true }}`"
+        )))
     }
 }
 
@@ -552,6 +572,13 @@ impl Config {
                     at("ready.http_get"),
                     format!("{path:?}"),
                     "a path starting with '/'",
+                );
+            }
+            if t.ready == ReadyCheck::Notify && t.command.is_none() {
+                push(
+                    at("ready.notify"),
+                    "true".into(),
+                    "a local `command` to notify: wakegate never starts an `upstream`",
                 );
             }
             if t.cold_start_timeout.is_zero() {

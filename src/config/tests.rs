@@ -158,17 +158,57 @@ fn a_bad_duration_names_the_value_and_the_expected_form() {
 
 #[test]
 fn a_ready_check_must_be_exactly_one_kind() {
-    for ready in ["{}", "{ tcp = false }", "{ tcp = true, http_get = \"/\" }"] {
-        let error =
-            Config::parse(&format!("[[target]]\n{UPSTREAM}ready = {ready}")).expect_err(ready);
+    for (ready, got) in [
+        ("{}", "{}"),
+        ("{ tcp = false }", "{ tcp = false }"),
+        ("{ notify = false }", "{ notify = false }"),
+        (
+            "{ tcp = true, http_get = \"/\" }",
+            "{ tcp = true, http_get = \"/\" }",
+        ),
+        (
+            "{ notify = true, http_get = \"/healthz\" }",
+            "{ http_get = \"/healthz\", notify = true }",
+        ),
+        (
+            "{ notify = true, tcp = true }",
+            "{ tcp = true, notify = true }",
+        ),
+    ] {
+        let error = Config::parse(&format!("[[target]]\n{LOCAL}ready = {ready}")).expect_err(ready);
+        assert!(error.contains(&format!("got `{got}`")), "{ready}: {error}");
         assert!(
-            error
-                .contains("expected exactly one of `{ tcp = true }` or `{ http_get = \"/path\" }`"),
+            error.contains(
+                "expected exactly one of `{ tcp = true }`, `{ http_get = \"/path\" }` or \
+                 `{ notify = true }`"
+            ),
             "{ready}: {error}"
         );
     }
-    let config = parse(&format!("[[target]]\n{UPSTREAM}ready = {{ tcp = true }}"));
-    assert_eq!(config.targets[0].ready, ReadyCheck::Tcp);
+    for (ready, check) in [
+        ("{ tcp = true }", ReadyCheck::Tcp),
+        ("{ http_get = \"/up\" }", ReadyCheck::HttpGet("/up".into())),
+        ("{ notify = true }", ReadyCheck::Notify),
+    ] {
+        let config = parse(&format!("[[target]]\n{LOCAL}ready = {ready}"));
+        assert_eq!(config.targets[0].ready, check, "{ready}");
+        assert!(
+            config.validate().is_empty(),
+            "{ready}: {:?}",
+            config.validate()
+        );
+    }
+}
+
+#[test]
+fn only_a_local_command_can_notify_its_readiness() {
+    let problems = problems_of_target(UPSTREAM, "ready = { notify = true }");
+    assert_problem(
+        &problems,
+        "target[0] (api).ready.notify",
+        "true",
+        "a local `command`",
+    );
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! up, held back from traffic until its readiness check passes, and stopped (SIGTERM, then
 //! SIGKILL after `stop_grace`) when scaled to zero. Children never outlive wakegate.
 
+mod notify;
+
 use std::collections::HashMap;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -18,6 +20,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use self::notify::NotifySocket;
 use super::Provider;
 use crate::config::ReadyCheck;
 use crate::target::{Endpoint, Phase, Target};
@@ -204,7 +207,14 @@ async fn start(target: Arc<Target>, stop: CancellationToken) -> Result<Instance,
     let began = Instant::now();
 
     let port = free_port().map_err(|e| format!("no free local port: {e}"))?;
-    let mut child = spawn(&target, port)?;
+    // Bound before the spawn, so no notification can come too early; gone when this returns.
+    let notify = match config.ready {
+        ReadyCheck::Notify => {
+            Some(NotifySocket::bind().map_err(|e| format!("cannot create a notify socket: {e}"))?)
+        }
+        _ => None,
+    };
+    let mut child = spawn(&target, port, notify.as_ref())?;
     let pid = child.id().unwrap_or_default();
     tracing::info!(target = %target.name(), pid, port, "starting instance");
     let authority: Authority = format!("127.0.0.1:{port}")
@@ -212,7 +222,7 @@ async fn start(target: Arc<Target>, stop: CancellationToken) -> Result<Instance,
         .expect("valid authority");
 
     let outcome = tokio::select! {
-        () = wait_ready(&config.ready, &authority) => Ok(()),
+        ready = wait_ready(&config.ready, &authority, notify.as_ref(), pid) => ready,
         status = child.wait() => Err(format!("process exited during start-up ({})", describe(status))),
         () = tokio::time::sleep(config.cold_start_timeout) => Err(format!(
             "not ready within {}", humantime::format_duration(config.cold_start_timeout)
@@ -233,7 +243,7 @@ async fn start(target: Arc<Target>, stop: CancellationToken) -> Result<Instance,
     })
 }
 
-fn spawn(target: &Target, port: u16) -> Result<Child, String> {
+fn spawn(target: &Target, port: u16, notify: Option<&NotifySocket>) -> Result<Child, String> {
     let config = &target.config;
     let argv: Vec<String> = config
         .command
@@ -252,6 +262,9 @@ fn spawn(target: &Target, port: u16) -> Result<Child, String> {
     let mut command = Command::new(&program);
     command
         .args(args)
+        // Only the instance's own notify socket: one inherited from whatever supervises
+        // wakegate would take the instance's notifications for wakegate's.
+        .env_remove("NOTIFY_SOCKET")
         .envs(&config.env)
         .env("PORT", port.to_string())
         .stdin(Stdio::null())
@@ -261,6 +274,9 @@ fn spawn(target: &Target, port: u16) -> Result<Child, String> {
         // Own process group: a Ctrl-C on wakegate's terminal does not reach the instance
         // directly, and a stop reaches the whole group.
         .process_group(0);
+    if let Some(notify) = notify {
+        command.env("NOTIFY_SOCKET", notify.path());
+    }
     if let Some(cwd) = &config.cwd {
         command.current_dir(cwd);
     }
@@ -300,7 +316,19 @@ fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
-async fn wait_ready(check: &ReadyCheck, authority: &Authority) {
+/// Resolves once the instance is ready, or with why it never will be.
+async fn wait_ready(
+    check: &ReadyCheck,
+    authority: &Authority,
+    notify: Option<&NotifySocket>,
+    pid: u32,
+) -> Result<(), String> {
+    if let Some(socket) = notify {
+        return socket
+            .ready(pid)
+            .await
+            .map_err(|e| format!("notify socket failed: {e}"));
+    }
     let every = match check {
         ReadyCheck::HttpGet(_) => HTTP_POLL,
         _ => TCP_POLL,
@@ -312,7 +340,7 @@ async fn wait_ready(check: &ReadyCheck, authority: &Authority) {
     loop {
         ticks.tick().await;
         if is_ready(check, authority).await {
-            return;
+            return Ok(());
         }
     }
 }

@@ -133,6 +133,19 @@ impl Wakegate {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// The pids of the instances wakegate started, in order, from its `starting instance` log.
+    pub fn started_pids(&self) -> Vec<i32> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|v| v["message"] == "starting instance")
+            .filter_map(|v| v["pid"].as_i64())
+            .map(|pid| pid as i32)
+            .collect()
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id().expect("running") as i32
     }
