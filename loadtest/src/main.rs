@@ -93,6 +93,9 @@ enum Command {
         /// through `cargo run`).
         #[arg(long)]
         wakegate: Option<PathBuf>,
+        /// cold-start: the local target's readiness check.
+        #[arg(long, value_enum, default_value_t = scenario::Ready::Tcp)]
+        ready: scenario::Ready,
     },
 }
 
@@ -159,12 +162,14 @@ async fn command(command: Command) -> Result<ExitCode, Error> {
             rounds,
             quick,
             wakegate,
+            ready,
         } => {
             let settings = scenario::Settings {
                 wakegate: wakegate_binary(wakegate)?,
                 out,
                 rounds: if quick { 1 } else { rounds.max(1) },
                 quick,
+                ready,
             };
             scenario::run(name, &settings).await?;
             Ok(ExitCode::SUCCESS)

@@ -1,8 +1,8 @@
 //! `cold-start`: cycles of idle → first request on a wakegate local target running the demo
-//! backend with a known start-up delay. In each cycle the backend's own start-to-ready time is
-//! measured directly too (spawn → first TCP connect), interleaved with the cycles through
-//! wakegate; wakegate's overhead is the first byte through wakegate minus the backend's median
-//! start-to-ready time.
+//! backend with a known start-up delay, ready by a `tcp` check or by notification (`--ready`).
+//! In each cycle the backend's own start-to-ready time is measured directly too (spawn → its
+//! READY=1, sent once it listens), interleaved with the cycles through wakegate; wakegate's
+//! overhead is the first byte through wakegate minus the backend's median start-to-ready time.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use wakegate::plot::Panel;
 
-use super::Settings;
+use super::{Ready, Settings};
 use crate::Error;
 use crate::procs::{self, Proc, WorkDir};
 use crate::report::{self, Machine, Table};
@@ -26,8 +26,10 @@ const STARTUP_DELAY: &str = "200ms";
 const IDLE_TIMEOUT: &str = "1s";
 
 struct Cycle {
-    /// The backend started directly: spawn → first successful TCP connect.
+    /// The backend started directly: spawn → its READY=1.
     own: Duration,
+    /// The same start: spawn → first successful TCP connect, polled every millisecond.
+    polled: Duration,
     /// Through wakegate from idle: request sent → response headers.
     first_byte: Duration,
     cold: bool,
@@ -37,6 +39,13 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     let machine = Machine::now(stand::nginx_version());
     let cycles = settings.count(20, 3);
     let work = WorkDir::new()?;
+    let (check, report) = match settings.ready {
+        Ready::Tcp => ("tcp", "cold-start"),
+        Ready::Notify => ("notify", "cold-start-notify"),
+    };
+    let notify_path = work.path.join("notify");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path)
+        .map_err(|e| Error::io(format!("bind {}", notify_path.display()), e))?;
     let command = format!(
         "[{:?}, \"demo-backend\", \"--port\", \"{{port}}\", \"--startup-delay\", \"{STARTUP_DELAY}\"]",
         settings.wakegate.display().to_string()
@@ -52,7 +61,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
 name = \"cold\"
 hosts = [\"*\"]
 command = {command}
-ready = {{ tcp = true }}
+ready = {{ {check} = true }}
 idle_timeout = \"{IDLE_TIMEOUT}\"
 cold_start_timeout = \"20s\"
 stop_grace = \"2s\"
@@ -62,7 +71,7 @@ stop_grace = \"2s\"
 
     let mut results = Vec::new();
     for cycle in 1..=cycles {
-        let own = backend_own_start(&work, settings).await?;
+        let (own, polled) = backend_own_start(&work, settings, &notify, &notify_path).await?;
         wakegate
             .wait_state("cold", "cold", Duration::from_secs(30))
             .await?;
@@ -74,6 +83,7 @@ stop_grace = \"2s\"
         ));
         results.push(Cycle {
             own,
+            polled,
             first_byte,
             cold,
         });
@@ -82,6 +92,7 @@ stop_grace = \"2s\"
     let cold_starts = wakegate.target("cold").await?["cold_starts"].clone();
 
     let own: Vec<f64> = results.iter().map(|c| ms(c.own)).collect();
+    let polled: Vec<f64> = results.iter().map(|c| ms(c.polled)).collect();
     let first: Vec<f64> = results.iter().map(|c| ms(c.first_byte)).collect();
     // Against the median rather than the same cycle's own time: one start slowed down by the
     // machine's other load would otherwise show as a negative overhead in its cycle.
@@ -92,14 +103,19 @@ stop_grace = \"2s\"
     let mut table = Table::new(&["measured", "p50", "p99", "max", "min"]);
     let mut stats = serde_json::Map::new();
     for (name, key, values) in [
-        ("backend alone: spawn → ready", "backend_ms", &own),
+        ("backend alone: spawn → READY=1", "backend_ms", &own),
+        (
+            "backend alone: spawn → first connect, polled every 1 ms",
+            "backend_polled_ms",
+            &polled,
+        ),
         (
             "through wakegate: idle → first byte",
             "first_byte_ms",
             &first,
         ),
         (
-            "**wakegate's overhead** (first byte − p50 of backend alone)",
+            "**wakegate's overhead** (first byte − p50 of backend alone to READY=1)",
             "overhead_ms",
             &overhead,
         ),
@@ -118,15 +134,18 @@ stop_grace = \"2s\"
         );
     }
     let md = format!(
-        "# cold-start: wakegate's overhead on a first request after idle\n\n{}\n\n\
+        "# {report}: wakegate's overhead on a first request after idle, ready check \
+         `{check}`\n\n{}\n\n\
          {cycles} cycles. Each cycle: (1) the demo backend started directly \
-         (`wakegate demo-backend --startup-delay {STARTUP_DELAY}`), timed from spawn to its \
-         first accepted TCP connection (polled every 1 ms), then stopped; (2) once wakegate's \
-         `/targets` shows the local target `cold` (`idle_timeout = \"{IDLE_TIMEOUT}\"`, ready \
-         check `tcp`, the same backend command), one request on an open connection, timed to \
-         its response headers. Overhead = (2) − the median of (1), so that a start slowed \
-         by other load on the machine shows in the backend's row, not as a negative \
-         overhead. With fewer than 100 cycles, p99 is the largest value.\n\n{}\n\
+         (`wakegate demo-backend --startup-delay {STARTUP_DELAY}`), timed from spawn to the \
+         `READY=1` it sends to `$NOTIFY_SOCKET` right after it starts listening, and, in the \
+         same start, to its first accepted TCP connection polled every 1 ms, then stopped; \
+         (2) once wakegate's `/targets` shows the local target `cold` \
+         (`idle_timeout = \"{IDLE_TIMEOUT}\"`, `ready = {{ {check} = true }}`, the same \
+         backend command), one request on an open connection, timed to its response headers. \
+         Overhead = (2) − the median of (1) to READY=1, so that a start slowed by other load \
+         on the machine shows in the backend's row, not as a negative overhead. With fewer \
+         than 100 cycles, p99 is the largest value.\n\n{}\n\
          {cold} of {cycles} first requests carried `X-Wakegate-Cold-Start: true`; wakegate \
          counted {cold_starts} cold starts.\n",
         machine.markdown(),
@@ -134,6 +153,7 @@ stop_grace = \"2s\"
     );
     let data = json!({
         "scenario": "cold-start",
+        "ready": check,
         "machine": machine.json(),
         "settings": {
             "cycles": cycles,
@@ -151,7 +171,7 @@ stop_grace = \"2s\"
             y_label: "time (ms)",
             series: vec![
                 report::series("first byte through wakegate", 0, points(&first)),
-                report::series("backend alone, spawn → ready", 2, points(&own)),
+                report::series("backend alone, spawn → READY=1", 2, points(&own)),
             ],
         },
         Panel {
@@ -161,10 +181,12 @@ stop_grace = \"2s\"
     ];
     report::write(
         &settings.out,
-        "cold-start",
+        report,
         &md,
         data,
-        &format!("cold-start: demo backend with a {STARTUP_DELAY} start-up delay"),
+        &format!(
+            "{report}: demo backend with a {STARTUP_DELAY} start-up delay, ready check {check}"
+        ),
         "cycle",
         &panels,
     )
@@ -189,33 +211,63 @@ fn summary(values: &[f64]) -> (f64, f64, f64, f64) {
     )
 }
 
-/// Starts the demo backend directly and times spawn → first successful TCP connect.
-async fn backend_own_start(work: &WorkDir, settings: &Settings) -> Result<Duration, Error> {
+/// Starts the demo backend directly with `NOTIFY_SOCKET` = `notify_path`, and times spawn →
+/// its READY=1 on `notify`, and spawn → the first successful TCP connect polled every 1 ms.
+async fn backend_own_start(
+    work: &WorkDir,
+    settings: &Settings,
+    notify: &tokio::net::UnixDatagram,
+    notify_path: &std::path::Path,
+) -> Result<(Duration, Duration), Error> {
+    let limit = Duration::from_secs(20);
     let port = procs::free_port()?;
     let addr = procs::local(port);
     let mut command = std::process::Command::new(&settings.wakegate);
-    command.args([
-        "demo-backend",
-        "--port",
-        &port.to_string(),
-        "--startup-delay",
-        STARTUP_DELAY,
-    ]);
+    command
+        .args([
+            "demo-backend",
+            "--port",
+            &port.to_string(),
+            "--startup-delay",
+            STARTUP_DELAY,
+        ])
+        .env("NOTIFY_SOCKET", notify_path);
     let started = Instant::now();
     let mut proc = Proc::spawn("backend-alone", command, &work.path)?;
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(started.elapsed());
+    let ready = async {
+        let mut buf = [0u8; 512];
+        loop {
+            let len = notify
+                .recv(&mut buf)
+                .await
+                .map_err(|e| Error::io("receive on the notify socket", e))?;
+            if buf[..len].split(|&b| b == b'\n').any(|l| l == b"READY=1") {
+                return Ok::<_, Error>(started.elapsed());
+            }
         }
-        proc.check_running()?;
-        if started.elapsed() > Duration::from_secs(20) {
-            return Err(Error::Harness(format!(
-                "the demo backend did not listen within 20 s:\n{}",
-                proc.log_tail()
-            )));
+    };
+    let ready = async {
+        tokio::time::timeout(limit, ready)
+            .await
+            .map_err(|_| Error::Harness("the demo backend sent no READY=1 within 20 s".into()))?
+    };
+    let connected = async {
+        let mut ticks = tokio::time::interval(Duration::from_millis(1));
+        loop {
+            ticks.tick().await;
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Ok(started.elapsed());
+            }
+            proc.check_running()?;
+            if started.elapsed() > limit {
+                return Err(Error::Harness(format!(
+                    "the demo backend did not listen within 20 s:\n{}",
+                    proc.log_tail()
+                )));
+            }
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    };
+    tokio::try_join!(ready, connected)
 }
 
 /// One request on a connection opened beforehand; (time to response headers, cold-start header).

@@ -29,11 +29,21 @@ pub enum Name {
     All,
 }
 
+/// How the `cold-start` scenario's local target is found ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ready {
+    /// `ready = { tcp = true }`: wakegate polls the port.
+    Tcp,
+    /// `ready = { notify = true }`: the backend sends READY=1.
+    Notify,
+}
+
 pub struct Settings {
     pub wakegate: PathBuf,
     pub out: PathBuf,
     pub rounds: usize,
     pub quick: bool,
+    pub ready: Ready,
 }
 
 impl Settings {
