@@ -95,6 +95,10 @@ async fn a_notify_target_takes_its_first_request_once_the_instance_sends_ready()
     assert_eq!(first.headers["x-wakegate-cold-start"], "true");
     assert!(first.body.starts_with("hello from demo-backend"));
     assert_eq!(wg.target("hello").await["state"], "ready");
+    assert!(
+        wg.notify_sockets_removed(Duration::from_secs(2)).await,
+        "the notify socket is removed once the instance is ready"
+    );
 }
 
 #[tokio::test]

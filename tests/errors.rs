@@ -156,6 +156,10 @@ async fn a_notify_target_that_never_sends_ready_gets_504_and_its_process_is_stop
         "{target}"
     );
     assert!(!process_alive(pid), "the instance (pid {pid}) was stopped");
+    assert!(
+        wg.notify_sockets_removed(Duration::from_secs(2)).await,
+        "the notify socket is removed with the failed start"
+    );
 }
 
 #[tokio::test]

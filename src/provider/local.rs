@@ -76,6 +76,8 @@ struct Instance {
     child: Child,
     pid: u32,
     endpoint: Arc<Endpoint>,
+    /// The socket it notified its readiness on, until the instance is published.
+    notify: Option<NotifySocket>,
 }
 
 /// Converges the target's instances to what is desired, until `stop`.
@@ -114,9 +116,14 @@ async fn supervise(
         tokio::select! {
             changed = desired.changed() => if changed.is_err() { break },
             Some(started) = starting.join_next(), if !starting.is_empty() => match started {
-                Ok(Ok(instance)) => {
+                Ok(Ok(mut instance)) => {
+                    let notify = instance.notify.take();
                     ready.push(instance);
                     failed_at = None;
+                    // Removing the socket's file and directory can take milliseconds on a
+                    // busy disk: not before the held requests have their instance.
+                    publish(&target, &ready, &starting, &stopping, &mut published);
+                    drop(notify);
                 }
                 Ok(Err(reason)) => {
                     tracing::warn!(target = %target.name(), %reason, "start failed");
@@ -207,7 +214,7 @@ async fn start(target: Arc<Target>, stop: CancellationToken) -> Result<Instance,
     let began = Instant::now();
 
     let port = free_port().map_err(|e| format!("no free local port: {e}"))?;
-    // Bound before the spawn, so no notification can come too early; gone when this returns.
+    // Bound before the spawn, so that no notification comes too early.
     let notify = match config.ready {
         ReadyCheck::Notify => {
             Some(NotifySocket::bind().map_err(|e| format!("cannot create a notify socket: {e}"))?)
@@ -240,6 +247,7 @@ async fn start(target: Arc<Target>, stop: CancellationToken) -> Result<Instance,
         child,
         pid,
         endpoint: Endpoint::new(authority),
+        notify,
     })
 }
 

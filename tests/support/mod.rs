@@ -146,6 +146,26 @@ impl Wakegate {
             .collect()
     }
 
+    /// Waits up to `limit` until no readiness-notification socket directory of this wakegate
+    /// is left in the temp dir, and says whether none is.
+    pub async fn notify_sockets_removed(&self, limit: Duration) -> bool {
+        let prefix = format!("wakegate-notify-{}-", self.pid());
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let left = std::fs::read_dir(std::env::temp_dir())
+                .expect("read the temp dir")
+                .filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().starts_with(&prefix));
+            if !left {
+                return true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id().expect("running") as i32
     }
