@@ -89,8 +89,8 @@ enum Command {
         /// Seconds instead of minutes: one round, short runs, fewer cycles (a smoke test).
         #[arg(long)]
         quick: bool,
-        /// The wakegate binary (default: the one next to this program, built first when run
-        /// through `cargo run`).
+        /// The wakegate binary (default: the one next to this program, which
+        /// `cargo build --release --bins` builds with it).
         #[arg(long)]
         wakegate: Option<PathBuf>,
         /// cold-start: the local target's readiness check.
@@ -290,8 +290,10 @@ async fn run(
     })
 }
 
-/// The wakegate binary the scenarios run. Under `cargo run` (which sets `CARGO`), it is built
-/// first with this program's profile, so the numbers are never a stale binary's.
+/// The wakegate binary the scenarios run: the one given, or the one built next to this program
+/// (`cargo build --release --bins` builds both). Not built from here: a cargo started by
+/// `cargo run` sees that run's environment, and rebuilt the whole library with fat LTO each
+/// time.
 fn wakegate_binary(given: Option<PathBuf>) -> Result<PathBuf, Error> {
     if let Some(path) = given {
         return Ok(path);
@@ -301,21 +303,14 @@ fn wakegate_binary(given: Option<PathBuf>) -> Result<PathBuf, Error> {
         .parent()
         .ok_or_else(|| Error::Harness("this program has no directory".into()))?;
     let path = dir.join("wakegate");
-    if let Some(cargo) = std::env::var_os("CARGO") {
-        let mut build = std::process::Command::new(cargo);
-        build.args(["build", "--quiet", "--bin", "wakegate"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        build.current_dir(env!("CARGO_MANIFEST_DIR"));
-        let status = build
-            .status()
-            .map_err(|e| Error::io("run cargo build --bin wakegate", e))?;
-        if !status.success() {
-            return Err(Error::Harness(format!(
-                "cargo build --bin wakegate: {status}"
-            )));
-        }
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(wakegate), Some(this)) = (modified(&path), modified(&exe))
+        && wakegate < this
+    {
+        eprintln!(
+            "loadtest: warning: {} is older than this program; `cargo build --release --bins` builds both",
+            path.display()
+        );
     }
     if !path.exists() {
         return Err(Error::Harness(format!(
