@@ -2,9 +2,10 @@
 //! enabled, and a graceful drain on shutdown; one single-threaded runtime per worker thread,
 //! each with its own listening socket of one `SO_REUSEPORT` group.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -68,29 +69,20 @@ impl Connections {
                 // 8 KiB read buffer of every connection (16 KiB each).
                 let result = match protocol(&stream, &closing).await {
                     Some(Protocol::Http2) => {
-                        let mut connection =
-                            pin!(http2.serve_connection(TokioIo::new(stream), service));
-                        tokio::select! {
-                            result = connection.as_mut() => result,
-                            () = closing.cancelled() => {
-                                connection.as_mut().graceful_shutdown();
-                                connection.await
-                            }
-                        }
+                        let connection = http2.serve_connection(TokioIo::new(stream), service);
+                        until_closed(connection, &closing, http2::Connection::graceful_shutdown)
+                            .await
                     }
                     Some(Protocol::Http1) => {
-                        let mut connection = pin!(
-                            http1
-                                .serve_connection(TokioIo::new(stream), service)
-                                .with_upgrades()
-                        );
-                        tokio::select! {
-                            result = connection.as_mut() => result,
-                            () = closing.cancelled() => {
-                                connection.as_mut().graceful_shutdown();
-                                connection.await
-                            }
-                        }
+                        let connection = http1
+                            .serve_connection(TokioIo::new(stream), service)
+                            .with_upgrades();
+                        until_closed(
+                            connection,
+                            &closing,
+                            http1::UpgradeableConnection::graceful_shutdown,
+                        )
+                        .await
                     }
                     None => Ok(()),
                 };
@@ -106,6 +98,26 @@ impl Connections {
             }
             drop(open);
         });
+    }
+}
+
+/// Serves `connection` to its end; once `closing` is cancelled, asks it to finish the requests
+/// it has and close (`graceful_shutdown`), and serves it until then.
+async fn until_closed<C>(
+    connection: C,
+    closing: &CancellationToken,
+    graceful_shutdown: fn(Pin<&mut C>),
+) -> hyper::Result<()>
+where
+    C: Future<Output = hyper::Result<()>>,
+{
+    let mut connection = pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => result,
+        () = closing.cancelled() => {
+            graceful_shutdown(connection.as_mut());
+            connection.await
+        }
     }
 }
 
