@@ -30,6 +30,27 @@ pub struct Server {
 }
 
 impl Server {
+    /// Starts `command` as the one process of a server named `name` that listens on
+    /// `127.0.0.1:port`, and waits up to `limit` until the port accepts.
+    fn spawn(
+        work: &WorkDir,
+        name: &str,
+        command: Command,
+        port: u16,
+        limit: Duration,
+        workers_rss: bool,
+    ) -> Result<Server, Error> {
+        let mut proc = Proc::spawn(name, command, &work.path)?;
+        let addr = procs::local(port);
+        proc.wait_listening(addr, limit)?;
+        Ok(Server {
+            name: name.into(),
+            addr,
+            procs: vec![proc],
+            workers_rss,
+        })
+    }
+
     /// The pid whose CPU and memory count as this server's: the first process started.
     pub fn pid(&self) -> u32 {
         self.procs[0].pid()
@@ -140,15 +161,7 @@ http {{
         .arg(dir.join("error.log"))
         .arg("-c")
         .arg(&path);
-    let mut proc = Proc::spawn(name, command, &work.path)?;
-    let addr = procs::local(port);
-    proc.wait_listening(addr, Duration::from_secs(10))?;
-    Ok(Server {
-        name: name.into(),
-        addr,
-        procs: vec![proc],
-        workers_rss: true,
-    })
+    Server::spawn(work, name, command, port, Duration::from_secs(10), true)
 }
 
 /// A static nginx answering every request with a body the size of the demo backend's.
@@ -201,15 +214,7 @@ pub fn start_demo(work: &WorkDir, wakegate: &Path, name: &str) -> Result<Server,
     let port = procs::free_port()?;
     let mut command = Command::new(wakegate);
     command.args(["demo-backend", "--port", &port.to_string()]);
-    let mut proc = Proc::spawn(name, command, &work.path)?;
-    let addr = procs::local(port);
-    proc.wait_listening(addr, Duration::from_secs(10))?;
-    Ok(Server {
-        name: name.into(),
-        addr,
-        procs: vec![proc],
-        workers_rss: false,
-    })
+    Server::spawn(work, name, command, port, Duration::from_secs(10), false)
 }
 
 /// A running wakegate and its admin address.
@@ -249,17 +254,10 @@ admin = \"127.0.0.1:{admin}\"
             std::env::var("RUST_LOG").unwrap_or("warn".into()),
         );
         let started = std::time::Instant::now();
-        let mut proc = Proc::spawn(name, command, &work.path)?;
-        let addr = procs::local(port);
-        proc.wait_listening(addr, Duration::from_secs(60))?;
+        let server = Server::spawn(work, name, command, port, Duration::from_secs(60), false)?;
         let started_in = started.elapsed();
         Ok(Wakegate {
-            server: Server {
-                name: name.into(),
-                addr,
-                procs: vec![proc],
-                workers_rss: false,
-            },
+            server,
             admin: procs::local(admin),
             started_in,
         })
