@@ -114,6 +114,17 @@ impl Table {
     }
 }
 
+/// The median of `value` over the rows that `keep`.
+pub fn median_where<R>(rows: &[R], keep: impl Fn(&R) -> bool, value: impl Fn(&R) -> f64) -> f64 {
+    median(
+        &rows
+            .iter()
+            .filter(|r| keep(r))
+            .map(value)
+            .collect::<Vec<_>>(),
+    )
+}
+
 pub fn median(values: &[f64]) -> f64 {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {

@@ -13,7 +13,7 @@ use super::{Settings, Stand, log};
 use crate::Error;
 use crate::load::{self, Plan};
 use crate::procs::WorkDir;
-use crate::report::{self, Machine, Table, median};
+use crate::report::{self, Machine, Table, median, median_where};
 use crate::stand::{self, CONNECTIONS};
 
 /// The open-loop rate, as a share of the slowest proxy's closed-loop maximum.
@@ -113,15 +113,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
             .collect();
         median(&diffs)
     };
-    let med = |path: &str, f: fn(&Round) -> f64| {
-        median(
-            &rounds
-                .iter()
-                .filter(|r| r.path == path)
-                .map(f)
-                .collect::<Vec<_>>(),
-        )
-    };
+    let med = |path: &str, f: fn(&Round) -> f64| median_where(&rounds, |r| r.path == path, f);
     let mut table = Table::new(&[
         "path",
         "answered req/s",

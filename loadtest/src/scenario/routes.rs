@@ -12,7 +12,7 @@ use super::{Settings, log};
 use crate::Error;
 use crate::load::{self, Plan};
 use crate::procs::WorkDir;
-use crate::report::{self, Machine, Table, median};
+use crate::report::{self, Machine, Table, median_where};
 use crate::stand::{self, CONNECTIONS, Wakegate};
 
 const SIZES: [usize; 3] = [1, 1_000, 10_000];
@@ -98,15 +98,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         }
     }
 
-    let med = |n: usize, f: fn(&Round) -> f64| {
-        median(
-            &rounds
-                .iter()
-                .filter(|r| r.targets == n)
-                .map(f)
-                .collect::<Vec<_>>(),
-        )
-    };
+    let med = |n: usize, f: fn(&Round) -> f64| median_where(&rounds, |r| r.targets == n, f);
     let peak = |n: usize| {
         wakegates
             .iter()

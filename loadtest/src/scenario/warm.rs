@@ -14,7 +14,7 @@ use super::{Settings, Stand, log};
 use crate::Error;
 use crate::load::{self, Plan};
 use crate::procs::WorkDir;
-use crate::report::{self, Machine, Table, median};
+use crate::report::{self, Machine, Table, median_where};
 use crate::stand::{self, CONNECTIONS};
 
 struct Round {
@@ -99,15 +99,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         .into_iter()
         .map(|(name, server)| (name, server.peak_rss_mib()))
         .collect();
-    let med = |path: &str, f: fn(&Round) -> f64| {
-        median(
-            &rounds
-                .iter()
-                .filter(|r| r.path == path)
-                .map(f)
-                .collect::<Vec<_>>(),
-        )
-    };
+    let med = |path: &str, f: fn(&Round) -> f64| median_where(&rounds, |r| r.path == path, f);
     let nginx_rps = med("nginx", |r| r.rps);
 
     let mut table = Table::new(&[
