@@ -25,20 +25,24 @@ cold_start_timeout = "20s"
     )
 }
 
+/// The first request to the cold target `hello`: answered 200 by the demo backend, marked as a
+/// cold start, and no sooner than the backend's start-up `delay`.
+async fn first_request_waits_for_the_start(wg: &Wakegate, delay: Duration) -> Response {
+    let began = Instant::now();
+    let first = within(10, "first request", wg.get("hello.localhost", "/")).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert!(began.elapsed() >= delay, "waited for the start-up delay");
+    assert_eq!(first.headers["x-wakegate-cold-start"], "true");
+    assert!(first.body.starts_with("hello from demo-backend"));
+    first
+}
+
 #[tokio::test]
 async fn cold_request_waits_until_ready_then_succeeds_with_cold_start_header() {
     let wg = Wakegate::start("", &hello("300ms")).await;
     assert_eq!(wg.target("hello").await["state"], "cold");
 
-    let began = Instant::now();
-    let first = wg.get("hello.localhost", "/").await;
-    assert_eq!(first.status, 200, "{}", first.body);
-    assert!(
-        began.elapsed() >= Duration::from_millis(300),
-        "waited for the start-up delay"
-    );
-    assert_eq!(first.headers["x-wakegate-cold-start"], "true");
-    assert!(first.body.starts_with("hello from demo-backend"));
+    let first = first_request_waits_for_the_start(&wg, Duration::from_millis(300)).await;
 
     let warm = wg.get("hello.localhost", "/").await;
     assert_eq!(warm.status, 200);
@@ -85,15 +89,7 @@ async fn concurrent_requests_during_a_cold_start_all_succeed_and_start_one_proce
 async fn a_notify_target_takes_its_first_request_once_the_instance_sends_ready() {
     let wg = Wakegate::start("", &notifying(&demo_command("300ms"))).await;
 
-    let began = Instant::now();
-    let first = within(10, "first request", wg.get("hello.localhost", "/")).await;
-    assert_eq!(first.status, 200, "{}", first.body);
-    assert!(
-        began.elapsed() >= Duration::from_millis(300),
-        "waited for the start-up delay"
-    );
-    assert_eq!(first.headers["x-wakegate-cold-start"], "true");
-    assert!(first.body.starts_with("hello from demo-backend"));
+    first_request_waits_for_the_start(&wg, Duration::from_millis(300)).await;
     assert_eq!(wg.target("hello").await["state"], "ready");
     assert!(
         wg.notify_sockets_removed(Duration::from_secs(2)).await,
