@@ -26,7 +26,7 @@ pub struct Admin {
     pub draining: Arc<AtomicBool>,
     /// False until the targets of the first Kubernetes sync are routed (always true without
     /// Kubernetes).
-    pub synced: tokio::sync::watch::Receiver<bool>,
+    pub routed: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Admin {
@@ -47,7 +47,7 @@ impl Admin {
             "/readyz" if self.draining.load(Ordering::Relaxed) => {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             }
-            "/readyz" if !*self.synced.borrow() => text(
+            "/readyz" if !*self.routed.borrow() => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "waiting for the first Kubernetes sync\n",
             ),

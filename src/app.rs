@@ -243,7 +243,7 @@ pub async fn run(
         metrics: Metrics::new(snapshot.clone(), unrouted.clone(), kube.clone()),
         snapshot: snapshot.clone(),
         draining: draining.clone(),
-        synced: routed_rx,
+        routed: routed_rx,
     });
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, admin_stop.clone()));
