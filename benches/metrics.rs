@@ -1,5 +1,5 @@
 //! Micro-benchmark of a `/metrics` scrape with 1,000 targets: `Metrics::encode()` over a
-//! snapshot like the one `app` publishes, every target's counters holding data (several
+//! snapshot like the one `control` publishes, every target's counters holding data (several
 //! method × status pairs, both histograms, rejections, scale events).
 //!
 //! `cargo bench --bench metrics`
@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use wakegate::config::Config;
+use prometheus_client::registry::Registry;
+use wakegate::config::File;
 use wakegate::metrics::Metrics;
-use wakegate::proxy::route::{HostPattern, RouteTable};
-use wakegate::proxy::track::{Reject, method_index};
-use wakegate::proxy::{Snapshot, Unrouted};
+use wakegate::proxy::route::RouteTable;
+use wakegate::proxy::{Shared, Snapshot};
 use wakegate::target::Target;
+use wakegate::target::stats::{Reject, method_index};
 
 const TARGETS: usize = 1_000;
 
@@ -34,13 +35,17 @@ fn snapshot(n: usize) -> Snapshot {
             i % 20
         ));
     }
-    let config = Config::parse(&text).expect("a valid generated config");
+    let config = File::parse(&text)
+        .ok()
+        .and_then(|file| file.into_config().ok())
+        .expect("a valid generated config");
     let mut routes = RouteTable::default();
     let mut targets = Vec::with_capacity(n);
     for t in config.targets {
+        let hosts = t.route.hosts.clone();
         let target = Target::new(t);
-        for host in &target.config.hosts {
-            routes.insert(&HostPattern::parse(host).unwrap(), "/", target.clone());
+        for host in &hosts {
+            routes.insert(host, "/", target.clone());
         }
         fill(&target);
         targets.push(target);
@@ -79,9 +84,10 @@ fn fill(t: &Target) {
 
 fn encode(c: &mut Criterion) {
     let snapshot = Arc::new(ArcSwap::from_pointee(snapshot(TARGETS)));
-    let unrouted = Arc::new(Unrouted::default());
-    unrouted.no_route.fetch_add(7, Ordering::Relaxed);
-    let metrics = Metrics::new(snapshot, unrouted, None);
+    let (_, drain_timeout) = tokio::sync::watch::channel(Duration::from_secs(30));
+    let proxy = Arc::new(Shared::new(snapshot, drain_timeout));
+    proxy.unrouted.no_route.fetch_add(7, Ordering::Relaxed);
+    let metrics = Metrics::new(Registry::default(), proxy);
     let text = metrics.encode();
     assert!(
         text.contains("service=\"svc-999\""),

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use http::Method;
-use wakegate::proxy::route::{HostPattern, RouteTable, host_of};
-use wakegate::proxy::track::{CountGuard, Stats, method_index};
+use wakegate::config::route::HostPattern;
+use wakegate::proxy::route::{RouteTable, host_of};
+use wakegate::target::stats::{CountGuard, Stats, method_index};
 
 const SIZES: [usize; 3] = [10, 1_000, 10_000];
 

@@ -3,10 +3,9 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -17,13 +16,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{self, Metrics};
-use crate::proxy::Snapshot;
+use crate::proxy::Shared;
 
 #[derive(Debug)]
 pub struct Admin {
     pub metrics: Metrics,
-    pub snapshot: Arc<ArcSwap<Snapshot>>,
-    pub draining: Arc<AtomicBool>,
+    /// The data plane's state: targets and the drain flag.
+    pub proxy: Arc<Shared>,
     /// False until the targets of the first Kubernetes sync are routed (always true without
     /// Kubernetes).
     pub routed: tokio::sync::watch::Receiver<bool>,
@@ -44,7 +43,7 @@ impl Admin {
                 response
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" if self.draining.load(Ordering::Relaxed) => {
+            "/readyz" if self.proxy.draining.load(Ordering::Relaxed) => {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             }
             "/readyz" if !*self.routed.borrow() => text(
@@ -68,7 +67,7 @@ impl Admin {
     }
 
     fn targets_json(&self) -> String {
-        let snapshot = self.snapshot.load();
+        let snapshot = self.proxy.snapshot.load();
         let now = Instant::now();
         let wall = SystemTime::now();
         let targets: Vec<serde_json::Value> = snapshot
@@ -81,9 +80,9 @@ impl Admin {
                         .to_string()
                 });
                 serde_json::json!({
-                    "name": t.config.name,
-                    "namespace": t.config.namespace,
-                    "kind": if t.config.kubernetes.is_some() { "kubernetes" } else if t.config.upstream.is_some() { "upstream" } else { "local" },
+                    "name": t.name,
+                    "namespace": t.namespace,
+                    "kind": t.backend.kind(),
                     "state": status.phase.as_str(),
                     "instances": t.endpoints().len(),
                     "desired": t.desired(),

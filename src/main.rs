@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use wakegate::config::{Config, ConfigError};
+use wakegate::scaling::simulate::{SimulateError, Simulation};
 use wakegate::telemetry::{self, LogFormat};
 
 #[derive(Parser, Debug)]
@@ -107,14 +108,14 @@ fn main() -> ExitCode {
                 startup_delay,
                 service_time,
                 out_dir,
-            } => simulate(
-                &trace,
-                config.as_deref(),
-                target.as_deref(),
+            } => simulate(Simulation {
+                trace,
+                config,
+                target,
                 startup_delay,
                 service_time,
-                &out_dir,
-            ),
+                out_dir,
+            }),
             Command::DemoBackend {
                 port,
                 host,
@@ -176,80 +177,21 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn simulate(
-    trace: &std::path::Path,
-    config: Option<&std::path::Path>,
-    target: Option<&str>,
-    startup: Duration,
-    service_time: Duration,
-    out_dir: &std::path::Path,
-) -> ExitCode {
-    use wakegate::scaling::{policy::Settings, simulate};
-    let settings = match config {
-        None => Settings::new(
-            &Default::default(),
-            wakegate::config::TargetConfig::DEFAULT_IDLE_TIMEOUT,
-        ),
-        Some(path) => {
-            let config = match Config::load(path) {
-                Ok(config) => config,
-                Err(error) => {
-                    eprintln!("{error}");
-                    return config_exit_code(&error);
-                }
-            };
-            let chosen = match target {
-                Some(name) => config.targets.iter().find(|t| t.name == name),
-                None => config.targets.first(),
-            };
-            match chosen {
-                Some(t) => Settings::of(t),
-                None => {
-                    eprintln!(
-                        "--target: got {:?}, expected one of the targets in {}",
-                        target.unwrap_or_default(),
-                        path.display()
-                    );
-                    return ExitCode::from(2);
-                }
-            }
+fn simulate(simulation: Simulation) -> ExitCode {
+    match simulation.run() {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
         }
-    };
-    let loads = match simulate::read_trace(trace, service_time) {
-        Ok(loads) => loads,
         Err(error) => {
             eprintln!("{error}");
-            return ExitCode::from(2);
+            match &error {
+                SimulateError::Config(error) => config_exit_code(error),
+                SimulateError::Trace(_) | SimulateError::NoSuchTarget { .. } => ExitCode::from(2),
+                SimulateError::Write { .. } => ExitCode::FAILURE,
+            }
         }
-    };
-    let rows = simulate::simulate(&loads, &settings, &simulate::Model { startup });
-    let name = trace
-        .file_stem()
-        .map_or("trace".into(), |s| s.to_string_lossy());
-    let csv = out_dir.join(format!("{name}.csv"));
-    let svg = out_dir.join(format!("{name}.svg"));
-    let title = format!(
-        "{name}: load and instances (target {} per instance, start-up {})",
-        settings.target,
-        humantime::format_duration(startup)
-    );
-    let written = std::fs::create_dir_all(out_dir)
-        .and_then(|()| std::fs::write(&csv, simulate::to_csv(&rows)))
-        .and_then(|()| std::fs::write(&svg, simulate::to_svg(&title, &rows, &settings)));
-    if let Err(error) = written {
-        eprintln!("cannot write results to {}: {error}", out_dir.display());
-        return ExitCode::FAILURE;
     }
-    let max = rows.iter().map(|r| r.desired).max().unwrap_or(0);
-    let changes = simulate::direction_changes(&rows);
-    let queued = rows.iter().map(|r| r.queued).max().unwrap_or(0);
-    println!(
-        "{} seconds: up to {max} instances, {changes} changes of direction, at most {queued} requests held; wrote {} and {}",
-        rows.len(),
-        csv.display(),
-        svg.display()
-    );
-    ExitCode::SUCCESS
 }
 
 fn config_exit_code(error: &ConfigError) -> ExitCode {

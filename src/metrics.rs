@@ -4,43 +4,14 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use arc_swap::ArcSwap;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeCounterValue, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
-use crate::provider::kubernetes::KubernetesProvider;
-use crate::proxy::track::{Histogram, Reject};
-use crate::proxy::{Snapshot, Unrouted};
+use crate::proxy::Shared;
 use crate::target::Target;
-
-/// Kubernetes-mode state: leadership and rejected annotations.
-#[derive(Debug)]
-struct KubeCollector(Arc<KubernetesProvider>);
-
-impl prometheus_client::collector::Collector for KubeCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result {
-        let leader = i64::from(self.0.leader.load(Ordering::Relaxed));
-        encoder
-            .encode_descriptor(
-                "wakegate_leader",
-                "1 while this replica makes the N-to-M scaling decisions.",
-                None,
-                MetricType::Gauge,
-            )?
-            .encode_gauge(&leader)?;
-        encoder
-            .encode_descriptor(
-                "wakegate_invalid_annotations",
-                "wakegate.io annotations that could not be used (the Service was skipped or a default used).",
-                None,
-                MetricType::Counter,
-            )?
-            .encode_counter::<NoLabelSet, _, f64>(&self.0.invalid_annotations.load(Ordering::Relaxed), None)?;
-        Ok(())
-    }
-}
+use crate::target::stats::{Histogram, Reject};
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -50,16 +21,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(
-        snapshot: Arc<ArcSwap<Snapshot>>,
-        unrouted: Arc<Unrouted>,
-        kube: Option<Arc<KubernetesProvider>>,
-    ) -> Self {
-        let mut registry = Registry::default();
-        registry.register_collector(Box::new(TargetCollector { snapshot, unrouted }));
-        if let Some(kube) = kube {
-            registry.register_collector(Box::new(KubeCollector(kube)));
-        }
+    /// Every target's metrics, read from the data plane's `proxy` state, added to what
+    /// `registry` already holds (the providers register their own).
+    pub fn new(mut registry: Registry, proxy: Arc<Shared>) -> Self {
+        registry.register_collector(Box::new(TargetCollector { proxy }));
         Self { registry }
     }
 
@@ -74,16 +39,15 @@ impl Metrics {
 
 #[derive(Debug)]
 struct TargetCollector {
-    snapshot: Arc<ArcSwap<Snapshot>>,
-    unrouted: Arc<Unrouted>,
+    proxy: Arc<Shared>,
 }
 
 type Result = std::result::Result<(), std::fmt::Error>;
 
 fn labels(t: &Target) -> [(&'static str, &str); 2] {
     [
-        ("namespace", t.config.namespace.as_str()),
-        ("service", t.config.name.as_str()),
+        ("namespace", t.namespace.as_str()),
+        ("service", t.name.as_str()),
     ]
 }
 
@@ -138,7 +102,7 @@ impl TargetCollector {
 
 impl prometheus_client::collector::Collector for TargetCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result {
-        let snapshot = self.snapshot.load();
+        let snapshot = self.proxy.snapshot.load();
         let targets = &snapshot.targets;
 
         let mut family = encoder.encode_descriptor(
@@ -155,8 +119,8 @@ impl prometheus_client::collector::Collector for TargetCollector {
                 }
                 let code = code.map_or_else(|| "_OTHER".to_owned(), |c| c.to_string());
                 let labels = [
-                    ("namespace", t.config.namespace.as_str()),
-                    ("service", t.config.name.as_str()),
+                    ("namespace", t.namespace.as_str()),
+                    ("service", t.name.as_str()),
                     ("method", method),
                     ("code", code.as_str()),
                 ];
@@ -191,14 +155,14 @@ impl prometheus_client::collector::Collector for TargetCollector {
         Self::counter(
             &mut encoder,
             "wakegate_cold_starts",
-            "Instance starts triggered by demand or by the autoscaler.",
+            "Wakes from zero: times the target went from no ready instance to starting one.",
             targets,
             |t| t.stats.cold_starts.load(Ordering::Relaxed),
         )?;
         Self::histogram(
             &mut encoder,
             "wakegate_cold_start_duration_seconds",
-            "Time from starting an instance to its readiness check passing.",
+            "Time from a wake from zero to the target's first ready instance.",
             targets,
             |t| &t.stats.cold_start_duration,
         )?;
@@ -233,8 +197,8 @@ impl prometheus_client::collector::Collector for TargetCollector {
         for t in targets.iter() {
             for (direction, count) in [("up", &t.stats.scaled_up), ("down", &t.stats.scaled_down)] {
                 let labels = [
-                    ("namespace", t.config.namespace.as_str()),
-                    ("service", t.config.name.as_str()),
+                    ("namespace", t.namespace.as_str()),
+                    ("service", t.name.as_str()),
                     ("direction", direction),
                 ];
                 family
@@ -252,8 +216,8 @@ impl prometheus_client::collector::Collector for TargetCollector {
         for t in targets.iter() {
             for why in Reject::ALL {
                 let labels = [
-                    ("namespace", t.config.namespace.as_str()),
-                    ("service", t.config.name.as_str()),
+                    ("namespace", t.namespace.as_str()),
+                    ("service", t.name.as_str()),
                     ("reason", why.label()),
                 ];
                 family
@@ -262,8 +226,9 @@ impl prometheus_client::collector::Collector for TargetCollector {
             }
         }
         for (reason, count) in [
-            ("no_route", &self.unrouted.no_route),
-            ("bad_request", &self.unrouted.bad_request),
+            ("no_route", &self.proxy.unrouted.no_route),
+            ("bad_request", &self.proxy.unrouted.bad_request),
+            ("shutting_down", &self.proxy.unrouted.shutting_down),
         ] {
             let labels = [("namespace", ""), ("service", ""), ("reason", reason)];
             family

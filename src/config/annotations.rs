@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 
-use super::{KubeTarget, Metric, Problem, ReadyCheck, Scaling, TargetConfig, defaults};
-use crate::proxy::route::HostPattern;
+use super::route::{HostPattern, Route, is_valid_prefix};
+use super::target::{Backend, KubeTarget, Metric, Scaling, Serving, TargetConfig};
+use super::{MAX_DURATION, Problem, defaults};
 
 pub const PREFIX: &str = "wakegate.io/";
 
@@ -87,33 +88,37 @@ pub fn from_service(service: &Service) -> Outcome {
             .collect()
     };
     let hosts = match get("hosts") {
-        None => vec![
+        None => [
             format!("{name}.{namespace}"),
             format!("{name}.{namespace}.svc"),
             format!("{name}.{namespace}.svc.cluster.local"),
-        ],
+        ]
+        .iter()
+        .map(|h| HostPattern::parse(h))
+        .collect::<Result<_, _>>()
+        .unwrap_or_default(),
         Some(value) => {
-            let hosts = list(value);
-            if hosts.is_empty() || hosts.iter().any(|h| HostPattern::parse(h).is_err()) {
-                problem(
-                    "hosts",
-                    value,
-                    "a comma-separated list of host names, \"*.suffix\" or \"*\"",
-                );
-                skip = true;
+            let hosts: Result<Vec<HostPattern>, _> =
+                list(value).iter().map(|h| HostPattern::parse(h)).collect();
+            match hosts {
+                Ok(hosts) if !hosts.is_empty() => hosts,
+                _ => {
+                    problem(
+                        "hosts",
+                        value,
+                        "a comma-separated list of host names, \"*.suffix\" or \"*\"",
+                    );
+                    skip = true;
+                    Vec::new()
+                }
             }
-            hosts
         }
     };
     let path_prefixes = match get("path-prefixes") {
         None => defaults::path_prefixes(),
         Some(value) => {
             let prefixes = list(value);
-            if prefixes.is_empty()
-                || prefixes
-                    .iter()
-                    .any(|p| !p.starts_with('/') || p.contains(['?', '#', ' ']))
-            {
+            if prefixes.is_empty() || prefixes.iter().any(|p| !is_valid_prefix(p)) {
                 problem(
                     "path-prefixes",
                     value,
@@ -244,13 +249,13 @@ pub fn from_service(service: &Service) -> Outcome {
         match get(key) {
             None => default,
             Some(v) => match humantime::parse_duration(v) {
-                Ok(d) if !d.is_zero() => d,
+                Ok(d) if !d.is_zero() && d <= MAX_DURATION => d,
                 _ => {
                     problem(
                         key,
                         v,
                         &format!(
-                            "a duration such as \"30s\" or \"5m\"; using {}",
+                            "a duration such as \"30s\" or \"5m\", at most 365days; using {}",
                             humantime::format_duration(default)
                         ),
                     );
@@ -274,18 +279,17 @@ pub fn from_service(service: &Service) -> Outcome {
     let target = TargetConfig {
         name: name.clone(),
         namespace: namespace.clone(),
-        hosts,
-        path_prefixes,
-        command: None,
-        env: BTreeMap::new(),
-        cwd: None,
-        upstream: None,
-        ready: ReadyCheck::Tcp,
-        idle_timeout,
-        cold_start_timeout,
-        max_pending,
-        stop_grace: defaults::stop_grace(),
-        response_timeout: None,
+        route: Route {
+            hosts,
+            path_prefixes,
+        },
+        serving: Serving {
+            idle_timeout,
+            cold_start_timeout,
+            max_pending,
+            response_timeout: None,
+            wake_page,
+        },
         scaling: Scaling {
             min,
             max,
@@ -294,8 +298,7 @@ pub fn from_service(service: &Service) -> Outcome {
             scale_down_delay,
             ..Scaling::default()
         },
-        wake_page,
-        kubernetes: Some(KubeTarget {
+        backend: Backend::Kubernetes(KubeTarget {
             namespace,
             service: name,
             deployment,

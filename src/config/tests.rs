@@ -5,8 +5,8 @@ const UPSTREAM: &str =
     "name = \"api\"\nhosts = [\"api.localhost\"]\nupstream = \"127.0.0.1:9000\"\n";
 const LOCAL: &str = "name = \"hello\"\nhosts = [\"hello.localhost\"]\ncommand = [\"demo\", \"--port\", \"{port}\"]\n";
 
-fn parse(text: &str) -> Config {
-    Config::parse(text).unwrap_or_else(|e| panic!("parses: {e}"))
+fn parse(text: &str) -> File {
+    File::parse(text).unwrap_or_else(|e| panic!("parses: {e}"))
 }
 
 /// The problems of a file with one target made of `base` plus `extra` lines.
@@ -132,7 +132,7 @@ fn unknown_fields_are_rejected_by_name_at_every_level() {
             "http",
         ),
     ] {
-        let error = Config::parse(text).expect_err(text);
+        let error = File::parse(text).expect_err(text);
         assert!(
             error.contains(&format!("unknown field `{field}`")),
             "{text}: {error}"
@@ -142,14 +142,14 @@ fn unknown_fields_are_rejected_by_name_at_every_level() {
 
 #[test]
 fn a_bad_duration_names_the_value_and_the_expected_form() {
-    let error = Config::parse(&format!("[[target]]\n{UPSTREAM}idle_timeout = \"soon\""))
+    let error = File::parse(&format!("[[target]]\n{UPSTREAM}idle_timeout = \"soon\""))
         .expect_err("not a duration");
     assert!(error.contains("got \"soon\""), "{error}");
     assert!(
         error.contains("expected a duration such as \"500ms\", \"30s\" or \"5m\""),
         "{error}"
     );
-    let error = Config::parse(&format!(
+    let error = File::parse(&format!(
         "[[target]]\n{UPSTREAM}response_timeout = \"later\""
     ))
     .expect_err("not a duration");
@@ -175,7 +175,7 @@ fn a_ready_check_must_be_exactly_one_kind() {
             "{ tcp = true, notify = true }",
         ),
     ] {
-        let error = Config::parse(&format!("[[target]]\n{LOCAL}ready = {ready}")).expect_err(ready);
+        let error = File::parse(&format!("[[target]]\n{LOCAL}ready = {ready}")).expect_err(ready);
         assert!(error.contains(&format!("got `{got}`")), "{ready}: {error}");
         assert!(
             error.contains(
@@ -213,7 +213,7 @@ fn only_a_local_command_can_notify_its_readiness() {
 
 #[test]
 fn an_unknown_metric_is_rejected() {
-    let error = Config::parse(&format!(
+    let error = File::parse(&format!(
         "[[target]]\n{UPSTREAM}scaling = {{ metric = \"cpu\" }}"
     ))
     .expect_err("cpu");
@@ -562,13 +562,77 @@ scaling = { min = 3, max = 2 }
 
 #[test]
 fn same_runtime_ignores_routing_fields_only() {
-    let config = parse(&format!("[[target]]\n{LOCAL}"));
+    let config = parse(&format!("[[target]]\n{LOCAL}"))
+        .into_config()
+        .expect("valid");
     let a = &config.targets[0];
     let mut rerouted = a.clone();
-    rerouted.hosts = vec!["other.localhost".into()];
-    rerouted.path_prefixes = vec!["/x".into()];
+    rerouted.route.hosts = vec![route::HostPattern::parse("other.localhost").unwrap()];
+    rerouted.route.path_prefixes = vec!["/x".into()];
     assert!(a.same_runtime(&rerouted));
     let mut changed = a.clone();
-    changed.idle_timeout = Duration::from_secs(1);
+    changed.serving.idle_timeout = Duration::from_secs(1);
     assert!(!a.same_runtime(&changed));
+}
+
+#[test]
+fn a_target_is_built_with_exactly_one_backend() {
+    let config = parse(&format!("[[target]]\n{LOCAL}\n[[target]]\n{UPSTREAM}"))
+        .into_config()
+        .expect("valid");
+    match &config.targets[0].backend {
+        Backend::Local(local) => {
+            assert_eq!(local.command, ["demo", "--port", "{port}"]);
+            assert_eq!(local.ready, ReadyCheck::Tcp);
+            assert_eq!(local.stop_grace, Duration::from_secs(10));
+        }
+        other => panic!("hello: {other:?}"),
+    }
+    match &config.targets[1].backend {
+        Backend::Fixed { upstream } => assert_eq!(upstream.as_str(), "127.0.0.1:9000"),
+        other => panic!("api: {other:?}"),
+    }
+    let both = parse(&format!("[[target]]\n{LOCAL}upstream = \"127.0.0.1:1\"\n"));
+    let problems = both.clone().into_config().expect_err("both backends");
+    assert_problem(
+        &problems,
+        "target[0] (hello).upstream",
+        "\"127.0.0.1:1\"",
+        "either `command` or `upstream`, not both",
+    );
+}
+
+#[test]
+fn every_duration_is_bounded_with_a_clear_message() {
+    let problems = problems_of_target(
+        LOCAL,
+        "stop_grace = \"300000000years\"\nidle_timeout = \"400days\"\nresponse_timeout = \"2years\"\nscaling = { scale_down_delay = \"1000days\" }",
+    );
+    for field in [
+        "stop_grace",
+        "idle_timeout",
+        "response_timeout",
+        "scaling.scale_down_delay",
+    ] {
+        let found = problems
+            .iter()
+            .find(|p| p.field == format!("target[0] (hello).{field}"))
+            .unwrap_or_else(|| panic!("no problem for {field} in {problems:#?}"));
+        assert_eq!(found.expected, "a duration of at most 365days", "{field}");
+    }
+    let problems =
+        parse("drain_timeout = \"366days\"\n[autoscaler]\ninterval = \"400days\"").validate();
+    assert_problem(
+        &problems,
+        "drain_timeout",
+        "\"1year 18h\"",
+        "at most 365days",
+    );
+    assert_problem(
+        &problems,
+        "autoscaler.interval",
+        "\"1year 1month 4days 7h 26m 24s\"",
+        "at most 365days",
+    );
+    assert!(problems_of_target(LOCAL, "stop_grace = \"365days\"").is_empty());
 }

@@ -3,29 +3,35 @@
 
 use std::sync::Arc;
 
-use tokio::task::JoinHandle;
+use http::uri::Authority;
 use tokio_util::sync::CancellationToken;
 
-use super::Provider;
+use super::{Managed, Provider, Scale};
 use crate::target::{Endpoint, Phase, Target};
 
 #[derive(Debug, Default)]
 pub struct FixedProvider;
 
 impl Provider for FixedProvider {
-    fn manage(&self, target: Arc<Target>, stop: CancellationToken) -> JoinHandle<()> {
-        let authority = target
-            .config
-            .upstream
-            .as_deref()
-            .and_then(|u| u.parse().ok())
-            .expect("validated: upstream is host:port");
-        target.publish(vec![Endpoint::new(authority)], Phase::Ready);
-        tokio::spawn(async move {
+    type Backend = Authority;
+
+    fn manage(
+        &self,
+        target: Arc<Target>,
+        upstream: &Authority,
+        stop: CancellationToken,
+    ) -> Managed {
+        target.publish(vec![Endpoint::new(upstream.clone())], Phase::Ready);
+        // Asks are ignored: there is nothing to start or stop.
+        let (scale, _) = Scale::channel();
+        let task = tokio::spawn(async move {
             stop.cancelled().await;
             target.publish(Vec::new(), Phase::Cold);
-        })
+        });
+        Managed {
+            scale,
+            task,
+            remote: None,
+        }
     }
-
-    fn scale(&self, _target: &Target, _replicas: u32) {}
 }

@@ -4,9 +4,8 @@
 
 mod notify;
 
-use std::collections::HashMap;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::Authority;
@@ -16,13 +15,13 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::notify::NotifySocket;
-use super::Provider;
-use crate::config::ReadyCheck;
+use super::{Desired, Managed, Provider, Scale};
+use crate::config::{Local, ReadyCheck};
 use crate::target::{Endpoint, Phase, Target};
 
 /// How often a starting instance's `tcp` readiness is checked, from its spawn on. A refused
@@ -34,40 +33,20 @@ const TCP_POLL: Duration = Duration::from_millis(1);
 /// wakegate's CPU, and the server's own), so at most one every 2 ms, one at a time.
 const HTTP_POLL: Duration = Duration::from_millis(2);
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Desired {
-    replicas: u32,
-    /// Bumped by every `scale` call, so a repeated request retries a failed start.
-    asked: u64,
-}
-
+/// Starts and stops local processes. Each target's instances are its own task's alone.
 #[derive(Debug, Default)]
-pub struct LocalProvider {
-    /// Per managed target (by address): where its supervisor reads what is wanted. Control
-    /// plane only; the data plane never touches it.
-    desired: Mutex<HashMap<usize, watch::Sender<Desired>>>,
-}
-
-fn key(target: &Target) -> usize {
-    target as *const Target as usize
-}
+pub struct LocalProvider;
 
 impl Provider for LocalProvider {
-    fn manage(&self, target: Arc<Target>, stop: CancellationToken) -> JoinHandle<()> {
-        let (tx, rx) = watch::channel(Desired::default());
-        self.desired
-            .lock()
-            .expect("not poisoned")
-            .insert(key(&target), tx);
-        tokio::spawn(supervise(target, rx, stop))
-    }
+    type Backend = Local;
 
-    fn scale(&self, target: &Target, replicas: u32) {
-        if let Some(tx) = self.desired.lock().expect("not poisoned").get(&key(target)) {
-            tx.send_modify(|d| {
-                d.replicas = replicas;
-                d.asked += 1;
-            });
+    fn manage(&self, target: Arc<Target>, local: &Local, stop: CancellationToken) -> Managed {
+        let (scale, desired) = Scale::channel();
+        let task = tokio::spawn(supervise(target, Arc::new(local.clone()), desired, stop));
+        Managed {
+            scale,
+            task,
+            remote: None,
         }
     }
 }
@@ -83,6 +62,7 @@ struct Instance {
 /// Converges the target's instances to what is desired, until `stop`.
 async fn supervise(
     target: Arc<Target>,
+    local: Arc<Local>,
     mut desired: watch::Receiver<Desired>,
     stop: CancellationToken,
 ) {
@@ -97,7 +77,7 @@ async fn supervise(
         let wanted = want.replicas as usize;
         if wanted > ready.len() + starting.len() && failed_at != Some(want.asked) {
             for _ in ready.len() + starting.len()..wanted {
-                starting.spawn(start(target.clone(), stop.clone()));
+                starting.spawn(start(target.clone(), local.clone(), stop.clone()));
             }
         }
         while ready.len() > wanted {
@@ -109,7 +89,12 @@ async fn supervise(
                 .expect("more instances than wanted");
             let leaving = ready.swap_remove(at);
             publish(&target, &ready, &starting, &stopping, &mut published);
-            stopping.spawn(stop_instance(target.clone(), leaving, "scaled down"));
+            stopping.spawn(stop_instance(
+                target.clone(),
+                local.stop_grace,
+                leaving,
+                "scaled down",
+            ));
         }
         publish(&target, &ready, &starting, &stopping, &mut published);
 
@@ -149,7 +134,12 @@ async fn supervise(
         }
     }
     for instance in ready.drain(..) {
-        stopping.spawn(stop_instance(target.clone(), instance, "shutdown"));
+        stopping.spawn(stop_instance(
+            target.clone(),
+            local.stop_grace,
+            instance,
+            "shutdown",
+        ));
     }
     publish(&target, &ready, &starting, &stopping, &mut published);
     while stopping.join_next().await.is_some() {}
@@ -203,46 +193,87 @@ fn describe(status: std::io::Result<ExitStatus>) -> String {
     }
 }
 
-/// Starts one instance and waits until it is ready, it exits, `cold_start_timeout` passes or
-/// wakegate stops.
-async fn start(target: Arc<Target>, stop: CancellationToken) -> Result<Instance, String> {
-    let config = &target.config;
-    target
-        .stats
-        .cold_starts
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let began = Instant::now();
+/// How many ports a start tries when the one it picked is taken before the instance binds it.
+const PORT_ATTEMPTS: u32 = 3;
 
-    let port = free_port().map_err(|e| format!("no free local port: {e}"))?;
+/// Starts one instance and waits until it is ready, it exits, `cold_start_timeout` passes or
+/// wakegate stops. A free port is picked by binding and releasing it, so another process may
+/// take it before the instance binds it: a start that fails that way is tried on a new port.
+async fn start(
+    target: Arc<Target>,
+    local: Arc<Local>,
+    stop: CancellationToken,
+) -> Result<Instance, String> {
+    let began = Instant::now();
+    let deadline = began + target.serving.cold_start_timeout;
+    let mut attempt = 1;
+    loop {
+        let port = free_port().map_err(|e| format!("no free local port: {e}"))?;
+        match start_on(&target, &local, port, deadline, &stop).await {
+            Err(Failed::PortTaken(reason)) if attempt < PORT_ATTEMPTS => {
+                tracing::warn!(target = %target.name(), port, %reason, "port taken by another process before the instance bound it; trying a new port");
+                attempt += 1;
+            }
+            Err(Failed::PortTaken(reason) | Failed::Other(reason)) => return Err(reason),
+            Ok(instance) => {
+                let took = began.elapsed();
+                tracing::info!(target = %target.name(), pid = instance.pid, port, took_ms = took.as_millis() as u64, "instance ready");
+                return Ok(instance);
+            }
+        }
+    }
+}
+
+enum Failed {
+    /// The process exited during start-up and another process now listens on its port.
+    PortTaken(String),
+    Other(String),
+}
+
+impl From<String> for Failed {
+    fn from(reason: String) -> Self {
+        Failed::Other(reason)
+    }
+}
+
+/// One start attempt on `port`.
+async fn start_on(
+    target: &Target,
+    local: &Local,
+    port: u16,
+    deadline: Instant,
+    stop: &CancellationToken,
+) -> Result<Instance, Failed> {
     // Bound before the spawn, so that no notification comes too early.
-    let notify = match config.ready {
+    let notify = match local.ready {
         ReadyCheck::Notify => {
             Some(NotifySocket::bind().map_err(|e| format!("cannot create a notify socket: {e}"))?)
         }
         _ => None,
     };
-    let mut child = spawn(&target, port, notify.as_ref())?;
+    let mut child = spawn(target, local, port, notify.as_ref())?;
     let pid = child.id().unwrap_or_default();
     tracing::info!(target = %target.name(), pid, port, "starting instance");
     let authority: Authority = format!("127.0.0.1:{port}")
         .parse()
         .expect("valid authority");
 
+    let timeout = target.serving.cold_start_timeout;
     let outcome = tokio::select! {
-        ready = wait_ready(&config.ready, &authority, notify.as_ref(), pid) => ready,
-        status = child.wait() => Err(format!("process exited during start-up ({})", describe(status))),
-        () = tokio::time::sleep(config.cold_start_timeout) => Err(format!(
-            "not ready within {}", humantime::format_duration(config.cold_start_timeout)
-        )),
-        () = stop.cancelled() => Err("wakegate is shutting down".to_owned()),
+        ready = wait_ready(&local.ready, &authority, notify.as_ref(), pid) => ready.map_err(Failed::Other),
+        status = child.wait() => {
+            let reason = format!("process exited during start-up ({})", describe(status));
+            Err(if port_in_use(port) { Failed::PortTaken(reason) } else { Failed::Other(reason) })
+        }
+        () = tokio::time::sleep_until(deadline) => Err(Failed::Other(format!(
+            "not ready within {}", humantime::format_duration(timeout)
+        ))),
+        () = stop.cancelled() => Err(Failed::Other("wakegate is shutting down".to_owned())),
     };
-    if let Err(reason) = outcome {
-        terminate(&mut child, pid, config.stop_grace).await;
-        return Err(reason);
+    if let Err(failed) = outcome {
+        terminate(&mut child, pid, local.stop_grace).await;
+        return Err(failed);
     }
-    let took = began.elapsed();
-    target.stats.cold_start_duration.observe(took);
-    tracing::info!(target = %target.name(), pid, port, took_ms = took.as_millis() as u64, "instance ready");
     Ok(Instance {
         child,
         pid,
@@ -251,12 +282,22 @@ async fn start(target: Arc<Target>, stop: CancellationToken) -> Result<Instance,
     })
 }
 
-fn spawn(target: &Target, port: u16, notify: Option<&NotifySocket>) -> Result<Child, String> {
-    let config = &target.config;
+/// Whether some process listens on `port` of the loopback address.
+fn port_in_use(port: u16) -> bool {
+    matches!(
+        std::net::TcpListener::bind(("127.0.0.1", port)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse
+    )
+}
+
+fn spawn(
+    target: &Target,
+    config: &Local,
+    port: u16,
+    notify: Option<&NotifySocket>,
+) -> Result<Child, String> {
     let argv: Vec<String> = config
         .command
-        .as_deref()
-        .unwrap_or_default()
         .iter()
         .map(|a| a.replace("{port}", &port.to_string()))
         .collect();
@@ -301,7 +342,7 @@ fn spawn(target: &Target, port: u16, notify: Option<&NotifySocket>) -> Result<Ch
     let mut child = command
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
-    let name: Arc<str> = config.name.as_str().into();
+    let name: Arc<str> = target.name().into();
     if let Some(out) = child.stdout.take() {
         tokio::spawn(log_lines(out, name.clone(), "stdout"));
     }
@@ -382,25 +423,32 @@ async fn is_ready(check: &ReadyCheck, authority: &Authority) -> bool {
 }
 
 /// Lets an instance that is already out of rotation finish its in-flight requests, then stops it.
-async fn stop_instance(target: Arc<Target>, mut instance: Instance, why: &'static str) {
-    let config = &target.config;
-    if !instance.endpoint.drain(config.stop_grace).await {
+async fn stop_instance(
+    target: Arc<Target>,
+    grace: Duration,
+    mut instance: Instance,
+    why: &'static str,
+) {
+    if !instance.endpoint.drain(grace).await {
         tracing::warn!(target = %target.name(), pid = instance.pid, "stopping with requests still in flight");
     }
     tracing::info!(target = %target.name(), pid = instance.pid, reason = why, "stopping instance");
-    terminate(&mut instance.child, instance.pid, config.stop_grace).await;
+    terminate(&mut instance.child, instance.pid, grace).await;
 }
 
 /// SIGTERM to the instance's process group, SIGKILL after `grace`, then reap it.
 async fn terminate(child: &mut Child, pid: u32, grace: Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
     if pid == 0 {
         let _ = child.kill().await;
         return;
     }
     let group = -(pid as libc::pid_t);
+    if let Ok(Some(_)) = child.try_wait() {
+        // The instance itself is gone; what it started in its group may not be.
+        // SAFETY: plain syscall on a process group wakegate created.
+        unsafe { libc::kill(group, libc::SIGKILL) };
+        return;
+    }
     // SAFETY: plain syscall on a process group wakegate created.
     unsafe { libc::kill(group, libc::SIGTERM) };
     if tokio::time::timeout(grace, child.wait()).await.is_err() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use super::body::ProxyBody;
-use super::track::Reject;
+use crate::target::stats::Reject;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -30,6 +30,8 @@ pub enum ProxyError {
     UpstreamTimeout { target: String, after: Duration },
     #[error("wakegate is shutting down")]
     ShuttingDown,
+    #[error("target {target} was removed from the configuration")]
+    TargetRemoved { target: String },
 }
 
 impl ProxyError {
@@ -37,9 +39,9 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::QueueFull { .. } | ProxyError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::QueueFull { .. }
+            | ProxyError::ShuttingDown
+            | ProxyError::TargetRemoved { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ColdStartTimeout { .. } | ProxyError::UpstreamTimeout { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -58,6 +60,7 @@ impl ProxyError {
             ProxyError::Upstream { .. } => Some(Reject::Upstream),
             ProxyError::UpstreamTimeout { .. } => Some(Reject::UpstreamTimeout),
             ProxyError::ShuttingDown => Some(Reject::ShuttingDown),
+            ProxyError::TargetRemoved { .. } => Some(Reject::TargetRemoved),
         }
     }
 
@@ -83,7 +86,7 @@ impl ProxyError {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         match self {
-            ProxyError::QueueFull { .. } => {
+            ProxyError::QueueFull { .. } | ProxyError::TargetRemoved { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ProxyError::ShuttingDown => {

@@ -60,12 +60,6 @@ impl Tunnels {
     }
 }
 
-impl Default for Forwarder {
-    fn default() -> Self {
-        Self::new(Tunnels::default())
-    }
-}
-
 impl Forwarder {
     /// A forwarder with a pool of its own that records its upgraded connections in `tunnels`.
     pub fn new(tunnels: Tunnels) -> Self {
@@ -91,10 +85,6 @@ pub fn forwarded_for(peer: SocketAddr) -> HeaderValue {
 }
 
 impl Forwarder {
-    pub fn tunnels(&self) -> &Tunnels {
-        &self.tunnels
-    }
-
     pub async fn forward(
         &self,
         mut req: Box<Request<Incoming>>,
@@ -141,7 +131,7 @@ impl Forwarder {
             .entry(&X_FORWARDED_HOST)
             .or_insert_with(|| downstream.host.clone());
 
-        let target = &in_flight.target().config.name;
+        let target = &in_flight.target().name;
         let sent = self.pool.send(authority, *req);
         let result = match response_timeout {
             Some(after) => tokio::time::timeout(after, sent).await.map_err(|_| {
@@ -186,7 +176,7 @@ async fn tunnel(
     upstream: hyper::upgrade::OnUpgrade,
     in_flight: InFlight,
 ) {
-    let target = in_flight.target().config.name.clone();
+    let target = in_flight.target().name.clone();
     match tokio::try_join!(downstream, upstream) {
         Ok((client, server)) => {
             let mut client = TokioIo::new(client);

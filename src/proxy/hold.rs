@@ -1,22 +1,32 @@
 //! Holding a request while its target has no ready instance: a bounded per-target queue that
 //! asks for a wake at once and releases every held request the moment an endpoint is ready.
+//! A request held for a target that a reload replaces moves to the replacement.
 
 use std::sync::Arc;
 
-use crate::target::{Lease, Phase, Target};
+use crate::target::stats::CountGuard;
+use crate::target::{Lease, Phase, Successor, Target};
 
+use super::balance;
 use super::error::ProxyError;
-use super::track::CountGuard;
 
-/// Waits for a ready endpoint of `target`. The returned guard keeps the request counted as
-/// held; drop it only once the request is counted in flight, so the target never looks idle
-/// in between.
-pub async fn wait_ready(target: &Arc<Target>) -> Result<(Lease, CountGuard<'_>), ProxyError> {
-    let config = &target.config;
-    let Some(held) = CountGuard::below(&target.stats.pending, i64::from(config.max_pending)) else {
+/// How a hold ended, short of an error.
+pub enum Held<'a> {
+    /// An endpoint is ready. The guard keeps the request counted as held; drop it only once
+    /// the request is counted in flight, so the target never looks idle in between.
+    Ready(Lease, CountGuard<'a>),
+    /// The target was replaced: hold the request for this one instead.
+    Moved(Arc<Target>),
+}
+
+/// Waits for a ready endpoint of `target`.
+pub async fn wait_ready(target: &Arc<Target>) -> Result<Held<'_>, ProxyError> {
+    let serving = &target.serving;
+    let Some(held) = CountGuard::below(&target.stats.pending, i64::from(serving.max_pending))
+    else {
         return Err(ProxyError::QueueFull {
-            target: config.name.clone(),
-            max: config.max_pending,
+            target: target.name.clone(),
+            max: serving.max_pending,
         });
     };
     // Subscribe before asking for the wake, so no failure of that start can be missed.
@@ -24,21 +34,31 @@ pub async fn wait_ready(target: &Arc<Target>) -> Result<(Lease, CountGuard<'_>),
     let failures_seen = status.borrow_and_update().start_failures;
     target.request_wake();
 
+    // Ok(lease), or Err(the successor).
     let wait = async {
+        let mut now = status.borrow().clone();
         loop {
-            if let Some(lease) = target.pick() {
-                return Ok(lease);
+            match now.retired {
+                Some(Successor::Replaced(next)) => return Ok(Err(next)),
+                Some(Successor::Removed) => {
+                    return Err(ProxyError::TargetRemoved {
+                        target: target.name.clone(),
+                    });
+                }
+                None => {}
+            }
+            if let Some(lease) = balance::pick(target) {
+                return Ok(Ok(lease));
             }
             if status.changed().await.is_err() {
-                return Err(ProxyError::StartFailed {
-                    target: config.name.clone(),
-                    reason: "target was removed".into(),
+                return Err(ProxyError::TargetRemoved {
+                    target: target.name.clone(),
                 });
             }
-            let now = status.borrow_and_update().clone();
+            now = status.borrow_and_update().clone();
             if now.start_failures > failures_seen {
                 return Err(ProxyError::StartFailed {
-                    target: config.name.clone(),
+                    target: target.name.clone(),
                     reason: now
                         .last_failure
                         .as_deref()
@@ -52,12 +72,13 @@ pub async fn wait_ready(target: &Arc<Target>) -> Result<(Lease, CountGuard<'_>),
             }
         }
     };
-    match tokio::time::timeout(config.cold_start_timeout, wait).await {
-        Ok(Ok(lease)) => Ok((lease, held)),
-        Ok(Err(e)) => Err(e),
+    match tokio::time::timeout(serving.cold_start_timeout, wait).await {
+        Ok(Ok(Ok(lease))) => Ok(Held::Ready(lease, held)),
+        Ok(Ok(Err(next))) => Ok(Held::Moved(next)),
+        Ok(Err(error)) => Err(error),
         Err(_) => Err(ProxyError::ColdStartTimeout {
-            target: config.name.clone(),
-            after: config.cold_start_timeout,
+            target: target.name.clone(),
+            after: serving.cold_start_timeout,
         }),
     }
 }

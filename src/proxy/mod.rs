@@ -1,6 +1,7 @@
 //! The data plane: route → track → hold (cold start) → balance → forward. It reads immutable
 //! snapshots published by the control plane and never takes a lock on the request path.
 
+pub mod balance;
 pub mod body;
 pub mod error;
 pub mod forward;
@@ -9,22 +10,28 @@ pub mod pool;
 pub mod route;
 pub mod server;
 pub mod track;
+mod wake_page;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::target::{Endpoint, Lease, Target};
+use crate::target::Target;
+use crate::target::stats::{Reject, method_index};
 use body::ProxyBody;
 use error::ProxyError;
-use forward::{Downstream, Forwarder};
+use forward::{Downstream, Forwarder, Tunnels};
+use hold::Held;
 use route::RouteTable;
+use track::{Demand, InFlight};
 
 static COLD_START_HEADER: http::HeaderName = http::HeaderName::from_static("x-wakegate-cold-start");
 
@@ -40,65 +47,36 @@ pub struct Snapshot {
 pub struct Unrouted {
     pub no_route: AtomicU64,
     pub bad_request: AtomicU64,
+    /// Refused during a drain before a route was looked up.
+    pub shutting_down: AtomicU64,
 }
 
-/// A request from its arrival until its response finished (or it failed), holding included:
-/// what the autoscaler integrates into the target's concurrency.
+/// What every worker's proxy shares: built once by the wiring, then one [`Proxy`] per worker.
 #[derive(Debug)]
-pub struct Demand {
-    target: Arc<Target>,
-    started_us: u64,
+pub struct Shared {
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// Set when the drain begins: new requests get 503.
+    pub draining: AtomicBool,
+    pub unrouted: Unrouted,
+    /// Every worker's upgraded connections, so that a drain sees them all.
+    pub tunnels: Tunnels,
+    /// How long a drain may take; a reload may change it.
+    pub drain_timeout: watch::Receiver<Duration>,
 }
 
-impl Demand {
-    pub fn begin(target: Arc<Target>, at: Instant) -> Self {
-        let started_us = target.micros(at);
-        target.touch(at);
-        target.stats.concurrency.begin(started_us);
-        Self { target, started_us }
+impl Shared {
+    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>, drain_timeout: watch::Receiver<Duration>) -> Self {
+        Self {
+            snapshot,
+            draining: AtomicBool::new(false),
+            unrouted: Unrouted::default(),
+            tunnels: Tunnels::default(),
+            drain_timeout,
+        }
     }
 }
 
-impl Drop for Demand {
-    fn drop(&mut self) {
-        let now = self.target.micros(Instant::now());
-        self.target.stats.concurrency.end(self.started_us, now);
-    }
-}
-
-/// A request counted in flight on its target and holding its endpoint lease.
-#[derive(Debug)]
-pub struct InFlight {
-    demand: Demand,
-    lease: Lease,
-}
-
-impl InFlight {
-    pub fn new(demand: Demand, lease: Lease) -> Self {
-        demand.target.stats.in_flight.fetch_add(1, Ordering::SeqCst);
-        Self { demand, lease }
-    }
-
-    pub fn target(&self) -> &Arc<Target> {
-        &self.demand.target
-    }
-
-    pub fn endpoint(&self) -> &Endpoint {
-        self.lease.endpoint()
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.demand
-            .target
-            .stats
-            .in_flight
-            .fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// The proxy service shared by every connection.
+/// The proxy service of one worker, shared by every connection that worker serves.
 #[derive(Clone, Debug)]
 pub struct Proxy {
     inner: Arc<Inner>,
@@ -106,46 +84,23 @@ pub struct Proxy {
 
 #[derive(Debug)]
 struct Inner {
-    snapshot: Arc<ArcSwap<Snapshot>>,
+    shared: Arc<Shared>,
+    /// This worker's own upstream connections: pooled connections belong to the runtime
+    /// that drives them.
     forwarder: Forwarder,
-    draining: Arc<AtomicBool>,
-    unrouted: Arc<Unrouted>,
 }
 
 impl Proxy {
-    pub fn new(
-        snapshot: Arc<ArcSwap<Snapshot>>,
-        draining: Arc<AtomicBool>,
-        unrouted: Arc<Unrouted>,
-    ) -> Self {
+    /// The proxy of one worker runtime.
+    pub fn for_worker(shared: Arc<Shared>) -> Self {
+        let forwarder = Forwarder::new(shared.tunnels.clone());
         Self {
-            inner: Arc::new(Inner {
-                snapshot,
-                forwarder: Forwarder::default(),
-                draining,
-                unrouted,
-            }),
+            inner: Arc::new(Inner { shared, forwarder }),
         }
     }
 
-    /// The same proxy with its own upstream connection pool, for one worker runtime: pooled
-    /// connections belong to the runtime that drives them. Tunnels stay shared, so a drain sees
-    /// every worker's.
-    pub fn for_worker(&self) -> Self {
-        let inner = &self.inner;
-        Self {
-            inner: Arc::new(Inner {
-                snapshot: inner.snapshot.clone(),
-                forwarder: Forwarder::new(inner.forwarder.tunnels().clone()),
-                draining: inner.draining.clone(),
-                unrouted: inner.unrouted.clone(),
-            }),
-        }
-    }
-
-    /// The upgraded connections this proxy opened.
-    pub fn tunnels(&self) -> &forward::Tunnels {
-        self.inner.forwarder.tunnels()
+    pub fn shared(&self) -> &Shared {
+        &self.inner.shared
     }
 
     /// The proxy bound to one client connection: what hyper calls for each of its requests.
@@ -183,37 +138,56 @@ impl Proxy {
         req: Box<Request<Incoming>>,
         forwarded_for: &HeaderValue,
     ) -> Response<ProxyBody> {
-        let inner = &self.inner;
-        if inner.draining.load(Ordering::Relaxed) {
+        let shared = &*self.inner.shared;
+        let host = request_host(&req);
+        let target = host.as_ref().and_then(|host| {
+            host.to_str().ok().and_then(|h| {
+                shared
+                    .snapshot
+                    .load()
+                    .routes
+                    .lookup(&route::host_of(h), req.uri().path())
+                    .cloned()
+            })
+        });
+        if shared.draining.load(Ordering::Relaxed) {
+            match &target {
+                Some(target) => target.stats.reject(Reject::ShuttingDown),
+                None => {
+                    shared
+                        .unrouted
+                        .shutting_down
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
             return ProxyError::ShuttingDown.into_response();
         }
-        let Some(host) = request_host(&req) else {
-            inner.unrouted.bad_request.fetch_add(1, Ordering::Relaxed);
+        let Some(host) = host else {
+            shared.unrouted.bad_request.fetch_add(1, Ordering::Relaxed);
             return ProxyError::BadRequest("missing Host header").into_response();
         };
-        let Some(target) = host.to_str().ok().and_then(|h| {
-            inner
-                .snapshot
-                .load()
-                .routes
-                .lookup(&route::host_of(h), req.uri().path())
-                .cloned()
-        }) else {
-            inner.unrouted.no_route.fetch_add(1, Ordering::Relaxed);
+        let Some(mut target) = target else {
+            shared.unrouted.no_route.fetch_add(1, Ordering::Relaxed);
             return ProxyError::NoRoute.into_response();
         };
 
         let started = Instant::now();
-        let demand = Demand::begin(target.clone(), started);
-        let method = track::method_index(req.method());
-        let response = match self.serve(&target, demand, req, forwarded_for, &host).await {
-            Ok(response) => response,
-            Err(error) => {
-                if let Some(why) = error.reject() {
-                    target.stats.reject(why);
+        let method = method_index(req.method());
+        let mut req = req;
+        let response = loop {
+            let demand = Demand::begin(target.clone(), started);
+            match self.serve(&target, demand, req, forwarded_for, &host).await {
+                Ok(Served::Response(response)) => break response,
+                // A reload replaced the target while the request was held: it waits for the
+                // new one instead, counted there.
+                Ok(Served::Moved(next, unsent)) => (target, req) = (next, unsent),
+                Err(error) => {
+                    if let Some(why) = error.reject() {
+                        target.stats.reject(why);
+                    }
+                    tracing::warn!(target = %target.name(), status = error.status().as_u16(), error = %error.chain(), "request failed");
+                    break error.into_response();
                 }
-                tracing::warn!(target = %target.name(), status = error.status().as_u16(), error = %error.chain(), "request failed");
-                error.into_response()
             }
         };
         target
@@ -224,6 +198,7 @@ impl Proxy {
         response
     }
 
+    /// Serves the request on `target`, holding it while the target wakes.
     async fn serve(
         &self,
         target: &Arc<Target>,
@@ -231,19 +206,21 @@ impl Proxy {
         req: Box<Request<Incoming>>,
         forwarded_for: &HeaderValue,
         host: &HeaderValue,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        let (in_flight, held) = match target.pick() {
+    ) -> Result<Served, ProxyError> {
+        let (in_flight, held) = match balance::pick(target) {
             Some(lease) => (InFlight::new(demand, lease), false),
-            None if target.config.wake_page && accepts_html(&req) => {
+            None if target.serving.wake_page && wake_page::accepts_html(&req) => {
                 target.request_wake();
-                return Ok(wake_page(target));
+                return Ok(Served::Response(wake_page::response(target)));
             }
-            None => {
-                let (lease, pending) = hold::wait_ready(target).await?;
-                let in_flight = InFlight::new(demand, lease);
-                drop(pending);
-                (in_flight, true)
-            }
+            None => match hold::wait_ready(target).await? {
+                Held::Ready(lease, pending) => {
+                    let in_flight = InFlight::new(demand, lease);
+                    drop(pending);
+                    (in_flight, true)
+                }
+                Held::Moved(next) => return Ok(Served::Moved(next, req)),
+            },
         };
         let downstream = Downstream {
             forwarded_for,
@@ -252,15 +229,22 @@ impl Proxy {
         let mut response = self
             .inner
             .forwarder
-            .forward(req, downstream, in_flight, target.config.response_timeout)
+            .forward(req, downstream, in_flight, target.serving.response_timeout)
             .await?;
         if held {
             response
                 .headers_mut()
                 .insert(COLD_START_HEADER.clone(), HeaderValue::from_static("true"));
         }
-        Ok(response)
+        Ok(Served::Response(response))
     }
+}
+
+/// How [`Proxy::serve`] ended.
+enum Served {
+    Response(Response<ProxyBody>),
+    /// The target was replaced while the request was held; here is the request, unsent.
+    Moved(Arc<Target>, Box<Request<Incoming>>),
 }
 
 /// The host a request is for. The authority of an HTTP/1 absolute-form request target takes
@@ -280,29 +264,5 @@ fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
     req.headers().get(header::HOST).cloned().or_else(authority)
 }
 
-fn accepts_html(req: &Request<Incoming>) -> bool {
-    req.headers()
-        .get_all(header::ACCEPT)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.contains("text/html")))
-}
-
-/// What a browser gets instead of waiting for a cold start: a page that reloads itself.
-fn wake_page(target: &Target) -> Response<ProxyBody> {
-    let name = &target.config.name;
-    let html = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"2\">\
-         <title>Waking up {name}</title></head><body style=\"font-family:sans-serif;margin:4em\">\
-         <h1>Waking up {name}…</h1><p>This page reloads by itself in a moment.</p></body></html>\n"
-    );
-    let mut response = Response::new(ProxyBody::text(html));
-    *response.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    headers.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
+#[cfg(test)]
+mod tests;

@@ -4,53 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// A host pattern from the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostPattern {
-    Exact(String),
-    /// `*.example.com` is stored as `.example.com`: it matches `a.example.com`, not `example.com`.
-    Suffix(String),
-    Any,
-}
-
-impl HostPattern {
-    pub fn parse(text: &str) -> Result<HostPattern, &'static str> {
-        const EXPECTED: &str = "a host name, \"*.suffix\" or \"*\" (no scheme, port or path)";
-        let host = text.to_ascii_lowercase();
-        let valid = |h: &str| {
-            !h.is_empty()
-                && h.split('.').all(|label| {
-                    !label.is_empty()
-                        && label
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-                })
-        };
-        if host == "*" {
-            Ok(HostPattern::Any)
-        } else if let Some(rest) = host.strip_prefix("*.") {
-            if valid(rest) {
-                Ok(HostPattern::Suffix(format!(".{rest}")))
-            } else {
-                Err(EXPECTED)
-            }
-        } else if valid(&host) {
-            Ok(HostPattern::Exact(host))
-        } else {
-            Err(EXPECTED)
-        }
-    }
-}
-
-/// `"/api/"` and `"/api"` are the same prefix.
-pub fn normalize_prefix(prefix: &str) -> String {
-    let trimmed = prefix.trim_end_matches('/');
-    if trimmed.is_empty() {
-        "/".to_owned()
-    } else {
-        trimmed.to_owned()
-    }
-}
+use crate::config::route::{HostPattern, normalize_prefix};
 
 /// Path prefixes of one host, longest first.
 #[derive(Debug, Clone)]
@@ -245,21 +199,5 @@ mod tests {
         assert_eq!(host_of("hello.localhost."), "hello.localhost");
         assert_eq!(host_of("[::1]:80"), "::1");
         assert_eq!(host_of("127.0.0.1:80"), "127.0.0.1");
-    }
-
-    #[test]
-    fn host_patterns_reject_urls_and_ports() {
-        assert!(HostPattern::parse("http://a.com").is_err());
-        assert!(HostPattern::parse("a.com:80").is_err());
-        assert!(HostPattern::parse("*.").is_err());
-        assert!(HostPattern::parse("").is_err());
-        assert_eq!(
-            HostPattern::parse("A.com"),
-            Ok(HostPattern::Exact("a.com".into()))
-        );
-        assert_eq!(
-            HostPattern::parse("*.a.com"),
-            Ok(HostPattern::Suffix(".a.com".into()))
-        );
     }
 }

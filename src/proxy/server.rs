@@ -6,6 +6,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -15,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::Proxy;
+use super::{Proxy, Shared};
 
 /// What a client that speaks HTTP/2 without an upgrade sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -156,14 +157,9 @@ async fn protocol(stream: &TcpStream, closing: &CancellationToken) -> Option<Pro
 }
 
 /// Serves `listener` until `shutdown`, then stops accepting and lets open connections (and
-/// the upgraded ones, such as WebSockets) finish their requests for at most `drain`; whatever
-/// is still open then is closed.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Proxy,
-    shutdown: CancellationToken,
-    drain: Duration,
-) {
+/// the upgraded ones, such as WebSockets) finish their requests for at most the drain timeout
+/// in force then; whatever is still open after it is closed.
+pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: CancellationToken) {
     let connections = Connections::new();
     loop {
         tokio::select! {
@@ -185,7 +181,8 @@ pub async fn serve(
     }
     drop(listener);
     connections.closing.cancel();
-    let tunnels = proxy.tunnels();
+    let drain = *proxy.shared().drain_timeout.borrow();
+    let tunnels = &proxy.shared().tunnels;
     let drained = async {
         connections.open.closed().await;
         tunnels.closed().await;
@@ -238,13 +235,13 @@ pub struct Workers {
 
 impl Workers {
     /// Serves each listener on a thread of its own with a current-thread runtime, until
-    /// `shutdown`, then drains as [`serve`] does. Each worker has its own upstream connection
-    /// pool, so a request never leaves the thread that accepted its connection.
+    /// `shutdown`, then drains as [`serve`] does. Each worker has its own [`Proxy`] with its
+    /// own upstream connection pool, so a request never leaves the thread that accepted its
+    /// connection.
     pub fn spawn(
         listeners: Vec<std::net::TcpListener>,
-        proxy: &Proxy,
+        shared: &Arc<Shared>,
         shutdown: &CancellationToken,
-        drain: Duration,
     ) -> io::Result<Self> {
         // Should a later worker fail to start, the ones already running stop at once.
         let stop = shutdown.child_token();
@@ -255,14 +252,14 @@ impl Workers {
                 .build()
                 .and_then(|runtime| {
                     let (finished, finished_rx) = oneshot::channel();
-                    let proxy = proxy.for_worker();
+                    let proxy = Proxy::for_worker(shared.clone());
                     let stop = stop.clone();
                     std::thread::Builder::new()
                         .name(format!("wakegate-proxy-{i}"))
                         .spawn(move || {
                             runtime.block_on(async move {
                                 match TcpListener::from_std(listener) {
-                                    Ok(listener) => serve(listener, proxy, stop, drain).await,
+                                    Ok(listener) => serve(listener, proxy, stop).await,
                                     Err(error) => {
                                         tracing::error!(%error, "proxy worker cannot listen")
                                     }

@@ -6,27 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::policy::{Now, Policy, Sample, Settings, Window};
-use crate::provider::Provider;
+use crate::provider::{Remote, RemoteSignal, Scale};
 use crate::target::Target;
-
-/// What other wakegate replicas saw of a target since the last tick.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Remote {
-    /// Request-seconds in flight or held.
-    pub integral: f64,
-    pub requests: u64,
-    /// In flight or held right now.
-    pub demand: u64,
-}
-
-/// The rest of the cluster's signal, added to this replica's own counters.
-pub trait RemoteSignal: Send + Sync {
-    fn take(&self, target: &Target) -> Remote;
-}
 
 /// Turns the target's counters into one [`Sample`] per tick.
 #[derive(Debug)]
@@ -73,20 +59,23 @@ impl Sampler {
     }
 }
 
+/// Scales `target` through `scale` until `stop`: at once when a request asks for a wake, and
+/// on every tick of `interval` (which a reload may change) from the signal, to which `remote`
+/// adds the other replicas' share.
 pub async fn run(
     target: Arc<Target>,
-    provider: Arc<dyn Provider>,
-    interval: Duration,
+    scale: Scale,
+    mut interval: watch::Receiver<Duration>,
     remote: Option<Arc<dyn RemoteSignal>>,
     stop: CancellationToken,
 ) {
-    let settings = Settings::of(&target.config);
+    let settings = Settings::new(&target.scaling, target.serving.idle_timeout);
     let mut policy = Policy::default();
     let mut window = Window::default();
     let mut desired = settings.min;
     target.set_desired(desired);
     if desired > 0 {
-        provider.scale(&target, desired);
+        scale.to(desired);
     }
     let mut sampler = Sampler::new(&target, Instant::now());
     // The idle timeout counts from start-up too: instances found running are not stopped at once.
@@ -94,11 +83,17 @@ pub async fn run(
     // Instances this loop did not ask for (a Deployment already running when wakegate
     // started) are adopted as the current count, until the loop asks for something itself.
     let mut asked = desired > 0;
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut ticker = new_ticker(*interval.borrow_and_update());
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
+            Ok(()) = interval.changed() => {
+                let every = *interval.borrow_and_update();
+                ticker = new_ticker(every);
+                // The first tick of a new interval is immediate: skip it, the last one was
+                // just taken.
+                ticker.reset();
+            }
             () = target.wake_requested() => {
                 if target.endpoints().is_empty() {
                     asked = true;
@@ -108,7 +103,7 @@ pub async fn run(
                         target.stats.scaled_up.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(target = %target.name(), from = 0, to = 1, pending = target.stats.pending(), "waking");
                     }
-                    provider.scale(&target, desired);
+                    scale.to(desired);
                 }
             }
             _ = ticker.tick() => {
@@ -152,13 +147,19 @@ pub async fn run(
                     desired = decision.desired;
                     asked = true;
                     target.set_desired(desired);
-                    provider.scale(&target, desired);
+                    scale.to(desired);
                 } else if ready < desired && (demand > 0 || settings.min > 0) {
                     // An instance crashed or failed to start while it is still needed: ask
                     // again, at most once a tick.
-                    provider.scale(&target, desired);
+                    scale.to(desired);
                 }
             }
         }
     }
+}
+
+fn new_ticker(every: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticker
 }

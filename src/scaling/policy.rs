@@ -37,7 +37,7 @@ pub struct Settings {
 
 impl Settings {
     pub fn of(target: &crate::config::TargetConfig) -> Self {
-        Self::new(&target.scaling, target.idle_timeout)
+        Self::new(&target.scaling, target.serving.idle_timeout)
     }
 
     pub fn new(s: &crate::config::Scaling, idle_timeout: Duration) -> Self {

@@ -8,6 +8,9 @@ use tokio::time::Instant;
 
 use super::policy::{Now, Policy, Sample, Settings, Window};
 
+mod command;
+pub use command::{SimulateError, Simulation};
+
 /// One second of a trace.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Load {

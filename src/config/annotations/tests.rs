@@ -33,6 +33,17 @@ fn service(annotations: &[(&str, &str)], ports: &[(&str, i32)]) -> Service {
     }
 }
 
+fn hosts(t: &TargetConfig) -> Vec<String> {
+    t.route.hosts.iter().map(ToString::to_string).collect()
+}
+
+fn kube(t: &TargetConfig) -> &KubeTarget {
+    match &t.backend {
+        Backend::Kubernetes(k) => k,
+        other => panic!("expected a Kubernetes backend, got {other:?}"),
+    }
+}
+
 fn target(outcome: Outcome) -> (TargetConfig, Vec<Problem>) {
     match outcome {
         Outcome::Target(t, problems) => (*t, problems),
@@ -61,15 +72,15 @@ fn an_opted_in_service_gets_every_default() {
     assert!(problems.is_empty(), "{problems:?}");
     assert_eq!((t.namespace.as_str(), t.name.as_str()), ("demo", "hello"));
     assert_eq!(
-        t.hosts,
+        hosts(&t),
         [
             "hello.demo",
             "hello.demo.svc",
             "hello.demo.svc.cluster.local"
         ]
     );
-    assert_eq!(t.path_prefixes, ["/"]);
-    let k = t.kubernetes.as_ref().unwrap();
+    assert_eq!(t.route.path_prefixes, ["/"]);
+    let k = kube(&t);
     assert_eq!(
         (k.deployment.as_str(), k.port_name.as_str()),
         ("hello", "http"),
@@ -79,10 +90,10 @@ fn an_opted_in_service_gets_every_default() {
     assert_eq!(t.scaling.metric, Metric::Concurrency);
     assert_eq!(t.scaling.target_value(), 10.0);
     assert_eq!(t.scaling.scale_down_delay, Duration::from_secs(30));
-    assert_eq!(t.idle_timeout, Duration::from_secs(300));
-    assert_eq!(t.cold_start_timeout, Duration::from_secs(60));
-    assert_eq!(t.max_pending, 1000);
-    assert!(!t.wake_page);
+    assert_eq!(t.serving.idle_timeout, Duration::from_secs(300));
+    assert_eq!(t.serving.cold_start_timeout, Duration::from_secs(60));
+    assert_eq!(t.serving.max_pending, 1000);
+    assert!(!t.serving.wake_page);
 }
 
 #[test]
@@ -107,21 +118,21 @@ fn every_annotation_is_read() {
         &[("http", 80), ("metrics", 9090)],
     )));
     assert!(problems.is_empty(), "{problems:?}");
-    let k = t.kubernetes.as_ref().unwrap();
+    let k = kube(&t);
     assert_eq!(
         (k.deployment.as_str(), k.port_name.as_str()),
         ("hello-v2", "metrics")
     );
-    assert_eq!(t.hosts, ["hello.example.com", "*.hello.example.com"]);
-    assert_eq!(t.path_prefixes, ["/api", "/v2"]);
+    assert_eq!(hosts(&t), ["hello.example.com", "*.hello.example.com"]);
+    assert_eq!(t.route.path_prefixes, ["/api", "/v2"]);
     assert_eq!((t.scaling.min, t.scaling.max), (1, 5));
     assert_eq!(t.scaling.metric, Metric::Rps);
     assert_eq!(t.scaling.target_value(), 25.0);
     assert_eq!(t.scaling.scale_down_delay, Duration::from_secs(60));
-    assert_eq!(t.idle_timeout, Duration::from_secs(600));
-    assert_eq!(t.cold_start_timeout, Duration::from_secs(120));
-    assert_eq!(t.max_pending, 50);
-    assert!(t.wake_page);
+    assert_eq!(t.serving.idle_timeout, Duration::from_secs(600));
+    assert_eq!(t.serving.cold_start_timeout, Duration::from_secs(120));
+    assert_eq!(t.serving.max_pending, 50);
+    assert!(t.serving.wake_page);
 }
 
 #[test]
@@ -137,7 +148,7 @@ fn a_bad_tuning_value_uses_its_default_and_says_so() {
         &[("http", 80)],
     )));
     assert_eq!(t.scaling.max, 10);
-    assert_eq!(t.idle_timeout, Duration::from_secs(300));
+    assert_eq!(t.serving.idle_timeout, Duration::from_secs(300));
     assert_eq!(t.scaling.metric, Metric::Concurrency);
     let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
     for field in [
@@ -212,5 +223,5 @@ fn an_unnamed_port_is_matched_by_number() {
         &[("enabled", "true"), ("port", "8080")],
         &[("", 8080)],
     )));
-    assert_eq!(t.kubernetes.unwrap().port_name, "");
+    assert_eq!(kube(&t).port_name, "");
 }

@@ -22,14 +22,16 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Provider;
+use super::{Desired, Managed, Provider, Scale};
 use crate::config::annotations::{self, Outcome};
-use crate::config::{AutoscalerMode, KubernetesConfig, Problem, TargetConfig};
+use crate::config::{AutoscalerMode, KubeTarget, KubernetesConfig, Problem, TargetConfig};
 use crate::target::{Endpoint, Phase, Target};
 
 pub const FIELD_MANAGER: &str = "wakegate";
@@ -70,42 +72,40 @@ pub async fn client(config: &KubernetesConfig) -> Result<Client, KubeError> {
     Ok(Client::try_from(kube_config)?)
 }
 
-/// What one discovered target's scaling worker is asked to do.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Desired {
-    replicas: u32,
-    asked: u64,
-}
-
-struct Managed {
+/// A discovered target this replica routes to.
+struct Routed {
     target: Arc<Target>,
+    workload: KubeTarget,
     /// Endpoints by authority, so an address that stays keeps its in-flight count.
     endpoints: BTreeMap<String, Arc<Endpoint>>,
-    desired: watch::Sender<Desired>,
-    /// When a wake patched the Deployment up from zero, until the first endpoint is ready.
-    waking_since: Option<Instant>,
 }
 
-/// The shared state of the Kubernetes provider.
+/// The Kubernetes provider: watches, the lease, the peers' signal; cheap to clone.
+#[derive(Clone)]
 pub struct KubernetesProvider {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     client: Client,
     config: KubernetesConfig,
     services: Vec<Store<Service>>,
     slices: Vec<Store<EndpointSlice>>,
     deployments: Vec<Store<Deployment>>,
-    managed: Mutex<HashMap<(String, String), Managed>>,
+    /// By (namespace, Service name). Control plane only.
+    routed: Mutex<HashMap<(String, String), Routed>>,
     /// Wakes the recompute loop after any watched change.
     changed: Arc<Notify>,
     /// True until this replica loses (or never wins) the lease; always true without one.
-    pub leader: Arc<AtomicBool>,
-    pub invalid_annotations: AtomicU64,
+    leader: Arc<AtomicBool>,
+    invalid_annotations: Arc<AtomicU64>,
     recorder: Recorder,
     peer_signal: Arc<peers::PeerSignal>,
 }
 
-impl std::fmt::Debug for KubernetesProvider {
+impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubernetesProvider").finish_non_exhaustive()
+        f.debug_struct("Inner").finish_non_exhaustive()
     }
 }
 
@@ -122,7 +122,7 @@ pub fn identity() -> String {
 
 /// A running provider and what it reports.
 pub struct Started {
-    pub provider: Arc<KubernetesProvider>,
+    pub provider: KubernetesProvider,
     /// The discovered targets, on every change; `None` until every watch has listed once.
     pub targets: watch::Receiver<Option<Vec<TargetConfig>>>,
     /// End after `stop` is cancelled.
@@ -130,8 +130,14 @@ pub struct Started {
 }
 
 impl KubernetesProvider {
-    /// Starts the watches, the lease and the peer scraping.
-    pub fn start(client: Client, config: KubernetesConfig, stop: CancellationToken) -> Started {
+    /// Starts the watches, the lease and the peer scraping, and registers the provider's own
+    /// metrics in `registry`.
+    pub fn start(
+        client: Client,
+        config: KubernetesConfig,
+        registry: &mut Registry,
+        stop: CancellationToken,
+    ) -> Started {
         let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
             vec![None]
         } else {
@@ -167,17 +173,22 @@ impl KubernetesProvider {
             },
         );
         let leader = Arc::new(AtomicBool::new(config.lease.is_none()));
+        let invalid_annotations = Arc::new(AtomicU64::new(0));
+        registry.register_collector(Box::new(Collector {
+            leader: leader.clone(),
+            invalid_annotations: invalid_annotations.clone(),
+        }));
         let peer_signal = Arc::new(peers::PeerSignal::default());
-        let provider = Arc::new(Self {
+        let provider = Arc::new(Inner {
             client: client.clone(),
             config: config.clone(),
             services,
             slices,
             deployments,
-            managed: Mutex::new(HashMap::new()),
+            routed: Mutex::new(HashMap::new()),
             changed,
             leader: leader.clone(),
-            invalid_annotations: AtomicU64::new(0),
+            invalid_annotations,
             recorder,
             peer_signal: peer_signal.clone(),
         });
@@ -224,17 +235,14 @@ impl KubernetesProvider {
             }
         }));
         Started {
-            provider,
+            provider: KubernetesProvider { inner: provider },
             targets: targets_rx,
             tasks,
         }
     }
+}
 
-    /// The summed signal of the other replicas, for the autoscaler.
-    pub fn peer_signal(&self) -> Arc<peers::PeerSignal> {
-        self.peer_signal.clone()
-    }
-
+impl Inner {
     /// Every opted-in Service as a target; problems are logged, counted and sent as Events
     /// once per Service version.
     async fn discover(
@@ -314,11 +322,11 @@ impl KubernetesProvider {
         }
     }
 
-    /// Publishes each managed target's ready endpoints and phase from the EndpointSlices.
+    /// Publishes each routed target's ready endpoints and phase from the EndpointSlices.
     fn publish_endpoints(&self) {
-        let mut managed = self.managed.lock().expect("not poisoned");
-        for ((namespace, service), m) in managed.iter_mut() {
-            let kube = m.target.config.kubernetes.as_ref().expect("kube target");
+        let mut routed = self.routed.lock().expect("not poisoned");
+        for ((namespace, service), m) in routed.iter_mut() {
+            let kube = &m.workload;
             let mut ready: Vec<String> = Vec::new();
             for store in &self.slices {
                 for slice in store.state() {
@@ -388,11 +396,6 @@ impl KubernetesProvider {
                 m.endpoints = next;
                 m.target
                     .publish(m.endpoints.values().cloned().collect(), phase);
-                if !m.endpoints.is_empty()
-                    && let Some(since) = m.waking_since.take()
-                {
-                    m.target.stats.cold_start_duration.observe(since.elapsed());
-                }
             } else {
                 m.target.set_phase(phase);
             }
@@ -420,11 +423,11 @@ impl KubernetesProvider {
     /// raises a Deployment that is at zero; other changes are the leader's, unless an
     /// external autoscaler owns them.
     async fn execute(
-        self: &Arc<Self>,
-        target: &Arc<Target>,
+        &self,
+        target: &Target,
+        kube: &KubeTarget,
         replicas: u32,
     ) -> Result<(), kube::Error> {
-        let kube = target.config.kubernetes.as_ref().expect("kube target");
         let api: Api<Deployment> = Api::namespaced(self.client.clone(), &kube.namespace);
         let waking = replicas > 0 && self.is_waking(target);
         if waking {
@@ -455,22 +458,12 @@ impl KubernetesProvider {
         .await?;
         tracing::info!(namespace = %kube.namespace, deployment = %kube.deployment, replicas, waking, "scaled deployment");
         if waking {
-            target.stats.cold_starts.fetch_add(1, Ordering::Relaxed);
-            if let Some(m) = self
-                .managed
-                .lock()
-                .expect("not poisoned")
-                .get_mut(&(kube.namespace.clone(), kube.service.clone()))
-            {
-                m.waking_since.get_or_insert_with(Instant::now);
-            }
             target.set_phase(Phase::Starting);
         }
         Ok(())
     }
 
-    fn object_ref(target: &Target) -> ObjectReference {
-        let kube = target.config.kubernetes.as_ref().expect("kube target");
+    fn object_ref(kube: &KubeTarget) -> ObjectReference {
         ObjectReference {
             api_version: Some("apps/v1".into()),
             kind: Some("Deployment".into()),
@@ -537,30 +530,39 @@ impl Watches<'_> {
     }
 }
 
-impl Provider for Arc<KubernetesProvider> {
-    fn manage(&self, target: Arc<Target>, stop: CancellationToken) -> JoinHandle<()> {
-        let kube = target.config.kubernetes.clone().expect("kube target");
-        let (tx, mut rx) = watch::channel(Desired::default());
-        self.managed.lock().expect("not poisoned").insert(
-            (kube.namespace.clone(), kube.service.clone()),
-            Managed {
+impl Provider for KubernetesProvider {
+    type Backend = KubeTarget;
+
+    fn manage(
+        &self,
+        target: Arc<Target>,
+        workload: &KubeTarget,
+        stop: CancellationToken,
+    ) -> Managed {
+        let inner = self.inner.clone();
+        let key = (workload.namespace.clone(), workload.service.clone());
+        inner.routed.lock().expect("not poisoned").insert(
+            key.clone(),
+            Routed {
                 target: target.clone(),
+                workload: workload.clone(),
                 endpoints: BTreeMap::new(),
-                desired: tx,
-                waking_since: None,
             },
         );
-        self.publish_endpoints();
-        let provider = self.clone();
-        tokio::spawn(async move {
+        inner.publish_endpoints();
+        let (scale, mut rx) = Scale::channel();
+        let workload = workload.clone();
+        let worker = inner.clone();
+        let task = tokio::spawn(async move {
+            let inner = worker;
             loop {
                 tokio::select! {
                     changed = rx.changed() => if changed.is_err() { break },
                     () = stop.cancelled() => break,
                 }
-                let want = *rx.borrow_and_update();
+                let want: Desired = *rx.borrow_and_update();
                 let mut backoff = Duration::from_millis(200);
-                while let Err(error) = provider.execute(&target, want.replicas).await {
+                while let Err(error) = inner.execute(&target, &workload, want.replicas).await {
                     tracing::warn!(target = %target.name(), replicas = want.replicas, %error, "cannot scale; retrying");
                     let event = Event {
                         type_: EventType::Warning,
@@ -572,9 +574,9 @@ impl Provider for Arc<KubernetesProvider> {
                         action: "Scale".into(),
                         secondary: None,
                     };
-                    let _ = provider
+                    let _ = inner
                         .recorder
-                        .publish(&event, &KubernetesProvider::object_ref(&target))
+                        .publish(&event, &Inner::object_ref(&workload))
                         .await;
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
@@ -587,31 +589,51 @@ impl Provider for Arc<KubernetesProvider> {
                 }
             }
             // A replacement with the same name may already be registered; leave it be.
-            let mut managed = provider.managed.lock().expect("not poisoned");
-            let key = (kube.namespace.clone(), kube.service.clone());
-            if managed
+            let mut routed = inner.routed.lock().expect("not poisoned");
+            if routed
                 .get(&key)
                 .is_some_and(|m| Arc::ptr_eq(&m.target, &target))
             {
-                managed.remove(&key);
+                routed.remove(&key);
             }
-        })
-    }
-
-    fn scale(&self, target: &Target, replicas: u32) {
-        let Some(kube) = &target.config.kubernetes else {
-            return;
-        };
-        if let Some(m) = self
-            .managed
-            .lock()
-            .expect("not poisoned")
-            .get(&(kube.namespace.clone(), kube.service.clone()))
-        {
-            m.desired.send_modify(|d| {
-                d.replicas = replicas;
-                d.asked += 1;
-            });
+        });
+        Managed {
+            scale,
+            task,
+            remote: Some(self.inner.peer_signal.clone()),
         }
+    }
+}
+
+/// Kubernetes-mode state in `/metrics`: leadership and rejected annotations.
+#[derive(Debug)]
+struct Collector {
+    leader: Arc<AtomicBool>,
+    invalid_annotations: Arc<AtomicU64>,
+}
+
+impl prometheus_client::collector::Collector for Collector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let leader = i64::from(self.leader.load(Ordering::Relaxed));
+        encoder
+            .encode_descriptor(
+                "wakegate_leader",
+                "1 while this replica makes the N-to-M scaling decisions.",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&leader)?;
+        encoder
+            .encode_descriptor(
+                "wakegate_invalid_annotations",
+                "wakegate.io annotations that could not be used (the Service was skipped or a default used).",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, f64>(
+                &self.invalid_annotations.load(Ordering::Relaxed),
+                None,
+            )?;
+        Ok(())
     }
 }

@@ -21,7 +21,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PeersConfig;
-use crate::scaling::autoscaler::{Remote, RemoteSignal};
+use crate::provider::{Remote, RemoteSignal};
 use crate::target::Target;
 
 const SCRAPE_EVERY: Duration = Duration::from_secs(1);
@@ -46,7 +46,7 @@ pub struct PeerSignal {
 
 impl RemoteSignal for PeerSignal {
     fn take(&self, target: &Target) -> Remote {
-        let key = (target.config.namespace.clone(), target.config.name.clone());
+        let key = (target.namespace.clone(), target.name.clone());
         let mut remote = self
             .pending
             .lock()

@@ -1,9 +1,12 @@
 //! The runtime handle of one target, shared by the data plane (which reads its ready
 //! endpoints and counts its requests) and the control plane (which publishes endpoints and
-//! state, and listens for wake requests).
+//! state, and listens for wake requests). The lowest runtime layer: it knows the
+//! configuration and nothing above it.
+
+pub mod stats;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -11,8 +14,8 @@ use http::uri::Authority;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::config::TargetConfig;
-use crate::proxy::track::Stats;
+use crate::config::{Backend, Scaling, Serving, TargetConfig};
+use stats::Stats;
 
 /// Lifecycle of a target as users see it in `/targets`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +45,17 @@ pub struct Status {
     /// fail at once instead of waiting for their timeout.
     pub start_failures: u64,
     pub last_failure: Option<Arc<str>>,
+    /// Set once the target is taken out of service; requests held for it go where it says.
+    pub retired: Option<Successor>,
+}
+
+/// What became of a retired target.
+#[derive(Debug, Clone)]
+pub enum Successor {
+    /// A reload changed how the target runs: this one serves its requests from now on.
+    Replaced(Arc<Target>),
+    /// The target is gone from the configuration (or from Kubernetes).
+    Removed,
 }
 
 /// One instance address that can take requests.
@@ -107,9 +121,15 @@ impl Drop for Lease {
     }
 }
 
+/// One target at run time: everything of its configuration but its route, which the control
+/// plane keeps (a reload may change the route of a running target).
 #[derive(Debug)]
 pub struct Target {
-    pub config: TargetConfig,
+    pub name: String,
+    pub namespace: String,
+    pub serving: Serving,
+    pub scaling: Scaling,
+    pub backend: Backend,
     pub stats: Stats,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     status: watch::Sender<Status>,
@@ -117,6 +137,9 @@ pub struct Target {
     epoch: Instant,
     /// The instance count the autoscaler last asked for.
     desired: AtomicU32,
+    /// Microseconds since `epoch`, plus one, at which the wake from zero under way began
+    /// (0: none is).
+    waking_since: AtomicU64,
 }
 
 impl Target {
@@ -125,59 +148,95 @@ impl Target {
             phase: Phase::Cold,
             start_failures: 0,
             last_failure: None,
+            retired: None,
         });
+        let TargetConfig {
+            name,
+            namespace,
+            route: _,
+            serving,
+            scaling,
+            backend,
+        } = config;
         Arc::new(Self {
-            config,
+            name,
+            namespace,
+            serving,
+            scaling,
+            backend,
             stats: Stats::default(),
             endpoints: ArcSwap::from_pointee(Vec::new()),
             status,
             wake: Notify::new(),
             epoch: Instant::now(),
             desired: AtomicU32::new(0),
+            waking_since: AtomicU64::new(0),
         })
     }
 
     pub fn name(&self) -> &str {
-        &self.config.name
+        &self.name
     }
 
-    /// Leases a ready endpoint: of two picked at random, the one with fewer requests in
-    /// flight (power of two choices), falling back to any endpoint that is not draining.
-    pub fn pick(&self) -> Option<Lease> {
-        let endpoints = self.endpoints.load();
-        let chosen = match endpoints.len() {
-            0 => return None,
-            1 => &endpoints[0],
-            n => {
-                let r = random();
-                let a = (r % n as u64) as usize;
-                let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
-                let (a, b) = (&endpoints[a], &endpoints[b]);
-                if b.in_flight() < a.in_flight() { b } else { a }
-            }
-        };
-        chosen
-            .lease()
-            .or_else(|| endpoints.iter().find_map(|e| e.lease()))
+    /// Whether this target runs `config` as it is configured now: then a reload keeps it,
+    /// with its instances and counters, whatever the route.
+    pub fn runs(&self, config: &TargetConfig) -> bool {
+        self.name == config.name
+            && self.namespace == config.namespace
+            && self.serving == config.serving
+            && self.scaling == config.scaling
+            && self.backend == config.backend
     }
 
-    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
-        self.endpoints.load_full()
+    /// The ready endpoints, as last published (a cheap guard, not a copy).
+    pub fn endpoints(&self) -> arc_swap::Guard<Arc<Vec<Arc<Endpoint>>>> {
+        self.endpoints.load()
     }
 
     /// Control plane: publish the ready endpoints, then the phase (held requests wake on the
     /// phase change and find the endpoints already in place).
     pub fn publish(&self, endpoints: Vec<Arc<Endpoint>>, phase: Phase) {
+        self.count_cold_start(!endpoints.is_empty(), phase);
         self.endpoints.store(Arc::new(endpoints));
         self.status.send_modify(|s| s.phase = phase);
     }
 
     pub fn set_phase(&self, phase: Phase) {
+        self.count_cold_start(!self.endpoints.load().is_empty(), phase);
         self.status.send_if_modified(|s| {
             let changed = s.phase != phase;
             s.phase = phase;
             changed
         });
+    }
+
+    /// A cold start is a wake from zero, whatever the provider: it begins when a target with
+    /// no ready instance starts one, and ends when the first is ready (or the start fails).
+    fn count_cold_start(&self, ready: bool, phase: Phase) {
+        let now = self.micros(Instant::now()) + 1;
+        if ready {
+            let since = self.waking_since.swap(0, Ordering::Relaxed);
+            if since != 0 {
+                let took = Duration::from_micros(now.saturating_sub(since));
+                self.stats.cold_start_duration.observe(took);
+            }
+        } else if phase == Phase::Starting {
+            if self
+                .waking_since
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.stats.cold_starts.fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            self.waking_since.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Control plane: takes the target out of service. Requests held for it move to the
+    /// successor, or fail at once if there is none.
+    pub fn retire(&self, successor: Successor) {
+        self.status.send_modify(|s| s.retired = Some(successor));
     }
 
     /// Control plane: a start attempt failed; every request held for it fails now.
@@ -228,24 +287,4 @@ impl Target {
     pub fn last_request_at(&self) -> Option<Instant> {
         self.stats.last_request().map(|d| self.epoch + d)
     }
-}
-
-/// A fast, non-cryptographic random number for load balancing choices.
-fn random() -> u64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            let seed = std::collections::hash_map::RandomState::new();
-            std::hash::BuildHasher::hash_one(&seed, 0u64) | 1
-        });
-    }
-    STATE.with(|state| {
-        // xorshift64*
-        let mut x = state.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        state.set(x);
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    })
 }

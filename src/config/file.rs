@@ -1,0 +1,432 @@
+//! The configuration file as written: flat `[[target]]` tables, every field documented and
+//! unknown ones rejected. [`File::into_config`] checks it and builds the typed [`Config`],
+//! reporting every problem with its field, its value and what was expected.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::route::{HostPattern, Route, is_valid_prefix, normalize_prefix};
+use super::target::{Backend, Local, ReadyCheck, Scaling, Serving, TargetConfig};
+use super::{Autoscaler, Config, KubernetesConfig, Listen, MAX_DURATION, Problem, defaults};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    #[serde(default)]
+    pub listen: Listen,
+    /// On SIGTERM/SIGINT, how long in-flight and held requests may take to finish.
+    #[serde(default = "defaults::drain_timeout", with = "super::duration")]
+    pub drain_timeout: Duration,
+    #[serde(default)]
+    pub autoscaler: Autoscaler,
+    #[serde(default, rename = "target")]
+    pub targets: Vec<FileTarget>,
+    /// Discover targets from annotated Services and scale their Deployments.
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// One `[[target]]` as written: where its traffic comes from (hosts, path prefixes), what
+/// serves it (a local `command` that wakegate starts and stops, or a fixed `upstream`) and how.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileTarget {
+    pub name: String,
+    #[serde(default = "defaults::namespace")]
+    pub namespace: String,
+    /// Exact host names, `*.suffix` wildcards, or `*` for every host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default = "defaults::path_prefixes")]
+    pub path_prefixes: Vec<String>,
+    pub command: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<PathBuf>,
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub ready: ReadyCheck,
+    #[serde(default = "defaults::idle_timeout", with = "super::duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "defaults::cold_start_timeout", with = "super::duration")]
+    pub cold_start_timeout: Duration,
+    #[serde(default = "defaults::max_pending")]
+    pub max_pending: u32,
+    #[serde(default = "defaults::stop_grace", with = "super::duration")]
+    pub stop_grace: Duration,
+    #[serde(default, with = "super::duration::option")]
+    pub response_timeout: Option<Duration>,
+    #[serde(default)]
+    pub scaling: Scaling,
+    #[serde(default)]
+    pub wake_page: bool,
+}
+
+/// Collects problems.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn push(&mut self, field: impl Into<String>, value: impl Into<String>, expected: &str) {
+        self.0.push(Problem {
+            field: field.into(),
+            value: value.into(),
+            expected: expected.to_owned(),
+        });
+    }
+
+    /// A duration must lie in `min..=MAX_DURATION` (`min` is zero for "above zero").
+    fn duration(&mut self, field: impl Into<String>, value: Duration, min: Duration) {
+        let shown = quoted(value);
+        if min.is_zero() && value.is_zero() {
+            self.push(field, shown, "a duration above zero");
+        } else if value < min {
+            let expected = format!("a duration of at least {}", humantime::format_duration(min));
+            self.push(field, shown, &expected);
+        } else if value > MAX_DURATION {
+            self.push(field, shown, super::MAX_DURATION_EXPECTED);
+        }
+    }
+}
+
+fn quoted(d: Duration) -> String {
+    format!("{:?}", humantime::format_duration(d).to_string())
+}
+
+impl File {
+    /// Parses TOML text without checking it.
+    pub fn parse(text: &str) -> Result<File, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Every problem of this file; empty when it is valid.
+    pub fn validate(&self) -> Vec<Problem> {
+        self.build().1
+    }
+
+    /// The typed configuration, or every problem that stands in its way.
+    pub fn into_config(self) -> Result<Config, Vec<Problem>> {
+        match self.build() {
+            (Some(config), problems) if problems.is_empty() => Ok(config),
+            (_, problems) => Err(problems),
+        }
+    }
+
+    fn build(&self) -> (Option<Config>, Vec<Problem>) {
+        let mut problems = Problems::default();
+        problems.duration("drain_timeout", self.drain_timeout, Duration::ZERO);
+        if self.listen.workers == Some(0) {
+            problems.push("listen.workers", "0", "at least 1");
+        }
+        problems.duration(
+            "autoscaler.interval",
+            self.autoscaler.interval,
+            Duration::from_millis(10),
+        );
+        let mut names = HashSet::new();
+        let mut routes = HashMap::new();
+        let mut targets = Vec::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            if t.name.is_empty()
+                || !t
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                problems.push(
+                    format!("target[{i}].name"),
+                    format!("{:?}", t.name),
+                    "a non-empty name of letters, digits, '-', '_' or '.'",
+                );
+            } else if !names.insert(t.name.as_str()) {
+                problems.push(
+                    format!("target[{i}].name"),
+                    format!("{:?}", t.name),
+                    "a name no other target uses",
+                );
+            }
+            for host in &t.hosts {
+                for prefix in &t.path_prefixes {
+                    let key = (host.to_ascii_lowercase(), normalize_prefix(prefix));
+                    if let Some(other) = routes.insert(key, t.name.as_str())
+                        && other != t.name
+                    {
+                        problems.push(
+                            format!("target[{i}] ({}).hosts", t.name),
+                            format!("{host:?} with prefix {prefix:?}"),
+                            &format!("a host and prefix not already routed to target {other:?}"),
+                        );
+                    }
+                }
+            }
+            targets.extend(t.build(i, &mut problems));
+        }
+        if self.listen.proxy == self.listen.admin && self.listen.proxy.port() != 0 {
+            problems.push(
+                "listen.admin",
+                self.listen.admin.to_string(),
+                "an address other than listen.proxy",
+            );
+        }
+        if let Some(k) = &self.kubernetes {
+            k.check(&mut problems);
+        }
+        let config = (targets.len() == self.targets.len()).then(|| Config {
+            listen: self.listen.clone(),
+            drain_timeout: self.drain_timeout,
+            autoscaler: self.autoscaler.clone(),
+            targets,
+            kubernetes: self.kubernetes.clone(),
+        });
+        (config, problems.0)
+    }
+}
+
+impl FileTarget {
+    /// Checks this target (the `i`th of the file) and builds it; `None` when no typed target
+    /// can be made of it (its problems are pushed either way).
+    fn build(&self, i: usize, problems: &mut Problems) -> Option<TargetConfig> {
+        let at = |field: &str| format!("target[{i}] ({}).{field}", self.name);
+        let before = problems.0.len();
+        if self.hosts.is_empty() {
+            problems.push(
+                at("hosts"),
+                "[]",
+                "at least one host (exact, \"*.suffix\" or \"*\")",
+            );
+        }
+        let mut hosts = Vec::new();
+        for (h, host) in self.hosts.iter().enumerate() {
+            match HostPattern::parse(host) {
+                Ok(pattern) => hosts.push(pattern),
+                Err(why) => problems.push(at(&format!("hosts[{h}]")), format!("{host:?}"), why),
+            }
+        }
+        if self.path_prefixes.is_empty() {
+            problems.push(
+                at("path_prefixes"),
+                "[]",
+                "at least one path prefix such as \"/\"",
+            );
+        }
+        for (p, prefix) in self.path_prefixes.iter().enumerate() {
+            if !is_valid_prefix(prefix) {
+                problems.push(
+                    at(&format!("path_prefixes[{p}]")),
+                    format!("{prefix:?}"),
+                    "a path starting with '/' without '?', '#' or spaces",
+                );
+            }
+        }
+        let backend = self.backend(&at, problems);
+        if let ReadyCheck::HttpGet(path) = &self.ready
+            && !path.starts_with('/')
+        {
+            problems.push(
+                at("ready.http_get"),
+                format!("{path:?}"),
+                "a path starting with '/'",
+            );
+        }
+        for (field, value) in [
+            ("cold_start_timeout", Some(self.cold_start_timeout)),
+            ("idle_timeout", Some(self.idle_timeout)),
+            ("stop_grace", Some(self.stop_grace).filter(|d| !d.is_zero())),
+            ("response_timeout", self.response_timeout),
+        ] {
+            if let Some(value) = value {
+                problems.duration(at(field), value, Duration::ZERO);
+            }
+        }
+        if self.max_pending == 0 {
+            problems.push(at("max_pending"), "0", "at least 1");
+        }
+        check_scaling(&self.scaling, &at, problems);
+        if problems.0.len() > before {
+            return None;
+        }
+        Some(TargetConfig {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            route: Route {
+                hosts,
+                path_prefixes: self.path_prefixes.clone(),
+            },
+            serving: Serving {
+                idle_timeout: self.idle_timeout,
+                cold_start_timeout: self.cold_start_timeout,
+                max_pending: self.max_pending,
+                response_timeout: self.response_timeout,
+                wake_page: self.wake_page,
+            },
+            scaling: self.scaling.clone(),
+            backend: backend?,
+        })
+    }
+
+    /// Exactly one of `command` and `upstream`.
+    fn backend(&self, at: &dyn Fn(&str) -> String, problems: &mut Problems) -> Option<Backend> {
+        match (&self.command, &self.upstream) {
+            (Some(_), Some(up)) => {
+                problems.push(
+                    at("upstream"),
+                    format!("{up:?}"),
+                    "either `command` or `upstream`, not both",
+                );
+                None
+            }
+            (None, None) => {
+                problems.push(
+                    at("command"),
+                    "nothing",
+                    "either `command` (a local process) or `upstream` (a fixed host:port)",
+                );
+                None
+            }
+            (Some(command), None) => {
+                if command.is_empty() || command[0].is_empty() {
+                    problems.push(
+                        at("command"),
+                        format!("{command:?}"),
+                        "a program followed by its arguments",
+                    );
+                    return None;
+                }
+                Some(Backend::Local(Local {
+                    command: command.clone(),
+                    env: self.env.clone(),
+                    cwd: self.cwd.clone(),
+                    ready: self.ready.clone(),
+                    stop_grace: self.stop_grace,
+                }))
+            }
+            (None, Some(up)) => {
+                if self.ready == ReadyCheck::Notify {
+                    problems.push(
+                        at("ready.notify"),
+                        "true",
+                        "a local `command` to notify: wakegate never starts an `upstream`",
+                    );
+                }
+                match up.parse::<http::uri::Authority>() {
+                    Ok(upstream) if upstream.port_u16().is_some() && !up.contains('/') => {
+                        Some(Backend::Fixed { upstream })
+                    }
+                    _ => {
+                        problems.push(
+                            at("upstream"),
+                            format!("{up:?}"),
+                            "a host:port such as \"127.0.0.1:9000\"",
+                        );
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_scaling(s: &Scaling, at: &dyn Fn(&str) -> String, problems: &mut Problems) {
+    if s.max == 0 {
+        problems.push(at("scaling.max"), "0", "at least 1");
+    }
+    if s.min > s.max {
+        problems.push(
+            at("scaling.min"),
+            s.min.to_string(),
+            &format!("at most scaling.max ({})", s.max),
+        );
+    }
+    for (field, value) in [
+        ("stable_window", s.stable_window),
+        ("panic_window", s.panic_window),
+        ("scale_down_delay", s.scale_down_delay),
+    ] {
+        if field == "scale_down_delay" && value.is_zero() {
+            continue;
+        }
+        problems.duration(at(&format!("scaling.{field}")), value, Duration::ZERO);
+    }
+    if s.panic_window > s.stable_window {
+        problems.push(
+            at("scaling.panic_window"),
+            humantime::format_duration(s.panic_window).to_string(),
+            &format!(
+                "at most scaling.stable_window ({})",
+                humantime::format_duration(s.stable_window)
+            ),
+        );
+    }
+    for (field, value, floor) in [
+        ("panic_threshold", s.panic_threshold, 1.0),
+        ("max_scale_up_rate", s.max_scale_up_rate, 1.0),
+        ("max_scale_down_rate", s.max_scale_down_rate, 1.0),
+    ] {
+        if !(value.is_finite() && value > floor) {
+            problems.push(
+                at(&format!("scaling.{field}")),
+                value.to_string(),
+                "a number above 1",
+            );
+        }
+    }
+    if let Some(target) = s.target
+        && !(target.is_finite() && target > 0.0)
+    {
+        problems.push(
+            at("scaling.target"),
+            target.to_string(),
+            "a number above zero",
+        );
+    }
+}
+
+impl KubernetesConfig {
+    fn check(&self, problems: &mut Problems) {
+        if let Some(lease) = &self.lease {
+            for (field, value) in [("namespace", &lease.namespace), ("name", &lease.name)] {
+                if value.is_empty() {
+                    problems.push(
+                        format!("kubernetes.lease.{field}"),
+                        "\"\"",
+                        "a non-empty name",
+                    );
+                }
+            }
+            problems.duration("kubernetes.lease.duration", lease.duration, Duration::ZERO);
+            if lease.renew.is_zero() || lease.renew >= lease.duration {
+                problems.push(
+                    "kubernetes.lease.renew",
+                    humantime::format_duration(lease.renew).to_string(),
+                    &format!(
+                        "a duration above zero and below kubernetes.lease.duration ({})",
+                        humantime::format_duration(lease.duration)
+                    ),
+                );
+            }
+        }
+        if let Some(peers) = &self.peers {
+            for (field, value) in [
+                ("namespace", &peers.namespace),
+                ("service", &peers.service),
+                ("port", &peers.port),
+            ] {
+                if value.is_empty() {
+                    problems.push(
+                        format!("kubernetes.peers.{field}"),
+                        "\"\"",
+                        "a non-empty value",
+                    );
+                }
+            }
+            problems.duration(
+                "kubernetes.peers.scrape_timeout",
+                peers.scrape_timeout,
+                Duration::ZERO,
+            );
+        }
+    }
+}

@@ -1,0 +1,89 @@
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::config::route::{HostPattern, Route};
+use crate::config::{Backend, Scaling, Serving, TargetConfig};
+
+fn fixed_target(name: &str) -> Arc<Target> {
+    Target::new(TargetConfig {
+        name: name.to_owned(),
+        namespace: "local".to_owned(),
+        route: Route {
+            hosts: vec![HostPattern::parse(name).unwrap()],
+            path_prefixes: vec!["/".to_owned()],
+        },
+        serving: Serving::default(),
+        scaling: Scaling::default(),
+        // Nothing listens there: no request may get that far.
+        backend: Backend::Fixed {
+            upstream: "127.0.0.1:9".parse().unwrap(),
+        },
+    })
+}
+
+/// One request over a fresh connection; the whole response as text.
+async fn exchange(addr: std::net::SocketAddr, host: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .expect("answered in time")
+        .unwrap();
+    response
+}
+
+#[tokio::test]
+async fn requests_refused_while_draining_are_counted_as_shutting_down() {
+    let target = fixed_target("a");
+    let mut routes = RouteTable::default();
+    routes.insert(&HostPattern::parse("a").unwrap(), "/", target.clone());
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot {
+        routes,
+        targets: vec![target.clone()],
+    }));
+    let (_, drain_timeout) = watch::channel(Duration::from_secs(1));
+    let shared = Arc::new(Shared::new(snapshot, drain_timeout));
+    // Draining, as between the drain's start and a connection's end.
+    shared.draining.store(true, Ordering::Relaxed);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(server::serve(
+        listener,
+        Proxy::for_worker(shared.clone()),
+        stop.clone(),
+    ));
+
+    for host in ["a", "unknown"] {
+        let response = exchange(addr, host).await;
+        assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+        assert!(response.contains("wakegate is shutting down"), "{response}");
+    }
+    assert_eq!(target.stats.rejected(Reject::ShuttingDown), 1);
+    let metrics = crate::metrics::Metrics::new(Default::default(), shared.clone()).encode();
+    for (service, line) in [
+        (
+            "a",
+            "namespace=\"local\",service=\"a\",reason=\"shutting_down\"} 1",
+        ),
+        (
+            "unrouted",
+            "namespace=\"\",service=\"\",reason=\"shutting_down\"} 1",
+        ),
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("wakegate_rejected_requests_total{") && l.ends_with(line)),
+            "{service}: {metrics}"
+        );
+    }
+    stop.cancel();
+    server.await.unwrap();
+}
