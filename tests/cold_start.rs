@@ -111,3 +111,78 @@ async fn a_notification_from_a_process_the_instance_started_counts() {
     let instance = wg.started_pids()[0];
     assert_ne!(pid_in(&first.body), instance, "served by the shell's child");
 }
+
+#[tokio::test]
+async fn a_wake_that_starts_several_instances_is_one_cold_start() {
+    let target = format!("{}scaling = {{ min = 2, max = 2 }}\n", hello("300ms"));
+    let wg = Wakegate::start("", &target).await;
+    wg.wait_for_target("hello", Duration::from_secs(15), |t| t["instances"] == 2)
+        .await;
+    assert_eq!(wg.started_pids().len(), 2, "two instances started");
+    let metrics = wg.metrics().await;
+    assert_eq!(
+        metric(&metrics, "wakegate_cold_starts_total", "service=\"hello\""),
+        Some(1.0),
+        "one wake from zero, whatever the number of instances: {metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "wakegate_cold_start_duration_seconds_count",
+            "service=\"hello\""
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_start_whose_port_another_process_took_meanwhile_is_retried_on_a_new_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("squatted");
+    let script = dir.path().join("start.sh");
+    // The first start finds its port taken by another process (one that never says it is
+    // ready), as can happen between wakegate picking a free port and the instance binding it.
+    std::fs::write(
+        &script,
+        format!(
+            r#"port=$1
+if [ ! -e "{marker}" ]; then
+    touch "{marker}"
+    env -u NOTIFY_SOCKET "{BIN}" demo-backend --port "$port" &
+    until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.01; done
+fi
+exec "{BIN}" demo-backend --port "$port"
+"#,
+            marker = marker.display()
+        ),
+    )
+    .unwrap();
+    let wg = Wakegate::start(
+        "",
+        &notifying(&format!(r#"["bash", "{}", "{{port}}"]"#, script.display())),
+    )
+    .await;
+
+    let first = within(15, "first request", wg.get("hello.localhost", "/")).await;
+    assert_eq!(first.status, 200, "{}\n{}", first.body, wg.logs());
+    assert_eq!(first.headers["x-wakegate-cold-start"], "true");
+    let started = wg.started_pids();
+    assert_eq!(started.len(), 2, "one start, retried once:\n{}", wg.logs());
+    assert_eq!(
+        pid_in(&first.body),
+        started[1],
+        "served by the second attempt"
+    );
+    assert!(
+        wg.logs().contains("trying a new port"),
+        "says why it retried:\n{}",
+        wg.logs()
+    );
+    let target = wg.target("hello").await;
+    assert_eq!(
+        target["last_start_failure"],
+        serde_json::Value::Null,
+        "{target}"
+    );
+}

@@ -20,7 +20,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use wakegate::config::annotations::{self, Outcome};
-use wakegate::config::{AutoscalerMode, Config, KubernetesConfig, TargetConfig};
+use wakegate::config::route::HostPattern;
+use wakegate::config::{AutoscalerMode, Backend, Config, File, KubernetesConfig, TargetConfig};
 
 const BASE: &str = "deploy/base";
 const MONITORING: &str = "deploy/monitoring";
@@ -402,12 +403,10 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
 /// wakegate.toml parsed and validated as wakegate does at start-up, with its `[kubernetes]`
 /// section.
 fn parse_config(text: &str) -> (Config, KubernetesConfig) {
-    let config = Config::parse(text).unwrap_or_else(|e| panic!("wakegate.toml: {e}"));
-    let problems = config.validate();
-    assert!(
-        problems.is_empty(),
-        "wakegate.toml is invalid: {problems:?}"
-    );
+    let file = File::parse(text).unwrap_or_else(|e| panic!("wakegate.toml: {e}"));
+    let config = file
+        .into_config()
+        .unwrap_or_else(|problems| panic!("wakegate.toml is invalid: {problems:?}"));
     let kubernetes = config.kubernetes.clone().expect("a [kubernetes] section");
     (config, kubernetes)
 }
@@ -892,13 +891,18 @@ fn hello_service_carries_valid_wakegate_annotations() {
     let rendered = render(HELLO);
     let service: Service = rendered.one("hello");
     let target = target_of(&service);
-    assert_eq!(target.hosts, ["hello.example.com"]);
+    assert_eq!(
+        target.route.hosts,
+        [HostPattern::parse("hello.example.com").unwrap()]
+    );
     assert_eq!((target.scaling.min, target.scaling.max), (0, 5));
-    assert_eq!(target.idle_timeout, Duration::from_secs(300));
+    assert_eq!(target.serving.idle_timeout, Duration::from_secs(300));
 
     // What the annotations name exists: the Deployment (same namespace, selected by the
     // Service) and the port.
-    let kube = target.kubernetes.expect("a Kubernetes target");
+    let Backend::Kubernetes(kube) = target.backend else {
+        panic!("not a Kubernetes target: {:?}", target.backend);
+    };
     let deployment: Deployment = rendered.one(&kube.deployment);
     assert_eq!(deployment.metadata.namespace, service.metadata.namespace);
     assert_eq!(
@@ -968,9 +972,10 @@ fn hello_ingress_sends_its_host_to_wakegate_from_wakegate_namespace() {
     let service: Service = hello.one("hello");
     assert!(
         target_of(&service)
+            .route
             .hosts
             .iter()
-            .any(|h| h == "hello.example.com")
+            .any(|h| h.to_string() == "hello.example.com")
     );
 }
 

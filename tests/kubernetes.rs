@@ -430,3 +430,77 @@ async fn a_held_request_wakes_the_target_again_when_something_else_scales_it_bac
         .collect();
     assert_eq!(wakes, vec![1, 1], "woken, scaled away, woken again");
 }
+
+#[tokio::test]
+async fn a_service_with_the_namespace_and_name_of_a_file_target_never_displaces_it() {
+    let api = api_with_kubelet().await;
+    api.apply(deployment("hello", 0));
+    api.apply(service(
+        "hello",
+        json!({ "wakegate.io/enabled": "true", "wakegate.io/hosts": "kube-hello.example.com" }),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    // The file target has the Service's metric labels: namespace "demo", name "hello".
+    let file_target = format!(
+        "{}namespace = \"{NS}\"\n",
+        demo_target("hello", "file-hello.example.com", "0s")
+    );
+    let wg = Wakegate::start(
+        FAST,
+        &format!(
+            "{file_target}\n{}",
+            kubernetes_section(&api, dir.path(), "")
+        ),
+    )
+    .await;
+    wait_ready(&wg).await;
+
+    let first = wg.get("file-hello.example.com", "/").await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let pid = pid_in(&first.body);
+
+    // More watch events: every one of them reconciles the targets again.
+    for name in ["other", "another"] {
+        api.apply(deployment(name, 0));
+        api.apply(service(
+            name,
+            json!({ "wakegate.io/enabled": "true", "wakegate.io/hosts": format!("{name}.example.com") }),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !wg
+            .admin_get("/targets")
+            .await
+            .body
+            .contains(&format!("\"{name}\""))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{name} never discovered:\n{}",
+                wg.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let again = wg.get("file-hello.example.com", "/").await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(pid_in(&again.body), pid, "the same instance serves");
+    assert_eq!(wg.started_pids(), [pid], "nothing else was started");
+    let targets: serde_json::Value =
+        serde_json::from_str(&wg.admin_get("/targets").await.body).unwrap();
+    let hellos: Vec<&serde_json::Value> = targets["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["name"] == "hello")
+        .collect();
+    assert_eq!(hellos.len(), 1, "{targets}");
+    assert_eq!(hellos[0]["kind"], "local", "{targets}");
+    assert_eq!(wg.get("kube-hello.example.com", "/").await.status, 404);
+    let skipped = wg
+        .logs()
+        .lines()
+        .filter(|l| l.contains("Kubernetes Service skipped"))
+        .count();
+    assert_eq!(skipped, 1, "said once, not on every event:\n{}", wg.logs());
+}

@@ -264,3 +264,151 @@ async fn sigterm_lets_an_open_websocket_work_until_the_drain_timeout_then_closes
         "exited {took:?} after SIGTERM with a 1s drain timeout"
     );
 }
+
+/// Waits until wakegate logs `message` (its JSON `message` field contains it).
+async fn logged(wg: &Wakegate, message: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !wg.logs().contains(message) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no log line {message:?}:\n{}",
+            wg.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn sighup_applies_a_new_drain_timeout_to_the_next_drain() {
+    let mut wg = Wakegate::start(
+        "drain_timeout = \"60s\"",
+        &patient_target("a", "a.localhost"),
+    )
+    .await;
+    assert_eq!(wg.get("a.localhost", "/").await.status, 200);
+    wg.rewrite_config(
+        "drain_timeout = \"1s\"",
+        &patient_target("a", "a.localhost"),
+    );
+    wg.signal(libc::SIGHUP);
+    logged(&wg, "configuration reloaded").await;
+
+    let proxy = wg.proxy;
+    let slow = tokio::spawn(async move {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<bytes::Bytes>>();
+        let request = http::Request::get(format!("http://{proxy}/sleep?ms=30000"))
+            .header(http::header::HOST, "a.localhost")
+            .body(Default::default())
+            .unwrap();
+        client.request(request).await.map(|r| r.status())
+    });
+    wg.wait_for_target("a", Duration::from_secs(5), |t| t["in_flight"] == 1)
+        .await;
+    let began = std::time::Instant::now();
+    wg.signal(libc::SIGTERM);
+    assert_eq!(wg.wait_exit(Duration::from_secs(20)).await, Some(0));
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM with the reloaded 1s drain timeout"
+    );
+    assert!(within(5, "the cut request", slow).await.unwrap().is_err());
+}
+
+#[tokio::test]
+async fn sighup_applies_a_new_autoscaler_interval() {
+    let target = format!(
+        "{}idle_timeout = \"1s\"\n",
+        demo_target("a", "a.localhost", "0s")
+    );
+    // Ticks an hour apart: the idle instance is never stopped until the reload.
+    let wg = Wakegate::start("[autoscaler]\ninterval = \"1h\"", &target).await;
+    assert_eq!(wg.get("a.localhost", "/").await.status, 200);
+    wg.rewrite_config("[autoscaler]\ninterval = \"100ms\"", &target);
+    wg.signal(libc::SIGHUP);
+    logged(&wg, "configuration reloaded").await;
+    wg.wait_for_target("a", Duration::from_secs(15), |t| {
+        t["state"] == "cold" && t["instances"] == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sighup_names_each_setting_that_needs_a_restart_and_keeps_serving() {
+    let wg = Wakegate::start("", &demo_target("a", "a.localhost", "0s")).await;
+    assert_eq!(wg.get("a.localhost", "/").await.status, 200);
+    wg.rewrite_config(
+        "[kubernetes]\nnamespaces = [\"elsewhere\"]",
+        &demo_target("a", "a.localhost", "0s"),
+    );
+    wg.signal(libc::SIGHUP);
+    logged(&wg, "configuration reloaded").await;
+    let line = wg
+        .logs()
+        .lines()
+        .find(|l| l.contains("only on a restart"))
+        .unwrap_or_else(|| panic!("no restart warning:\n{}", wg.logs()))
+        .to_owned();
+    let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["fields"], "kubernetes", "{line}");
+    assert_eq!(wg.get("a.localhost", "/").await.status, 200);
+}
+
+/// Starts a request to `host` that is held while its target starts (2 s), and returns once
+/// wakegate counts it held.
+async fn held_request(
+    wg: &Arc<Wakegate>,
+    name: &str,
+    host: &str,
+) -> tokio::task::JoinHandle<Response> {
+    let held = {
+        let wg = wg.clone();
+        let host = host.to_owned();
+        tokio::spawn(async move { wg.get(&host, "/").await })
+    };
+    wg.wait_for_target(name, Duration::from_secs(5), |t| t["pending"] == 1)
+        .await;
+    held
+}
+
+#[tokio::test]
+async fn sighup_that_replaces_a_target_moves_its_held_requests_to_the_new_one() {
+    let slow = demo_target("a", "a.localhost", "2s");
+    let wg = Arc::new(Wakegate::start("", &slow).await);
+    let held = held_request(&wg, "a", "a.localhost").await;
+
+    // A non-routing change: the target is replaced, its starting instance stopped.
+    wg.rewrite_config("", &format!("{slow}max_pending = 500\n"));
+    wg.signal(libc::SIGHUP);
+
+    let response = within(15, "the held request", held).await.unwrap();
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert!(
+        response.body.starts_with("hello from demo-backend"),
+        "{}",
+        response.body
+    );
+    assert_eq!(response.headers["x-wakegate-cold-start"], "true");
+    let metrics = wg.metrics().await;
+    assert_eq!(
+        metric(&metrics, "wakegate_pending_requests", "service=\"a\""),
+        Some(0.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn sighup_that_removes_a_target_answers_its_held_requests_503_at_once() {
+    let wg = Arc::new(Wakegate::start("", &demo_target("a", "a.localhost", "5s")).await);
+    let held = held_request(&wg, "a", "a.localhost").await;
+
+    wg.rewrite_config("", &demo_target("b", "b.localhost", "0s"));
+    wg.signal(libc::SIGHUP);
+
+    let response = within(3, "the held request", held).await.unwrap();
+    assert_eq!(response.status, 503, "{}", response.body);
+    assert!(response.body.contains("removed"), "{}", response.body);
+    assert_eq!(response.headers["retry-after"], "1");
+}
