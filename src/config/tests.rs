@@ -636,3 +636,88 @@ fn every_duration_is_bounded_with_a_clear_message() {
     );
     assert!(problems_of_target(LOCAL, "stop_grace = \"365days\"").is_empty());
 }
+
+/// The files and README snippets users copy from, parsed as `wakegate run` parses them.
+fn shipped(path: &str) -> Config {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    parse(&text)
+        .into_config()
+        .unwrap_or_else(|problems| panic!("{path}: {problems:#?}"))
+}
+
+/// Every ```toml block of a Markdown file.
+fn toml_blocks(path: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap();
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        match (&mut current, line.trim_start()) {
+            (None, "```toml") => current = Some(String::new()),
+            (Some(block), "```") => {
+                blocks.push(std::mem::take(block));
+                current = None;
+            }
+            (Some(block), _) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+#[test]
+fn the_local_example_keeps_its_meaning() {
+    let config = shipped("examples/local.toml");
+    assert_eq!(config.listen.proxy, "127.0.0.1:8080".parse().unwrap());
+    let [hello] = config.targets.as_slice() else {
+        panic!("one target: {:#?}", config.targets);
+    };
+    assert_eq!(hello.name, "hello");
+    assert_eq!(hello.route.hosts[0].to_string(), "hello.localhost");
+    assert_eq!(hello.serving.idle_timeout, Duration::from_secs(30));
+    assert_eq!(hello.serving.cold_start_timeout, Duration::from_secs(20));
+    let Backend::Local(local) = &hello.backend else {
+        panic!("a local process: {:?}", hello.backend);
+    };
+    assert_eq!(local.command[..2], ["wakegate", "demo-backend"]);
+    assert_eq!(local.ready, ReadyCheck::HttpGet("/healthz".into()));
+}
+
+#[test]
+fn the_deploy_configurations_keep_their_meaning() {
+    for path in [
+        "deploy/base/wakegate.toml",
+        "deploy/examples/keda/wakegate.toml",
+    ] {
+        let config = shipped(path);
+        assert!(
+            config.targets.is_empty(),
+            "{path}: targets come from Services"
+        );
+        assert!(config.kubernetes.is_some(), "{path}");
+    }
+}
+
+#[test]
+fn every_readme_toml_snippet_is_a_valid_configuration() {
+    let mut checked = 0;
+    for path in ["README.md", "deploy/README.md", "loadtest/README.md"] {
+        for block in toml_blocks(path) {
+            let config = parse(&block)
+                .into_config()
+                .unwrap_or_else(|problems| panic!("{path}:\n{block}\n{problems:#?}"));
+            for target in &config.targets {
+                // The reference snippet shows a local command, with `upstream` as a comment.
+                assert!(
+                    matches!(target.backend, Backend::Local(_)),
+                    "{path}: {target:?}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "only {checked} snippets found");
+}
