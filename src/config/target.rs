@@ -22,18 +22,6 @@ pub struct TargetConfig {
     pub backend: Backend,
 }
 
-impl TargetConfig {
-    /// True when `other` runs the same thing the same way, so a reload may keep its
-    /// instances and counters; the routes may differ.
-    pub fn same_runtime(&self, other: &TargetConfig) -> bool {
-        self.name == other.name
-            && self.namespace == other.namespace
-            && self.serving == other.serving
-            && self.scaling == other.scaling
-            && self.backend == other.backend
-    }
-}
-
 /// How wakegate serves a target's requests, whatever its backend.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Serving {

@@ -561,21 +561,6 @@ scaling = { min = 3, max = 2 }
 }
 
 #[test]
-fn same_runtime_ignores_routing_fields_only() {
-    let config = parse(&format!("[[target]]\n{LOCAL}"))
-        .into_config()
-        .expect("valid");
-    let a = &config.targets[0];
-    let mut rerouted = a.clone();
-    rerouted.route.hosts = vec![route::HostPattern::parse("other.localhost").unwrap()];
-    rerouted.route.path_prefixes = vec!["/x".into()];
-    assert!(a.same_runtime(&rerouted));
-    let mut changed = a.clone();
-    changed.serving.idle_timeout = Duration::from_secs(1);
-    assert!(!a.same_runtime(&changed));
-}
-
-#[test]
 fn a_target_is_built_with_exactly_one_backend() {
     let config = parse(&format!("[[target]]\n{LOCAL}\n[[target]]\n{UPSTREAM}"))
         .into_config()

@@ -288,3 +288,30 @@ impl Target {
         self.stats.last_request().map(|d| self.epoch + d)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::File;
+    use crate::config::route::HostPattern;
+
+    #[test]
+    fn a_target_runs_a_config_whatever_its_route() {
+        let config = File::parse(
+            "[[target]]\nname = \"hello\"\nhosts = [\"hello.localhost\"]\ncommand = [\"demo\"]\n",
+        )
+        .unwrap()
+        .into_config()
+        .unwrap()
+        .targets
+        .remove(0);
+        let target = Target::new(config.clone());
+        let mut rerouted = config.clone();
+        rerouted.route.hosts = vec![HostPattern::parse("other.localhost").unwrap()];
+        rerouted.route.path_prefixes = vec!["/x".into()];
+        assert!(target.runs(&rerouted));
+        let mut changed = config;
+        changed.serving.idle_timeout = Duration::from_secs(1);
+        assert!(!target.runs(&changed));
+    }
+}
