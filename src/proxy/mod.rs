@@ -184,12 +184,13 @@ impl Proxy {
         forwarded_for: &HeaderValue,
     ) -> Response<ProxyBody> {
         let inner = &self.inner;
+        let version = req.version();
         if inner.draining.load(Ordering::Relaxed) {
-            return ProxyError::ShuttingDown.into_response();
+            return ProxyError::ShuttingDown.into_response(version);
         }
         let Some(host) = request_host(&req) else {
             inner.unrouted.bad_request.fetch_add(1, Ordering::Relaxed);
-            return ProxyError::BadRequest("missing Host header").into_response();
+            return ProxyError::BadRequest("missing Host header").into_response(version);
         };
         let Some(target) = host.to_str().ok().and_then(|h| {
             inner
@@ -200,7 +201,7 @@ impl Proxy {
                 .cloned()
         }) else {
             inner.unrouted.no_route.fetch_add(1, Ordering::Relaxed);
-            return ProxyError::NoRoute.into_response();
+            return ProxyError::NoRoute.into_response(version);
         };
 
         let started = Instant::now();
@@ -213,7 +214,7 @@ impl Proxy {
                     target.stats.reject(why);
                 }
                 tracing::warn!(target = %target.name(), status = error.status().as_u16(), error = %error.chain(), "request failed");
-                error.into_response()
+                error.into_response(version)
             }
         };
         target
