@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::kube_api::{FakeApi, KubeletOptions};
 use support::*;
+use wakegate::provider::kubernetes::backoff::WATCH_RETRY_MAX;
 
 const NS: &str = "demo";
 
@@ -60,6 +61,19 @@ fn kubernetes_section(api: &FakeApi, dir: &std::path::Path, extra: &str) -> Stri
 }
 
 const FAST: &str = "[autoscaler]\ninterval = \"200ms\"";
+
+/// What a list or watch of the Services in `NS` asks the API server.
+const SERVICES: &str = "GET /api/v1/namespaces/demo/services";
+
+/// Room for wakegate to list, discover and route once a watch has retried, on a busy machine.
+const MARGIN: Duration = Duration::from_secs(5);
+
+/// Whether the Services were listed or watched since the `since`-th request to the API server.
+fn service_requests_since(api: &FakeApi, since: usize) -> bool {
+    api.requests()[since..]
+        .iter()
+        .any(|r| r.starts_with(SERVICES))
+}
 
 /// Waits for `/readyz` (the first Kubernetes sync).
 async fn wait_ready(wg: &Wakegate) {
@@ -219,20 +233,33 @@ async fn warm_traffic_is_served_while_the_api_server_is_down() {
     }
     assert!(served >= 50);
     api.set_down(false);
-    // Watches resume: a change made after the outage is seen.
+    let back = api.requests().len();
+    // Watches resume: a Service and Deployment created after the outage become a target, which
+    // wakes. The watches retry at most WATCH_RETRY_MAX apart, so the Service watch asks again
+    // within that of the API server's return, and the target follows from what it hears.
+    api.apply(deployment("later", 0));
     api.apply(service(
         "later",
         json!({ "wakegate.io/enabled": "true", "wakegate.io/hosts": "later.example.com" }),
     ));
-    let deadline = Instant::now() + Duration::from_secs(20);
+    eventually(
+        "the Service watch to retry after the outage",
+        WATCH_RETRY_MAX + MARGIN,
+        || service_requests_since(&api, back).then_some(()),
+    )
+    .await;
+    let deadline = Instant::now() + MARGIN;
     while !wg.admin_get("/targets").await.body.contains("\"later\"") {
         assert!(
             Instant::now() < deadline,
-            "the watch never resumed; log:\n{}",
+            "the watch retried but the new Service is not a target; log:\n{}",
             wg.logs()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let later = wg.get("later.example.com", "/").await;
+    assert_eq!(later.status, 200, "{}", later.body);
+    assert_eq!(later.headers["x-wakegate-cold-start"], "true");
     assert_eq!(wg.get("steady.example.com", "/").await.status, 200);
 }
 
@@ -242,13 +269,25 @@ async fn readiness_waits_for_the_first_sync() {
     api.set_down(true);
     let dir = tempfile::tempdir().unwrap();
     let wg = Wakegate::start(FAST, &kubernetes_section(&api, dir.path(), "")).await;
+    // Not ready while the first list of the Services fails.
+    eventually(
+        "a refused list of the Services",
+        Duration::from_secs(10),
+        || service_requests_since(&api, 0).then_some(()),
+    )
+    .await;
     let r = wg.admin_get("/readyz").await;
     assert_eq!(r.status, 503);
     assert!(r.body.contains("Kubernetes"), "{}", r.body);
     api.set_down(false);
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + WATCH_RETRY_MAX + MARGIN;
     while wg.admin_get("/readyz").await.status != 200 {
-        assert!(Instant::now() < deadline, "never became ready");
+        assert!(
+            Instant::now() < deadline,
+            "not ready {:?} after the API server came back; log:\n{}",
+            WATCH_RETRY_MAX + MARGIN,
+            wg.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

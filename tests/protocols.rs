@@ -1,12 +1,12 @@
 //! What clients see of the protocols wakegate proxies: streamed bodies, WebSocket, h2c,
-//! forwarding headers, and routing by path prefix.
+//! forwarding headers, routing by path prefix, and a drain's answer on HTTP/1.1 and h2c.
 
 mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -267,6 +267,145 @@ async fn an_http2_preface_that_arrives_in_pieces_is_still_recognised() {
     assert_eq!(response.version(), Version::HTTP_2);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&body).starts_with("hello from demo-backend"));
+}
+
+/// A client connection whose reads can be held back: while held, the client does not learn
+/// what wakegate sends (a drain's GOAWAY), so it still sends requests on the connection.
+struct HeldReads {
+    stream: TcpStream,
+    held: Arc<AtomicBool>,
+    /// Notified on every write made while reads are held.
+    wrote: Arc<tokio::sync::Notify>,
+    recheck: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for HeldReads {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        while this.held.load(Ordering::SeqCst) {
+            let recheck = this
+                .recheck
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(5))));
+            std::task::ready!(recheck.as_mut().poll(cx));
+            this.recheck = None;
+        }
+        std::pin::Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for HeldReads {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let result = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
+        if result.is_ready() && self.held.load(Ordering::SeqCst) {
+            self.wrote.notify_one();
+        }
+        result
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_request_arriving_during_a_drain_gets_503_which_says_connection_close_on_http1_only() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // No target: a draining wakegate answers before routing. The test's drain timeout (10 s)
+    // keeps it up while the connections below stay open.
+    let wg = Wakegate::start("", "").await;
+    // HTTP/1.1: a connection whose request head has begun to arrive is kept through the drain
+    // until that request is answered.
+    let mut http1 = TcpStream::connect(wg.proxy).await.unwrap();
+    http1.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    // h2c: a connection that is open, and that will not read the drain's GOAWAY in time.
+    let held = Arc::new(AtomicBool::new(false));
+    let wrote = Arc::new(tokio::sync::Notify::new());
+    let stream = HeldReads {
+        stream: TcpStream::connect(wg.proxy).await.unwrap(),
+        held: held.clone(),
+        wrote: wrote.clone(),
+        recheck: None,
+    };
+    let (mut http2, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = || {
+        Request::get("http://drain.localhost/")
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    let before = within(20, "an h2c request", http2.send_request(request()))
+        .await
+        .expect("h2c response");
+    assert_eq!(
+        before.status(),
+        StatusCode::NOT_FOUND,
+        "no route, not draining yet"
+    );
+    // Time for wakegate to read the first bytes of the HTTP/1.1 head: until then, a drain
+    // closes the connection as one that never sent anything.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    held.store(true, Ordering::SeqCst);
+    wg.signal(libc::SIGTERM);
+    within(5, "/readyz to say draining", async {
+        while wg.admin_get("/readyz").await.status != 503 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    http1
+        .write_all(b"Host: drain.localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    within(5, "the HTTP/1.1 answer", http1.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert_eq!(raw_status(&answer), 503, "{answer}");
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    assert!(answer.contains("\r\nretry-after: 1\r\n"), "{answer}");
+
+    let during = tokio::spawn(http2.send_request(request()));
+    within(5, "the h2c request to be sent", wrote.notified()).await;
+    held.store(false, Ordering::SeqCst);
+    let during = within(5, "the h2c answer", during)
+        .await
+        .unwrap()
+        .expect("h2c response");
+    assert_eq!(during.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(during.version(), Version::HTTP_2);
+    assert_eq!(during.headers()[header::RETRY_AFTER], "1");
+    assert!(
+        !during.headers().contains_key(header::CONNECTION),
+        "a connection-specific header on HTTP/2: {:?}",
+        during.headers()
+    );
+    let body = during.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"wakegate is shutting down\n");
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderValue, Response, StatusCode, Version, header};
 
 use super::body::ProxyBody;
 use crate::target::stats::Reject;
@@ -76,7 +76,8 @@ impl ProxyError {
         text
     }
 
-    pub fn into_response(self) -> Response<ProxyBody> {
+    /// The response for a request of `version`.
+    pub fn into_response(self, version: Version) -> Response<ProxyBody> {
         let status = self.status();
         let mut response = Response::new(ProxyBody::text(format!("{self}\n")));
         *response.status_mut() = status;
@@ -90,11 +91,43 @@ impl ProxyError {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ProxyError::ShuttingDown => {
-                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+                // HTTP/2 has no such header (RFC 9113 §8.2.2): its connection ends with GOAWAY.
+                if version < Version::HTTP_2 {
+                    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutting_down_asks_http1_clients_to_close_the_connection_and_http2_clients_nothing() {
+        for version in [Version::HTTP_10, Version::HTTP_11] {
+            let response = ProxyError::ShuttingDown.into_response(version);
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(
+                response.headers()[header::CONNECTION],
+                "close",
+                "{version:?}"
+            );
+            assert_eq!(response.headers()[header::RETRY_AFTER], "1", "{version:?}");
+        }
+        for version in [Version::HTTP_2, Version::HTTP_3] {
+            let response = ProxyError::ShuttingDown.into_response(version);
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert!(
+                !response.headers().contains_key(header::CONNECTION),
+                "{version:?}: {:?}",
+                response.headers()
+            );
+            assert_eq!(response.headers()[header::RETRY_AFTER], "1", "{version:?}");
+        }
     }
 }

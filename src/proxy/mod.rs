@@ -139,6 +139,7 @@ impl Proxy {
         forwarded_for: &HeaderValue,
     ) -> Response<ProxyBody> {
         let shared = &*self.inner.shared;
+        let version = req.version();
         let host = request_host(&req);
         let target = host.as_ref().and_then(|host| {
             host.to_str().ok().and_then(|h| {
@@ -160,15 +161,15 @@ impl Proxy {
                         .fetch_add(1, Ordering::Relaxed);
                 }
             }
-            return ProxyError::ShuttingDown.into_response();
+            return ProxyError::ShuttingDown.into_response(version);
         }
         let Some(host) = host else {
             shared.unrouted.bad_request.fetch_add(1, Ordering::Relaxed);
-            return ProxyError::BadRequest("missing Host header").into_response();
+            return ProxyError::BadRequest("missing Host header").into_response(version);
         };
         let Some(mut target) = target else {
             shared.unrouted.no_route.fetch_add(1, Ordering::Relaxed);
-            return ProxyError::NoRoute.into_response();
+            return ProxyError::NoRoute.into_response(version);
         };
 
         let started = Instant::now();
@@ -186,7 +187,7 @@ impl Proxy {
                         target.stats.reject(why);
                     }
                     tracing::warn!(target = %target.name(), status = error.status().as_u16(), error = %error.chain(), "request failed");
-                    break error.into_response();
+                    break error.into_response(version);
                 }
             }
         };

@@ -1,9 +1,14 @@
 //! Leader election with a `coordination.k8s.io/v1` Lease: the holder renews it every `renew`;
 //! anyone may take it once it has not been renewed for `duration`. Conflicting writes are
 //! settled by the API server's resourceVersion check, so at most one replica wins.
+//!
+//! Whether the lease went unrenewed is judged by this replica's own monotonic clock, from when
+//! it last saw the lease change, never by comparing the holder's `renewTime` with the local
+//! wall clock: the two replicas' wall clocks may disagree, and then both would lead.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -24,8 +29,9 @@ pub async fn run(
 ) {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let mut last_renewed: Option<Instant> = None;
+    let mut observed = Observed::default();
     loop {
-        let now_leader = match acquire_or_renew(&api, &config, &identity).await {
+        let now_leader = match acquire_or_renew(&api, &config, &identity, &mut observed).await {
             Ok(won) => {
                 if won {
                     last_renewed = Some(Instant::now());
@@ -52,8 +58,39 @@ pub async fn run(
     }
 }
 
-fn millis(time: &Option<MicroTime>) -> i64 {
-    time.as_ref().map_or(0, |t| t.0.as_millisecond())
+/// The lease as this replica last saw it, and when by its own clock: what tells a holder that
+/// keeps renewing from one that stopped, whatever either wall clock says (as client-go's
+/// leader election judges it).
+#[derive(Debug, Default)]
+struct Observed {
+    last: Option<(LeaseSpec, Instant)>,
+}
+
+impl Observed {
+    /// Notes `spec`, read at `now`, and returns whether `me` may write itself in as the holder:
+    /// the lease is free (released), already `me`'s, or unchanged for a whole lease duration
+    /// since this replica first saw it so. A replica that has only just started has seen no
+    /// renewal yet, so it waits a whole duration before taking a held lease.
+    fn may_hold(&mut self, spec: &LeaseSpec, me: &str, fallback: Duration, now: Instant) -> bool {
+        let seen_at = match &self.last {
+            Some((seen, at)) if seen == spec => *at,
+            _ => {
+                self.last = Some((spec.clone(), now));
+                now
+            }
+        };
+        let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
+        let duration = spec
+            .lease_duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .filter(|&s| s > 0)
+            .map_or(fallback, Duration::from_secs);
+        match holder {
+            None => true,
+            Some(holder) if holder == me => true,
+            Some(_) => seen_at + duration < now,
+        }
+    }
 }
 
 /// Returns whether this replica holds the lease after the attempt.
@@ -61,6 +98,7 @@ async fn acquire_or_renew(
     api: &Api<Lease>,
     config: &LeaseConfig,
     me: &str,
+    observed: &mut Observed,
 ) -> Result<bool, kube::Error> {
     let now = Timestamp::now();
     let duration_seconds = config.duration.as_secs().max(1) as i32;
@@ -87,13 +125,10 @@ async fn acquire_or_renew(
         };
     };
     let spec = lease.spec.get_or_insert_with(Default::default);
-    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-    let held_for = i64::from(spec.lease_duration_seconds.unwrap_or(duration_seconds)) * 1000;
-    let expired = millis(&spec.renew_time) + held_for < now.as_millisecond();
-    let mine = holder.as_deref() == Some(me);
-    if !mine && holder.is_some() && !expired {
+    if !observed.may_hold(spec, me, config.duration, Instant::now()) {
         return Ok(false);
     }
+    let mine = spec.holder_identity.as_deref() == Some(me);
     if !mine {
         spec.holder_identity = Some(me.to_owned());
         spec.acquire_time = Some(MicroTime(now));
@@ -132,3 +167,6 @@ async fn release(api: &Api<Lease>, config: &LeaseConfig, me: &str) {
         Err(error) => tracing::warn!(lease = %config.name, %error, "cannot release the lease"),
     }
 }
+
+#[cfg(test)]
+mod tests;

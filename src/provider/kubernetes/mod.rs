@@ -5,6 +5,7 @@
 //! Watches resume with backoff after errors and API-server outages; the data plane keeps the
 //! last published endpoints meanwhile.
 
+pub mod backoff;
 pub mod lease;
 pub mod peers;
 
@@ -504,7 +505,7 @@ impl Watches<'_> {
         };
         let (store, writer) = reflector::store();
         let stream = watcher(api, watcher::Config::default())
-            .default_backoff()
+            .backoff(backoff::watch_retry())
             .reflect(writer);
         let changed = self.changed.clone();
         let stop = self.stop.clone();
