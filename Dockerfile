@@ -18,6 +18,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 # Cargo.toml names the benchmark target, and cargo reads every target's path.
 COPY benches ./benches
+# cargo loads the manifest of every workspace member, even one it does not build.
+COPY loadtest/Cargo.toml ./loadtest/
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin wakegate \
