@@ -1,11 +1,9 @@
 //! Waking a cold target: held requests, the cold-start header, starting exactly once, and
 //! instances that notify their own readiness.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::*;
+use wakegate_test_support::*;
 
 fn hello(delay: &str) -> String {
     demo_target("hello", "hello.localhost", delay)
@@ -100,8 +98,9 @@ async fn a_notify_target_takes_its_first_request_once_the_instance_sends_ready()
 #[tokio::test]
 async fn a_notification_from_a_process_the_instance_started_counts() {
     // The shell is the instance; the demo backend, its child, notifies.
+    let bin = bin();
     let command = format!(
-        r#"["sh", "-c", "'{BIN}' demo-backend --port {{port}} --startup-delay 100ms & wait"]"#
+        r#"["sh", "-c", "'{bin}' demo-backend --port {{port}} --startup-delay 100ms & wait"]"#
     );
     let wg = Wakegate::start("", &notifying(&command)).await;
 

@@ -55,7 +55,7 @@ pub struct FakeApi {
 pub struct KubeletOptions {
     /// The demo backend's `--startup-delay`: how long a pod takes to become ready.
     pub startup_delay: Duration,
-    /// The wakegate binary (`env!("CARGO_BIN_EXE_wakegate")`), run as `demo-backend`.
+    /// The wakegate binary ([`crate::bin`]), run as `demo-backend`.
     pub program: PathBuf,
 }
 
