@@ -18,6 +18,10 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 # Cargo.toml names the benchmark target, and cargo reads every target's path.
 COPY benches ./benches
+# The other workspace members: cargo loads every member (and wakegate's dev-dependencies),
+# with their targets, even to build one binary.
+COPY loadtest ./loadtest
+COPY test-support ./test-support
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin wakegate \

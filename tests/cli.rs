@@ -1,16 +1,14 @@
 //! The command line: `wakegate check` validates a file without running anything, and says
 //! exactly what is wrong; `--version` prints the version; `demo-backend` notifies readiness.
 
-mod support;
-
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use support::BIN;
+use wakegate_test_support::bin;
 
 /// Runs the binary with `args` and waits at most 20 s for it.
 fn wakegate(args: &[&str]) -> Output {
-    let mut child = std::process::Command::new(BIN)
+    let mut child = std::process::Command::new(bin())
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -186,7 +184,7 @@ fn demo_backend_sends_ready_to_its_notify_socket_once_it_listens() {
         .and_then(|l| l.local_addr())
         .expect("a free port");
     let began = Instant::now();
-    let mut backend = std::process::Command::new(BIN)
+    let mut backend = std::process::Command::new(bin())
         .args(["demo-backend", "--port", &addr.port().to_string()])
         .args(["--startup-delay", "200ms"])
         .env("NOTIFY_SOCKET", &socket_path)

@@ -1,11 +1,9 @@
 //! Waking a cold target: held requests, the cold-start header, starting exactly once, and
 //! instances that notify their own readiness.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use support::*;
+use wakegate_test_support::*;
 
 fn hello(delay: &str) -> String {
     demo_target("hello", "hello.localhost", delay)
@@ -100,8 +98,9 @@ async fn a_notify_target_takes_its_first_request_once_the_instance_sends_ready()
 #[tokio::test]
 async fn a_notification_from_a_process_the_instance_started_counts() {
     // The shell is the instance; the demo backend, its child, notifies.
+    let bin = bin();
     let command = format!(
-        r#"["sh", "-c", "'{BIN}' demo-backend --port {{port}} --startup-delay 100ms & wait"]"#
+        r#"["sh", "-c", "'{bin}' demo-backend --port {{port}} --startup-delay 100ms & wait"]"#
     );
     let wg = Wakegate::start("", &notifying(&command)).await;
 
@@ -149,12 +148,13 @@ async fn a_start_whose_port_another_process_took_meanwhile_is_retried_on_a_new_p
             r#"port=$1
 if [ ! -e "{marker}" ]; then
     touch "{marker}"
-    env -u NOTIFY_SOCKET "{BIN}" demo-backend --port "$port" &
+    env -u NOTIFY_SOCKET "{bin}" demo-backend --port "$port" &
     until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.01; done
 fi
-exec "{BIN}" demo-backend --port "$port"
+exec "{bin}" demo-backend --port "$port"
 "#,
-            marker = marker.display()
+            marker = marker.display(),
+            bin = bin(),
         ),
     )
     .unwrap();

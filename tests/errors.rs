@@ -1,12 +1,10 @@
 //! The errors a client can get from wakegate itself: each with its status, a short plain-text
 //! reason, quickly, and counted in `wakegate_rejected_requests_total`.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::*;
+use wakegate_test_support::*;
 
 /// One local target `hello` on `hello.localhost`; `extra` adds or overrides fields.
 fn hello(command: &str, extra: &str) -> String {
@@ -137,8 +135,9 @@ async fn a_target_whose_readiness_check_never_passes_gets_504() {
 #[tokio::test]
 async fn a_notify_target_that_never_sends_ready_gets_504_and_its_process_is_stopped() {
     // Listening, so a `tcp` check would pass, but never told where to notify.
+    let bin = bin();
     let command = format!(
-        r#"["sh", "-c", "unset NOTIFY_SOCKET; exec '{BIN}' demo-backend --port {{port}}"]"#
+        r#"["sh", "-c", "unset NOTIFY_SOCKET; exec '{bin}' demo-backend --port {{port}}"]"#
     );
     let extra = "ready = { notify = true }\ncold_start_timeout = \"1s\"";
     let wg = assert_cold_start_times_out(&hello(&command, extra)).await;

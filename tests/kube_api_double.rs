@@ -1,8 +1,6 @@
-//! The Kubernetes API test double (`tests/support/kube_api.rs`) driven by the real kube client:
-//! watcher + reflector through changes, outages and expired history; `/scale`; Leases; Events;
-//! and the simulated kubelet running Deployments as demo backends.
-
-mod support;
+//! The Kubernetes API test double (`wakegate_test_support::kube_api`) driven by the real kube
+//! client: watcher + reflector through changes, outages and expired history; `/scale`; Leases;
+//! Events; and the simulated kubelet running Deployments as demo backends.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -19,9 +17,9 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
-use support::kube_api::{FakeApi, KubeletOptions};
-use support::{BIN, process_alive, raw_exchange, raw_status, within};
 use tokio::task::JoinHandle;
+use wakegate_test_support::kube_api::{FakeApi, KubeletOptions};
+use wakegate_test_support::{bin, process_alive, raw_exchange, raw_status, within};
 
 fn service(name: &str, labels: Value) -> Value {
     json!({
@@ -501,7 +499,7 @@ async fn kubelet_turns_replicas_into_ready_demo_backends_and_zero_into_none() {
     api.apply(deployment("web", 0));
     api.start_kubelet(KubeletOptions {
         startup_delay: Duration::from_millis(300),
-        program: BIN.into(),
+        program: bin().into(),
     });
     let client = api.client();
     let slices = reflect(
@@ -636,7 +634,7 @@ async fn dropping_the_fake_api_kills_its_pods() {
     api.apply(deployment("web", 1));
     api.start_kubelet(KubeletOptions {
         startup_delay: Duration::ZERO,
-        program: BIN.into(),
+        program: bin().into(),
     });
     eventually(10, "a ready pod", || {
         api.pods("default", "web").iter().any(|p| p.ready)

@@ -1,16 +1,14 @@
 //! The Kubernetes flow end to end: the real wakegate binary and the real kube client against
 //! the API-server test double, whose simulated kubelet runs real demo-backend processes.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::kube_api::{FakeApi, KubeletOptions};
-use support::*;
 use wakegate::provider::kubernetes::backoff::WATCH_RETRY_MAX;
+use wakegate_test_support::kube_api::{FakeApi, KubeletOptions};
+use wakegate_test_support::*;
 
 const NS: &str = "demo";
 
@@ -46,7 +44,7 @@ async fn api_with_kubelet() -> FakeApi {
     let api = FakeApi::start().await;
     api.start_kubelet(KubeletOptions {
         startup_delay: Duration::from_millis(300),
-        program: BIN.into(),
+        program: bin().into(),
     });
     api
 }
@@ -427,7 +425,7 @@ async fn a_held_request_wakes_the_target_again_when_something_else_scales_it_bac
     let api = FakeApi::start().await;
     api.start_kubelet(KubeletOptions {
         startup_delay: Duration::from_secs(2),
-        program: BIN.into(),
+        program: bin().into(),
     });
     api.apply(deployment("keda", 0));
     api.apply(service(

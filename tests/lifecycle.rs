@@ -1,8 +1,6 @@
 //! A target's life as users see it: stopped when idle and woken again by the next request, no
 //! request lost around a stop, counted per target, and never outliving wakegate.
 
-mod support;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use support::*;
+use wakegate_test_support::*;
 
 /// Autoscaler ticks often enough for a 1s idle timeout to be observed within 100ms.
 const FAST_TICKS: &str = "[autoscaler]\ninterval = \"100ms\"";
@@ -78,8 +76,9 @@ async fn idle_target_is_stopped_after_its_idle_timeout_and_the_next_request_star
 async fn requests_arriving_while_the_instance_stops_are_held_and_served_by_a_new_one() {
     // The wrapper shell lingers 1s after SIGTERM (its demo backend exits at once), which
     // keeps the target visibly "stopping" long enough to send requests into that window.
+    let bin = bin();
     let command = format!(
-        r#"["sh", "-c", "trap 'sleep 1; exit 0' TERM; '{BIN}' demo-backend --port {{port}} & wait"]"#
+        r#"["sh", "-c", "trap 'sleep 1; exit 0' TERM; '{bin}' demo-backend --port {{port}} & wait"]"#
     );
     let wg = Arc::new(Wakegate::start(FAST_TICKS, &local_target("hello", &command, "1s")).await);
     let first = within(10, "first request", wg.get("hello.localhost", "/")).await;

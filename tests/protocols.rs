@@ -1,8 +1,6 @@
 //! What clients see of the protocols wakegate proxies: streamed bodies, WebSocket, h2c,
 //! forwarding headers, routing by path prefix, and a drain's answer on HTTP/1.1 and h2c.
 
-mod support;
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,9 +14,9 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::*;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
+use wakegate_test_support::*;
 
 /// Peak and current resident memory of a process, in bytes (`VmHWM`, `VmRSS`).
 fn memory(pid: i32) -> (u64, u64) {

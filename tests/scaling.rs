@@ -1,12 +1,10 @@
 //! Autoscaling a local target from its own traffic.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use support::*;
+use wakegate_test_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_load_scales_a_local_target_from_zero_to_three_and_back_with_every_request_answered() {

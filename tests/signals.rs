@@ -1,12 +1,10 @@
 //! Signals: SIGHUP reloads the configuration without disturbing traffic (and keeps the
 //! running one when the new file is invalid); SIGTERM drains in-flight requests and exits.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::*;
+use wakegate_test_support::*;
 
 /// Starts a `/sleep?ms=1500` request to `a.localhost` and returns once wakegate counts it in
 /// flight.

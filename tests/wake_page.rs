@@ -1,13 +1,11 @@
 //! The "waking up" page browsers get for a cold target with `wake_page = true`.
 
-mod support;
-
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use support::*;
+use wakegate_test_support::*;
 
 #[tokio::test]
 async fn browsers_get_a_self_refreshing_page_while_other_clients_wait() {

@@ -81,7 +81,7 @@ enum Command {
     Scenario {
         name: scenario::Name,
         /// Where the reports go.
-        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/loadtest/results"))]
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/results"))]
         out: PathBuf,
         /// Interleaved rounds of the paths compared.
         #[arg(long, default_value_t = 3)]
@@ -90,7 +90,7 @@ enum Command {
         #[arg(long)]
         quick: bool,
         /// The wakegate binary (default: the one next to this program, which
-        /// `cargo build --release --bins` builds with it).
+        /// `cargo build --release --workspace --bins` builds with it).
         #[arg(long)]
         wakegate: Option<PathBuf>,
         /// cold-start: the local target's readiness check.
@@ -291,9 +291,9 @@ async fn run(
 }
 
 /// The wakegate binary the scenarios run: the one given, or the one built next to this program
-/// (`cargo build --release --bins` builds both). Not built from here: a cargo started by
-/// `cargo run` sees that run's environment, and rebuilt the whole library with fat LTO each
-/// time.
+/// (`cargo build --release --workspace --bins` builds both). Not built from here: a cargo
+/// started by `cargo run` sees that run's environment, and rebuilt the whole library with fat
+/// LTO each time.
 fn wakegate_binary(given: Option<PathBuf>) -> Result<PathBuf, Error> {
     if let Some(path) = given {
         return Ok(path);
@@ -308,13 +308,13 @@ fn wakegate_binary(given: Option<PathBuf>) -> Result<PathBuf, Error> {
         && wakegate < this
     {
         eprintln!(
-            "loadtest: warning: {} is older than this program; `cargo build --release --bins` builds both",
+            "loadtest: warning: {} is older than this program; `cargo build --release --workspace --bins` builds both",
             path.display()
         );
     }
     if !path.exists() {
         return Err(Error::Harness(format!(
-            "{} not found: build it first (cargo build --release --bins) or pass --wakegate",
+            "{} not found: build it first (cargo build --release --workspace --bins) or pass --wakegate",
             path.display()
         )));
     }

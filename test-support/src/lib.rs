@@ -1,13 +1,16 @@
-//! Test harness: runs the real `wakegate` binary on port 0 with a generated config, finds its
-//! addresses from its JSON log, and talks to it over real sockets.
-#![allow(dead_code)]
+//! wakegate's test harness: runs the real `wakegate` binary on port 0 with a generated
+//! config, finds its addresses from its JSON log, and talks to it over real sockets; and
+//! [`kube_api`], a Kubernetes API server test double.
+//!
+//! The harness runs the `wakegate` binary that cargo builds for wakegate's integration tests
+//! (see [`bin`]), so it is meant for those tests, as a dev-dependency of wakegate.
 
 pub mod kube_api;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,12 +22,45 @@ use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_wakegate");
+/// The path of the `wakegate` binary under test.
+///
+/// `env!("CARGO_BIN_EXE_wakegate")` is set only when compiling wakegate's own integration
+/// tests, not this crate, so the path is found when a test runs: from `CARGO_BIN_EXE_wakegate`
+/// in the environment (recent cargo sets it for a test it runs too), or else next to the test
+/// executable, as cargo lays them out: `target/PROFILE/deps/TEST-HASH` and
+/// `target/PROFILE/wakegate`. Panics, saying so, when there is no binary there.
+pub fn bin() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let path = match std::env::var_os("CARGO_BIN_EXE_wakegate") {
+            Some(path) => PathBuf::from(path),
+            None => {
+                let test = std::env::current_exe().expect("the test executable's path");
+                let mut dir = test.parent().expect("the test executable's directory");
+                if dir.ends_with("deps") {
+                    dir = dir.parent().expect("the directory above deps/");
+                }
+                dir.join(format!("wakegate{}", std::env::consts::EXE_SUFFIX))
+            }
+        };
+        assert!(
+            path.is_file(),
+            "the wakegate binary is not at {}: cargo builds it for wakegate's own integration \
+             tests (`cargo test --workspace`), which this harness is for; elsewhere set \
+             CARGO_BIN_EXE_wakegate to its path",
+            path.display()
+        );
+        path.into_os_string()
+            .into_string()
+            .unwrap_or_else(|path| panic!("the wakegate binary's path is not UTF-8: {path:?}"))
+    })
+}
 
 /// A `command = [...]` TOML value running the built-in demo backend.
 pub fn demo_command(startup_delay: &str) -> String {
+    let bin = bin();
     format!(
-        r#"["{BIN}", "demo-backend", "--port", "{{port}}", "--startup-delay", "{startup_delay}"]"#
+        r#"["{bin}", "demo-backend", "--port", "{{port}}", "--startup-delay", "{startup_delay}"]"#
     )
 }
 
@@ -72,7 +108,7 @@ impl Wakegate {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("wakegate.toml");
         std::fs::write(&config_path, config_text(head, targets)).expect("write config");
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["--log-format", "json", "run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
@@ -371,7 +407,7 @@ impl DemoBackend {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port");
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .args(["demo-backend", "--port", &addr.port().to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,0 +1,272 @@
+//! A Kubernetes API server test double that the real `kube` client talks to over HTTP: the
+//! REST and watch protocol (JSON only) for Services, EndpointSlices, Deployments and their
+//! `/scale`, Leases and Events, and a simulated kubelet that runs a Deployment's pods as local
+//! demo backends on loopback addresses and publishes them in EndpointSlices.
+//!
+//! One global resourceVersion orders every change. Each kind keeps a bounded history of its
+//! changes, which watches replay from; a watch from before the history gets `410 Expired`,
+//! which is what makes a real client relist.
+//!
+//! The modules, by concern: `store` keeps the objects and their resourceVersions, `rest`
+//! parses and answers requests (routing, create, replace, patch and apply, `/scale`), `watch`
+//! streams lists and watches (bookmarks, `410 Expired`), `selector` holds label and field
+//! selectors, and `kubelet` runs the simulated pods.
+
+mod kubelet;
+mod rest;
+mod selector;
+mod store;
+mod watch;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use kubelet::{pod_ip, pod_name, run_kubelet};
+use rest::serve;
+use store::{Kind, Shared, State, Stored};
+
+/// A running fake API server. Dropping it stops the server, cuts its watches and kills the
+/// simulated pods.
+pub struct FakeApi {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: JoinHandle<()>,
+    kubelet: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What the simulated kubelet runs as a pod.
+#[derive(Clone, Debug)]
+pub struct KubeletOptions {
+    /// The demo backend's `--startup-delay`: how long a pod takes to become ready.
+    pub startup_delay: Duration,
+    /// The wakegate binary ([`crate::bin`]), run as `demo-backend`.
+    pub program: PathBuf,
+}
+
+/// One simulated pod, as a test sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SimPod {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub pid: u32,
+    pub ready: bool,
+}
+
+impl FakeApi {
+    /// Starts serving on `127.0.0.1:0`.
+    pub async fn start() -> FakeApi {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the fake API server");
+        let addr = listener.local_addr().expect("local address");
+        let shared = Arc::new(Shared::default());
+        let server = tokio::spawn(serve(listener, shared.clone()));
+        FakeApi {
+            addr,
+            shared,
+            server,
+            kubelet: Mutex::new(None),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`, the cluster URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A `kube::Client` for this server (default namespace `default`).
+    pub fn client(&self) -> kube::Client {
+        let url = self.url().parse().expect("a valid URL");
+        kube::Client::try_from(kube::Config::new(url)).expect("a kube client")
+    }
+
+    /// Writes `dir/kubeconfig`: this server, one context, a user without credentials, and
+    /// namespace `default`; returns its path.
+    pub fn write_kubeconfig(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: fake
+  cluster:
+    server: {url}
+contexts:
+- name: fake
+  context:
+    cluster: fake
+    user: fake
+    namespace: default
+current-context: fake
+users:
+- name: fake
+  user: {{}}
+",
+            url = self.url()
+        );
+        std::fs::write(&path, text).expect("write kubeconfig");
+        path
+    }
+
+    /// Creates or replaces an object of a served kind (a Namespace is accepted and ignored),
+    /// as a client's create or update would: watches see ADDED or MODIFIED. The namespace
+    /// defaults to `default`, a Deployment's `spec.replicas` to 1, and a Deployment applied
+    /// without `status` keeps the one it had. Returns the stored object.
+    pub fn apply(&self, object: Value) -> Value {
+        let api_version = object["apiVersion"].as_str().unwrap_or_default();
+        let kind_name = object["kind"].as_str().unwrap_or_default();
+        if kind_name == "Namespace" {
+            return object;
+        }
+        let kind = Kind::from_type(api_version, kind_name).unwrap_or_else(|| {
+            panic!("the fake API server does not serve {api_version} {kind_name}")
+        });
+        let mut object = object;
+        if object["metadata"]["namespace"].as_str().is_none() {
+            object["metadata"]["namespace"] = "default".into();
+        }
+        assert!(
+            object["metadata"]["name"].is_string(),
+            "apply needs metadata.name: {object}"
+        );
+        self.shared.mutate(|state| state.write(kind, object))
+    }
+
+    /// Deletes an object (watches see DELETED); false if there was none.
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) -> bool {
+        self.shared.mutate(|state| {
+            Kind::named(kind)
+                .iter()
+                .any(|&kind| state.remove(kind, namespace, name).is_some())
+        })
+    }
+
+    /// The stored object, `kind` being e.g. `"Service"` or `"Lease"` (`"Event"` finds both
+    /// events.k8s.io and core events).
+    pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let state = self.shared.state();
+        Kind::named(kind)
+            .iter()
+            .find_map(|&kind| state.get(kind, namespace, name).cloned())
+    }
+
+    /// A Deployment's `spec.replicas`.
+    pub fn deployment_replicas(&self, namespace: &str, name: &str) -> Option<i32> {
+        let object = self.get("Deployment", namespace, name)?;
+        object["spec"]["replicas"]
+            .as_i64()
+            .and_then(|n| i32::try_from(n).ok())
+    }
+
+    /// Every write to a Deployment's `/scale` (PATCH or PUT) that named a replica count, in
+    /// order: (field manager, replicas). The manager is `""` when the request named none.
+    pub fn scale_patches(&self, namespace: &str, name: &str) -> Vec<(String, i32)> {
+        self.shared
+            .state()
+            .scale_patches
+            .iter()
+            .filter(|p| p.namespace == namespace && p.name == name)
+            .map(|p| (p.manager.clone(), p.replicas))
+            .collect()
+    }
+
+    /// Every stored Event (events.k8s.io/v1 and core v1), oldest first.
+    pub fn events(&self) -> Vec<Value> {
+        let state = self.shared.state();
+        let mut events: Vec<&Stored> = state
+            .objects
+            .iter()
+            .filter(|((kind, _, _), _)| matches!(kind, Kind::Event | Kind::CoreEvent))
+            .map(|(_, stored)| stored)
+            .collect();
+        events.sort_by_key(|stored| stored.created);
+        events.into_iter().map(|s| s.object.clone()).collect()
+    }
+
+    /// `METHOD /path?query` of every request received so far, outages included.
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.state().requests.clone()
+    }
+
+    /// An outage: while down, every request gets its connection closed without an answer and
+    /// every open watch is cut. Back up, clients resume (the history is kept).
+    pub fn set_down(&self, down: bool) {
+        self.shared.mutate(|state| state.down = down);
+    }
+
+    /// Forgets every kind's change history, as a compaction would: open watches get
+    /// `410 Expired` and end, and so does any watch resuming from before now, so clients
+    /// relist.
+    pub fn expire_watch_history(&self) {
+        self.shared.mutate(State::expire_history);
+    }
+
+    /// Starts the simulated kubelet (once): for each Deployment it keeps `spec.replicas` pods
+    /// running as `demo-backend` processes on 127.0.0.2, 127.0.0.3, … and one free port per
+    /// Deployment, publishes them in an EndpointSlice `{service}-sim` for every Service whose
+    /// selector matches the pod template, and keeps the Deployment's status up to date.
+    pub fn start_kubelet(&self, options: KubeletOptions) {
+        assert!(
+            options.program.exists(),
+            "kubelet program {} exists",
+            options.program.display()
+        );
+        let mut kubelet = self.kubelet.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(kubelet.is_none(), "the kubelet is already running");
+        *kubelet = Some(tokio::spawn(run_kubelet(self.shared.clone(), options)));
+    }
+
+    /// The simulated pods of a Deployment, by pod index.
+    pub fn pods(&self, namespace: &str, deployment: &str) -> Vec<SimPod> {
+        let kubelet = self.shared.kubelet();
+        let key = (namespace.to_owned(), deployment.to_owned());
+        let Some(sim) = kubelet.deployments.get(&key) else {
+            return Vec::new();
+        };
+        sim.pods
+            .iter()
+            .map(|(&index, pod)| SimPod {
+                name: pod_name(deployment, index),
+                addr: SocketAddr::new(pod_ip(index).into(), sim.port),
+                pid: pod.pid,
+                ready: pod.ready,
+            })
+            .collect()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.shared.mutate(|state| state.closed = true);
+        self.server.abort();
+        if let Some(kubelet) = self
+            .kubelet
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            kubelet.abort();
+        }
+        let mut kubelet = self.shared.kubelet();
+        let pods = std::mem::take(&mut kubelet.deployments)
+            .into_values()
+            .flat_map(|sim| sim.pods.into_values())
+            .map(|pod| pod.child);
+        let stopping = std::mem::take(&mut kubelet.stopping)
+            .into_iter()
+            .map(|(child, _)| child);
+        for mut child in pods.chain(stopping) {
+            let _ = child.start_kill();
+        }
+    }
+}
