@@ -62,10 +62,7 @@ fn layers(c: &mut Criterion) {
             })
         })
     });
-    let limited = LoadShed::new(ConcurrencyLimit::new(
-        service_fn(upstream),
-        LIMIT as usize,
-    ));
+    let limited = LoadShed::new(ConcurrencyLimit::new(service_fn(upstream), LIMIT as usize));
     group.bench_function("admission/tower_load_shed_concurrency_limit", |b| {
         b.iter_custom(|iters| {
             per_request(&runtime, iters, |i| {
