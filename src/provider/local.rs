@@ -171,6 +171,10 @@ fn publish(
             .zip(&published.0)
             .all(|(a, b)| Arc::ptr_eq(a, b));
     if !same {
+        if phase == Phase::Starting {
+            // Nothing ready, something starting: a wake from zero.
+            target.waking();
+        }
         target.publish(endpoints.clone(), phase);
         *published = (endpoints, phase);
     }

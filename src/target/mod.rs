@@ -196,13 +196,14 @@ impl Target {
     /// Control plane: publish the ready endpoints, then the phase (held requests wake on the
     /// phase change and find the endpoints already in place).
     pub fn publish(&self, endpoints: Vec<Arc<Endpoint>>, phase: Phase) {
-        self.count_cold_start(!endpoints.is_empty(), phase);
+        if !endpoints.is_empty() {
+            self.woke();
+        }
         self.endpoints.store(Arc::new(endpoints));
         self.status.send_modify(|s| s.phase = phase);
     }
 
     pub fn set_phase(&self, phase: Phase) {
-        self.count_cold_start(!self.endpoints.load().is_empty(), phase);
         self.status.send_if_modified(|s| {
             let changed = s.phase != phase;
             s.phase = phase;
@@ -210,26 +211,28 @@ impl Target {
         });
     }
 
-    /// A cold start is a wake from zero, whatever the provider: it begins when a target with
-    /// no ready instance starts one, and ends when the first is ready (or the start fails).
-    fn count_cold_start(&self, ready: bool, phase: Phase) {
+    /// Control plane: a wake from zero begins, the provider starting an instance of a target
+    /// with none ready. Counted once as a cold start, however many instances it starts; it
+    /// lasts until the first instance is ready, or the start fails.
+    pub fn waking(&self) {
         let now = self.micros(Instant::now()) + 1;
-        if ready {
-            let since = self.waking_since.swap(0, Ordering::Relaxed);
-            if since != 0 {
-                let took = Duration::from_micros(now.saturating_sub(since));
-                self.stats.cold_start_duration.observe(took);
-            }
-        } else if phase == Phase::Starting {
-            if self
-                .waking_since
-                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-            {
-                self.stats.cold_starts.fetch_add(1, Ordering::Relaxed);
-            }
-        } else {
-            self.waking_since.store(0, Ordering::Relaxed);
+        if self
+            .waking_since
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.stats.cold_starts.fetch_add(1, Ordering::Relaxed);
+        }
+        self.set_phase(Phase::Starting);
+    }
+
+    /// An instance is ready: the wake under way, if any, took until now.
+    fn woke(&self) {
+        let since = self.waking_since.swap(0, Ordering::Relaxed);
+        if since != 0 {
+            let now = self.micros(Instant::now()) + 1;
+            let took = Duration::from_micros(now.saturating_sub(since));
+            self.stats.cold_start_duration.observe(took);
         }
     }
 
@@ -241,6 +244,8 @@ impl Target {
 
     /// Control plane: a start attempt failed; every request held for it fails now.
     pub fn start_failed(&self, reason: String) {
+        // The wake ended; the next start is a new one.
+        self.waking_since.store(0, Ordering::Relaxed);
         self.status.send_modify(|s| {
             s.start_failures += 1;
             s.last_failure = Some(reason.into());

@@ -459,7 +459,9 @@ impl Inner {
         .await?;
         tracing::info!(namespace = %kube.namespace, deployment = %kube.deployment, replicas, waking, "scaled deployment");
         if waking {
-            target.set_phase(Phase::Starting);
+            // Counted here, not from the phase the watches show: a Deployment with replicas
+            // and no ready pod may as well be scaling down.
+            target.waking();
         }
         Ok(())
     }
