@@ -1,5 +1,24 @@
 //! The data plane: route → track → hold (cold start) → balance → forward. It reads immutable
 //! snapshots published by the control plane and never takes a lock on the request path.
+//!
+//! Why the stages are not tower layers (measured with `cargo bench --bench layers`, 2-core
+//! KVM, 2026-11-29; a warm request costs wakegate about 17 µs of CPU):
+//! - The response timeout is one `tokio::time::timeout` around the upstream send, with the
+//!   target's own duration. tower's `Timeout` is the same tokio sleep behind a `Service`
+//!   (71 ns against 73 ns per request): it would add a service wrapper and a boxed error and
+//!   gain nothing.
+//! - The hold's bound (`max_pending`) is `CountGuard::below`, one atomic that is also the
+//!   `wakegate_pending_requests` gauge and part of the autoscaler's demand. tower's
+//!   `LoadShed<ConcurrencyLimit<_>>` fails fast the same way but costs 78 ns against 22 ns and
+//!   keeps its count in a semaphore's permits, a second count to keep in step; and it only
+//!   bounds admission, while the hold's work is waiting for readiness, timeouts, failed
+//!   starts and moves to a replaced target.
+//! - Retries of unsent or idempotent requests do not exist yet; they come with HTTP/2
+//!   upstreams (`GOAWAY`), where tower's `Retry` is to be weighed against a request body that
+//!   streams and cannot be cloned.
+//!
+//! From pingora, `pingora-limits` is the candidate for per-client rate limits when they come;
+//! its timer crate would replace tokio timers that are not on the warm path.
 
 pub mod balance;
 pub mod body;
