@@ -209,11 +209,10 @@ async fn start(
     stop: CancellationToken,
 ) -> Result<Instance, String> {
     let began = Instant::now();
-    let deadline = began + target.serving.cold_start_timeout;
     let mut attempt = 1;
     loop {
         let port = free_port().map_err(|e| format!("no free local port: {e}"))?;
-        match start_on(&target, &local, port, deadline, &stop).await {
+        match start_on(&target, &local, port, &stop).await {
             Err(Failed::PortTaken(reason)) if attempt < PORT_ATTEMPTS => {
                 tracing::warn!(target = %target.name(), port, %reason, "port taken by another process before the instance bound it; trying a new port");
                 attempt += 1;
@@ -240,12 +239,11 @@ impl From<String> for Failed {
     }
 }
 
-/// One start attempt on `port`.
+/// One start attempt on `port`, given `cold_start_timeout` from its spawn on.
 async fn start_on(
     target: &Target,
     local: &Local,
     port: u16,
-    deadline: Instant,
     stop: &CancellationToken,
 ) -> Result<Instance, Failed> {
     // Bound before the spawn, so that no notification comes too early.
@@ -269,7 +267,7 @@ async fn start_on(
             let reason = format!("process exited during start-up ({})", describe(status));
             Err(if port_in_use(port) { Failed::PortTaken(reason) } else { Failed::Other(reason) })
         }
-        () = tokio::time::sleep_until(deadline) => Err(Failed::Other(format!(
+        () = tokio::time::sleep(timeout) => Err(Failed::Other(format!(
             "not ready within {}", humantime::format_duration(timeout)
         ))),
         () = stop.cancelled() => Err(Failed::Other("wakegate is shutting down".to_owned())),

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use tokio::time::Instant;
+
 use crate::target::stats::CountGuard;
 use crate::target::{Lease, Phase, Successor, Target};
 
@@ -28,6 +30,11 @@ pub async fn wait_ready(target: &Arc<Target>) -> Result<Held<'_>, ProxyError> {
             target: target.name.clone(),
             max: serving.max_pending,
         });
+    };
+    let held_at = Instant::now();
+    let timed_out = || ProxyError::ColdStartTimeout {
+        target: target.name.clone(),
+        after: serving.cold_start_timeout,
     };
     // Subscribe before asking for the wake, so no failure of that start can be missed.
     let mut status = target.subscribe();
@@ -56,6 +63,12 @@ pub async fn wait_ready(target: &Arc<Target>) -> Result<Held<'_>, ProxyError> {
                 });
             }
             now = status.borrow_and_update().clone();
+            if now.start_failures > failures_seen && held_at.elapsed() >= serving.cold_start_timeout
+            {
+                // The start gave up at the same moment as this request's own wait: what the
+                // request met is its timeout.
+                return Err(timed_out());
+            }
             if now.start_failures > failures_seen {
                 return Err(ProxyError::StartFailed {
                     target: target.name.clone(),
@@ -76,9 +89,6 @@ pub async fn wait_ready(target: &Arc<Target>) -> Result<Held<'_>, ProxyError> {
         Ok(Ok(Ok(lease))) => Ok(Held::Ready(lease, held)),
         Ok(Ok(Err(next))) => Ok(Held::Moved(next)),
         Ok(Err(error)) => Err(error),
-        Err(_) => Err(ProxyError::ColdStartTimeout {
-            target: target.name.clone(),
-            after: serving.cold_start_timeout,
-        }),
+        Err(_) => Err(timed_out()),
     }
 }
