@@ -327,8 +327,8 @@ impl tokio::io::AsyncWrite for HeldReads {
 async fn a_request_arriving_during_a_drain_gets_503_which_says_connection_close_on_http1_only() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    // No target: a draining wakegate answers before routing. The test's drain timeout (10 s)
-    // keeps it up while the connections below stay open.
+    // No target: a draining wakegate answers 503 whatever the route. The test's drain timeout
+    // (10 s) keeps it up while the connections below stay open.
     let wg = Wakegate::start("", "").await;
     // HTTP/1.1: a connection whose request head has begun to arrive is kept through the drain
     // until that request is answered.
@@ -404,6 +404,17 @@ async fn a_request_arriving_during_a_drain_gets_503_which_says_connection_close_
     );
     let body = during.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"wakegate is shutting down\n");
+    // Both refusals are counted, under no target since none was routed.
+    let metrics = wg.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "wakegate_rejected_requests_total",
+            "service=\"\",reason=\"shutting_down\""
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
