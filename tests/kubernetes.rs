@@ -246,15 +246,8 @@ async fn warm_traffic_is_served_while_the_api_server_is_down() {
         || service_requests_since(&api, back).then_some(()),
     )
     .await;
-    let deadline = Instant::now() + MARGIN;
-    while !wg.admin_get("/targets").await.body.contains("\"later\"") {
-        assert!(
-            Instant::now() < deadline,
-            "the watch retried but the new Service is not a target; log:\n{}",
-            wg.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The watch retried: the new Service becomes a target.
+    wg.wait_until_listed("later", MARGIN).await;
     let later = wg.get("later.example.com", "/").await;
     assert_eq!(later.status, 200, "{}", later.body);
     assert_eq!(later.headers["x-wakegate-cold-start"], "true");
@@ -503,20 +496,7 @@ async fn a_service_with_the_namespace_and_name_of_a_file_target_never_displaces_
             name,
             json!({ "wakegate.io/enabled": "true", "wakegate.io/hosts": format!("{name}.example.com") }),
         ));
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !wg
-            .admin_get("/targets")
-            .await
-            .body
-            .contains(&format!("\"{name}\""))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{name} never discovered:\n{}",
-                wg.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wg.wait_until_listed(name, Duration::from_secs(15)).await;
     }
 
     let again = wg.get("file-hello.example.com", "/").await;

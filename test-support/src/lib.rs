@@ -279,6 +279,20 @@ impl Wakegate {
             .unwrap_or_else(|| panic!("target {name} in /targets"))
     }
 
+    /// Polls `/targets` until it lists a target named `name`, or panics after `limit`.
+    pub async fn wait_until_listed(&self, name: &str, limit: Duration) {
+        let listed = format!("\"{name}\"");
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.admin_get("/targets").await.body.contains(&listed) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "target {name} never appeared in /targets; log:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Polls `/targets` until `check` holds for the target, or panics after `limit`.
     pub async fn wait_for_target(
         &self,
