@@ -92,6 +92,13 @@ impl Admin {
                     "cold_starts": t.stats.cold_starts.load(Ordering::Relaxed),
                     "last_request": last_request,
                     "last_start_failure": status.last_failure.as_deref(),
+                    "replicas": t.observed_replicas(),
+                    "refused_routes": t.refused().iter().map(|r| serde_json::json!({
+                        "host": r.host.to_string(),
+                        "path_prefix": r.path_prefix,
+                        "reason": r.reason.label(),
+                        "detail": r.reason.to_string(),
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect();

@@ -235,6 +235,29 @@ impl prometheus_client::collector::Collector for TargetCollector {
                 .encode_family(&labels)?
                 .encode_counter::<NoLabelSet, _, f64>(&count.load(Ordering::Relaxed), None)?;
         }
+
+        let mut family = encoder.encode_descriptor(
+            "wakegate_refused_routes",
+            "Host and path-prefix pairs a target asked for and does not route, by reason \
+             (claimed: another target holds it; wildcard, domain, namespace: the host policy).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for t in targets.iter() {
+            let refused = t.refused();
+            let mut by_reason: std::collections::BTreeMap<&str, i64> = Default::default();
+            for r in refused.iter() {
+                *by_reason.entry(r.reason.label()).or_default() += 1;
+            }
+            for (reason, count) in by_reason {
+                let labels = [
+                    ("namespace", t.namespace.as_str()),
+                    ("service", t.name.as_str()),
+                    ("reason", reason),
+                ];
+                family.encode_family(&labels)?.encode_gauge(&count)?;
+            }
+        }
         Ok(())
     }
 }

@@ -8,15 +8,18 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Service;
 
 use super::route::{HostPattern, Route, is_valid_prefix};
-use super::target::{Backend, KubeTarget, Metric, Scaling, Serving, TargetConfig};
+use super::target::{
+    Backend, KubeTarget, Metric, Scaling, Serving, TargetConfig, Workload, is_object_name,
+};
 use super::{MAX_DURATION, Problem, defaults};
 
 pub const PREFIX: &str = "wakegate.io/";
 
 /// Every annotation wakegate reads; anything else under the prefix is reported as unknown.
-pub const KNOWN: [&str; 14] = [
+pub const KNOWN: [&str; 15] = [
     "enabled",
     "deployment",
+    "workload",
     "hosts",
     "path-prefixes",
     "port",
@@ -168,15 +171,10 @@ pub fn from_service(service: &Service) -> Outcome {
             }
         }
     };
-    let deployment = match get("deployment") {
-        None => name.clone(),
-        Some(value) => {
-            let valid = !value.is_empty()
-                && value.len() <= 253
-                && value.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
-                });
-            if !valid {
+    let workload = match (get("workload"), get("deployment")) {
+        (None, None) => Workload::deployment(&name),
+        (None, Some(value)) => {
+            if !is_object_name(value) {
                 problem(
                     "deployment",
                     value,
@@ -184,7 +182,25 @@ pub fn from_service(service: &Service) -> Outcome {
                 );
                 skip = true;
             }
-            value.to_owned()
+            Workload::deployment(value)
+        }
+        (Some(value), deployment) => {
+            if deployment.is_some() {
+                problem(
+                    "deployment",
+                    deployment.unwrap_or_default(),
+                    "no wakegate.io/deployment beside wakegate.io/workload (use one)",
+                );
+                skip = true;
+            }
+            match Workload::parse(value) {
+                Ok(workload) => workload,
+                Err(expected) => {
+                    problem("workload", value, expected);
+                    skip = true;
+                    Workload::deployment(&name)
+                }
+            }
         }
     };
     if skip {
@@ -301,7 +317,7 @@ pub fn from_service(service: &Service) -> Outcome {
         backend: Backend::Kubernetes(KubeTarget {
             namespace,
             service: name,
-            deployment,
+            workload,
             port_name,
         }),
     };

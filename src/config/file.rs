@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::route::{HostPattern, Route, is_valid_prefix, normalize_prefix};
-use super::target::{Backend, Local, ReadyCheck, Scaling, Serving, TargetConfig};
+use super::target::{Backend, Local, ReadyCheck, Scaling, Serving, TargetConfig, is_object_name};
 use super::{Autoscaler, Config, KubernetesConfig, Listen, MAX_DURATION, Problem, defaults};
 
 /// The whole configuration file.
@@ -386,6 +386,33 @@ fn check_scaling(s: &Scaling, at: &dyn Fn(&str) -> String, problems: &mut Proble
 
 impl KubernetesConfig {
     fn check(&self, problems: &mut Problems) {
+        for namespace in &self.wildcard_namespaces {
+            if !is_object_name(namespace) {
+                problems.push(
+                    "kubernetes.wildcard_namespaces",
+                    format!("{namespace:?}"),
+                    "namespace names",
+                );
+            }
+        }
+        for (namespace, domains) in &self.host_domains {
+            if !is_object_name(namespace) {
+                problems.push(
+                    format!("kubernetes.host_domains.{namespace}"),
+                    format!("{namespace:?}"),
+                    "a namespace name as the key",
+                );
+            }
+            for domain in domains {
+                if !matches!(HostPattern::parse(domain), Ok(HostPattern::Exact(_))) {
+                    problems.push(
+                        format!("kubernetes.host_domains.{namespace}"),
+                        format!("{domain:?}"),
+                        "domain names such as \"team-a.example.com\" (no \"*.\", scheme or port)",
+                    );
+                }
+            }
+        }
         if let Some(lease) = &self.lease {
             for (field, value) in [("namespace", &lease.namespace), ("name", &lease.name)] {
                 if value.is_empty() {

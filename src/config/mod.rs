@@ -1,12 +1,15 @@
 //! Typed configuration: the TOML file, its defaults, and `validate()`, which reports every
 //! problem with its field, its value and what was expected.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use route::{HostPattern, RefusalReason};
 
 pub mod annotations;
 mod duration;
@@ -15,7 +18,9 @@ pub mod route;
 pub mod target;
 
 pub use file::File;
-pub use target::{Backend, KubeTarget, Local, Metric, ReadyCheck, Scaling, Serving, TargetConfig};
+pub use target::{
+    Backend, KubeTarget, Local, Metric, ReadyCheck, Scaling, Serving, TargetConfig, Workload,
+};
 
 /// The longest any duration setting may be: longer is surely a mistake, and a deadline that far
 /// ahead could not be represented on the clock.
@@ -49,6 +54,48 @@ pub struct KubernetesConfig {
     pub lease: Option<LeaseConfig>,
     /// The headless Service listing every wakegate replica, whose `/metrics` the leader sums.
     pub peers: Option<PeersConfig>,
+    /// Namespaces whose Services may claim wildcard (`*.example.com`) and catch-all (`*`)
+    /// hosts; none by default.
+    #[serde(default)]
+    pub wildcard_namespaces: Vec<String>,
+    /// Per namespace, the domains its Services may claim hosts in (a domain and every name
+    /// under it). A namespace not listed may claim any exact host nobody holds yet.
+    #[serde(default)]
+    pub host_domains: BTreeMap<String, Vec<String>>,
+}
+
+impl KubernetesConfig {
+    /// Whether a Service in `namespace` may claim `host` at all (whoever holds it already).
+    pub fn may_claim(&self, namespace: &str, host: &HostPattern) -> Result<(), RefusalReason> {
+        if host.is_wildcard() && !self.wildcard_namespaces.iter().any(|n| n == namespace) {
+            return Err(RefusalReason::Wildcard);
+        }
+        if let HostPattern::Exact(name) | HostPattern::Suffix(name) = host {
+            // A cluster-internal name belongs to its own namespace only.
+            let name = name.trim_start_matches('.');
+            let own_short_name =
+                name.matches('.').count() == 1 && name.ends_with(&format!(".{namespace}"));
+            let internal = name
+                .strip_suffix(".svc.cluster.local")
+                .or_else(|| name.strip_suffix(".svc"))
+                .or(own_short_name.then_some(name));
+            if let Some(internal) = internal
+                && internal.rsplit('.').next() != Some(namespace)
+            {
+                return Err(RefusalReason::Namespace);
+            }
+            if internal.is_none()
+                && let Some(domains) = self.host_domains.get(namespace)
+                && !domains.iter().any(|d| {
+                    let d = d.to_ascii_lowercase();
+                    name == d || name.ends_with(&format!(".{d}"))
+                })
+            {
+                return Err(RefusalReason::Domain);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Who makes N→M decisions for Kubernetes targets. Waking from zero is always wakegate's.

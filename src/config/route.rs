@@ -109,3 +109,57 @@ mod tests {
         }
     }
 }
+
+/// A host and path prefix a target asked for and did not get.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub host: HostPattern,
+    pub path_prefix: String,
+    pub reason: RefusalReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RefusalReason {
+    /// Another target claimed it first (`owner`: `file target NAME` or `NAMESPACE/SERVICE`).
+    Claimed { owner: String },
+    /// A wildcard or catch-all host from a namespace not in `kubernetes.wildcard_namespaces`.
+    Wildcard,
+    /// An exact host outside the namespace's `kubernetes.host_domains`.
+    Domain,
+    /// A `….svc` name of another namespace.
+    Namespace,
+}
+
+impl RefusalReason {
+    /// The `reason` label of `wakegate_refused_routes`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RefusalReason::Claimed { .. } => "claimed",
+            RefusalReason::Wildcard => "wildcard",
+            RefusalReason::Domain => "domain",
+            RefusalReason::Namespace => "namespace",
+        }
+    }
+}
+
+impl fmt::Display for RefusalReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RefusalReason::Claimed { owner } => write!(f, "already claimed by {owner}"),
+            RefusalReason::Wildcard => f.write_str(
+                "wildcard and catch-all hosts are allowed only from the namespaces in \
+                 kubernetes.wildcard_namespaces",
+            ),
+            RefusalReason::Domain => {
+                f.write_str("outside the namespace's domains in kubernetes.host_domains")
+            }
+            RefusalReason::Namespace => f.write_str("a cluster-internal name of another namespace"),
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}: {}", self.host, self.path_prefix, self.reason)
+    }
+}

@@ -89,7 +89,8 @@ pub struct Local {
 pub struct KubeTarget {
     pub namespace: String,
     pub service: String,
-    pub deployment: String,
+    /// What `/scale` wakes and scales, in the Service's namespace.
+    pub workload: Workload,
     /// The name of the Service port to route to ("" for an unnamed port), as EndpointSlices
     /// name their ports.
     pub port_name: String,
@@ -197,4 +198,113 @@ impl Default for Scaling {
     fn default() -> Self {
         toml::from_str("").expect("every scaling field has a default")
     }
+}
+
+/// A workload with a `/scale` subresource: a Deployment (the default), a StatefulSet, an Argo
+/// Rollout, or any kind named by its group, version and kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+    /// The resource name in API paths (`deployments`).
+    pub plural: String,
+    pub name: String,
+}
+
+impl Workload {
+    /// What `wakegate.io/workload` accepts, for error messages.
+    pub const EXPECTED: &'static str = "KIND/NAME with KIND one of deployment, statefulset, \
+         rollout (argoproj.io), or Kind.version.group (e.g. \
+         \"Rollout.v1alpha1.argoproj.io/web\")";
+
+    pub fn deployment(name: &str) -> Workload {
+        Workload::known("apps", "v1", "Deployment", "deployments", name)
+    }
+
+    fn known(group: &str, version: &str, kind: &str, plural: &str, name: &str) -> Workload {
+        Workload {
+            group: group.into(),
+            version: version.into(),
+            kind: kind.into(),
+            plural: plural.into(),
+            name: name.into(),
+        }
+    }
+
+    /// `KIND/NAME`, as `kubectl` names objects: `statefulset/db`, `deploy/web`,
+    /// `Rollout.v1alpha1.argoproj.io/web`.
+    pub fn parse(text: &str) -> Result<Workload, &'static str> {
+        let (kind, name) = text.split_once('/').ok_or(Self::EXPECTED)?;
+        if !is_object_name(name) {
+            return Err(Self::EXPECTED);
+        }
+        let known =
+            |group, version, kind, plural| Ok(Workload::known(group, version, kind, plural, name));
+        match kind.to_ascii_lowercase().as_str() {
+            "deployment" | "deployments" | "deploy" => {
+                known("apps", "v1", "Deployment", "deployments")
+            }
+            "statefulset" | "statefulsets" | "sts" => {
+                known("apps", "v1", "StatefulSet", "statefulsets")
+            }
+            "rollout" | "rollouts" | "ro" => {
+                known("argoproj.io", "v1alpha1", "Rollout", "rollouts")
+            }
+            _ => {
+                let mut parts = kind.splitn(3, '.');
+                let (Some(kind), Some(version), Some(group)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    return Err(Self::EXPECTED);
+                };
+                let word = |w: &str| !w.is_empty() && w.bytes().all(|b| b.is_ascii_alphanumeric());
+                let dns = |g: &str| {
+                    g.split('.').all(|l| {
+                        !l.is_empty()
+                            && l.bytes()
+                                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    })
+                };
+                if !word(kind)
+                    || !kind.starts_with(|c: char| c.is_ascii_uppercase())
+                    || !word(version)
+                    || !dns(group)
+                {
+                    return Err(Self::EXPECTED);
+                }
+                // The plural as Kubernetes derives it from the kind, as kubectl guesses it.
+                let gvk = kube::core::GroupVersionKind::gvk(group, version, kind);
+                let plural = kube::core::ApiResource::from_gvk(&gvk).plural;
+                Ok(Workload::known(group, version, kind, &plural, name))
+            }
+        }
+    }
+
+    /// `apps/v1`, or `v1` for the core group.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+}
+
+/// `deployment/web`, as logs and Events name it.
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.kind.to_ascii_lowercase(), self.name)
+    }
+}
+
+/// A DNS subdomain name, as Kubernetes names most objects.
+pub fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.'])
+        && !name.ends_with(['-', '.'])
 }

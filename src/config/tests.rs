@@ -706,3 +706,44 @@ fn every_readme_toml_snippet_is_a_valid_configuration() {
     }
     assert!(checked >= 3, "only {checked} snippets found");
 }
+
+#[test]
+fn the_host_policy_names_namespaces_and_plain_domains() {
+    let problems = parse(
+        "[kubernetes]\nwildcard_namespaces = [\"edge\", \"Bad_NS\"]\n\
+         host_domains = { team-a = [\"team-a.example.com\", \"*.example.com\"] }\n",
+    )
+    .validate();
+    assert_problem(
+        &problems,
+        "kubernetes.wildcard_namespaces",
+        "\"Bad_NS\"",
+        "namespace names",
+    );
+    assert_problem(
+        &problems,
+        "kubernetes.host_domains.team-a",
+        "\"*.example.com\"",
+        "domain names",
+    );
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+
+    let ok = parse(
+        "[kubernetes]\nwildcard_namespaces = [\"edge\"]\nhost_domains = { team-a = [\"a.example.com\"] }\n",
+    );
+    assert!(ok.validate().is_empty());
+    let k = ok.kubernetes.expect("a kubernetes section");
+    let host = |h: &str| crate::config::route::HostPattern::parse(h).unwrap();
+    assert!(k.may_claim("edge", &host("*")).is_ok());
+    assert!(k.may_claim("team-a", &host("*.a.example.com")).is_err());
+    assert!(k.may_claim("team-a", &host("shop.a.example.com")).is_ok());
+    assert!(k.may_claim("team-a", &host("a.example.com")).is_ok());
+    assert!(k.may_claim("team-a", &host("evil-a.example.com")).is_err());
+    // The Service's own cluster-internal names stay allowed.
+    assert!(k.may_claim("team-a", &host("web.team-a")).is_ok());
+    assert!(
+        k.may_claim("team-a", &host("web.team-a.svc.cluster.local"))
+            .is_ok()
+    );
+    assert!(k.may_claim("team-b", &host("web.team-a.svc")).is_err());
+}

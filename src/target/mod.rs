@@ -14,6 +14,7 @@ use http::uri::Authority;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::config::route::Refusal;
 use crate::config::{Backend, Scaling, Serving, TargetConfig};
 use stats::Stats;
 
@@ -140,6 +141,11 @@ pub struct Target {
     /// Microseconds since `epoch`, plus one, at which the wake from zero under way began
     /// (0: none is).
     waking_since: AtomicU64,
+    /// The workload's replica count as its provider last saw it; -1 while unknown (and for
+    /// providers that do not report one).
+    observed: AtomicI64,
+    /// The routes this target asked for and did not get, as last published.
+    refused: ArcSwap<Vec<Refusal>>,
 }
 
 impl Target {
@@ -171,6 +177,8 @@ impl Target {
             epoch: Instant::now(),
             desired: AtomicU32::new(0),
             waking_since: AtomicU64::new(0),
+            observed: AtomicI64::new(-1),
+            refused: ArcSwap::from_pointee(Vec::new()),
         })
     }
 
@@ -276,6 +284,27 @@ impl Target {
 
     pub fn desired(&self) -> u32 {
         self.desired.load(Ordering::Relaxed)
+    }
+
+    /// Control plane: the provider saw the workload at `replicas` (whoever set them).
+    pub fn observe_replicas(&self, replicas: u32) {
+        self.observed.store(i64::from(replicas), Ordering::Relaxed);
+    }
+
+    /// The workload's replica count as the provider last saw it, if it reports one.
+    pub fn observed_replicas(&self) -> Option<u32> {
+        u32::try_from(self.observed.load(Ordering::Relaxed)).ok()
+    }
+
+    /// Control plane: the routes this target asked for and did not get.
+    pub fn set_refused(&self, refused: Vec<Refusal>) {
+        if **self.refused.load() != refused {
+            self.refused.store(Arc::new(refused));
+        }
+    }
+
+    pub fn refused(&self) -> Arc<Vec<Refusal>> {
+        self.refused.load_full()
     }
 
     /// Microseconds from the target's epoch to `at`.

@@ -82,7 +82,7 @@ fn an_opted_in_service_gets_every_default() {
     assert_eq!(t.route.path_prefixes, ["/"]);
     let k = kube(&t);
     assert_eq!(
-        (k.deployment.as_str(), k.port_name.as_str()),
+        (k.workload.name.as_str(), k.port_name.as_str()),
         ("hello", "http"),
         "first port"
     );
@@ -120,7 +120,7 @@ fn every_annotation_is_read() {
     assert!(problems.is_empty(), "{problems:?}");
     let k = kube(&t);
     assert_eq!(
-        (k.deployment.as_str(), k.port_name.as_str()),
+        (k.workload.name.as_str(), k.port_name.as_str()),
         ("hello-v2", "metrics")
     );
     assert_eq!(hosts(&t), ["hello.example.com", "*.hello.example.com"]);
@@ -191,6 +191,9 @@ fn a_bad_route_skips_the_service() {
         ("path-prefixes", "api"),
         ("port", "grpc"),
         ("deployment", "Bad_Name"),
+        ("workload", "daemonset/web"),
+        ("workload", "statefulset"),
+        ("workload", "rollout.v1alpha1/web"),
     ] {
         match from_service(&service(
             &[("enabled", "true"), (key, value)],
@@ -224,4 +227,60 @@ fn an_unnamed_port_is_matched_by_number() {
         &[("", 8080)],
     )));
     assert_eq!(kube(&t).port_name, "");
+}
+
+#[test]
+fn the_workload_annotation_names_any_kind_with_a_scale_subresource() {
+    let workload = |value: &str| {
+        let (t, problems) = target(from_service(&service(
+            &[("enabled", "true"), ("workload", value)],
+            &[("http", 80)],
+        )));
+        assert!(problems.is_empty(), "{problems:?}");
+        let w = kube(&t).workload.clone();
+        (w.api_version(), w.kind, w.plural, w.name)
+    };
+    let row = |v: &str, k: &str, p: &str, n: &str| {
+        (v.to_owned(), k.to_owned(), p.to_owned(), n.to_owned())
+    };
+    assert_eq!(
+        workload("statefulset/db"),
+        row("apps/v1", "StatefulSet", "statefulsets", "db")
+    );
+    assert_eq!(
+        workload("sts/db"),
+        row("apps/v1", "StatefulSet", "statefulsets", "db")
+    );
+    assert_eq!(
+        workload("Deployment/web"),
+        row("apps/v1", "Deployment", "deployments", "web")
+    );
+    assert_eq!(
+        workload("rollout/web"),
+        row("argoproj.io/v1alpha1", "Rollout", "rollouts", "web")
+    );
+    assert_eq!(
+        workload("Widget.v1beta2.example.com/w-1"),
+        row("example.com/v1beta2", "Widget", "widgets", "w-1")
+    );
+
+    // Without the annotation, the Deployment of the Service's name (or wakegate.io/deployment).
+    let (t, _) = target(from_service(&service(
+        &[("enabled", "true")],
+        &[("http", 80)],
+    )));
+    assert_eq!(kube(&t).workload.to_string(), "deployment/hello");
+
+    // Both at once is ambiguous.
+    match from_service(&service(
+        &[
+            ("enabled", "true"),
+            ("workload", "sts/db"),
+            ("deployment", "web"),
+        ],
+        &[("http", 80)],
+    )) {
+        Outcome::Skipped(problems) => assert_eq!(problems[0].field, "wakegate.io/deployment"),
+        other => panic!("expected a skip, got {other:?}"),
+    }
 }

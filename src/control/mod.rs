@@ -1,6 +1,9 @@
 //! The reconciler: makes the running targets match the configured and discovered ones (each
 //! with its provider's task and its autoscaler) and publishes the route table the data plane
-//! reads. It alone owns each running target's handles.
+//! reads. It alone owns each running target's handles. Which target routes a host when
+//! several ask for it is decided in [`claims`].
+
+mod claims;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -12,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::route::Route;
-use crate::config::{Backend, Config, TargetConfig};
+use crate::config::{Backend, Config, KubernetesConfig, TargetConfig};
 use crate::provider::Provider;
 use crate::provider::fixed::FixedProvider;
 use crate::provider::kubernetes::KubernetesProvider;
@@ -66,6 +69,8 @@ pub struct Control {
     discovered: Vec<TargetConfig>,
     /// Discovered targets already reported as clashing with a file target.
     clashes: HashSet<Key>,
+    /// Who may claim which hosts (`[kubernetes]`).
+    policy: Option<KubernetesConfig>,
 }
 
 impl Control {
@@ -82,6 +87,7 @@ impl Control {
             from_file: Vec::new(),
             discovered: Vec::new(),
             clashes: HashSet::new(),
+            policy: None,
         }
     }
 
@@ -94,6 +100,7 @@ impl Control {
             changed
         });
         self.from_file = config.targets.clone();
+        self.policy = config.kubernetes.clone();
         self.apply();
     }
 
@@ -206,19 +213,47 @@ impl Control {
         })
     }
 
+    /// Publishes the route table: every target's claims, resolved in priority order (file
+    /// targets, then discovered Services oldest first), and what each was refused.
     fn publish(&self) {
+        let keys = self
+            .from_file
+            .iter()
+            .map(|t| Key::File(t.name.clone()))
+            .chain(self.discovered.iter().map(Key::of_discovered));
+        let mut seen = HashSet::new();
+        let ordered: Vec<(&Key, &Running)> = keys
+            .filter_map(|key| self.running.get_key_value(&key))
+            .filter(|(key, _)| seen.insert(*key))
+            .collect();
+        let claimants = ordered.iter().map(|(key, r)| {
+            let origin = match key {
+                Key::File(name) => claims::Origin::File { name },
+                Key::Kubernetes { namespace, service } => claims::Origin::Service {
+                    namespace,
+                    name: service,
+                },
+            };
+            (origin, &r.route)
+        });
+        let outcomes = claims::resolve(claimants, self.policy.as_ref());
         let mut routes = RouteTable::default();
-        let mut running: Vec<(&Key, &Running)> = self.running.iter().collect();
-        // File targets first, then by name: where two claim the same route, the first wins.
-        running.sort_by(|a, b| a.0.cmp(b.0));
-        for (_, r) in &running {
-            for host in &r.route.hosts {
-                for prefix in &r.route.path_prefixes {
-                    routes.insert(host, prefix, r.target.clone());
-                }
+        let mut refused = Vec::new();
+        for ((key, r), outcome) in ordered.iter().zip(outcomes) {
+            for (host, prefix) in &outcome.granted {
+                routes.insert(host, prefix, r.target.clone());
             }
+            if let Key::Kubernetes { .. } = key
+                && !outcome.refused.is_empty()
+            {
+                refused.push((r.target.clone(), outcome.refused.clone()));
+            }
+            r.target.set_refused(outcome.refused);
         }
-        let targets = running.iter().map(|(_, r)| r.target.clone()).collect();
+        if let Some(kube) = &self.kube {
+            kube.report_refusals(&refused);
+        }
+        let targets = ordered.iter().map(|(_, r)| r.target.clone()).collect();
         self.snapshot.store(Arc::new(Snapshot { routes, targets }));
     }
 
