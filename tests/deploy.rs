@@ -460,8 +460,12 @@ fn cluster_grants() -> BTreeSet<Grant> {
     expected(&[
         ("", "services", &["list", "watch"]),
         ("discovery.k8s.io", "endpointslices", &["list", "watch"]),
-        ("apps", "deployments", &["list", "watch"]),
+        ("apps", "deployments", &["get", "list", "watch"]),
+        ("apps", "statefulsets", &["get"]),
+        ("argoproj.io", "rollouts", &["get"]),
         ("apps", "deployments/scale", &["get", "patch"]),
+        ("apps", "statefulsets/scale", &["get", "patch"]),
+        ("argoproj.io", "rollouts/scale", &["get", "patch"]),
         ("events.k8s.io", "events", &["create", "patch"]),
     ])
 }
@@ -903,7 +907,7 @@ fn hello_service_carries_valid_wakegate_annotations() {
     let Backend::Kubernetes(kube) = target.backend else {
         panic!("not a Kubernetes target: {:?}", target.backend);
     };
-    let deployment: Deployment = rendered.one(&kube.deployment);
+    let deployment: Deployment = rendered.one(&kube.workload.name);
     assert_eq!(deployment.metadata.namespace, service.metadata.namespace);
     assert_eq!(
         deployment.spec.as_ref().unwrap().replicas,

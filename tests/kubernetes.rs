@@ -381,8 +381,9 @@ async fn two_replicas_elect_one_leader_which_scales_from_the_summed_signal_and_h
     assert!(metric(&follower.metrics().await, "wakegate_leader", "") == Some(0.0));
     let by_leader = |logs: String| {
         logs.lines().any(|l| {
-            l.contains("scaled deployment")
-                && l.contains("\"replicas\":3")
+            l.contains("\"scaled\"")
+                && l.contains("\"workload\":\"deployment/busy\"")
+                && l.contains("\"to\":3")
                 && l.contains("\"waking\":false")
         })
     };

@@ -83,6 +83,7 @@ pub async fn run(
     // Instances this loop did not ask for (a Deployment already running when wakegate
     // started) are adopted as the current count, until the loop asks for something itself.
     let mut asked = desired > 0;
+    let mut last_observed: Option<u32> = None;
     let mut ticker = new_ticker(*interval.borrow_and_update());
     loop {
         tokio::select! {
@@ -116,6 +117,17 @@ pub async fn run(
                     last_active = Some(now);
                 }
                 let ready = target.endpoints().len() as u32;
+                // Where the provider reads the workload's count (Kubernetes), a change made by
+                // someone else (`kubectl scale`) becomes the count decisions start from.
+                if let Some(observed) = target.observed_replicas()
+                    && last_observed.replace(observed) != Some(observed)
+                    && observed != desired
+                {
+                    tracing::debug!(target = %target.name(), from = desired, to = observed, "the workload's replica count changed");
+                    desired = observed;
+                    asked = true;
+                    target.set_desired(desired);
+                }
                 if !asked && ready > desired {
                     desired = ready;
                     target.set_desired(desired);

@@ -1,42 +1,54 @@
 //! Kubernetes: targets come from Services annotated `wakegate.io/enabled: "true"`, traffic
-//! goes straight to the ready pod IPs of their EndpointSlices, and scaling patches the
-//! Deployment's `/scale` subresource (server-side apply, field manager `wakegate`).
+//! goes straight to the ready pod IPs of their EndpointSlices, and scaling writes the
+//! `/scale` subresource of each Service's workload (a Deployment unless the Service names
+//! another kind; see [`scale`] for who owns the count).
 //!
-//! Watches resume with backoff after errors and API-server outages; the data plane keeps the
-//! last published endpoints meanwhile.
+//! Watches feed an [`index`] that marks what each event touched; only that is recomputed.
+//! They resume with a short, capped backoff after errors and API-server outages (and relist
+//! after `410 Expired`); the data plane keeps the last published endpoints meanwhile.
+//!
+//! Needs Kubernetes 1.21 or later (EndpointSlice `discovery.k8s.io/v1`). API groups used:
+//! core (Services), `discovery.k8s.io` (EndpointSlices), `apps` (Deployments and the workloads'
+//! `/scale`), `events.k8s.io` (Events), `coordination.k8s.io` (the Lease), and the group of
+//! any other workload kind a Service names.
 
 pub mod backoff;
+mod events;
+mod index;
 pub mod lease;
 pub mod peers;
+mod scale;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
+use kube::Client;
+use kube::api::Api;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource};
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Desired, Managed, Provider, Scale};
-use crate::config::annotations::{self, Outcome};
-use crate::config::{AutoscalerMode, KubeTarget, KubernetesConfig, Problem, TargetConfig};
+use super::{Managed, Provider, Scale};
+use crate::config::annotations::Outcome;
+use crate::config::route::Refusal;
+use crate::config::{KubeTarget, KubernetesConfig, Problem, TargetConfig};
 use crate::target::{Endpoint, Phase, Target};
+use events::Events;
+use index::{Index, Indexed, Key};
 
 pub const FIELD_MANAGER: &str = "wakegate";
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -81,6 +93,16 @@ struct Routed {
     endpoints: BTreeMap<String, Arc<Endpoint>>,
 }
 
+/// The provider's state, behind one lock that only the control plane takes.
+#[derive(Default)]
+struct State {
+    index: Index,
+    /// By (namespace, Service name).
+    routed: HashMap<Key, Routed>,
+    /// Refused routes already reported, as (namespace, Service, refusal).
+    refusals: HashSet<(String, String, String)>,
+}
+
 /// The Kubernetes provider: watches, the lease, the peers' signal; cheap to clone.
 #[derive(Clone)]
 pub struct KubernetesProvider {
@@ -90,18 +112,24 @@ pub struct KubernetesProvider {
 struct Inner {
     client: Client,
     config: KubernetesConfig,
-    services: Vec<Store<Service>>,
-    slices: Vec<Store<EndpointSlice>>,
-    deployments: Vec<Store<Deployment>>,
-    /// By (namespace, Service name). Control plane only.
-    routed: Mutex<HashMap<(String, String), Routed>>,
+    state: Mutex<State>,
     /// Wakes the recompute loop after any watched change.
     changed: Arc<Notify>,
     /// True until this replica loses (or never wins) the lease; always true without one.
     leader: Arc<AtomicBool>,
-    invalid_annotations: Arc<AtomicU64>,
-    recorder: Recorder,
+    events: Events,
+    counters: Counters,
     peer_signal: Arc<peers::PeerSignal>,
+}
+
+/// What the provider counts, in `/metrics`.
+#[derive(Debug, Clone, Default)]
+struct Counters {
+    invalid_annotations: Arc<AtomicU64>,
+    /// By the other field manager and what wakegate did: `overridden` or `yielded`.
+    scale_conflicts: Family<Vec<(String, String)>, Counter>,
+    /// By reason.
+    scale_failures: Family<Vec<(String, String)>, Counter>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -124,7 +152,8 @@ pub fn identity() -> String {
 /// A running provider and what it reports.
 pub struct Started {
     pub provider: KubernetesProvider,
-    /// The discovered targets, on every change; `None` until every watch has listed once.
+    /// The discovered targets, oldest Service first, on every change; `None` until every
+    /// watch has listed once.
     pub targets: watch::Receiver<Option<Vec<TargetConfig>>>,
     /// End after `stop` is cancelled.
     pub tasks: Vec<JoinHandle<()>>,
@@ -139,32 +168,6 @@ impl KubernetesProvider {
         registry: &mut Registry,
         stop: CancellationToken,
     ) -> Started {
-        let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
-            vec![None]
-        } else {
-            config.namespaces.iter().cloned().map(Some).collect()
-        };
-        let changed = Arc::new(Notify::new());
-        let mut watches = Watches {
-            client: &client,
-            changed: changed.clone(),
-            stop: &stop,
-            tasks: Vec::new(),
-            readiness: Vec::new(),
-        };
-        let mut services = Vec::new();
-        let mut slices = Vec::new();
-        let mut deployments = Vec::new();
-        for scope in &scopes {
-            services.push(watches.watch(scope.as_deref()));
-            slices.push(watches.watch(scope.as_deref()));
-            deployments.push(watches.watch(scope.as_deref()));
-        }
-        let Watches {
-            mut tasks,
-            readiness,
-            ..
-        } = watches;
         let identity = identity();
         let recorder = Recorder::new(
             client.clone(),
@@ -174,25 +177,46 @@ impl KubernetesProvider {
             },
         );
         let leader = Arc::new(AtomicBool::new(config.lease.is_none()));
-        let invalid_annotations = Arc::new(AtomicU64::new(0));
+        let counters = Counters::default();
+        registry.register(
+            "wakegate_kubernetes_scale_conflicts",
+            "Server-side applies of spec.replicas that met another field manager, by manager and what wakegate did (overridden: took over from an updater; yielded: left a declared count alone).",
+            counters.scale_conflicts.clone(),
+        );
+        registry.register(
+            "wakegate_kubernetes_scale_failures",
+            "Failed attempts to read or write a workload's /scale, by reason (not_found, forbidden, conflict, throttled, api).",
+            counters.scale_failures.clone(),
+        );
         registry.register_collector(Box::new(Collector {
             leader: leader.clone(),
-            invalid_annotations: invalid_annotations.clone(),
+            invalid_annotations: counters.invalid_annotations.clone(),
         }));
         let peer_signal = Arc::new(peers::PeerSignal::default());
-        let provider = Arc::new(Inner {
+        let inner = Arc::new(Inner {
             client: client.clone(),
             config: config.clone(),
-            services,
-            slices,
-            deployments,
-            routed: Mutex::new(HashMap::new()),
-            changed,
+            state: Mutex::new(State::default()),
+            changed: Arc::new(Notify::new()),
             leader: leader.clone(),
-            invalid_annotations,
-            recorder,
+            events: Events::new(recorder, leader.clone()),
+            counters,
             peer_signal: peer_signal.clone(),
         });
+
+        let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
+            vec![None]
+        } else {
+            config.namespaces.iter().cloned().map(Some).collect()
+        };
+        let mut tasks = Vec::new();
+        let mut synced = Vec::new();
+        for scope in &scopes {
+            let scope = scope.as_deref();
+            synced.push(inner.watch::<Service>(scope, &stop, &mut tasks));
+            synced.push(inner.watch::<EndpointSlice>(scope, &stop, &mut tasks));
+            synced.push(inner.watch::<Deployment>(scope, &stop, &mut tasks));
+        }
         if let Some(lease) = config.lease.clone() {
             tasks.push(tokio::spawn(lease::run(
                 client.clone(),
@@ -206,29 +230,34 @@ impl KubernetesProvider {
             tasks.push(tokio::spawn(peers::run(
                 client.clone(),
                 peers,
-                provider.leader.clone(),
+                inner.leader.clone(),
                 peer_signal,
                 stop.clone(),
             )));
         }
 
         let (targets_tx, targets_rx) = watch::channel(None);
-        let looping = provider.clone();
+        let looping = inner.clone();
         tasks.push(tokio::spawn(async move {
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = async { for ready in readiness { let _ = ready.await; } } => {}
+                () = async { for mut s in synced { let _ = s.wait_for(|done| *done).await; } } => {}
             }
             tracing::info!("Kubernetes watches synced");
             let mut reported: HashSet<(String, String, String)> = HashSet::new();
+            let mut first = true;
             loop {
-                let discovered = looping.discover(&mut reported).await;
-                targets_tx.send_if_modified(|current| {
-                    let changed = current.as_ref() != Some(&discovered);
-                    *current = Some(discovered);
-                    changed
-                });
-                looping.publish_endpoints();
+                let dirty = std::mem::take(&mut looping.state().index.dirty);
+                if dirty.services || first {
+                    first = false;
+                    let discovered = looping.discover(&mut reported).await;
+                    targets_tx.send_if_modified(|current| {
+                        let changed = current.as_ref() != Some(&discovered);
+                        *current = Some(discovered);
+                        changed
+                    });
+                }
+                looping.publish(&dirty.endpoints, &dirty.deployments);
                 tokio::select! {
                     () = looping.changed.notified() => {}
                     () = stop.cancelled() => return,
@@ -236,264 +265,73 @@ impl KubernetesProvider {
             }
         }));
         Started {
-            provider: KubernetesProvider { inner: provider },
+            provider: KubernetesProvider { inner },
             targets: targets_rx,
             tasks,
         }
     }
+
+    /// The routes discovered targets were refused (by an earlier claim or the host policy):
+    /// each new one is logged and recorded as a Warning Event on its Service, once.
+    pub fn report_refusals(&self, refused: &[(Arc<Target>, Vec<Refusal>)]) {
+        let mut fresh = Vec::new();
+        {
+            let mut state = self.inner.state();
+            let now: HashSet<(String, String, String)> = refused
+                .iter()
+                .flat_map(|(t, list)| {
+                    list.iter()
+                        .map(|r| (t.namespace.clone(), t.name.clone(), r.to_string()))
+                })
+                .collect();
+            for key in &now {
+                if !state.refusals.contains(key) {
+                    fresh.push(key.clone());
+                }
+            }
+            state.refusals = now;
+        }
+        for (namespace, service, refusal) in fresh {
+            tracing::warn!(%namespace, %service, route = %refusal, "route refused");
+            let inner = self.inner.clone();
+            tokio::spawn(async move {
+                let regarding = service_ref(&namespace, &service);
+                let note = format!("wakegate does not route {refusal}");
+                inner
+                    .events
+                    .warn(&regarding, "RouteRefused", "Route", &note)
+                    .await;
+            });
+        }
+    }
+}
+
+fn service_ref(namespace: &str, name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Service".into()),
+        namespace: Some(namespace.into()),
+        name: Some(name.into()),
+        ..Default::default()
+    }
 }
 
 impl Inner {
-    /// Every opted-in Service as a target; problems are logged, counted and sent as Events
-    /// once per Service version.
-    async fn discover(
-        &self,
-        reported: &mut HashSet<(String, String, String)>,
-    ) -> Vec<TargetConfig> {
-        let mut targets = Vec::new();
-        let mut problems_to_report = Vec::new();
-        for store in &self.services {
-            for service in store.state() {
-                let outcome = annotations::from_service(&service);
-                let (problems, skipped) = match &outcome {
-                    Outcome::NotEnabled => continue,
-                    Outcome::Skipped(problems) => (problems.clone(), true),
-                    Outcome::Target(target, problems) => {
-                        targets.push((**target).clone());
-                        (problems.clone(), false)
-                    }
-                };
-                if problems.is_empty() {
-                    continue;
-                }
-                let key = (
-                    service.metadata.namespace.clone().unwrap_or_default(),
-                    service.metadata.name.clone().unwrap_or_default(),
-                    service
-                        .metadata
-                        .resource_version
-                        .clone()
-                        .unwrap_or_default(),
-                );
-                if reported.insert(key) {
-                    problems_to_report.push((service.clone(), problems, skipped));
-                }
-            }
-        }
-        for (service, problems, skipped) in problems_to_report {
-            self.report(&service, &problems, skipped).await;
-        }
-        targets.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        targets
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("not poisoned")
     }
 
-    async fn report(&self, service: &Service, problems: &[Problem], skipped: bool) {
-        let name = format!(
-            "{}/{}",
-            service.metadata.namespace.as_deref().unwrap_or_default(),
-            service.metadata.name.as_deref().unwrap_or_default()
-        );
-        let what = if skipped {
-            "service skipped"
-        } else {
-            "default used"
-        };
-        for p in problems {
-            self.invalid_annotations.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(service = %name, annotation = %p.field, value = %p.value, expected = %p.expected, "invalid annotation: {what}");
-        }
-        let note = problems
-            .iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join("; ");
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "InvalidAnnotation".into(),
-            note: Some(format!("{note} ({what})")),
-            action: if skipped { "Skip" } else { "UseDefault" }.into(),
-            secondary: None,
-        };
-        if let Err(error) = self
-            .recorder
-            .publish(&event, &service.object_ref(&()))
-            .await
-        {
-            tracing::warn!(service = %name, %error, "cannot record the Event");
-        }
-    }
-
-    /// Publishes each routed target's ready endpoints and phase from the EndpointSlices.
-    fn publish_endpoints(&self) {
-        let mut routed = self.routed.lock().expect("not poisoned");
-        for ((namespace, service), m) in routed.iter_mut() {
-            let kube = &m.workload;
-            let mut ready: Vec<String> = Vec::new();
-            for store in &self.slices {
-                for slice in store.state() {
-                    if slice.metadata.namespace.as_deref() != Some(namespace)
-                        || slice
-                            .metadata
-                            .labels
-                            .as_ref()
-                            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                            != Some(service)
-                    {
-                        continue;
-                    }
-                    let Some(port) = slice
-                        .ports
-                        .iter()
-                        .flatten()
-                        .find(|p| p.name.as_deref().unwrap_or_default() == kube.port_name)
-                        .and_then(|p| p.port)
-                    else {
-                        continue;
-                    };
-                    for endpoint in &slice.endpoints {
-                        let conditions = endpoint.conditions.as_ref();
-                        // Unset means ready, as the API defines it.
-                        if conditions.and_then(|c| c.ready) == Some(false)
-                            || conditions.and_then(|c| c.terminating) == Some(true)
-                        {
-                            continue;
-                        }
-                        for ip in &endpoint.addresses {
-                            ready.push(if ip.contains(':') {
-                                format!("[{ip}]:{port}")
-                            } else {
-                                format!("{ip}:{port}")
-                            });
-                        }
-                    }
-                }
-            }
-            ready.sort();
-            ready.dedup();
-            let same = ready.len() == m.endpoints.len()
-                && ready.iter().all(|a| m.endpoints.contains_key(a));
-            let replicas = self
-                .deployment_replicas(namespace, &kube.deployment)
-                .unwrap_or(0);
-            let phase = if !ready.is_empty() {
-                Phase::Ready
-            } else if replicas > 0 {
-                Phase::Starting
-            } else {
-                Phase::Cold
-            };
-            if !same {
-                let mut next = BTreeMap::new();
-                for authority in ready {
-                    let endpoint = match m.endpoints.remove(&authority) {
-                        Some(e) => e,
-                        None => match authority.parse() {
-                            Ok(parsed) => Endpoint::new(parsed),
-                            Err(_) => continue,
-                        },
-                    };
-                    next.insert(authority, endpoint);
-                }
-                m.endpoints = next;
-                m.target
-                    .publish(m.endpoints.values().cloned().collect(), phase);
-            } else {
-                m.target.set_phase(phase);
-            }
-        }
-    }
-
-    fn deployment_replicas(&self, namespace: &str, name: &str) -> Option<i32> {
-        self.deployments.iter().find_map(|store| {
-            store
-                .state()
-                .iter()
-                .find(|d| {
-                    d.metadata.namespace.as_deref() == Some(namespace)
-                        && d.metadata.name.as_deref() == Some(name)
-                })
-                .and_then(|d| d.spec.as_ref()?.replicas)
-        })
-    }
-
-    fn is_waking(&self, target: &Target) -> bool {
-        target.endpoints().is_empty()
-    }
-
-    /// Applies `replicas` to the target's Deployment. A wake (no ready endpoint) only
-    /// raises a Deployment that is at zero; other changes are the leader's, unless an
-    /// external autoscaler owns them.
-    async fn execute(
-        &self,
-        target: &Target,
-        kube: &KubeTarget,
-        replicas: u32,
-    ) -> Result<(), kube::Error> {
-        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &kube.namespace);
-        let waking = replicas > 0 && self.is_waking(target);
-        if waking {
-            let current = api
-                .get_scale(&kube.deployment)
-                .await?
-                .spec
-                .and_then(|s| s.replicas)
-                .unwrap_or(0);
-            if current > 0 {
-                return Ok(());
-            }
-        } else if !self.leader.load(Ordering::Relaxed)
-            || self.config.autoscaler == AutoscalerMode::External
-        {
-            return Ok(());
-        }
-        let patch = serde_json::json!({
-            "apiVersion": "autoscaling/v1",
-            "kind": "Scale",
-            "spec": { "replicas": replicas },
-        });
-        api.patch_scale(
-            &kube.deployment,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-        tracing::info!(namespace = %kube.namespace, deployment = %kube.deployment, replicas, waking, "scaled deployment");
-        if waking {
-            // Counted here, not from the phase the watches show: a Deployment with replicas
-            // and no ready pod may as well be scaling down.
-            target.waking();
-        }
-        Ok(())
-    }
-
-    fn object_ref(kube: &KubeTarget) -> ObjectReference {
-        ObjectReference {
-            api_version: Some("apps/v1".into()),
-            kind: Some("Deployment".into()),
-            namespace: Some(kube.namespace.clone()),
-            name: Some(kube.deployment.clone()),
-            ..Default::default()
-        }
-    }
-}
-
-type Readiness = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-/// Starts reflector-backed watches whose every change wakes `changed`.
-struct Watches<'a> {
-    client: &'a Client,
-    changed: Arc<Notify>,
-    stop: &'a CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
-    /// Each resolves once its store has listed.
-    readiness: Vec<Readiness>,
-}
-
-impl Watches<'_> {
-    /// A store of every `K` in `namespace` (all namespaces when `None`).
-    fn watch<K>(&mut self, namespace: Option<&str>) -> Store<K>
+    /// Watches every `K` in `namespace` (all namespaces when `None`) into the index; the
+    /// receiver turns true once it has listed.
+    fn watch<K>(
+        self: &Arc<Self>,
+        namespace: Option<&str>,
+        stop: &CancellationToken,
+        tasks: &mut Vec<JoinHandle<()>>,
+    ) -> watch::Receiver<bool>
     where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        K: Indexed
+            + kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
             + Clone
             + serde::de::DeserializeOwned
             + std::fmt::Debug
@@ -505,32 +343,236 @@ impl Watches<'_> {
             Some(ns) => Api::namespaced(self.client.clone(), ns),
             None => Api::all(self.client.clone()),
         };
-        let (store, writer) = reflector::store();
-        let stream = watcher(api, watcher::Config::default())
-            .backoff(backoff::watch_retry())
-            .reflect(writer);
-        let changed = self.changed.clone();
-        let stop = self.stop.clone();
+        let (synced_tx, synced) = watch::channel(false);
+        let stream = watcher(api, watcher::Config::default()).backoff(backoff::watch_retry());
+        let inner = self.clone();
+        let stop = stop.clone();
+        let scope = namespace.map(str::to_owned);
         let kind = K::kind(&());
-        self.tasks.push(tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
+            // Keys seen since the current (re)list began; what is not among them at its end
+            // was deleted meanwhile.
+            let mut listing: Option<HashSet<Key>> = None;
             loop {
-                tokio::select! {
+                let event = tokio::select! {
                     next = stream.next() => match next {
-                        Some(Ok(_)) => changed.notify_one(),
-                        Some(Err(error)) => tracing::warn!(%kind, %error, "watch failed; retrying with backoff"),
+                        Some(Ok(event)) => event,
+                        Some(Err(error)) => {
+                            tracing::warn!(%kind, %error, "watch failed; retrying with backoff");
+                            continue;
+                        }
                         None => return,
                     },
                     () = stop.cancelled() => return,
+                };
+                {
+                    let mut state = inner.state();
+                    let index = &mut state.index;
+                    match event {
+                        watcher::Event::Init => listing = Some(HashSet::new()),
+                        watcher::Event::InitApply(object) => {
+                            K::upsert(index, &object);
+                            if let (Some(seen), Some(ns), Some(name)) = (
+                                &mut listing,
+                                object.meta().namespace.clone(),
+                                object.meta().name.clone(),
+                            ) {
+                                seen.insert((ns, name));
+                            }
+                        }
+                        watcher::Event::InitDone => {
+                            let seen = listing.take().unwrap_or_default();
+                            for key in K::keys(index, scope.as_deref()) {
+                                if !seen.contains(&key) {
+                                    K::remove_key(index, &key);
+                                }
+                            }
+                            synced_tx.send_replace(true);
+                        }
+                        watcher::Event::Apply(object) => K::upsert(index, &object),
+                        watcher::Event::Delete(object) => K::remove(index, &object),
+                    }
                 }
+                inner.changed.notify_one();
             }
         }));
-        let ready = store.clone();
-        self.readiness.push(Box::pin(async move {
-            let _ = ready.wait_until_ready().await;
-        }));
-        store
+        synced
     }
+
+    /// Every opted-in Service as a target, oldest first (then by namespace and name): the
+    /// order in which they claim hosts. Problems are logged, counted and sent as Events once
+    /// per Service version.
+    async fn discover(
+        &self,
+        reported: &mut HashSet<(String, String, String)>,
+    ) -> Vec<TargetConfig> {
+        let mut targets = Vec::new();
+        let mut problems_to_report = Vec::new();
+        {
+            let state = self.state();
+            for ((namespace, name), entry) in state.index.services() {
+                let (problems, skipped) = match &entry.outcome {
+                    Outcome::NotEnabled => continue,
+                    Outcome::Skipped(problems) => (problems, true),
+                    Outcome::Target(target, problems) => {
+                        targets.push((entry.created, (**target).clone()));
+                        (problems, false)
+                    }
+                };
+                if problems.is_empty() {
+                    continue;
+                }
+                let key = (
+                    namespace.clone(),
+                    name.clone(),
+                    entry.resource_version.clone(),
+                );
+                if reported.insert(key) {
+                    problems_to_report.push((entry.reference.clone(), problems.clone(), skipped));
+                }
+            }
+        }
+        for (reference, problems, skipped) in problems_to_report {
+            self.report(&reference, &problems, skipped).await;
+        }
+        targets.sort_by(|(a_created, a), (b_created, b)| {
+            (a_created, &a.namespace, &a.name).cmp(&(b_created, &b.namespace, &b.name))
+        });
+        targets.into_iter().map(|(_, t)| t).collect()
+    }
+
+    async fn report(&self, service: &ObjectReference, problems: &[Problem], skipped: bool) {
+        let name = format!(
+            "{}/{}",
+            service.namespace.as_deref().unwrap_or_default(),
+            service.name.as_deref().unwrap_or_default()
+        );
+        let what = if skipped {
+            "service skipped"
+        } else {
+            "default used"
+        };
+        for p in problems {
+            self.counters
+                .invalid_annotations
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(service = %name, annotation = %p.field, value = %p.value, expected = %p.expected, "invalid annotation: {what}");
+        }
+        let note = problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let action = if skipped { "Skip" } else { "UseDefault" };
+        self.events
+            .warn(
+                service,
+                "InvalidAnnotation",
+                action,
+                &format!("{note} ({what})"),
+            )
+            .await;
+    }
+
+    /// Publishes the ready endpoints and phase of the routed Services whose EndpointSlices or
+    /// Deployment changed.
+    fn publish(&self, services: &HashSet<Key>, deployments: &HashSet<Key>) {
+        if services.is_empty() && deployments.is_empty() {
+            return;
+        }
+        let mut state = self.state();
+        let State { index, routed, .. } = &mut *state;
+        for key in services {
+            if let Some(m) = routed.get_mut(key) {
+                publish_one(index, key, m);
+            }
+        }
+        if deployments.is_empty() {
+            return;
+        }
+        // Rare (a scale), so a scan of the routed targets rather than another index.
+        for (key, m) in routed.iter_mut() {
+            let w = &m.workload.workload;
+            if w.kind == "Deployment" && deployments.contains(&(key.0.clone(), w.name.clone())) {
+                publish_one(index, key, m);
+            }
+        }
+    }
+
+    /// The replica count of a Deployment, as the watch last saw it.
+    fn deployment_replicas(&self, key: &Key) -> Option<u32> {
+        self.state().index.deployment_replicas(key)
+    }
+
+    /// A `/scale` read or write saw the workload of `kube` at `replicas`.
+    fn observed(&self, target: &Arc<Target>, kube: &KubeTarget, replicas: u32) {
+        target.observe_replicas(replicas);
+        let key = (kube.namespace.clone(), kube.service.clone());
+        let mut state = self.state();
+        let State { index, routed, .. } = &mut *state;
+        if let Some(m) = routed.get_mut(&key)
+            && Arc::ptr_eq(&m.target, target)
+        {
+            publish_one(index, &key, m);
+        }
+    }
+
+    fn count_conflict(&self, manager: &str, resolution: &str) {
+        self.counters
+            .scale_conflicts
+            .get_or_create(&vec![
+                ("manager".to_owned(), manager.to_owned()),
+                ("resolution".to_owned(), resolution.to_owned()),
+            ])
+            .inc();
+    }
+
+    fn count_failure(&self, reason: &str) {
+        self.counters
+            .scale_failures
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
+    }
+}
+
+/// Publishes one routed target's routable endpoints and its phase.
+fn publish_one(index: &Index, key: &Key, m: &mut Routed) {
+    let kube = &m.workload;
+    let ready = index.routable(key, &kube.port_name);
+    if kube.workload.kind == "Deployment"
+        && let Some(n) =
+            index.deployment_replicas(&(kube.namespace.clone(), kube.workload.name.clone()))
+    {
+        m.target.observe_replicas(n);
+    }
+    let phase = if !ready.is_empty() {
+        Phase::Ready
+    } else if m.target.observed_replicas().unwrap_or(0) > 0 {
+        Phase::Starting
+    } else {
+        Phase::Cold
+    };
+    let same =
+        ready.len() == m.endpoints.len() && ready.iter().all(|a| m.endpoints.contains_key(a));
+    if same {
+        m.target.set_phase(phase);
+        return;
+    }
+    let mut next = BTreeMap::new();
+    for authority in ready {
+        let endpoint = match m.endpoints.remove(&authority) {
+            Some(e) => e,
+            None => match authority.parse() {
+                Ok(parsed) => Endpoint::new(parsed),
+                Err(_) => continue,
+            },
+        };
+        next.insert(authority, endpoint);
+    }
+    m.endpoints = next;
+    m.target
+        .publish(m.endpoints.values().cloned().collect(), phase);
 }
 
 impl Provider for KubernetesProvider {
@@ -544,60 +586,29 @@ impl Provider for KubernetesProvider {
     ) -> Managed {
         let inner = self.inner.clone();
         let key = (workload.namespace.clone(), workload.service.clone());
-        inner.routed.lock().expect("not poisoned").insert(
-            key.clone(),
-            Routed {
+        {
+            let mut state = inner.state();
+            let State { index, routed, .. } = &mut *state;
+            let mut m = Routed {
                 target: target.clone(),
                 workload: workload.clone(),
                 endpoints: BTreeMap::new(),
-            },
-        );
-        inner.publish_endpoints();
-        let (scale, mut rx) = Scale::channel();
-        let workload = workload.clone();
-        let worker = inner.clone();
+            };
+            publish_one(index, &key, &mut m);
+            routed.insert(key.clone(), m);
+        }
+        let (scale, rx) = Scale::channel();
+        let scaler = scale::Scaler::new(inner.clone(), target.clone(), workload.clone());
         let task = tokio::spawn(async move {
-            let inner = worker;
-            loop {
-                tokio::select! {
-                    changed = rx.changed() => if changed.is_err() { break },
-                    () = stop.cancelled() => break,
-                }
-                let want: Desired = *rx.borrow_and_update();
-                let mut backoff = Duration::from_millis(200);
-                while let Err(error) = inner.execute(&target, &workload, want.replicas).await {
-                    tracing::warn!(target = %target.name(), replicas = want.replicas, %error, "cannot scale; retrying");
-                    let event = Event {
-                        type_: EventType::Warning,
-                        reason: "ScaleFailed".into(),
-                        note: Some(format!(
-                            "wakegate could not scale to {}: {error}",
-                            want.replicas
-                        )),
-                        action: "Scale".into(),
-                        secondary: None,
-                    };
-                    let _ = inner
-                        .recorder
-                        .publish(&event, &Inner::object_ref(&workload))
-                        .await;
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = stop.cancelled() => break,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    if rx.has_changed().unwrap_or(false) {
-                        break;
-                    }
-                }
-            }
+            scaler.run(rx, stop).await;
             // A replacement with the same name may already be registered; leave it be.
-            let mut routed = inner.routed.lock().expect("not poisoned");
-            if routed
+            let mut state = inner.state();
+            if state
+                .routed
                 .get(&key)
                 .is_some_and(|m| Arc::ptr_eq(&m.target, &target))
             {
-                routed.remove(&key);
+                state.routed.remove(&key);
             }
         });
         Managed {
@@ -614,7 +625,6 @@ struct Collector {
     leader: Arc<AtomicBool>,
     invalid_annotations: Arc<AtomicU64>,
 }
-
 impl prometheus_client::collector::Collector for Collector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let leader = i64::from(self.leader.load(Ordering::Relaxed));
