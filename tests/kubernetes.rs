@@ -7,58 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use wakegate::provider::kubernetes::backoff::WATCH_RETRY_MAX;
-use wakegate_test_support::kube_api::{FakeApi, KubeletOptions};
+use wakegate_test_support::kube_api::FakeApi;
+use wakegate_test_support::kube_fixtures::*;
 use wakegate_test_support::*;
-
-const NS: &str = "demo";
-
-fn deployment(name: &str, replicas: i32) -> serde_json::Value {
-    json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": { "name": name, "namespace": NS },
-        "spec": {
-            "replicas": replicas,
-            "selector": { "matchLabels": { "app": name } },
-            "template": {
-                "metadata": { "labels": { "app": name } },
-                "spec": { "containers": [{ "name": "app", "image": "demo" }] }
-            }
-        }
-    })
-}
-
-fn service(name: &str, annotations: serde_json::Value) -> serde_json::Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": { "name": name, "namespace": NS, "annotations": annotations },
-        "spec": {
-            "selector": { "app": name },
-            "ports": [{ "name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP" }]
-        }
-    })
-}
-
-async fn api_with_kubelet() -> FakeApi {
-    let api = FakeApi::start().await;
-    api.start_kubelet(KubeletOptions {
-        startup_delay: Duration::from_millis(300),
-        program: bin().into(),
-    });
-    api
-}
-
-/// The `[kubernetes]` section and its kubeconfig, written next to the API double.
-fn kubernetes_section(api: &FakeApi, dir: &std::path::Path, extra: &str) -> String {
-    let kubeconfig = api.write_kubeconfig(dir);
-    format!(
-        "[kubernetes]\nkubeconfig = \"{}\"\nnamespaces = [\"{NS}\"]\n{extra}\n",
-        kubeconfig.display()
-    )
-}
-
-const FAST: &str = "[autoscaler]\ninterval = \"200ms\"";
 
 /// What a list or watch of the Services in `NS` asks the API server.
 const SERVICES: &str = "GET /api/v1/namespaces/demo/services";
@@ -71,30 +22,6 @@ fn service_requests_since(api: &FakeApi, since: usize) -> bool {
     api.requests()[since..]
         .iter()
         .any(|r| r.starts_with(SERVICES))
-}
-
-/// Waits for `/readyz` (the first Kubernetes sync).
-async fn wait_ready(wg: &Wakegate) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while wg.admin_get("/readyz").await.status != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "never became ready; log:\n{}",
-            wg.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]

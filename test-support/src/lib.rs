@@ -6,6 +6,7 @@
 //! (see [`bin`]), so it is meant for those tests, as a dev-dependency of wakegate.
 
 pub mod kube_api;
+pub mod kube_fixtures;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -221,7 +221,10 @@ impl State {
                 self.uids += 1;
                 object["metadata"]["uid"] =
                     format!("00000000-0000-4000-8000-{:012x}", self.uids).into();
-                object["metadata"]["creationTimestamp"] = now_rfc3339().into();
+                // A test may stage history by giving the creation time; the API sets it.
+                if !object["metadata"]["creationTimestamp"].is_string() {
+                    object["metadata"]["creationTimestamp"] = now_rfc3339().into();
+                }
                 if tracks_generation {
                     object["metadata"]["generation"] = 1.into();
                 }

@@ -1,0 +1,142 @@
+//! The objects and waits the Kubernetes end-to-end tests share: a Deployment and an annotated
+//! Service in namespace [`NS`], hand-made EndpointSlices, the `[kubernetes]` section, and
+//! waits for conditions.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::kube_api::{FakeApi, KubeletOptions};
+use crate::{Wakegate, bin};
+
+/// The namespace the tests' workloads live in.
+pub const NS: &str = "demo";
+
+/// An autoscaler tick short enough for tests.
+pub const FAST: &str = "[autoscaler]\ninterval = \"200ms\"";
+
+/// A Deployment in [`NS`] whose pods carry `app: NAME`.
+pub fn deployment(name: &str, replicas: i32) -> Value {
+    workload("apps/v1", "Deployment", name, replicas)
+}
+
+/// A workload of any kind with `spec.replicas`, a selector and a pod template, in [`NS`].
+pub fn workload(api_version: &str, kind: &str, name: &str, replicas: i32) -> Value {
+    json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": { "name": name, "namespace": NS },
+        "spec": {
+            "replicas": replicas,
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": { "containers": [{ "name": "app", "image": "demo" }] }
+            }
+        }
+    })
+}
+
+/// A Service in [`NS`] selecting `app: NAME`, port `http`.
+pub fn service(name: &str, annotations: Value) -> Value {
+    service_in(NS, name, annotations)
+}
+
+pub fn service_in(namespace: &str, name: &str, annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": { "name": name, "namespace": namespace, "annotations": annotations },
+        "spec": {
+            "selector": { "app": name },
+            "ports": [{ "name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP" }]
+        }
+    })
+}
+
+/// An EndpointSlice of `service` in `namespace` on port `http`, with these endpoints (each
+/// `{"addresses": [...], "conditions": {...}}`).
+pub fn endpoint_slice(namespace: &str, service: &str, port: u16, endpoints: Value) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{service}-manual"),
+            "namespace": namespace,
+            "labels": { "kubernetes.io/service-name": service },
+        },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": port, "protocol": "TCP" }],
+        "endpoints": endpoints,
+    })
+}
+
+/// The API double with its simulated kubelet (pods ready 300 ms after they start).
+pub async fn api_with_kubelet() -> FakeApi {
+    let api = FakeApi::start().await;
+    api.start_kubelet(KubeletOptions {
+        startup_delay: Duration::from_millis(300),
+        program: bin().into(),
+    });
+    api
+}
+
+/// The `[kubernetes]` section (watching `namespaces`) and its kubeconfig, written next to the
+/// API double.
+pub fn kubernetes_section_for(
+    api: &FakeApi,
+    dir: &Path,
+    namespaces: &[&str],
+    extra: &str,
+) -> String {
+    let kubeconfig = api.write_kubeconfig(dir);
+    let namespaces: Vec<String> = namespaces.iter().map(|n| format!("{n:?}")).collect();
+    format!(
+        "[kubernetes]\nkubeconfig = \"{}\"\nnamespaces = [{}]\n{extra}\n",
+        kubeconfig.display(),
+        namespaces.join(", ")
+    )
+}
+
+/// The `[kubernetes]` section watching [`NS`].
+pub fn kubernetes_section(api: &FakeApi, dir: &Path, extra: &str) -> String {
+    kubernetes_section_for(api, dir, &[NS], extra)
+}
+
+/// Waits for `/readyz` (the first Kubernetes sync).
+pub async fn wait_ready(wg: &Wakegate) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while wg.admin_get("/readyz").await.status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never became ready; log:\n{}",
+            wg.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `check` until it returns a value; panics naming `what` after `limit`.
+pub async fn eventually<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The Events recorded about `kind` `namespace/name` with this reason.
+pub fn events_about(api: &FakeApi, kind: &str, name: &str, reason: &str) -> Vec<Value> {
+    api.events()
+        .into_iter()
+        .filter(|e| {
+            e["regarding"]["kind"] == kind
+                && e["regarding"]["name"] == name
+                && e["reason"] == reason
+        })
+        .collect()
+}
