@@ -157,7 +157,10 @@ async fn warm_traffic_is_served_while_the_api_server_is_down() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(served >= 50);
+    // The server comes back compacted, as after a restart: every watch gets 410 and relists.
+    api.expire_watch_history();
     api.set_down(false);
+    let returned = Instant::now();
     let back = api.requests().len();
     // Watches resume: a Service and Deployment created after the outage become a target, which
     // wakes. The watches retry at most WATCH_RETRY_MAX apart, so the Service watch asks again
@@ -173,8 +176,13 @@ async fn warm_traffic_is_served_while_the_api_server_is_down() {
         || service_requests_since(&api, back).then_some(()),
     )
     .await;
-    // The watch retried: the new Service becomes a target.
+    // The watch retried: the new Service becomes a target, within 10 s of the server's return.
     wg.wait_until_listed("later", MARGIN).await;
+    assert!(
+        returned.elapsed() < Duration::from_secs(10),
+        "visible {:?} after the API server returned",
+        returned.elapsed()
+    );
     let later = wg.get("later.example.com", "/").await;
     assert_eq!(later.status, 200, "{}", later.body);
     assert_eq!(later.headers["x-wakegate-cold-start"], "true");

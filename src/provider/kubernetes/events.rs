@@ -1,8 +1,11 @@
 //! Kubernetes Events: written by the leader only, so N replicas do not record N copies of
-//! every warning (each replica still logs it), with notes cut to what the API accepts.
+//! every warning (each replica still logs it), once per condition, with notes cut to what the
+//! API accepts. Callers report a condition every time they see it; a replica that becomes
+//! leader records what is still true then.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -13,17 +16,37 @@ pub const NOTE_LIMIT: usize = 1024;
 pub struct Events {
     recorder: Recorder,
     leader: Arc<AtomicBool>,
+    /// (namespace, name, reason, note) of every Warning recorded.
+    recorded: Mutex<HashSet<(String, String, String, String)>>,
 }
 
 impl Events {
     pub fn new(recorder: Recorder, leader: Arc<AtomicBool>) -> Self {
-        Self { recorder, leader }
+        Self {
+            recorder,
+            leader,
+            recorded: Mutex::default(),
+        }
     }
 
-    /// Records a Warning about `regarding`, if this replica leads. Failing to record it is
-    /// logged and otherwise ignored: the warning was logged already.
+    /// Records a Warning about `regarding` if this replica leads and has not recorded the
+    /// same one yet. Failing to record it is logged, and tried again the next time.
     pub async fn warn(&self, regarding: &ObjectReference, reason: &str, action: &str, note: &str) {
         if !self.leader.load(Ordering::Relaxed) {
+            return;
+        }
+        let key = (
+            regarding.namespace.clone().unwrap_or_default(),
+            regarding.name.clone().unwrap_or_default(),
+            reason.to_owned(),
+            note.to_owned(),
+        );
+        if !self
+            .recorded
+            .lock()
+            .expect("not poisoned")
+            .insert(key.clone())
+        {
             return;
         }
         let event = Event {
@@ -34,6 +57,7 @@ impl Events {
             secondary: None,
         };
         if let Err(error) = self.recorder.publish(&event, regarding).await {
+            self.recorded.lock().expect("not poisoned").remove(&key);
             tracing::warn!(
                 kind = regarding.kind.as_deref().unwrap_or_default(),
                 namespace = regarding.namespace.as_deref().unwrap_or_default(),

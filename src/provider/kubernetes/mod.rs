@@ -246,9 +246,19 @@ impl KubernetesProvider {
             tracing::info!("Kubernetes watches synced");
             let mut reported: HashSet<(String, String, String)> = HashSet::new();
             let mut first = true;
+            // A replica that becomes leader records the Events of what is still wrong.
+            let mut was_leader = looping.leader.load(Ordering::Relaxed);
+            let mut leadership = tokio::time::interval(std::time::Duration::from_secs(1));
             loop {
                 let dirty = std::mem::take(&mut looping.state().index.dirty);
-                if dirty.services || first {
+                let leader = looping.leader.load(Ordering::Relaxed);
+                let became_leader = leader && !was_leader;
+                was_leader = leader;
+                if became_leader {
+                    let refusals = looping.state().refusals.clone();
+                    looping.clone().record_refusals(refusals);
+                }
+                if dirty.services || first || became_leader {
                     first = false;
                     let discovered = looping.discover(&mut reported).await;
                     targets_tx.send_if_modified(|current| {
@@ -260,6 +270,7 @@ impl KubernetesProvider {
                 looping.publish(&dirty.endpoints, &dirty.deployments);
                 tokio::select! {
                     () = looping.changed.notified() => {}
+                    _ = leadership.tick(), if looping.config.lease.is_some() => {}
                     () = stop.cancelled() => return,
                 }
             }
@@ -274,35 +285,40 @@ impl KubernetesProvider {
     /// The routes discovered targets were refused (by an earlier claim or the host policy):
     /// each new one is logged and recorded as a Warning Event on its Service, once.
     pub fn report_refusals(&self, refused: &[(Arc<Target>, Vec<Refusal>)]) {
-        let mut fresh = Vec::new();
-        {
-            let mut state = self.inner.state();
-            let now: HashSet<(String, String, String)> = refused
-                .iter()
-                .flat_map(|(t, list)| {
-                    list.iter()
-                        .map(|r| (t.namespace.clone(), t.name.clone(), r.to_string()))
-                })
-                .collect();
-            for key in &now {
-                if !state.refusals.contains(key) {
-                    fresh.push(key.clone());
-                }
-            }
-            state.refusals = now;
-        }
-        for (namespace, service, refusal) in fresh {
+        let now: HashSet<(String, String, String)> = refused
+            .iter()
+            .flat_map(|(t, list)| {
+                list.iter()
+                    .map(|r| (t.namespace.clone(), t.name.clone(), r.to_string()))
+            })
+            .collect();
+        let before = std::mem::replace(&mut self.inner.state().refusals, now.clone());
+        for (namespace, service, refusal) in now.difference(&before) {
             tracing::warn!(%namespace, %service, route = %refusal, "route refused");
-            let inner = self.inner.clone();
-            tokio::spawn(async move {
-                let regarding = service_ref(&namespace, &service);
-                let note = format!("wakegate does not route {refusal}");
-                inner
-                    .events
-                    .warn(&regarding, "RouteRefused", "Route", &note)
-                    .await;
-            });
         }
+        self.inner.clone().record_refusals(now);
+    }
+}
+
+impl Inner {
+    /// Records a Warning Event for each refused route (once; the leader only).
+    fn record_refusals(self: Arc<Self>, refusals: HashSet<(String, String, String)>) {
+        if refusals.is_empty() || !self.leader.load(Ordering::Relaxed) {
+            return;
+        }
+        tokio::spawn(async move {
+            for (namespace, service, refusal) in refusals {
+                let note = format!("wakegate does not route {refusal}");
+                self.events
+                    .warn(
+                        &service_ref(&namespace, &service),
+                        "RouteRefused",
+                        "Route",
+                        &note,
+                    )
+                    .await;
+            }
+        });
     }
 }
 
@@ -428,13 +444,12 @@ impl Inner {
                     name.clone(),
                     entry.resource_version.clone(),
                 );
-                if reported.insert(key) {
-                    problems_to_report.push((entry.reference.clone(), problems.clone(), skipped));
-                }
+                let new = reported.insert(key);
+                problems_to_report.push((entry.reference.clone(), problems.clone(), skipped, new));
             }
         }
-        for (reference, problems, skipped) in problems_to_report {
-            self.report(&reference, &problems, skipped).await;
+        for (reference, problems, skipped, new) in problems_to_report {
+            self.report(&reference, &problems, skipped, new).await;
         }
         targets.sort_by(|(a_created, a), (b_created, b)| {
             (a_created, &a.namespace, &a.name).cmp(&(b_created, &b.namespace, &b.name))
@@ -442,7 +457,15 @@ impl Inner {
         targets.into_iter().map(|(_, t)| t).collect()
     }
 
-    async fn report(&self, service: &ObjectReference, problems: &[Problem], skipped: bool) {
+    /// Logs and counts the problems of a Service version the first time (`new`), and has the
+    /// leader record them as an Event.
+    async fn report(
+        &self,
+        service: &ObjectReference,
+        problems: &[Problem],
+        skipped: bool,
+        new: bool,
+    ) {
         let name = format!(
             "{}/{}",
             service.namespace.as_deref().unwrap_or_default(),
@@ -453,7 +476,7 @@ impl Inner {
         } else {
             "default used"
         };
-        for p in problems {
+        for p in problems.iter().filter(|_| new) {
             self.counters
                 .invalid_annotations
                 .fetch_add(1, Ordering::Relaxed);

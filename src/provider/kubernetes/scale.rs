@@ -85,6 +85,9 @@ impl ScaleError {
 struct Failure {
     /// What was reported, to report a different cause again.
     reported: String,
+    /// Trying again soon cannot help (missing, forbidden, declared by another manager).
+    lasting: bool,
+    label: &'static str,
     wait: Duration,
     retry_at: Instant,
 }
@@ -129,8 +132,16 @@ impl Scaler {
                 () = sleep_until(retry_at) => {}
                 () = stop.cancelled() => return,
             }
-            if retry_at.is_some_and(|at| Instant::now() < at) {
-                // Asks during a back-off wait for it; the latest is taken then.
+            if retry_at.is_some_and(|at| Instant::now() < at) && !self.workload_appeared() {
+                // Asks during a back-off wait for it; the latest is taken then. Requests
+                // held meanwhile for a workload that cannot be scaled fail now, not at their
+                // cold-start timeout.
+                if let Some(failure) = self.failure.as_ref().filter(|f| f.lasting)
+                    && self.target.endpoints().is_empty()
+                    && self.target.stats.pending() > 0
+                {
+                    self.target.start_failed(failure.reported.clone());
+                }
                 continue;
             }
             let want = rx.borrow_and_update().replicas;
@@ -165,8 +176,9 @@ impl Scaler {
     /// changed since wakegate last read or wrote it.
     async fn current(&mut self, want: u32) -> Result<u32, ScaleError> {
         let workload_key = (self.kube.namespace.clone(), self.kube.workload.name.clone());
-        let watched = self.kube.workload.kind == "Deployment" && self.kube.workload.group == "apps";
-        if watched && let Some(n) = self.inner.deployment_replicas(&workload_key) {
+        if self.is_watched()
+            && let Some(n) = self.inner.deployment_replicas(&workload_key)
+        {
             return Ok(n);
         }
         let fresh = self
@@ -184,6 +196,26 @@ impl Scaler {
         let n = scale.spec.and_then(|s| s.replicas).unwrap_or(0).max(0) as u32;
         self.observed(n);
         Ok(n)
+    }
+
+    /// Whether a Deployment reported missing has appeared in the watch since: then trying
+    /// again cannot wait.
+    fn workload_appeared(&self) -> bool {
+        self.failure
+            .as_ref()
+            .is_some_and(|f| f.label == "not_found")
+            && self.is_watched()
+            && self
+                .inner
+                .deployment_replicas(&(
+                    self.kube.namespace.clone(),
+                    self.kube.workload.name.clone(),
+                ))
+                .is_some()
+    }
+
+    fn is_watched(&self) -> bool {
+        self.kube.workload.kind == "Deployment" && self.kube.workload.group == "apps"
     }
 
     fn observed(&mut self, n: u32) {
@@ -345,6 +377,8 @@ impl Scaler {
             self.target.start_failed(text.clone());
         }
         self.failure = Some(Failure {
+            lasting: error.is_lasting(),
+            label: error.label(),
             reported: text,
             wait,
             retry_at: Instant::now() + wait,
