@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use wakegate::provider::kubernetes::backoff::WATCH_RETRY_MAX;
-use wakegate_test_support::kube_api::FakeApi;
+use wakegate_test_support::kube_api::{FakeApi, KubeletOptions};
 use wakegate_test_support::kube_fixtures::*;
 use wakegate_test_support::*;
 
@@ -287,6 +287,39 @@ async fn two_replicas_elect_one_leader_which_scales_from_the_summed_signal_and_h
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+
+    // A Service with a bad annotation: both replicas log it, only the leader records the Event.
+    api.apply(service(
+        "typo",
+        json!({ "wakegate.io/enabled": "true", "wakegate.io/min-replicas": "lots" }),
+    ));
+    for replica in [&leader, &follower] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !replica.logs().contains("invalid annotation") {
+            assert!(
+                Instant::now() < deadline,
+                "logged by each replica:\n{}",
+                replica.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let events = eventually(
+        "the InvalidAnnotation Event",
+        Duration::from_secs(10),
+        || {
+            let found = events_about(&api, "Service", "typo", "InvalidAnnotation");
+            (!found.is_empty()).then_some(found)
+        },
+    )
+    .await;
+    let leader_name = if Arc::ptr_eq(&leader, &a) {
+        "wakegate-a"
+    } else {
+        "wakegate-b"
+    };
+    assert_eq!(events.len(), 1, "one copy, not one per replica: {events:?}");
+    assert_eq!(events[0]["reportingInstance"], leader_name);
 
     // Load goes only through the follower: the leader scales up from what the follower
     // counted (concurrency 8, target 2 per replica, max 3).
