@@ -1,6 +1,7 @@
 //! The Kubernetes API test double (`wakegate_test_support::kube_api`) driven by the real kube
 //! client: watcher + reflector through changes, outages and expired history; `/scale`; Leases;
-//! Events; and the simulated kubelet running Deployments as demo backends.
+//! Events; the simulated kubelet running Deployments as demo backends; and injected faults
+//! (429, 500, 503, 401).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
-use wakegate_test_support::kube_api::{FakeApi, KubeletOptions};
+use wakegate_test_support::kube_api::{FakeApi, Fault, KubeletOptions};
 use wakegate_test_support::{bin, process_alive, raw_exchange, raw_status, within};
 
 fn service(name: &str, labels: Value) -> Value {
@@ -646,4 +647,247 @@ async fn dropping_the_fake_api_kills_its_pods() {
         !process_alive(pid as i32)
     })
     .await;
+}
+
+/// (code, reason, message) of an API error.
+fn api_error(error: kube::Error) -> (u16, String, String) {
+    match error {
+        kube::Error::Api(status) => (status.code, status.reason.clone(), status.message.clone()),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// A client that does not retry 429 and 503 itself (kube's default client does, up to 15
+/// times, waiting for `Retry-After`).
+fn client_without_retries(api: &FakeApi) -> Client {
+    let mut config = api.config();
+    config.default_retry = false;
+    Client::try_from(config).unwrap()
+}
+
+// Injected faults.
+
+#[tokio::test]
+async fn fault_429_reaches_a_client_that_does_not_retry_and_a_retrying_one_waits_it_out() {
+    let api = FakeApi::start().await;
+    api.apply(service("a", json!({})));
+    let fault = api.inject(
+        Fault::too_many_requests(1)
+            .on(http::Method::GET, "/api/v1/namespaces/default/services")
+            .times(1),
+    );
+    let services = Api::<Service>::namespaced(client_without_retries(&api), "default");
+    let error = services.list(&Default::default()).await.unwrap_err();
+    let kube::Error::Api(status) = error else {
+        panic!("expected an API error, got {error:?}")
+    };
+    assert_eq!(
+        (status.code, status.reason.as_str()),
+        (429, "TooManyRequests")
+    );
+    assert_eq!(status.details.unwrap().retry_after_seconds, 1);
+    assert_eq!(fault.answered(), 1);
+    assert!(!fault.is_active());
+    assert_eq!(
+        services
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+
+    // kube's default client waits Retry-After and tries again.
+    let fault = api.inject(
+        Fault::too_many_requests(1)
+            .on(http::Method::GET, "/api/v1/namespaces/default/services")
+            .times(2),
+    );
+    let started = std::time::Instant::now();
+    let listed = Api::<Service>::namespaced(api.client(), "default")
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 1);
+    assert_eq!(fault.answered(), 2);
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // On the wire: the header and the Status.
+    let fault = api.inject(Fault::too_many_requests(7));
+    let response = raw_exchange(api.addr(), "GET /api/v1/services HTTP/1.0\r\n\r\n").await;
+    assert_eq!(raw_status(&response), 429, "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("\r\nretry-after: 7\r\n"),
+        "{response}"
+    );
+    let body: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["details"], json!({"retryAfterSeconds": 7}));
+    assert_eq!(body["reason"], "TooManyRequests");
+    assert_eq!(body["kind"], "Status");
+    fault.clear();
+    assert!(!fault.is_active());
+    let response = raw_exchange(api.addr(), "GET /api/v1/services HTTP/1.0\r\n\r\n").await;
+    assert_eq!(raw_status(&response), 200, "{response}");
+    assert_eq!(fault.answered(), 1);
+}
+
+#[tokio::test]
+async fn fault_500_on_the_list_the_watcher_retries_until_it_recovers() {
+    let api = FakeApi::start().await;
+    api.apply(service("a", json!({})));
+    let fault = api.inject(
+        Fault::internal_error()
+            .on(http::Method::GET, "/api/v1/services")
+            .watch(false)
+            .times(3),
+    );
+    let (store, writer) = reflector::store::<Service>();
+    let stream = watcher(
+        Api::<Service>::all(api.client()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer);
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let sink = errors.clone();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) = event {
+                sink.lock().unwrap().push((
+                    status.code,
+                    status.reason.clone(),
+                    status.message.clone(),
+                ));
+            }
+        }
+    });
+    within(
+        30,
+        "the watcher's list after three 500s",
+        store.wait_until_ready(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(names(&store), ["a"]);
+    assert_eq!(fault.answered(), 3);
+    let expected = (
+        500,
+        "InternalError".to_owned(),
+        "Internal error occurred: a fault injected by the test".to_owned(),
+    );
+    assert_eq!(*errors.lock().unwrap(), vec![expected; 3]);
+    // Its watch was not touched, and follows changes.
+    api.apply(service("b", json!({})));
+    eventually(5, "b appears", || names(&store) == ["a", "b"]).await;
+    task.abort();
+}
+
+#[tokio::test]
+async fn fault_503_is_retried_by_the_default_client_and_seen_without_retries() {
+    let api = FakeApi::start().await;
+    api.apply(deployment("web", 0));
+    let path = "/apis/apps/v1/namespaces/default/deployments/web/scale";
+    let fault = api.inject(Fault::service_unavailable().on(http::Method::PATCH, path));
+    let two = Patch::Merge(json!({"spec": {"replicas": 2}}));
+    let error = Api::<Deployment>::namespaced(client_without_retries(&api), "default")
+        .patch_scale("web", &PatchParams::default(), &two)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        api_error(error),
+        (
+            503,
+            "ServiceUnavailable".into(),
+            "the server is currently unable to handle the request".into()
+        )
+    );
+    assert_eq!(fault.answered(), 1);
+    fault.clear();
+
+    let fault = api.inject(
+        Fault::service_unavailable()
+            .on(http::Method::PATCH, path)
+            .times(2),
+    );
+    Api::<Deployment>::namespaced(api.client(), "default")
+        .patch_scale("web", &PatchParams::default(), &two)
+        .await
+        .unwrap();
+    assert_eq!(fault.answered(), 2);
+    assert_eq!(api.deployment_replicas("default", "web"), Some(2));
+    // GETs were never matched.
+    assert_eq!(
+        Api::<Deployment>::namespaced(client_without_retries(&api), "default")
+            .get_scale("web")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .replicas,
+        Some(2)
+    );
+}
+
+#[tokio::test]
+async fn fault_401_answers_until_cleared_and_only_watches_when_asked() {
+    let api = FakeApi::start().await;
+    api.apply(service("a", json!({})));
+    let services = Api::<Service>::namespaced(api.client(), "default");
+    let fault = api.inject(Fault::unauthorized().on(http::Method::GET, "/api/v1/"));
+    for _ in 0..3 {
+        let error = services.list(&Default::default()).await.unwrap_err();
+        assert_eq!(
+            api_error(error),
+            (401, "Unauthorized".into(), "Unauthorized".into())
+        );
+    }
+    assert_eq!(fault.answered(), 3);
+    api.clear_faults();
+    assert!(!fault.is_active());
+    assert_eq!(
+        services
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+
+    // Only watches, in both spellings; lists pass.
+    let fault = api.inject(
+        Fault::internal_error()
+            .message("etcdserver: request timed out")
+            .watch(true),
+    );
+    for (request, code) in [
+        ("GET /api/v1/services?watch=true", 500),
+        ("GET /api/v1/watch/services", 500),
+        ("GET /api/v1/services", 200),
+        ("GET /api/v1/services?watch=false", 200),
+    ] {
+        let response = raw_exchange(api.addr(), &format!("{request} HTTP/1.0\r\n\r\n")).await;
+        assert_eq!(raw_status(&response), code, "{request}: {response}");
+        if code == 500 {
+            let body: Value =
+                serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+            assert_eq!(
+                body["message"],
+                "Internal error occurred: etcdserver: request timed out"
+            );
+            assert_eq!(
+                body["details"],
+                json!({"causes": [{"message": "etcdserver: request timed out"}]})
+            );
+        }
+    }
+    assert_eq!(fault.answered(), 2);
 }

@@ -11,12 +11,19 @@
 //! parses and answers requests (routing, create, replace, patch and apply, `/scale`), `watch`
 //! streams lists and watches (bookmarks, `410 Expired`), `selector` holds label and field
 //! selectors, and `kubelet` runs the simulated pods.
+//!
+//! In front of them, `gate` answers injected faults (`faults`: 429, 500, 503, 401). The
+//! in-process helpers ([`FakeApi::apply`], [`FakeApi::get`], ...) and the kubelet bypass it.
 
+mod faults;
+mod gate;
 mod kubelet;
 mod rest;
 mod selector;
 mod store;
 mod watch;
+
+pub use faults::{Fault, FaultAnswer, InjectedFault};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +34,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use gate::Gate;
 use kubelet::{pod_ip, pod_name, run_kubelet};
 use rest::serve;
 use store::{Kind, Shared, State, Stored};
@@ -36,6 +44,7 @@ use store::{Kind, Shared, State, Stored};
 pub struct FakeApi {
     addr: SocketAddr,
     shared: Arc<Shared>,
+    gate: Arc<Gate>,
     server: JoinHandle<()>,
     kubelet: Mutex<Option<JoinHandle<()>>>,
 }
@@ -66,10 +75,12 @@ impl FakeApi {
             .expect("bind the fake API server");
         let addr = listener.local_addr().expect("local address");
         let shared = Arc::new(Shared::default());
-        let server = tokio::spawn(serve(listener, shared.clone()));
+        let gate = Arc::new(Gate::default());
+        let server = tokio::spawn(serve(listener, shared.clone(), gate.clone()));
         FakeApi {
             addr,
             shared,
+            gate,
             server,
             kubelet: Mutex::new(None),
         }
@@ -84,10 +95,25 @@ impl FakeApi {
         format!("http://{}", self.addr)
     }
 
-    /// A `kube::Client` for this server (default namespace `default`).
-    pub fn client(&self) -> kube::Client {
+    /// A `kube::Config` for this server (default namespace `default`), without credentials.
+    pub fn config(&self) -> kube::Config {
+        self.config_with_token(None)
+    }
+
+    /// A `kube::Config` for this server that sends `token` as its bearer token, if any.
+    pub fn config_with_token(&self, token: Option<&str>) -> kube::Config {
         let url = self.url().parse().expect("a valid URL");
-        kube::Client::try_from(kube::Config::new(url)).expect("a kube client")
+        let mut config = kube::Config::new(url);
+        if let Some(token) = token {
+            config.auth_info = serde_json::from_value(serde_json::json!({"token": token}))
+                .expect("an AuthInfo with a token");
+        }
+        config
+    }
+
+    /// A `kube::Client` for this server, from [`FakeApi::config`].
+    pub fn client(&self) -> kube::Client {
+        kube::Client::try_from(self.config()).expect("a kube client")
     }
 
     /// Writes `dir/kubeconfig`: this server, one context, a user without credentials, and
@@ -116,6 +142,17 @@ users:
         );
         std::fs::write(&path, text).expect("write kubeconfig");
         path
+    }
+
+    /// Answers the requests that `fault` matches with its error, until it is used up or
+    /// cleared; the handle counts them. Faults answer in the order injected.
+    pub fn inject(&self, fault: Fault) -> InjectedFault {
+        self.gate.faults.inject(fault)
+    }
+
+    /// Clears every injected fault.
+    pub fn clear_faults(&self) {
+        self.gate.faults.clear();
     }
 
     /// Creates or replaces an object of a served kind (a Namespace is accepted and ignored),
