@@ -15,8 +15,8 @@
 //! times, waiting `Retry-After` when the server gives one: to see those errors, a client needs
 //! `default_retry = false`, or a fault that outlasts its retries.
 //!
-//! A fault answers after the outage of [`FakeApi::set_down`](super::FakeApi::set_down): a
-//! server that is down answers nothing.
+//! A fault answers before authentication and authorization (such requests are not in the RBAC
+//! report), after the outage of [`FakeApi::set_down`](super::FakeApi::set_down).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -181,8 +181,8 @@ async fn handle(
             ));
         }
     }
-    // Injected faults (see `gate`).
-    if let Some(response) = gate.check(&method, &path, &query) {
+    // Injected faults, then authentication and RBAC when enforced (see `gate`).
+    if let Some(response) = gate.check(&method, &path, &query, req.headers()) {
         return Ok(response);
     }
     let content_type = req
