@@ -8,6 +8,12 @@
 //! gets `401 Unauthorized` with the real server's Status body. (A real server with anonymous
 //! authentication on, its default, would instead take a request *without* a token as
 //! `system:anonymous` and answer 403; a wrong token is 401 either way.)
+//!
+//! Checked against a real kube-apiserver 1.20.2: the 401 body for an unknown token is the
+//! same (`{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":
+//! "Unauthorized","reason":"Unauthorized","code":401}`), and so are the request attributes
+//! behind its 403 messages (see `rbac`). Without a token it answered 403 as
+//! `system:anonymous`, as said above.
 
 use http::{HeaderMap, Method, header};
 

@@ -9,7 +9,9 @@
 //! `NewServiceUnavailable` (503) and `NewUnauthorized` (401, `Unauthorized`). One difference:
 //! a real server's *rate limiter* (max-in-flight, priority and fairness) answers its 429 as
 //! plain text (`Too many requests, please try again later.`) with `Retry-After: 1`, not as a
-//! Status; kube's client turns both into an `Error::Api` with code 429.
+//! Status; kube's client turns both into an `Error::Api` with code 429. These bodies follow
+//! apimachinery's constructors; they were not compared with a live server, which cannot be
+//! made to produce them on demand.
 //!
 //! kube's default client (`Config::default_retry`) itself retries 429, 503 and 504 up to 15
 //! times, waiting `Retry-After` when the server gives one: to see those errors, a client needs
