@@ -1,6 +1,8 @@
 //! The Kubernetes API test double (`wakegate_test_support::kube_api`) driven by the real kube
 //! client: watcher + reflector through changes, outages and expired history; `/scale`; Leases;
-//! Events; and the simulated kubelet running Deployments as demo backends.
+//! Events; the simulated kubelet running Deployments as demo backends; RBAC mode with
+//! deploy/base's RBAC objects (401, 403, the report of used and unused grants); and injected
+//! faults (429, 500, 503, 401).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -18,7 +20,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
-use wakegate_test_support::kube_api::{FakeApi, KubeletOptions};
+use wakegate_test_support::kube_api::{
+    FakeApi, Fault, Grant, KubeletOptions, Rbac, SERVICE_ACCOUNT_TOKEN,
+};
 use wakegate_test_support::{bin, process_alive, raw_exchange, raw_status, within};
 
 fn service(name: &str, labels: Value) -> Value {
@@ -646,4 +650,768 @@ async fn dropping_the_fake_api_kills_its_pods() {
         !process_alive(pid as i32)
     })
     .await;
+}
+
+// RBAC mode: deploy/base's RBAC objects enforced on wakegate's ServiceAccount.
+
+/// wakegate's ServiceAccount, as the 403 messages name it.
+const SA: &str = "system:serviceaccount:wakegate:wakegate";
+
+/// A fake API server enforcing deploy/base's RBAC, with a Service and a Deployment `web` in
+/// `demo`.
+async fn rbac_api() -> FakeApi {
+    let api = FakeApi::start().await;
+    api.enforce_rbac(Rbac::from_deploy("deploy/base"));
+    let mut web = service("web", json!({}));
+    web["metadata"]["namespace"] = "demo".into();
+    api.apply(web);
+    let mut web = deployment("web", 0);
+    web["metadata"]["namespace"] = "demo".into();
+    api.apply(web);
+    api
+}
+
+/// (code, reason, message) of an API error.
+fn api_error(error: kube::Error) -> (u16, String, String) {
+    match error {
+        kube::Error::Api(status) => (status.code, status.reason.clone(), status.message.clone()),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// A client that does not retry 429 and 503 itself (kube's default client does, up to 15
+/// times, waiting for `Retry-After`).
+fn client_without_retries(api: &FakeApi) -> Client {
+    let mut config = api.config();
+    config.default_retry = false;
+    Client::try_from(config).unwrap()
+}
+
+/// (verb, API group, resource) of each grant, sorted.
+fn grant_keys(grants: &[Grant]) -> Vec<(String, String, String)> {
+    let mut keys: Vec<_> = grants
+        .iter()
+        .map(|g| (g.verb.clone(), g.api_group.clone(), g.resource.clone()))
+        .collect();
+    keys.sort();
+    keys
+}
+
+fn keys(list: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+    let mut keys: Vec<_> = list
+        .iter()
+        .map(|(v, g, r)| ((*v).to_owned(), (*g).to_owned(), (*r).to_owned()))
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Every grant deploy/base gives wakegate's ServiceAccount.
+const DEPLOY_BASE_GRANTS: [(&str, &str, &str); 13] = [
+    ("list", "", "services"),
+    ("watch", "", "services"),
+    ("list", "discovery.k8s.io", "endpointslices"),
+    ("watch", "discovery.k8s.io", "endpointslices"),
+    ("list", "apps", "deployments"),
+    ("watch", "apps", "deployments"),
+    ("get", "apps", "deployments/scale"),
+    ("patch", "apps", "deployments/scale"),
+    ("create", "events.k8s.io", "events"),
+    ("patch", "events.k8s.io", "events"),
+    ("get", "coordination.k8s.io", "leases"),
+    ("create", "coordination.k8s.io", "leases"),
+    ("update", "coordination.k8s.io", "leases"),
+];
+
+#[tokio::test]
+async fn rbac_the_service_account_can_do_all_that_deploy_base_grants_and_uses_every_grant() {
+    let api = rbac_api().await;
+    // As wakegate gets it: the kubeconfig carries the ServiceAccount's token.
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = kube::config::Kubeconfig::read_from(api.write_kubeconfig(dir.path())).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let client = Client::try_from(config).unwrap();
+
+    let services = reflect(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .await;
+    assert_eq!(names(&services.store), ["web"]);
+    let _slices = reflect(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .await;
+    let _deployments = reflect(
+        Api::<Deployment>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .await;
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "demo");
+    assert_eq!(
+        deployments
+            .get_scale("web")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .replicas,
+        Some(0)
+    );
+    let one = Patch::Apply(
+        json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "spec": {"replicas": 1}}),
+    );
+    deployments
+        .patch_scale("web", &PatchParams::apply("wakegate").force(), &one)
+        .await
+        .unwrap();
+    assert_eq!(api.deployment_replicas("demo", "web"), Some(1));
+
+    // An event, then the same again: a create, then a patch.
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "wakegate".into(),
+            instance: Some("wakegate-0".into()),
+        },
+    );
+    let web = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Service".into()),
+        namespace: Some("demo".into()),
+        name: Some("web".into()),
+        ..Default::default()
+    };
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "Woken".into(),
+        note: Some("a request arrived".into()),
+        action: "Scale".into(),
+        secondary: None,
+    };
+    recorder.publish(&event, &web).await.unwrap();
+    recorder.publish(&event, &web).await.unwrap();
+    assert_eq!(api.events().len(), 1);
+
+    // Leader election in wakegate's namespace.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "wakegate");
+    let lease: Lease = serde_json::from_value(json!({
+        "metadata": {"name": "wakegate-leader"},
+        "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15},
+    }))
+    .unwrap();
+    leases.create(&PostParams::default(), &lease).await.unwrap();
+    let mut held = leases.get("wakegate-leader").await.unwrap();
+    held.spec.as_mut().unwrap().holder_identity = Some("b".into());
+    leases
+        .replace("wakegate-leader", &PostParams::default(), &held)
+        .await
+        .unwrap();
+
+    // The reflectors' watches follow their lists.
+    eventually(5, "every grant used", || {
+        api.rbac_report().unused.is_empty()
+    })
+    .await;
+    let report = api.rbac_report();
+    println!("{report}");
+    assert_eq!(report.denied, []);
+    let used = |verb: &str, group: &str, resource: &str, namespace: Option<&str>| {
+        report
+            .used
+            .iter()
+            .find(|u| {
+                u.verb == verb
+                    && u.api_group == group
+                    && u.resource == resource
+                    && u.namespace.as_deref() == namespace
+            })
+            .unwrap_or_else(|| panic!("{verb} {resource} {namespace:?} in\n{report}"))
+    };
+    let list = used("list", "", "services", None);
+    assert_eq!(list.requests, 1);
+    assert_eq!(list.granted_by.role, "ClusterRole wakegate");
+    assert_eq!(list.granted_by.binding, "ClusterRoleBinding wakegate");
+    assert_eq!(list.granted_by.namespace, None);
+    used("watch", "", "services", None);
+    used("watch", "discovery.k8s.io", "endpointslices", None);
+    used("watch", "apps", "deployments", None);
+    let scale = used("patch", "apps", "deployments/scale", Some("demo"));
+    assert_eq!(scale.granted_by.resource, "deployments/scale");
+    used("get", "apps", "deployments/scale", Some("demo"));
+    used("create", "events.k8s.io", "events", Some("demo"));
+    used("patch", "events.k8s.io", "events", Some("demo"));
+    let update = used("update", "coordination.k8s.io", "leases", Some("wakegate"));
+    assert_eq!(
+        update.granted_by.role,
+        "Role wakegate/wakegate-leader-election"
+    );
+    assert_eq!(
+        update.granted_by.binding,
+        "RoleBinding wakegate/wakegate-leader-election"
+    );
+    assert_eq!(update.granted_by.namespace.as_deref(), Some("wakegate"));
+    used("create", "coordination.k8s.io", "leases", Some("wakegate"));
+    used("get", "coordination.k8s.io", "leases", Some("wakegate"));
+    assert_eq!(
+        grant_keys(
+            &report
+                .used
+                .iter()
+                .map(|u| u.granted_by.clone())
+                .collect::<Vec<_>>()
+        )
+        .into_iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect::<Vec<_>>(),
+        keys(&DEPLOY_BASE_GRANTS)
+    );
+}
+
+#[tokio::test]
+async fn rbac_denies_what_deploy_base_does_not_grant_with_the_real_403() {
+    let api = rbac_api().await;
+    let client = api.client();
+    let services: Api<Service> = Api::namespaced(client.clone(), "demo");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "demo");
+
+    let forbidden = |error: kube::Error, message: String| {
+        assert_eq!(api_error(error), (403, "Forbidden".into(), message));
+    };
+    forbidden(
+        services
+            .delete("web", &Default::default())
+            .await
+            .unwrap_err(),
+        format!(
+            "services \"web\" is forbidden: User \"{SA}\" cannot delete resource \"services\" \
+             in API group \"\" in the namespace \"demo\""
+        ),
+    );
+    forbidden(
+        services.get("web").await.unwrap_err(),
+        format!(
+            "services \"web\" is forbidden: User \"{SA}\" cannot get resource \"services\" in \
+             API group \"\" in the namespace \"demo\""
+        ),
+    );
+    // The Deployment itself, not its /scale.
+    forbidden(
+        deployments
+            .patch(
+                "web",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": 2}})),
+            )
+            .await
+            .unwrap_err(),
+        format!(
+            "deployments.apps \"web\" is forbidden: User \"{SA}\" cannot patch resource \
+             \"deployments\" in API group \"apps\" in the namespace \"demo\""
+        ),
+    );
+    // /scale may be patched, not replaced.
+    let scale = deployments.get_scale("web").await.unwrap();
+    forbidden(
+        deployments
+            .replace_scale("web", &PostParams::default(), &scale)
+            .await
+            .unwrap_err(),
+        format!(
+            "deployments.apps \"web\" is forbidden: User \"{SA}\" cannot update resource \
+             \"deployments/scale\" in API group \"apps\" in the namespace \"demo\""
+        ),
+    );
+    // Leases only in wakegate's namespace: a create has no name yet.
+    let lease: Lease =
+        serde_json::from_value(json!({"metadata": {"name": "elsewhere"}, "spec": {}})).unwrap();
+    forbidden(
+        Api::<Lease>::namespaced(client.clone(), "demo")
+            .create(&PostParams::default(), &lease)
+            .await
+            .unwrap_err(),
+        format!(
+            "leases.coordination.k8s.io is forbidden: User \"{SA}\" cannot create resource \
+             \"leases\" in API group \"coordination.k8s.io\" in the namespace \"demo\""
+        ),
+    );
+    forbidden(
+        Api::<Lease>::all(client.clone())
+            .list(&Default::default())
+            .await
+            .unwrap_err(),
+        format!(
+            "leases.coordination.k8s.io is forbidden: User \"{SA}\" cannot list resource \
+             \"leases\" in API group \"coordination.k8s.io\" at the cluster scope"
+        ),
+    );
+    // A list narrowed to one name by a field selector is authorized as that object.
+    let (code, _, message) = api_error(
+        Api::<Lease>::namespaced(client.clone(), "demo")
+            .list(&kube::api::ListParams::default().fields("metadata.name=x"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 403);
+    assert!(
+        message.starts_with("leases.coordination.k8s.io \"x\" is forbidden:"),
+        "{message}"
+    );
+
+    // The Status body: what a client can read besides the message.
+    let response = raw_exchange(
+        api.addr(),
+        &format!(
+            "DELETE /api/v1/namespaces/demo/services/web HTTP/1.0\r\n\
+             Authorization: Bearer {SERVICE_ACCOUNT_TOKEN}\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(raw_status(&response), 403, "{response}");
+    let body: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["kind"], "Status");
+    assert_eq!(body["status"], "Failure");
+    assert_eq!(body["reason"], "Forbidden");
+    assert_eq!(body["code"], 403);
+    assert_eq!(body["details"], json!({"name": "web", "kind": "services"}));
+
+    // Nothing was changed, and the admin may do all of it.
+    assert_eq!(api.deployment_replicas("demo", "web"), Some(0));
+    Api::<Service>::namespaced(api.admin_client(), "demo")
+        .delete("web", &Default::default())
+        .await
+        .unwrap();
+    assert!(api.get("Service", "demo", "web").is_none());
+
+    let report = api.rbac_report();
+    let denied: Vec<(String, String, Option<String>, Option<String>)> = report
+        .denied
+        .iter()
+        .map(|d| {
+            (
+                d.verb.clone(),
+                d.resource.clone(),
+                d.namespace.clone(),
+                d.name.clone(),
+            )
+        })
+        .collect();
+    let demo = || Some("demo".to_owned());
+    assert_eq!(
+        denied,
+        [
+            (
+                "delete".into(),
+                "services".into(),
+                demo(),
+                Some("web".into())
+            ),
+            ("get".into(), "services".into(), demo(), Some("web".into())),
+            (
+                "patch".into(),
+                "deployments".into(),
+                demo(),
+                Some("web".into())
+            ),
+            (
+                "update".into(),
+                "deployments/scale".into(),
+                demo(),
+                Some("web".into())
+            ),
+            ("create".into(), "leases".into(), demo(), None),
+            ("list".into(), "leases".into(), None, None),
+            ("list".into(), "leases".into(), demo(), Some("x".into())),
+            (
+                "delete".into(),
+                "services".into(),
+                demo(),
+                Some("web".into())
+            ),
+        ]
+    );
+    assert!(report.denied.iter().all(|d| d.user == SA));
+    // Only get on /scale was used; admin requests are not in the report.
+    assert_eq!(report.used.len(), 1, "{report}");
+    assert_eq!(report.used[0].verb, "get");
+}
+
+#[tokio::test]
+async fn rbac_mode_answers_401_without_a_token_or_with_an_unknown_one() {
+    let api = rbac_api().await;
+    for token in [None, Some("not-a-token")] {
+        let client = Client::try_from(api.config_with_token(token)).unwrap();
+        let error = Api::<Service>::all(client)
+            .list(&Default::default())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            api_error(error),
+            (401, "Unauthorized".into(), "Unauthorized".into()),
+            "{token:?}"
+        );
+    }
+    let response = raw_exchange(api.addr(), "GET /api/v1/services HTTP/1.0\r\n\r\n").await;
+    assert_eq!(raw_status(&response), 401, "{response}");
+    let body: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(
+        body,
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "Unauthorized", "reason": "Unauthorized", "code": 401,
+        })
+    );
+    // Authenticated, discovery is allowed; unauthenticated requests are in no report.
+    let version = raw_exchange(
+        api.addr(),
+        &format!("GET /version HTTP/1.0\r\nAuthorization: Bearer {SERVICE_ACCOUNT_TOKEN}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(raw_status(&version), 200, "{version}");
+    let report = api.rbac_report();
+    assert_eq!((report.used.len(), report.denied.len()), (0, 0), "{report}");
+    assert_eq!(grant_keys(&report.unused), keys(&DEPLOY_BASE_GRANTS));
+}
+
+#[tokio::test]
+async fn rbac_report_lists_the_grants_left_unused() {
+    let api = rbac_api().await;
+    let client = api.client();
+    let services = Api::<Service>::all(client.clone());
+    services.list(&Default::default()).await.unwrap();
+    services.list(&Default::default()).await.unwrap();
+    let leases: Api<Lease> = Api::namespaced(client, "wakegate");
+    assert_eq!(
+        api_error(leases.get("none").await.unwrap_err()).0,
+        404,
+        "allowed, and not found"
+    );
+
+    let report = api.rbac_report();
+    assert_eq!(report.denied, []);
+    let used: Vec<(String, Option<String>, usize)> = report
+        .used
+        .iter()
+        .map(|u| {
+            (
+                format!("{} {}", u.verb, u.resource),
+                u.namespace.clone(),
+                u.requests,
+            )
+        })
+        .collect();
+    assert_eq!(
+        used,
+        [
+            ("get leases".to_owned(), Some("wakegate".to_owned()), 1),
+            ("list services".to_owned(), None, 2),
+        ]
+    );
+    let unused: Vec<_> = DEPLOY_BASE_GRANTS
+        .into_iter()
+        .filter(|g| {
+            *g != ("list", "", "services") && *g != ("get", "coordination.k8s.io", "leases")
+        })
+        .collect();
+    assert_eq!(grant_keys(&report.unused), keys(&unused));
+    let text = report.to_string();
+    assert!(
+        text.contains(
+            "patch deployments/scale in API group \"apps\" cluster-wide (ClusterRole wakegate \
+             via ClusterRoleBinding wakegate)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "update leases in API group \"coordination.k8s.io\" in namespace \"wakegate\" (Role \
+             wakegate/wakegate-leader-election via RoleBinding wakegate/wakegate-leader-election)"
+        ),
+        "{text}"
+    );
+}
+
+// Injected faults.
+
+#[tokio::test]
+async fn fault_429_reaches_a_client_that_does_not_retry_and_a_retrying_one_waits_it_out() {
+    let api = FakeApi::start().await;
+    api.apply(service("a", json!({})));
+    let fault = api.inject(
+        Fault::too_many_requests(1)
+            .on(http::Method::GET, "/api/v1/namespaces/default/services")
+            .times(1),
+    );
+    let services = Api::<Service>::namespaced(client_without_retries(&api), "default");
+    let error = services.list(&Default::default()).await.unwrap_err();
+    let kube::Error::Api(status) = error else {
+        panic!("expected an API error, got {error:?}")
+    };
+    assert_eq!(
+        (status.code, status.reason.as_str()),
+        (429, "TooManyRequests")
+    );
+    assert_eq!(status.details.unwrap().retry_after_seconds, 1);
+    assert_eq!(fault.answered(), 1);
+    assert!(!fault.is_active());
+    assert_eq!(
+        services
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+
+    // kube's default client waits Retry-After and tries again.
+    let fault = api.inject(
+        Fault::too_many_requests(1)
+            .on(http::Method::GET, "/api/v1/namespaces/default/services")
+            .times(2),
+    );
+    let started = std::time::Instant::now();
+    let listed = Api::<Service>::namespaced(api.client(), "default")
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 1);
+    assert_eq!(fault.answered(), 2);
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // On the wire: the header and the Status.
+    let fault = api.inject(Fault::too_many_requests(7));
+    let response = raw_exchange(api.addr(), "GET /api/v1/services HTTP/1.0\r\n\r\n").await;
+    assert_eq!(raw_status(&response), 429, "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("\r\nretry-after: 7\r\n"),
+        "{response}"
+    );
+    let body: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["details"], json!({"retryAfterSeconds": 7}));
+    assert_eq!(body["reason"], "TooManyRequests");
+    assert_eq!(body["kind"], "Status");
+    fault.clear();
+    assert!(!fault.is_active());
+    let response = raw_exchange(api.addr(), "GET /api/v1/services HTTP/1.0\r\n\r\n").await;
+    assert_eq!(raw_status(&response), 200, "{response}");
+    assert_eq!(fault.answered(), 1);
+}
+
+#[tokio::test]
+async fn fault_500_on_the_list_the_watcher_retries_until_it_recovers() {
+    let api = FakeApi::start().await;
+    api.apply(service("a", json!({})));
+    let fault = api.inject(
+        Fault::internal_error()
+            .on(http::Method::GET, "/api/v1/services")
+            .watch(false)
+            .times(3),
+    );
+    let (store, writer) = reflector::store::<Service>();
+    let stream = watcher(
+        Api::<Service>::all(api.client()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer);
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let sink = errors.clone();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(watcher::Error::InitialListFailed(kube::Error::Api(status))) = event {
+                sink.lock().unwrap().push((
+                    status.code,
+                    status.reason.clone(),
+                    status.message.clone(),
+                ));
+            }
+        }
+    });
+    within(
+        30,
+        "the watcher's list after three 500s",
+        store.wait_until_ready(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(names(&store), ["a"]);
+    assert_eq!(fault.answered(), 3);
+    let expected = (
+        500,
+        "InternalError".to_owned(),
+        "Internal error occurred: a fault injected by the test".to_owned(),
+    );
+    assert_eq!(*errors.lock().unwrap(), vec![expected; 3]);
+    // Its watch was not touched, and follows changes.
+    api.apply(service("b", json!({})));
+    eventually(5, "b appears", || names(&store) == ["a", "b"]).await;
+    task.abort();
+}
+
+#[tokio::test]
+async fn fault_503_is_retried_by_the_default_client_and_seen_without_retries() {
+    let api = FakeApi::start().await;
+    api.apply(deployment("web", 0));
+    let path = "/apis/apps/v1/namespaces/default/deployments/web/scale";
+    let fault = api.inject(Fault::service_unavailable().on(http::Method::PATCH, path));
+    let two = Patch::Merge(json!({"spec": {"replicas": 2}}));
+    let error = Api::<Deployment>::namespaced(client_without_retries(&api), "default")
+        .patch_scale("web", &PatchParams::default(), &two)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        api_error(error),
+        (
+            503,
+            "ServiceUnavailable".into(),
+            "the server is currently unable to handle the request".into()
+        )
+    );
+    assert_eq!(fault.answered(), 1);
+    fault.clear();
+
+    let fault = api.inject(
+        Fault::service_unavailable()
+            .on(http::Method::PATCH, path)
+            .times(2),
+    );
+    Api::<Deployment>::namespaced(api.client(), "default")
+        .patch_scale("web", &PatchParams::default(), &two)
+        .await
+        .unwrap();
+    assert_eq!(fault.answered(), 2);
+    assert_eq!(api.deployment_replicas("default", "web"), Some(2));
+    // GETs were never matched.
+    assert_eq!(
+        Api::<Deployment>::namespaced(client_without_retries(&api), "default")
+            .get_scale("web")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .replicas,
+        Some(2)
+    );
+}
+
+#[tokio::test]
+async fn fault_401_answers_until_cleared_and_only_watches_when_asked() {
+    let api = FakeApi::start().await;
+    api.apply(service("a", json!({})));
+    let services = Api::<Service>::namespaced(api.client(), "default");
+    let fault = api.inject(Fault::unauthorized().on(http::Method::GET, "/api/v1/"));
+    for _ in 0..3 {
+        let error = services.list(&Default::default()).await.unwrap_err();
+        assert_eq!(
+            api_error(error),
+            (401, "Unauthorized".into(), "Unauthorized".into())
+        );
+    }
+    assert_eq!(fault.answered(), 3);
+    api.clear_faults();
+    assert!(!fault.is_active());
+    assert_eq!(
+        services
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+
+    // Only watches, in both spellings; lists pass.
+    let fault = api.inject(
+        Fault::internal_error()
+            .message("etcdserver: request timed out")
+            .watch(true),
+    );
+    for (request, code) in [
+        ("GET /api/v1/services?watch=true", 500),
+        ("GET /api/v1/watch/services", 500),
+        ("GET /api/v1/services", 200),
+        ("GET /api/v1/services?watch=false", 200),
+    ] {
+        let response = raw_exchange(api.addr(), &format!("{request} HTTP/1.0\r\n\r\n")).await;
+        assert_eq!(raw_status(&response), code, "{request}: {response}");
+        if code == 500 {
+            let body: Value =
+                serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+            assert_eq!(
+                body["message"],
+                "Internal error occurred: etcdserver: request timed out"
+            );
+            assert_eq!(
+                body["details"],
+                json!({"causes": [{"message": "etcdserver: request timed out"}]})
+            );
+        }
+    }
+    assert_eq!(fault.answered(), 2);
+}
+
+#[tokio::test]
+async fn rbac_from_manifests_names_bindings_to_missing_roles_in_the_403() {
+    let api = FakeApi::start().await;
+    let binding = |kind: &str, namespace: Option<&str>, role_kind: &str, role: &str| {
+        let mut object = json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": kind,
+            "metadata": {"name": "dangling"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": role},
+            "subjects": [{"kind": "Group", "name": "system:serviceaccounts:wakegate"}],
+        });
+        if let Some(namespace) = namespace {
+            object["metadata"]["namespace"] = namespace.into();
+        }
+        object
+    };
+    api.enforce_rbac(Rbac::from_manifests(&[
+        binding("ClusterRoleBinding", None, "ClusterRole", "gone2"),
+        binding("RoleBinding", Some("demo"), "Role", "gone"),
+    ]));
+    let client = api.client();
+    let (code, _, message) = api_error(
+        Api::<Service>::namespaced(client.clone(), "demo")
+            .list(&Default::default())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 403);
+    assert_eq!(
+        message,
+        format!(
+            "services is forbidden: User \"{SA}\" cannot list resource \"services\" in API \
+             group \"\" in the namespace \"demo\": RBAC: [clusterrole.rbac.authorization.k8s.io \
+             \"gone2\" not found, role.rbac.authorization.k8s.io \"gone\" not found]"
+        )
+    );
+    let (_, _, message) = api_error(
+        Api::<Service>::all(client)
+            .list(&Default::default())
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        message.ends_with(
+            "at the cluster scope: RBAC: clusterrole.rbac.authorization.k8s.io \"gone2\" not found"
+        ),
+        "{message}"
+    );
+    let report = api.rbac_report();
+    assert_eq!(report.denied.len(), 2);
+    assert_eq!(report.unused, []);
 }

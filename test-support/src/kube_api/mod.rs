@@ -11,12 +11,26 @@
 //! parses and answers requests (routing, create, replace, patch and apply, `/scale`), `watch`
 //! streams lists and watches (bookmarks, `410 Expired`), `selector` holds label and field
 //! selectors, and `kubelet` runs the simulated pods.
+//!
+//! In front of them, `gate` answers injected faults (`faults`: 429, 500, 503, 401) and, in
+//! RBAC mode, authenticates bearer tokens (`auth`: 401) and authorizes each request against
+//! the rendered manifests' RBAC objects (`rbac`: 403), recording which grant each request
+//! used. The in-process helpers ([`FakeApi::apply`], [`FakeApi::get`], ...) and the kubelet
+//! bypass all of it.
 
+mod auth;
+mod faults;
+mod gate;
 mod kubelet;
+mod rbac;
 mod rest;
 mod selector;
 mod store;
 mod watch;
+
+pub use auth::{ADMIN_TOKEN, SERVICE_ACCOUNT_GROUPS, SERVICE_ACCOUNT_TOKEN, SERVICE_ACCOUNT_USER};
+pub use faults::{Fault, FaultAnswer, InjectedFault};
+pub use rbac::{Denied, Grant, Rbac, RbacReport, Use};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +41,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use gate::Gate;
 use kubelet::{pod_ip, pod_name, run_kubelet};
 use rest::serve;
 use store::{Kind, Shared, State, Stored};
@@ -36,6 +51,7 @@ use store::{Kind, Shared, State, Stored};
 pub struct FakeApi {
     addr: SocketAddr,
     shared: Arc<Shared>,
+    gate: Arc<Gate>,
     server: JoinHandle<()>,
     kubelet: Mutex<Option<JoinHandle<()>>>,
 }
@@ -66,10 +82,12 @@ impl FakeApi {
             .expect("bind the fake API server");
         let addr = listener.local_addr().expect("local address");
         let shared = Arc::new(Shared::default());
-        let server = tokio::spawn(serve(listener, shared.clone()));
+        let gate = Arc::new(Gate::default());
+        let server = tokio::spawn(serve(listener, shared.clone(), gate.clone()));
         FakeApi {
             addr,
             shared,
+            gate,
             server,
             kubelet: Mutex::new(None),
         }
@@ -84,16 +102,54 @@ impl FakeApi {
         format!("http://{}", self.addr)
     }
 
-    /// A `kube::Client` for this server (default namespace `default`).
-    pub fn client(&self) -> kube::Client {
-        let url = self.url().parse().expect("a valid URL");
-        kube::Client::try_from(kube::Config::new(url)).expect("a kube client")
+    /// A `kube::Config` for this server (default namespace `default`): without credentials,
+    /// or in RBAC mode with the ServiceAccount's token, like [`FakeApi::write_kubeconfig`].
+    pub fn config(&self) -> kube::Config {
+        let token = self.gate.rbac_enabled().then_some(SERVICE_ACCOUNT_TOKEN);
+        self.config_with_token(token)
     }
 
-    /// Writes `dir/kubeconfig`: this server, one context, a user without credentials, and
-    /// namespace `default`; returns its path.
+    /// A `kube::Config` for this server that sends `token` as its bearer token, if any.
+    pub fn config_with_token(&self, token: Option<&str>) -> kube::Config {
+        let url = self.url().parse().expect("a valid URL");
+        let mut config = kube::Config::new(url);
+        if let Some(token) = token {
+            config.auth_info = serde_json::from_value(serde_json::json!({"token": token}))
+                .expect("an AuthInfo with a token");
+        }
+        config
+    }
+
+    /// A `kube::Client` for this server, from [`FakeApi::config`]: in RBAC mode it is
+    /// wakegate's ServiceAccount.
+    pub fn client(&self) -> kube::Client {
+        kube::Client::try_from(self.config()).expect("a kube client")
+    }
+
+    /// A `kube::Client` as the admin (`system:masters`), whom RBAC does not restrict.
+    pub fn admin_client(&self) -> kube::Client {
+        kube::Client::try_from(self.config_with_token(Some(ADMIN_TOKEN))).expect("a kube client")
+    }
+
+    /// Writes `dir/kubeconfig`: this server, one context, namespace `default`, and a user
+    /// without credentials or, in RBAC mode (turn it on first), with the bearer token of
+    /// wakegate's ServiceAccount; returns its path.
     pub fn write_kubeconfig(&self, dir: &Path) -> PathBuf {
-        let path = dir.join("kubeconfig");
+        let token = self.gate.rbac_enabled().then_some(SERVICE_ACCOUNT_TOKEN);
+        self.write_kubeconfig_file(&dir.join("kubeconfig"), token)
+    }
+
+    /// Writes `dir/admin.kubeconfig`, like [`FakeApi::write_kubeconfig`] but with the admin's
+    /// token; returns its path.
+    pub fn write_admin_kubeconfig(&self, dir: &Path) -> PathBuf {
+        self.write_kubeconfig_file(&dir.join("admin.kubeconfig"), Some(ADMIN_TOKEN))
+    }
+
+    fn write_kubeconfig_file(&self, path: &Path, token: Option<&str>) -> PathBuf {
+        let user = match token {
+            Some(token) => format!("{{token: {token}}}"),
+            None => "{}".to_owned(),
+        };
         let text = format!(
             "apiVersion: v1
 kind: Config
@@ -110,12 +166,41 @@ contexts:
 current-context: fake
 users:
 - name: fake
-  user: {{}}
+  user: {user}
 ",
             url = self.url()
         );
-        std::fs::write(&path, text).expect("write kubeconfig");
-        path
+        std::fs::write(path, text).expect("write kubeconfig");
+        path.to_owned()
+    }
+
+    /// RBAC mode: from now on a request needs a bearer token (else `401 Unauthorized`):
+    /// wakegate's ServiceAccount's ([`SERVICE_ACCOUNT_TOKEN`], user
+    /// [`SERVICE_ACCOUNT_USER`]), which `rbac` authorizes like the real RBAC authorizer
+    /// (else `403 Forbidden` with the real message), or the admin's ([`ADMIN_TOKEN`]), which
+    /// it does not restrict. Every request is recorded for [`FakeApi::rbac_report`]; calling
+    /// it again starts a new record. E.g. `api.enforce_rbac(Rbac::from_deploy("deploy/base"))`.
+    pub fn enforce_rbac(&self, rbac: Rbac) {
+        self.gate.enforce(rbac);
+    }
+
+    /// What RBAC allowed, by grant, and denied since [`FakeApi::enforce_rbac`], and the
+    /// ServiceAccount's grants no request used. Panics if RBAC mode is off.
+    pub fn rbac_report(&self) -> RbacReport {
+        self.gate
+            .report()
+            .expect("rbac_report needs RBAC mode: call enforce_rbac first")
+    }
+
+    /// Answers the requests that `fault` matches with its error, until it is used up or
+    /// cleared; the handle counts them. Faults answer in the order injected.
+    pub fn inject(&self, fault: Fault) -> InjectedFault {
+        self.gate.faults.inject(fault)
+    }
+
+    /// Clears every injected fault.
+    pub fn clear_faults(&self) {
+        self.gate.faults.clear();
     }
 
     /// Creates or replaces an object of a served kind (a Namespace is accepted and ignored),

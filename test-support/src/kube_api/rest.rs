@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 
+use super::gate::Gate;
 use super::selector::Filter;
 use super::store::{Kind, ScalePatch, Shared, State, str_at};
 use super::watch::start_watch;
@@ -90,7 +91,7 @@ fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
 pub(super) struct Query(Vec<(String, String)>);
 
 impl Query {
-    fn parse(query: &str) -> Query {
+    pub(super) fn parse(query: &str) -> Query {
         Query(
             query
                 .split('&')
@@ -139,14 +140,16 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, gate: Arc<Gate>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let shared = shared.clone();
+        let gate = gate.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| handle(shared.clone(), req));
+            let service =
+                hyper::service::service_fn(move |req| handle(shared.clone(), gate.clone(), req));
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -156,6 +159,7 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
 
 async fn handle(
     shared: Arc<Shared>,
+    gate: Arc<Gate>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, std::io::Error> {
     let method = req.method().clone();
@@ -176,6 +180,10 @@ async fn handle(
                 "the fake API server is down",
             ));
         }
+    }
+    // Injected faults, then authentication and RBAC when enforced (see `gate`).
+    if let Some(response) = gate.check(&method, &path, &query, req.headers()) {
+        return Ok(response);
     }
     let content_type = req
         .headers()
