@@ -11,7 +11,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -131,6 +131,13 @@ fn service_lists(api: &FakeApi) -> usize {
 fn status_code(error: kube::Error) -> (u16, String) {
     match error {
         kube::Error::Api(status) => (status.code, status.reason.clone()),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+fn api_error(error: kube::Error) -> kube::core::Status {
+    match error {
+        kube::Error::Api(status) => *status,
         other => panic!("expected an API error, got {other:?}"),
     }
 }
@@ -646,4 +653,125 @@ async fn dropping_the_fake_api_kills_its_pods() {
         !process_alive(pid as i32)
     })
     .await;
+}
+
+// ---- Paginated lists -----------------------------------------------------------------------
+
+fn item_names(list: &kube::api::ObjectList<Service>) -> Vec<String> {
+    list.items.iter().map(|s| s.name_any()).collect()
+}
+
+#[tokio::test]
+async fn lists_page_with_limit_and_continue_from_one_snapshot_and_expire_like_etcd() {
+    let api = FakeApi::start().await;
+    for i in 0..1201 {
+        api.apply(service(&format!("s{i:04}"), json!({"tier": "web"})));
+    }
+    let client = api.client();
+
+    // The watcher lists 500 at a time, as client-go does.
+    let services = reflect(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .await;
+    assert_eq!(services.store.state().len(), 1201);
+    let lists: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("GET /api/v1/services?") && !r.contains("watch="))
+        .collect();
+    assert_eq!(lists.len(), 3, "{lists:?}");
+    assert!(lists.iter().all(|r| r.contains("limit=500")), "{lists:?}");
+    assert!(!lists[0].contains("continue=") && lists[1..].iter().all(|r| r.contains("continue=")));
+
+    let namespaced: Api<Service> = Api::namespaced(client.clone(), "default");
+    let first = namespaced
+        .list(&ListParams::default().limit(2))
+        .await
+        .unwrap();
+    assert_eq!(item_names(&first), ["s0000", "s0001"]);
+    assert_eq!(first.metadata.remaining_item_count, Some(1199));
+    let token = first.metadata.continue_.clone().unwrap();
+    let version = first.metadata.resource_version.clone().unwrap();
+
+    // Changes after the first page do not show in the next ones.
+    api.delete("Service", "default", "s0002");
+    api.apply(service("s0001a", json!({})));
+    let second = namespaced
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .unwrap();
+    assert_eq!(item_names(&second), ["s0002", "s0003"]);
+    assert_eq!(
+        second.metadata.resource_version.as_deref(),
+        Some(version.as_str())
+    );
+    assert_eq!(second.metadata.remaining_item_count, Some(1197));
+
+    // A selector leaves remainingItemCount out; resourceVersion=0 is not paged.
+    let selected = namespaced
+        .list(&ListParams::default().labels("tier=web").limit(2))
+        .await
+        .unwrap();
+    assert_eq!(item_names(&selected), ["s0000", "s0001"]);
+    assert!(selected.metadata.continue_.is_some());
+    assert_eq!(selected.metadata.remaining_item_count, None);
+    // (kube leaves resourceVersion=0 out when it sends a limit; a raw request does not.)
+    let cached = raw_exchange(
+        api.addr(),
+        "GET /api/v1/namespaces/default/services?limit=2&resourceVersion=0 HTTP/1.0\r\n\r\n",
+    )
+    .await;
+    let (_, body) = cached.split_once("\r\n\r\n").unwrap();
+    let cached: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(cached["items"].as_array().unwrap().len(), 1201);
+    assert_eq!(cached["metadata"].get("continue"), None);
+
+    // A continue token from before a compaction: 410, with a token to go on inconsistently.
+    api.expire_watch_history();
+    let next = second.metadata.continue_.clone().unwrap();
+    let status = api_error(
+        namespaced
+            .list(&ListParams::default().limit(2).continue_token(&next))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((status.code, status.reason.as_str()), (410, "Expired"));
+    assert_eq!(
+        status.message,
+        "The provided continue parameter is too old to display a consistent list result. You \
+         can start a new list without the continue parameter, or use the continue token in \
+         this response to retrieve the remainder of the results. Continuing with the provided \
+         token results in an inconsistent list - objects that were created, modified, or \
+         deleted between the time the first chunk was returned and now may show up in the \
+         list."
+    );
+    let inconsistent = status.metadata.unwrap().continue_.unwrap();
+    let rest = namespaced
+        .list(&ListParams::default().limit(2).continue_token(&inconsistent))
+        .await
+        .unwrap();
+    assert_eq!(item_names(&rest), ["s0004", "s0005"]);
+    assert_ne!(
+        rest.metadata.resource_version.as_deref(),
+        Some(version.as_str())
+    );
+
+    let status = api_error(
+        namespaced
+            .list(
+                &ListParams::default()
+                    .limit(2)
+                    .continue_token("bm90IGEgdG9rZW4"),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status.code, 400);
+    assert!(
+        status
+            .message
+            .starts_with("invalid continue token: continue key is not valid")
+    );
 }

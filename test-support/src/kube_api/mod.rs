@@ -4,15 +4,17 @@
 //! demo backends on loopback addresses and publishes them in EndpointSlices.
 //!
 //! One global resourceVersion orders every change. Each kind keeps a bounded history of its
-//! changes, which watches replay from; a watch from before the history gets `410 Expired`,
-//! which is what makes a real client relist.
+//! changes, which watches replay from and paginated lists rebuild their snapshot from; a
+//! watch or a continue token from before the history gets `410 Expired`, which is what makes
+//! a real client relist.
 //!
 //! The modules, by concern: `store` keeps the objects and their resourceVersions, `rest`
-//! parses and answers requests (routing, create, replace, patch and apply, `/scale`), `watch`
-//! streams lists and watches (bookmarks, `410 Expired`), `selector` holds label and field
-//! selectors, and `kubelet` runs the simulated pods.
+//! parses and answers requests (routing, create, replace, patch and apply, `/scale`), `list`
+//! pages lists, `watch` streams watches (bookmarks, `410 Expired`), `selector` holds label
+//! and field selectors, and `kubelet` runs the simulated pods.
 
 mod kubelet;
+mod list;
 mod rest;
 mod selector;
 mod store;

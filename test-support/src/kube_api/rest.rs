@@ -1,4 +1,5 @@
-//! The REST protocol: requests parsed and routed; get, list, create, replace, patch
+//! The REST protocol: requests parsed and routed; get, list (paged, see `list`), create,
+//! replace, patch
 //! (merge, strategic merge, server-side apply), delete and `/scale`, with the real server's
 //! validation and errors.
 
@@ -13,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 
+use super::list::list;
 use super::selector::Filter;
 use super::store::{Kind, ScalePatch, Shared, State, str_at};
 use super::watch::start_watch;
@@ -23,15 +25,27 @@ pub(super) struct ApiError {
     code: StatusCode,
     reason: &'static str,
     message: String,
+    metadata: Option<Value>,
 }
 
 impl ApiError {
-    fn new(code: StatusCode, reason: &'static str, message: impl Into<String>) -> ApiError {
+    pub(super) fn new(
+        code: StatusCode,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             code,
             reason,
             message: message.into(),
+            metadata: None,
         }
+    }
+
+    /// With the Status's `metadata` (a fresh `continue` token).
+    pub(super) fn with_metadata(mut self, metadata: Value) -> ApiError {
+        self.metadata = Some(metadata);
+        self
     }
 
     pub(super) fn bad_request(message: impl Into<String>) -> ApiError {
@@ -59,7 +73,11 @@ impl ApiError {
     }
 
     fn status(&self) -> Value {
-        status_json(self.code.as_u16(), self.reason, &self.message)
+        let mut status = status_json(self.code.as_u16(), self.reason, &self.message);
+        if let Some(metadata) = &self.metadata {
+            status["metadata"] = metadata.clone();
+        }
+        status
     }
 }
 
@@ -266,17 +284,8 @@ fn route(shared: &Arc<Shared>, path: &str, req: &ApiRequest) -> Result<Response<
                 if req.query.flag("watch") {
                     start_watch(shared, kind, filter, &req.query)
                 } else {
-                    let state = shared.state();
-                    let items = state.list(kind, &filter);
-                    Ok(json_response(
-                        StatusCode::OK,
-                        &json!({
-                            "kind": format!("{}List", kind.name()),
-                            "apiVersion": kind.api_version(),
-                            "metadata": {"resourceVersion": state.rv.to_string()},
-                            "items": items,
-                        }),
-                    ))
+                    let list = list(&shared.state(), kind, namespace, &filter, &req.query)?;
+                    Ok(json_response(StatusCode::OK, &list))
                 }
             }
             Method::POST => {

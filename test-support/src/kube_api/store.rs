@@ -116,7 +116,8 @@ pub(super) struct Change {
     pub(super) change: ChangeType,
     pub(super) object: Value,
     /// The object before a modification, so a filtered watch can tell an object that left
-    /// (or entered) its selection.
+    /// (or entered) its selection, or before a deletion, so a paginated list can rebuild an
+    /// earlier version.
     pub(super) previous: Option<Value>,
 }
 
@@ -265,9 +266,15 @@ impl State {
             .objects
             .remove(&(kind, namespace.to_owned(), name.to_owned()))?;
         let rv = self.bump();
-        let mut object = stored.object;
+        let mut object = stored.object.clone();
         object["metadata"]["resourceVersion"] = rv.to_string().into();
-        self.record(kind, rv, ChangeType::Deleted, object.clone(), None);
+        self.record(
+            kind,
+            rv,
+            ChangeType::Deleted,
+            object.clone(),
+            Some(stored.object),
+        );
         Some(object)
     }
 
