@@ -11,7 +11,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -774,4 +774,168 @@ async fn lists_page_with_limit_and_continue_from_one_snapshot_and_expire_like_et
             .message
             .starts_with("invalid continue token: continue key is not valid")
     );
+}
+
+// ---- Events validation ---------------------------------------------------------------------
+
+fn events_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
+    let resource = kube::api::ApiResource::erase::<k8s_openapi::api::events::v1::Event>(&());
+    Api::namespaced_with(client.clone(), namespace, &resource)
+}
+
+/// An events.k8s.io/v1 Event in `default` that passes, with `extra` merged in (null: left
+/// out).
+fn event_v1(name: &str, extra: Value) -> DynamicObject {
+    let mut event = json!({
+        "apiVersion": "events.k8s.io/v1",
+        "kind": "Event",
+        "metadata": {"name": name},
+        "eventTime": "2025-01-01T00:00:00.000000Z",
+        "reportingController": "wakegate",
+        "reportingInstance": "wakegate-0",
+        "action": "Scale",
+        "reason": "Woken",
+        "type": "Normal",
+        "regarding": {"kind": "Service", "name": "web", "namespace": "default"},
+        "note": "woken by a request",
+    });
+    for (key, value) in extra.as_object().unwrap() {
+        if value.is_null() {
+            event.as_object_mut().unwrap().remove(key);
+        } else {
+            event[key] = value.clone();
+        }
+    }
+    serde_json::from_value(event).unwrap()
+}
+
+const QUALIFIED_NAME: &str = "name part must consist of alphanumeric characters, '-', '_' or \
+    '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  \
+    or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')";
+
+#[tokio::test]
+async fn events_are_validated_like_the_real_server() {
+    let api = FakeApi::start().await;
+    let client = api.client();
+    let events = events_api(&client, "default");
+    let post = PostParams::default();
+    let refused = |result: Result<DynamicObject, kube::Error>| {
+        let status = api_error(result.unwrap_err());
+        assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+        status
+    };
+
+    // The note may have 1024 bytes, not more: the message names the internal field.
+    events
+        .create(&post, &event_v1("fits", json!({"note": "x".repeat(1024)})))
+        .await
+        .unwrap();
+    let status = refused(
+        events
+            .create(&post, &event_v1("long", json!({"note": "x".repeat(1025)})))
+            .await,
+    );
+    assert_eq!(
+        status.message,
+        "Event \"long\" is invalid: message: Invalid value: \"\": can have at most 1024 characters"
+    );
+    let details = status.details.unwrap();
+    assert_eq!(
+        (details.name.as_str(), details.kind.as_str()),
+        ("long", "Event")
+    );
+    assert_eq!(details.causes.len(), 1);
+    assert_eq!(details.causes[0].reason, "FieldValueInvalid");
+    assert_eq!(details.causes[0].field, "message");
+    assert_eq!(
+        details.causes[0].message,
+        "Invalid value: \"\": can have at most 1024 characters"
+    );
+    // Bytes, not characters.
+    let status = refused(
+        events
+            .create(&post, &event_v1("wide", json!({"note": "é".repeat(600)})))
+            .await,
+    );
+    assert!(status.message.ends_with("can have at most 1024 characters"));
+
+    let status = refused(
+        events
+            .create(&post, &event_v1("r", json!({"reason": "r".repeat(129)})))
+            .await,
+    );
+    assert_eq!(
+        status.message,
+        "Event \"r\" is invalid: reason: Invalid value: \"\": can have at most 128 characters"
+    );
+
+    // What the reporting fields and regarding's namespace need, all at once.
+    let bare = event_v1(
+        "bare",
+        json!({"reportingController": null, "reportingInstance": null, "action": null,
+               "regarding": {"kind": "Service", "name": "web"}}),
+    );
+    let status = refused(events_api(&client, "demo").create(&post, &bare).await);
+    assert_eq!(
+        status.message,
+        format!(
+            "Event \"bare\" is invalid: [involvedObject.namespace: Invalid value: \"\": does not \
+             match event.namespace, reportingController: Required value, reportingController: \
+             Invalid value: \"\": name part must be non-empty, reportingController: Invalid \
+             value: \"\": {QUALIFIED_NAME}, reportingInstance: Required value, action: Required \
+             value]"
+        )
+    );
+    assert_eq!(status.details.unwrap().causes.len(), 6);
+
+    let status = refused(
+        events
+            .create(&post, &event_v1("untimed", json!({"eventTime": null})))
+            .await,
+    );
+    assert_eq!(
+        status.message,
+        "Event \"untimed\" is invalid: eventTime: Required value"
+    );
+    let status = refused(
+        events
+            .create(&post, &event_v1("typed", json!({"type": "Info"})))
+            .await,
+    );
+    assert_eq!(
+        status.message,
+        "Event \"typed\" is invalid: type: Invalid value: \"\": has invalid value: Info"
+    );
+
+    // What describes the occurrence cannot change (as on servers since 1.22).
+    let status = refused(
+        events
+            .patch(
+                "fits",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"note": "changed"})),
+            )
+            .await,
+    );
+    assert_eq!(
+        status.message,
+        "Event \"fits\" is invalid: message: Invalid value: \"changed\": field is immutable"
+    );
+
+    // Core v1 events get the legacy checks.
+    let core: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client, "default");
+    let elsewhere = serde_json::from_value(json!({
+        "metadata": {"name": "elsewhere"},
+        "involvedObject": {"kind": "Service", "name": "web", "namespace": "other"},
+        "reason": "Woken",
+    }))
+    .unwrap();
+    let status = api_error(core.create(&post, &elsewhere).await.unwrap_err());
+    assert_eq!(status.code, 422);
+    assert_eq!(
+        status.message,
+        "Event \"elsewhere\" is invalid: involvedObject.namespace: Invalid value: \"other\": \
+         does not match event.namespace"
+    );
+    assert_eq!(api.events().len(), 1, "only the valid event was stored");
 }

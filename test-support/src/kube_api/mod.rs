@@ -10,9 +10,11 @@
 //!
 //! The modules, by concern: `store` keeps the objects and their resourceVersions, `rest`
 //! parses and answers requests (routing, create, replace, patch and apply, `/scale`), `list`
-//! pages lists, `watch` streams watches (bookmarks, `410 Expired`), `selector` holds label
-//! and field selectors, and `kubelet` runs the simulated pods.
+//! pages lists, `events` validates Events, `watch` streams watches (bookmarks, `410
+//! Expired`), `selector` holds label and field selectors, and `kubelet` runs the simulated
+//! pods.
 
+mod events;
 mod kubelet;
 mod list;
 mod rest;

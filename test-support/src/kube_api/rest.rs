@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 
+use super::events::validate;
 use super::list::list;
 use super::selector::Filter;
 use super::store::{Kind, ScalePatch, Shared, State, str_at};
@@ -25,6 +26,7 @@ pub(super) struct ApiError {
     code: StatusCode,
     reason: &'static str,
     message: String,
+    details: Option<Value>,
     metadata: Option<Value>,
 }
 
@@ -38,8 +40,15 @@ impl ApiError {
             code,
             reason,
             message: message.into(),
+            details: None,
             metadata: None,
         }
+    }
+
+    /// With the Status's `details` (causes, or the object's kind and name).
+    pub(super) fn with_details(mut self, details: Value) -> ApiError {
+        self.details = Some(details);
+        self
     }
 
     /// With the Status's `metadata` (a fresh `continue` token).
@@ -74,6 +83,9 @@ impl ApiError {
 
     fn status(&self) -> Value {
         let mut status = status_json(self.code.as_u16(), self.reason, &self.message);
+        if let Some(details) = &self.details {
+            status["details"] = details.clone();
+        }
         if let Some(metadata) = &self.metadata {
             status["metadata"] = metadata.clone();
         }
@@ -397,6 +409,7 @@ fn create(
             format!("{} \"{name}\" already exists", kind.qualified()),
         ));
     }
+    validate(kind, &object, None)?;
     Ok(state.write(kind, object))
 }
 
@@ -420,6 +433,7 @@ fn replace(
         return Err(ApiError::conflict(kind, name));
     }
     object["metadata"]["namespace"] = namespace.into();
+    validate(kind, &object, Some(current))?;
     Ok(state.write(kind, object))
 }
 
@@ -487,6 +501,7 @@ fn patch(
     ] {
         merged["metadata"][field] = current["metadata"][field].clone();
     }
+    validate(kind, &merged, Some(&current))?;
     if state.get(kind, namespace, name).is_some() && merged == current {
         // A no-op write changes nothing, not even the resourceVersion.
         return Ok(current);
