@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -938,4 +938,542 @@ async fn events_are_validated_like_the_real_server() {
          does not match event.namespace"
     );
     assert_eq!(api.events().len(), 1, "only the valid event was stored");
+}
+
+// ---- Field ownership and server-side apply -----------------------------------------------
+
+/// (manager, operation, subresource) of each managedFields entry, as a client reads them.
+fn entries(meta: &kube::api::ObjectMeta) -> Vec<(String, String, Option<String>)> {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .map(|e| {
+            (
+                e.manager.clone().unwrap_or_default(),
+                e.operation.clone().unwrap_or_default(),
+                e.subresource.clone(),
+            )
+        })
+        .collect()
+}
+
+/// The fieldsV1 of `manager`'s entry.
+fn fields_of(meta: &kube::api::ObjectMeta, manager: &str) -> Value {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .find(|e| e.manager.as_deref() == Some(manager))
+        .and_then(|e| e.fields_v1.as_ref())
+        .map(|f| f.0.clone())
+        .unwrap_or(Value::Null)
+}
+
+fn owners(api: &FakeApi, field: &str) -> Vec<String> {
+    let mut owners = api.owners("Deployment", "default", "web", field);
+    owners.sort();
+    owners
+}
+
+fn applied(name: &str, spec: Value) -> Patch<Value> {
+    Patch::Apply(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+}
+
+#[tokio::test]
+async fn apply_conflicts_on_another_managers_field_unless_forced_or_unchanged() {
+    let api = FakeApi::start().await;
+    api.apply(deployment("web", 1));
+    assert_eq!(
+        api.managers("Deployment", "default", "web"),
+        [("test".into(), "Update".into(), None)]
+    );
+    assert_eq!(owners(&api, ".spec.replicas"), ["test"]);
+    let deployments: Api<Deployment> = Api::namespaced(api.client(), "default");
+
+    // Another value for a field "test" owns: 409, the real server's message and causes.
+    let error = deployments
+        .patch(
+            "web",
+            &PatchParams::apply("argo"),
+            &applied("web", json!({"replicas": 3})),
+        )
+        .await
+        .unwrap_err();
+    let status = api_error(error);
+    assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
+    assert_eq!(
+        status.message,
+        "Apply failed with 1 conflict: conflict with \"test\" using apps/v1: .spec.replicas"
+    );
+    let causes = status.details.unwrap().causes;
+    assert_eq!(causes.len(), 1);
+    assert_eq!(causes[0].reason, "FieldManagerConflict");
+    assert_eq!(causes[0].field, ".spec.replicas");
+    assert_eq!(causes[0].message, "conflict with \"test\" using apps/v1");
+    assert_eq!(api.deployment_replicas("default", "web"), Some(1));
+
+    // The same value: no conflict, shared ownership.
+    let shared = deployments
+        .patch(
+            "web",
+            &PatchParams::apply("argo"),
+            &applied("web", json!({"replicas": 1})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(owners(&api, ".spec.replicas"), ["argo", "test"]);
+    assert_eq!(
+        fields_of(&shared.metadata, "argo"),
+        json!({"f:spec": {"f:replicas": {}}})
+    );
+    let entry = shared
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .find(|e| e.manager.as_deref() == Some("argo"))
+        .unwrap();
+    assert_eq!(entry.operation.as_deref(), Some("Apply"));
+    assert_eq!(entry.api_version.as_deref(), Some("apps/v1"));
+    assert_eq!(entry.fields_type.as_deref(), Some("FieldsV1"));
+    assert!(entry.time.is_some() && entry.subresource.is_none());
+
+    // Forced: argo takes the field over; test keeps the rest of what it set.
+    let forced = deployments
+        .patch(
+            "web",
+            &PatchParams::apply("argo").force(),
+            &applied("web", json!({"replicas": 3})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(forced.spec.unwrap().replicas, Some(3));
+    assert_eq!(owners(&api, ".spec.replicas"), ["argo"]);
+    assert_eq!(owners(&api, ".spec.template.metadata.labels.app"), ["test"]);
+    // Apply entries come first, as on the real server.
+    assert_eq!(
+        entries(&forced.metadata),
+        [
+            ("argo".into(), "Apply".into(), None),
+            ("test".into(), "Update".into(), None)
+        ]
+    );
+
+    // An Apply owner is named without an apiVersion; several conflicts are grouped by
+    // manager, sorted.
+    let error = deployments
+        .patch(
+            "web",
+            &PatchParams::apply("other"),
+            &applied(
+                "web",
+                json!({"replicas": 5, "template": {"metadata": {"labels": {"app": "web2"}}}}),
+            ),
+        )
+        .await
+        .unwrap_err();
+    let status = api_error(error);
+    assert_eq!(
+        status.message,
+        "Apply failed with 2 conflicts: conflicts with \"argo\":\n- .spec.replicas\n\
+         conflicts with \"test\" using apps/v1:\n- .spec.template.metadata.labels.app"
+    );
+    let mut fields: Vec<(String, String)> = status
+        .details
+        .unwrap()
+        .causes
+        .into_iter()
+        .map(|c| (c.field, c.message))
+        .collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            (".spec.replicas".into(), "conflict with \"argo\"".into()),
+            (
+                ".spec.template.metadata.labels.app".into(),
+                "conflict with \"test\" using apps/v1".into()
+            ),
+        ]
+    );
+
+    // The field manager is required for an apply.
+    let error = deployments
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &applied("web", json!({"replicas": 1})),
+        )
+        .await;
+    // kube refuses an apply without a field manager before sending it.
+    assert!(error.is_err());
+}
+
+#[tokio::test]
+async fn fields_an_applier_leaves_out_are_removed_unless_someone_else_owns_them() {
+    let api = FakeApi::start().await;
+    api.apply(deployment("web", 1));
+    let deployments: Api<Deployment> = Api::namespaced(api.client(), "default");
+    let with_labels = |labels: Value| {
+        Patch::Apply(json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "web", "labels": labels},
+        }))
+    };
+    deployments
+        .patch(
+            "web",
+            &PatchParams::apply("a"),
+            &with_labels(json!({"team": "x", "tier": "web"})),
+        )
+        .await
+        .unwrap();
+    // b applies the same tier: shared.
+    deployments
+        .patch(
+            "web",
+            &PatchParams::apply("b"),
+            &with_labels(json!({"tier": "web"})),
+        )
+        .await
+        .unwrap();
+    // a leaves both out: team goes, tier stays (b owns it).
+    let after = deployments
+        .patch(
+            "web",
+            &PatchParams::apply("a"),
+            &Patch::Apply(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                                 "metadata": {"name": "web"}})),
+        )
+        .await
+        .unwrap();
+    let labels = after.metadata.labels.clone().unwrap();
+    assert_eq!(labels.get("team"), None);
+    assert_eq!(labels.get("tier").map(String::as_str), Some("web"));
+    // a owns nothing any more: its entry is gone.
+    assert_eq!(
+        entries(&after.metadata),
+        [
+            ("b".into(), "Apply".into(), None),
+            ("test".into(), "Update".into(), None)
+        ]
+    );
+    // b leaves tier out too: the labels are gone.
+    let after = deployments
+        .patch(
+            "web",
+            &PatchParams::apply("b"),
+            &Patch::Apply(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                                 "metadata": {"name": "web"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(after.metadata.labels, None);
+}
+
+#[tokio::test]
+async fn updates_own_what_they_change_and_take_it_from_appliers() {
+    let api = FakeApi::start().await;
+    let client = api.client();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+
+    // A create owns everything it sets, the defaulted replicas included.
+    let mut manifest: Deployment = serde_json::from_value(deployment("web", 1)).unwrap();
+    manifest.spec.as_mut().unwrap().replicas = None;
+    let created = deployments
+        .create(
+            &PostParams {
+                field_manager: Some("creator".into()),
+                ..Default::default()
+            },
+            &manifest,
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.spec.as_ref().unwrap().replicas, Some(1));
+    assert_eq!(
+        entries(&created.metadata),
+        [("creator".into(), "Update".into(), None)]
+    );
+    assert_eq!(
+        fields_of(&created.metadata, "creator")["f:spec"]["f:replicas"],
+        json!({})
+    );
+    assert_eq!(created.status, None, "a create's status is dropped");
+
+    deployments
+        .patch(
+            "web",
+            &PatchParams::apply("wakegate").force(),
+            &applied("web", json!({"replicas": 2})),
+        )
+        .await
+        .unwrap();
+
+    // A merge patch with the same value changes nothing: no entry, no new version.
+    let before = deployments.get("web").await.unwrap();
+    let editor = PatchParams {
+        field_manager: Some("editor".into()),
+        ..Default::default()
+    };
+    let same = deployments
+        .patch(
+            "web",
+            &editor,
+            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(same.resource_version(), before.resource_version());
+    assert_eq!(owners(&api, ".spec.replicas"), ["wakegate"]);
+
+    // Another value: editor owns it now, the applier lost it (and its now empty entry).
+    let changed = deployments
+        .patch(
+            "web",
+            &editor,
+            &Patch::Merge(json!({"spec": {"replicas": 4}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(owners(&api, ".spec.replicas"), ["editor"]);
+    assert_eq!(
+        entries(&changed.metadata),
+        [
+            ("creator".into(), "Update".into(), None),
+            ("editor".into(), "Update".into(), None)
+        ]
+    );
+
+    // Without a field manager, the kube client (no User-Agent) is "unknown".
+    deployments
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"x": "1"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(owners(&api, ".metadata.labels.x"), ["unknown"]);
+
+    // A replace owns what it changes; the status it sends is ignored.
+    let mut current = deployments.get("web").await.unwrap();
+    current.spec.as_mut().unwrap().replicas = Some(6);
+    current.status = Some(Default::default());
+    current.status.as_mut().unwrap().replicas = Some(99);
+    let replaced = deployments
+        .replace(
+            "web",
+            &PostParams {
+                field_manager: Some("putter".into()),
+                ..Default::default()
+            },
+            &current,
+        )
+        .await
+        .unwrap();
+    assert_eq!(replaced.spec.unwrap().replicas, Some(6));
+    assert_eq!(replaced.status, None);
+    assert_eq!(owners(&api, ".spec.replicas"), ["putter"]);
+}
+
+// ---- /scale of every workload kind ---------------------------------------------------------
+
+fn statefulset(name: &str, replicas: i32) -> Value {
+    let mut object = deployment(name, replicas);
+    object["kind"] = "StatefulSet".into();
+    object["spec"]["serviceName"] = name.into();
+    object
+}
+
+fn rollout(name: &str, replicas: i32) -> Value {
+    let mut object = deployment(name, replicas);
+    object["apiVersion"] = "argoproj.io/v1alpha1".into();
+    object["kind"] = "Rollout".into();
+    object["spec"]["strategy"] = json!({"canary": {}});
+    object
+}
+
+fn rollouts_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "argoproj.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "argoproj.io/v1alpha1".into(),
+        kind: "Rollout".into(),
+        plural: "rollouts".into(),
+    }
+}
+
+fn scale_to(replicas: i32) -> Patch<Value> {
+    Patch::Apply(json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+                        "spec": {"replicas": replicas}}))
+}
+
+/// What `/scale` does for a workload kind, through `api` (of that kind).
+async fn scale_subresource_owns_replicas<K>(fake: &FakeApi, api: Api<K>, kind: &str, version: &str)
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    // GET of the object itself.
+    let object = api.get("web").await.unwrap();
+    assert_eq!(object.meta().name.as_deref(), Some("web"));
+    assert_eq!(
+        api.get_scale("web").await.unwrap().spec.unwrap().replicas,
+        Some(1)
+    );
+
+    // "test" owns replicas through the main resource: an apply to /scale conflicts.
+    let error = api
+        .patch_scale("web", &PatchParams::apply("wakegate"), &scale_to(2))
+        .await
+        .unwrap_err();
+    let status = api_error(error);
+    assert_eq!(status.code, 409);
+    assert_eq!(
+        status.message,
+        format!(
+            "Apply failed with 1 conflict: conflict with \"test\" using {version}: .spec.replicas"
+        )
+    );
+
+    // Forced, wakegate owns it with subresource scale.
+    let scale = api
+        .patch_scale("web", &PatchParams::apply("wakegate").force(), &scale_to(2))
+        .await
+        .unwrap();
+    assert_eq!(scale.spec.unwrap().replicas, Some(2));
+    assert_eq!(fake.replicas(kind, "default", "web"), Some(2));
+    assert_eq!(
+        fake.owners(kind, "default", "web", ".spec.replicas"),
+        ["wakegate"]
+    );
+    let object = api.get("web").await.unwrap();
+    let ours = object
+        .meta()
+        .managed_fields
+        .iter()
+        .flatten()
+        .find(|e| e.manager.as_deref() == Some("wakegate"))
+        .unwrap()
+        .clone();
+    assert_eq!(ours.operation.as_deref(), Some("Apply"));
+    assert_eq!(ours.subresource.as_deref(), Some("scale"));
+    assert_eq!(ours.api_version.as_deref(), Some(version));
+    assert_eq!(
+        ours.fields_v1.unwrap().0,
+        json!({"f:spec": {"f:replicas": {}}})
+    );
+
+    // An Update through /scale (kubectl scale, an HPA) takes it over.
+    let scale = fake.scale_as("hpa", kind, "default", "web", 4);
+    assert_eq!(scale["spec"]["replicas"], 4);
+    assert_eq!(
+        fake.owners(kind, "default", "web", ".spec.replicas"),
+        ["hpa"]
+    );
+    assert!(fake.managers(kind, "default", "web").contains(&(
+        "hpa".into(),
+        "Update".into(),
+        Some("scale".into())
+    )));
+    let error = api
+        .patch_scale("web", &PatchParams::apply("wakegate"), &scale_to(0))
+        .await
+        .unwrap_err();
+    let status = api_error(error);
+    assert_eq!(
+        status.message,
+        format!(
+            "Apply failed with 1 conflict: conflict with \"hpa\" with subresource \"scale\" \
+             using {version}: .spec.replicas"
+        )
+    );
+    assert_eq!(
+        status.details.unwrap().causes[0].message,
+        format!("conflict with \"hpa\" with subresource \"scale\" using {version}")
+    );
+
+    // A merge patch of /scale by a named manager is an Update with subresource scale too.
+    let merge = PatchParams {
+        field_manager: Some("kubectl".into()),
+        ..Default::default()
+    };
+    api.patch_scale(
+        "web",
+        &merge,
+        &Patch::Merge(json!({"spec": {"replicas": 3}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        fake.owners(kind, "default", "web", ".spec.replicas"),
+        ["kubectl"]
+    );
+    assert_eq!(
+        fake.scale_patches("default", "web"),
+        [("wakegate".into(), 2), ("kubectl".into(), 3)]
+    );
+}
+
+#[tokio::test]
+async fn scale_of_deployments_statefulsets_and_rollouts_owns_replicas_as_subresource_scale() {
+    let fake = FakeApi::start().await;
+    let client = fake.client();
+    fake.apply(deployment("web", 1));
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    scale_subresource_owns_replicas(&fake, deployments, "Deployment", "apps/v1").await;
+
+    let fake = FakeApi::start().await;
+    let client = fake.client();
+    fake.apply(statefulset("web", 1));
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+    scale_subresource_owns_replicas(&fake, statefulsets, "StatefulSet", "apps/v1").await;
+
+    let fake = FakeApi::start().await;
+    let client = fake.client();
+    fake.apply(rollout("web", 1));
+    let rollouts: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &rollouts_resource());
+    scale_subresource_owns_replicas(&fake, rollouts, "Rollout", "argoproj.io/v1alpha1").await;
+}
+
+#[tokio::test]
+async fn server_side_apply_helper_reports_conflicts_as_the_client_would_see_them() {
+    let api = FakeApi::start().await;
+    api.apply(statefulset("db", 2));
+    let mut config = statefulset("db", 3);
+    config["spec"] = json!({"replicas": 3});
+    let (code, status) = api
+        .server_side_apply("kubectl", config.clone(), false)
+        .unwrap_err();
+    assert_eq!(code, 409);
+    assert_eq!(status["reason"], "Conflict");
+    assert_eq!(status["details"]["causes"][0]["field"], ".spec.replicas");
+    let applied = api.server_side_apply("kubectl", config, true).unwrap();
+    assert_eq!(applied["spec"]["replicas"], 3);
+    assert_eq!(
+        api.owners("StatefulSet", "default", "db", ".spec.replicas"),
+        ["kubectl"]
+    );
+    let managed = api.managed_fields("StatefulSet", "default", "db");
+    assert_eq!(managed[0].manager, "kubectl");
+    assert_eq!(managed[0].operation, "Apply");
+    assert_eq!(managed[0].fields, [".spec.replicas"]);
+    assert_eq!(managed[1].manager, "test");
+    assert!(!managed[1].fields.contains(&".spec.replicas".to_owned()));
+
+    // An apply that creates: the applier owns what it applied, nothing else.
+    let created = api
+        .server_side_apply("argo", rollout("canary", 2), false)
+        .unwrap();
+    assert_eq!(created["metadata"]["managedFields"][0]["manager"], "argo");
+    assert_eq!(
+        api.managers("Rollout", "default", "canary"),
+        [("argo".into(), "Apply".into(), None)]
+    );
 }

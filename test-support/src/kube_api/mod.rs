@@ -1,22 +1,31 @@
 //! A Kubernetes API server test double that the real `kube` client talks to over HTTP: the
-//! REST and watch protocol (JSON only) for Services, EndpointSlices, Deployments and their
-//! `/scale`, Leases and Events, and a simulated kubelet that runs a Deployment's pods as local
-//! demo backends on loopback addresses and publishes them in EndpointSlices.
+//! REST and watch protocol (JSON only) for Services, EndpointSlices, Deployments,
+//! StatefulSets and Argo Rollouts (`argoproj.io/v1alpha1`) and their `/scale`, Leases and
+//! Events, and a simulated kubelet that runs a Deployment's pods as local demo backends on
+//! loopback addresses and publishes them in EndpointSlices.
 //!
 //! One global resourceVersion orders every change. Each kind keeps a bounded history of its
 //! changes, which watches replay from and paginated lists rebuild their snapshot from; a
 //! watch or a continue token from before the history gets `410 Expired`, which is what makes
 //! a real client relist.
 //!
+//! Every write through the REST API records field ownership in `metadata.managedFields`
+//! (an Update for a create, replace or merge patch, an Apply for a server-side apply), and a
+//! server-side apply that would change another manager's field is refused with the real
+//! `409 Conflict` unless forced. Writes to `/scale` are recorded on the workload with
+//! `subresource: "scale"`, as servers since 1.22 do (a server at 1.20 records none).
+//! [`FakeApi::apply`] writes as an Update by [`TEST_MANAGER`].
+//!
 //! The modules, by concern: `store` keeps the objects and their resourceVersions, `rest`
-//! parses and answers requests (routing, create, replace, patch and apply, `/scale`), `list`
-//! pages lists, `events` validates Events, `watch` streams watches (bookmarks, `410
-//! Expired`), `selector` holds label and field selectors, and `kubelet` runs the simulated
-//! pods.
+//! parses and answers requests (routing, create, replace, patch and apply, `/scale`),
+//! `managed` keeps field ownership and does server-side apply, `list` pages lists, `events`
+//! validates Events, `watch` streams watches (bookmarks, `410 Expired`), `selector` holds
+//! label and field selectors, and `kubelet` runs the simulated pods.
 
 mod events;
 mod kubelet;
 mod list;
+mod managed;
 mod rest;
 mod selector;
 mod store;
@@ -32,8 +41,12 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use kubelet::{pod_ip, pod_name, run_kubelet};
-use rest::serve;
-use store::{Kind, Shared, State, Stored};
+use managed::Writer;
+use rest::{scale_of, scale_update, serve, server_side_apply};
+use store::{Kind, Shared, State, Stored, default_fields};
+
+/// The field manager of [`FakeApi::apply`]'s writes.
+pub const TEST_MANAGER: &str = "test";
 
 /// A running fake API server. Dropping it stops the server, cuts its watches and kills the
 /// simulated pods.
@@ -60,6 +73,19 @@ pub struct SimPod {
     pub addr: SocketAddr,
     pub pid: u32,
     pub ready: bool,
+}
+
+/// One `metadata.managedFields` entry, as a test sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagedFields {
+    pub manager: String,
+    /// `"Apply"` or `"Update"`.
+    pub operation: String,
+    pub api_version: String,
+    /// `Some("scale")` for a write through `/scale`, `Some("status")` through `/status`.
+    pub subresource: Option<String>,
+    /// The owned fields, as `.spec.replicas` (lists are owned whole, as one field).
+    pub fields: Vec<String>,
 }
 
 impl FakeApi {
@@ -123,27 +149,126 @@ users:
     }
 
     /// Creates or replaces an object of a served kind (a Namespace is accepted and ignored),
-    /// as a client's create or update would: watches see ADDED or MODIFIED. The namespace
-    /// defaults to `default`, a Deployment's `spec.replicas` to 1, and a Deployment applied
+    /// as a client's create or update would: watches see ADDED or MODIFIED, and the fields it
+    /// changes are owned by an Update of manager [`TEST_MANAGER`] (`"test"`). The namespace
+    /// defaults to `default`, a workload's `spec.replicas` to 1, and a workload applied
     /// without `status` keeps the one it had. Returns the stored object.
     pub fn apply(&self, object: Value) -> Value {
-        let api_version = object["apiVersion"].as_str().unwrap_or_default();
-        let kind_name = object["kind"].as_str().unwrap_or_default();
-        if kind_name == "Namespace" {
+        let (kind, mut object) = typed(object);
+        if kind.is_none() {
             return object;
         }
-        let kind = Kind::from_type(api_version, kind_name).unwrap_or_else(|| {
-            panic!("the fake API server does not serve {api_version} {kind_name}")
-        });
-        let mut object = object;
-        if object["metadata"]["namespace"].as_str().is_none() {
-            object["metadata"]["namespace"] = "default".into();
-        }
-        assert!(
-            object["metadata"]["name"].is_string(),
-            "apply needs metadata.name: {object}"
-        );
-        self.shared.mutate(|state| state.write(kind, object))
+        let kind = kind.expect("a kind");
+        let namespace = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        self.shared.mutate(|state| {
+            let current = state.get(kind, &namespace, &name).cloned();
+            default_fields(kind, &mut object);
+            if object["status"].is_null()
+                && let Some(current) = &current
+                && !current["status"].is_null()
+            {
+                object["status"] = current["status"].clone();
+            }
+            let writer = Writer {
+                manager: TEST_MANAGER,
+                subresource: None,
+            };
+            managed::update(kind, current.as_ref(), &mut object, writer);
+            state.write(kind, object)
+        })
+    }
+
+    /// A server-side apply of `object` by `manager`, as `kubectl apply --server-side
+    /// [--force-conflicts]` would make it: the stored object, or the error status the
+    /// client would get (409 with the conflicts, unless `force`).
+    pub fn server_side_apply(
+        &self,
+        manager: &str,
+        object: Value,
+        force: bool,
+    ) -> Result<Value, (u16, Value)> {
+        let (kind, object) = typed(object);
+        let kind = kind.expect("server-side apply of a served kind");
+        let namespace = object["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let name = object["metadata"]["name"].as_str().unwrap_or("").to_owned();
+        self.shared
+            .mutate(|state| {
+                server_side_apply(state, kind, &namespace, &name, &object, manager, force)
+            })
+            .map_err(|error| (error.code(), error.status()))
+    }
+
+    /// An Update of a workload's replicas through `/scale` by `manager`, as `kubectl scale`
+    /// or an HPA makes it: `manager` owns `.spec.replicas` with subresource `scale`. `kind`
+    /// is `"Deployment"`, `"StatefulSet"` or `"Rollout"`. Returns the Scale.
+    pub fn scale_as(
+        &self,
+        manager: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        replicas: i32,
+    ) -> Value {
+        let kind = workload_kind(kind);
+        self.shared.mutate(|state| {
+            let current = state
+                .get(kind, namespace, name)
+                .unwrap_or_else(|| panic!("no {} {namespace}/{name}", kind.name()))
+                .clone();
+            scale_of(
+                kind,
+                &scale_update(state, kind, &current, replicas, manager),
+            )
+        })
+    }
+
+    /// The `metadata.managedFields` of an object, in the server's order.
+    pub fn managed_fields(&self, kind: &str, namespace: &str, name: &str) -> Vec<ManagedFields> {
+        let Some(object) = self.get(kind, namespace, name) else {
+            return Vec::new();
+        };
+        managed::entries(&object)
+            .into_iter()
+            .map(|entry| ManagedFields {
+                fields: entry.field_names(),
+                manager: entry.manager,
+                operation: format!("{:?}", entry.operation),
+                api_version: entry.api_version,
+                subresource: entry.subresource,
+            })
+            .collect()
+    }
+
+    /// (manager, operation, subresource) of each managedFields entry of an object.
+    pub fn managers(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Vec<(String, String, Option<String>)> {
+        self.managed_fields(kind, namespace, name)
+            .into_iter()
+            .map(|m| (m.manager, m.operation, m.subresource))
+            .collect()
+    }
+
+    /// The managers owning `field` (as `.spec.replicas`) of an object.
+    pub fn owners(&self, kind: &str, namespace: &str, name: &str, field: &str) -> Vec<String> {
+        let Some(object) = self.get(kind, namespace, name) else {
+            return Vec::new();
+        };
+        managed::entries(&object)
+            .into_iter()
+            .filter(|entry| entry.owns(field))
+            .map(|entry| entry.manager)
+            .collect()
     }
 
     /// Deletes an object (watches see DELETED); false if there was none.
@@ -155,8 +280,8 @@ users:
         })
     }
 
-    /// The stored object, `kind` being e.g. `"Service"` or `"Lease"` (`"Event"` finds both
-    /// events.k8s.io and core events).
+    /// The stored object, `kind` being e.g. `"Service"`, `"StatefulSet"` or `"Lease"`
+    /// (`"Event"` finds both events.k8s.io and core events).
     pub fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
         let state = self.shared.state();
         Kind::named(kind)
@@ -166,14 +291,20 @@ users:
 
     /// A Deployment's `spec.replicas`.
     pub fn deployment_replicas(&self, namespace: &str, name: &str) -> Option<i32> {
-        let object = self.get("Deployment", namespace, name)?;
+        self.replicas("Deployment", namespace, name)
+    }
+
+    /// A workload's `spec.replicas` (`kind`: `"Deployment"`, `"StatefulSet"`, `"Rollout"`).
+    pub fn replicas(&self, kind: &str, namespace: &str, name: &str) -> Option<i32> {
+        let object = self.get(kind, namespace, name)?;
         object["spec"]["replicas"]
             .as_i64()
             .and_then(|n| i32::try_from(n).ok())
     }
 
-    /// Every write to a Deployment's `/scale` (PATCH or PUT) that named a replica count, in
-    /// order: (field manager, replicas). The manager is `""` when the request named none.
+    /// Every accepted write through the API to a workload's `/scale` (PATCH or PUT) that
+    /// named a replica count, in order: (field manager, replicas). The manager is `""` when the
+    /// request named none.
     pub fn scale_patches(&self, namespace: &str, name: &str) -> Vec<(String, i32)> {
         self.shared
             .state()
@@ -247,6 +378,34 @@ users:
             })
             .collect()
     }
+}
+
+/// The kind of a manifest, and the manifest with its namespace defaulted; no kind for a
+/// Namespace.
+fn typed(object: Value) -> (Option<Kind>, Value) {
+    let api_version = object["apiVersion"].as_str().unwrap_or_default();
+    let kind_name = object["kind"].as_str().unwrap_or_default();
+    if kind_name == "Namespace" {
+        return (None, object);
+    }
+    let kind = Kind::from_type(api_version, kind_name)
+        .unwrap_or_else(|| panic!("the fake API server does not serve {api_version} {kind_name}"));
+    let mut object = object;
+    if object["metadata"]["namespace"].as_str().is_none() {
+        object["metadata"]["namespace"] = "default".into();
+    }
+    assert!(
+        object["metadata"]["name"].is_string(),
+        "a manifest needs metadata.name: {object}"
+    );
+    (Some(kind), object)
+}
+
+fn workload_kind(name: &str) -> Kind {
+    Kind::named(name)
+        .into_iter()
+        .find(|k| k.is_workload())
+        .unwrap_or_else(|| panic!("{name} is not a workload kind"))
 }
 
 impl Drop for FakeApi {
