@@ -609,7 +609,10 @@ async fn kubelet_turns_replicas_into_ready_demo_backends_and_zero_into_none() {
         pods.iter().all(|p| !process_alive(p.pid as i32))
     })
     .await;
-    assert!(api.pods("default", "web").is_empty());
+    eventually(5, "the pods are reaped", || {
+        api.pods("default", "web").is_empty()
+    })
+    .await;
     let status = deployments.get("web").await.unwrap().status.unwrap();
     assert_eq!(status.ready_replicas, None);
 }
@@ -1476,4 +1479,187 @@ async fn server_side_apply_helper_reports_conflicts_as_the_client_would_see_them
         api.managers("Rollout", "default", "canary"),
         [("argo".into(), "Apply".into(), None)]
     );
+}
+
+// ---- The kubelet for every workload kind; terminating endpoints ----------------------------
+
+/// (address, ready, serving, terminating) of each endpoint of a slice.
+fn conditions(slice: &EndpointSlice) -> Vec<(String, bool, bool, bool)> {
+    slice
+        .endpoints
+        .iter()
+        .map(|e| {
+            let c = e.conditions.clone().unwrap_or_default();
+            (
+                e.addresses[0].clone(),
+                c.ready == Some(true),
+                c.serving == Some(true),
+                c.terminating == Some(true),
+            )
+        })
+        .collect()
+}
+
+fn slice_of(store: &Store<EndpointSlice>, name: &str) -> Option<EndpointSlice> {
+    store
+        .state()
+        .iter()
+        .find(|s| s.name_any() == name)
+        .map(|s| s.as_ref().clone())
+}
+
+#[tokio::test]
+async fn kubelet_runs_statefulsets_and_rollouts_like_deployments() {
+    let api = FakeApi::start().await;
+    api.apply(service("db", json!({})));
+    api.apply(statefulset("db", 0));
+    api.apply(service("canary", json!({})));
+    api.apply(rollout("canary", 0));
+    api.start_kubelet(KubeletOptions {
+        startup_delay: Duration::ZERO,
+        program: bin().into(),
+    });
+    let client = api.client();
+    let slices = reflect(
+        Api::<EndpointSlice>::namespaced(client.clone(), "default"),
+        watcher::Config::default(),
+    )
+    .await;
+    let ready = |name: &str| {
+        slice_of(&slices.store, name)
+            .map(|s| conditions(&s).iter().filter(|c| c.1).count())
+            .unwrap_or(0)
+    };
+
+    api.scale_as("hpa", "StatefulSet", "default", "db", 2);
+    api.scale_as("hpa", "Rollout", "default", "canary", 1);
+    eventually(10, "two ready db pods and one canary pod", || {
+        ready("db-sim") == 2 && ready("canary-sim") == 1
+    })
+    .await;
+    let names: Vec<String> = api
+        .pods("default", "db")
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, ["db-0", "db-1"]);
+    let slice = slice_of(&slices.store, "db-sim").unwrap();
+    let target = slice.endpoints[0].target_ref.clone().unwrap();
+    assert_eq!(target.name.as_deref(), Some("db-0"));
+
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+    eventually(5, "the StatefulSet's status", || {
+        api.get("StatefulSet", "default", "db").unwrap()["status"]["readyReplicas"] == 2
+    })
+    .await;
+    let status = statefulsets.get_status("db").await.unwrap().status.unwrap();
+    assert_eq!((status.replicas, status.ready_replicas), (2, Some(2)));
+    assert_eq!(
+        statefulsets
+            .get_scale("db")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .replicas,
+        2
+    );
+
+    let rollouts: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &rollouts_resource());
+    eventually(5, "the Rollout's status", || {
+        api.get("Rollout", "default", "canary").unwrap()["status"]["availableReplicas"] == 1
+    })
+    .await;
+    let scale = rollouts.get_scale("canary").await.unwrap();
+    let scale_status = scale.status.unwrap();
+    assert_eq!(scale_status.replicas, 1);
+    assert_eq!(scale_status.selector.as_deref(), Some("app=canary"));
+
+    // The controllers' writes have managers too.
+    assert!(api.managers("StatefulSet", "default", "db").contains(&(
+        "kube-controller-manager".into(),
+        "Update".into(),
+        Some("status".into())
+    )));
+    assert!(api.managers("Rollout", "default", "canary").contains(&(
+        "rollouts-controller".into(),
+        "Update".into(),
+        Some("status".into())
+    )));
+    assert_eq!(
+        api.managers("EndpointSlice", "default", "db-sim"),
+        [("kube-controller-manager".into(), "Update".into(), None)]
+    );
+
+    api.scale_as("hpa", "StatefulSet", "default", "db", 0);
+    api.scale_as("hpa", "Rollout", "default", "canary", 0);
+    eventually(10, "no endpoints left", || {
+        slice_of(&slices.store, "db-sim").is_some_and(|s| s.endpoints.is_empty())
+            && slice_of(&slices.store, "canary-sim").is_some_and(|s| s.endpoints.is_empty())
+    })
+    .await;
+    eventually(5, "no pods left", || {
+        api.pods("default", "db").is_empty() && api.pods("default", "canary").is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stopped_pod_stays_terminating_in_its_slice_until_its_process_exits() {
+    let api = FakeApi::start().await;
+    api.apply(service("web", json!({})));
+    api.apply(deployment("web", 2));
+    // Long enough for a poll to see; the test waits for conditions, not for the time.
+    api.set_stop_grace(Duration::from_secs(1));
+    api.start_kubelet(KubeletOptions {
+        startup_delay: Duration::ZERO,
+        program: bin().into(),
+    });
+    let client = api.client();
+    let slices = reflect(
+        Api::<EndpointSlice>::namespaced(client.clone(), "default"),
+        watcher::Config::default().labels("kubernetes.io/service-name=web"),
+    )
+    .await;
+    eventually(10, "two ready endpoints", || {
+        slice_of(&slices.store, "web-sim")
+            .is_some_and(|s| conditions(&s).iter().filter(|c| c.1 && c.2 && !c.3).count() == 2)
+    })
+    .await;
+
+    let deployments: Api<Deployment> = Api::namespaced(client, "default");
+    deployments
+        .patch_scale("web", &PatchParams::apply("wakegate").force(), &scale_to(1))
+        .await
+        .unwrap();
+    eventually(5, "one ready and one terminating endpoint", || {
+        slice_of(&slices.store, "web-sim").is_some_and(|s| {
+            conditions(&s)
+                == [
+                    ("127.0.0.2".into(), true, true, false),
+                    ("127.0.0.3".into(), false, true, true),
+                ]
+        })
+    })
+    .await;
+    let pods = api.pods("default", "web");
+    assert_eq!(pods.len(), 2);
+    let stopping = pods.iter().find(|p| p.terminating).unwrap().clone();
+    assert_eq!(stopping.addr.ip().to_string(), "127.0.0.3");
+    assert!(
+        process_alive(stopping.pid as i32),
+        "it still runs while terminating"
+    );
+
+    eventually(10, "the terminating endpoint is gone", || {
+        slice_of(&slices.store, "web-sim")
+            .is_some_and(|s| conditions(&s) == [("127.0.0.2".into(), true, true, false)])
+    })
+    .await;
+    assert!(
+        !process_alive(stopping.pid as i32),
+        "its process exited first"
+    );
+    assert_eq!(api.pods("default", "web").len(), 1);
 }

@@ -1,7 +1,7 @@
 //! A Kubernetes API server test double that the real `kube` client talks to over HTTP: the
 //! REST and watch protocol (JSON only) for Services, EndpointSlices, Deployments,
 //! StatefulSets and Argo Rollouts (`argoproj.io/v1alpha1`) and their `/scale`, Leases and
-//! Events, and a simulated kubelet that runs a Deployment's pods as local demo backends on
+//! Events, and a simulated kubelet that runs the workloads' pods as local demo backends on
 //! loopback addresses and publishes them in EndpointSlices.
 //!
 //! One global resourceVersion orders every change. Each kind keeps a bounded history of its
@@ -14,7 +14,9 @@
 //! server-side apply that would change another manager's field is refused with the real
 //! `409 Conflict` unless forced. Writes to `/scale` are recorded on the workload with
 //! `subresource: "scale"`, as servers since 1.22 do (a server at 1.20 records none).
-//! [`FakeApi::apply`] writes as an Update by [`TEST_MANAGER`].
+//! [`FakeApi::apply`] writes as an Update by [`TEST_MANAGER`]; the simulated controllers
+//! write as `kube-controller-manager` (a Rollout's status as `rollouts-controller`, both
+//! with `subresource: "status"`).
 //!
 //! The modules, by concern: `store` keeps the objects and their resourceVersions, `rest`
 //! parses and answers requests (routing, create, replace, patch and apply, `/scale`),
@@ -73,6 +75,8 @@ pub struct SimPod {
     pub addr: SocketAddr,
     pub pid: u32,
     pub ready: bool,
+    /// Stopped (scaled away): terminating in its EndpointSlice until its process has exited.
+    pub terminating: bool,
 }
 
 /// One `metadata.managedFields` entry, as a test sees it.
@@ -346,10 +350,13 @@ users:
         self.shared.mutate(State::expire_history);
     }
 
-    /// Starts the simulated kubelet (once): for each Deployment it keeps `spec.replicas` pods
-    /// running as `demo-backend` processes on 127.0.0.2, 127.0.0.3, … and one free port per
-    /// Deployment, publishes them in an EndpointSlice `{service}-sim` for every Service whose
-    /// selector matches the pod template, and keeps the Deployment's status up to date.
+    /// Starts the simulated kubelet (once): for each workload (Deployment, StatefulSet or
+    /// Rollout) it keeps `spec.replicas` pods running as `demo-backend` processes on
+    /// 127.0.0.2, 127.0.0.3, … and one free port per workload, publishes them in an
+    /// EndpointSlice `{service}-sim` for every Service whose selector matches the pod
+    /// template, and keeps the workload's status up to date. A pod scaled away stays in the
+    /// slice as terminating (`ready: false, serving: true, terminating: true`) for the stop
+    /// grace ([`FakeApi::set_stop_grace`]) and until its process has exited after SIGTERM.
     pub fn start_kubelet(&self, options: KubeletOptions) {
         assert!(
             options.program.exists(),
@@ -361,22 +368,49 @@ users:
         *kubelet = Some(tokio::spawn(run_kubelet(self.shared.clone(), options)));
     }
 
-    /// The simulated pods of a Deployment, by pod index.
-    pub fn pods(&self, namespace: &str, deployment: &str) -> Vec<SimPod> {
+    /// How long a pod scaled away keeps running (terminating in its EndpointSlice) before it
+    /// gets SIGTERM, like a `preStop` hook; 200 ms unless set. (A setter, not a
+    /// [`KubeletOptions`] field, so existing option literals stay valid.)
+    pub fn set_stop_grace(&self, grace: Duration) {
+        self.shared.kubelet().stop_grace = grace;
+    }
+
+    /// The simulated pods of the workload `name` (of any kind), by pod index, those being
+    /// stopped included (`terminating`) until their process has exited.
+    pub fn pods(&self, namespace: &str, name: &str) -> Vec<SimPod> {
         let kubelet = self.shared.kubelet();
-        let key = (namespace.to_owned(), deployment.to_owned());
-        let Some(sim) = kubelet.deployments.get(&key) else {
-            return Vec::new();
-        };
-        sim.pods
-            .iter()
-            .map(|(&index, pod)| SimPod {
-                name: pod_name(deployment, index),
-                addr: SocketAddr::new(pod_ip(index).into(), sim.port),
-                pid: pod.pid,
-                ready: pod.ready,
-            })
-            .collect()
+        let mut pods: Vec<(u8, SimPod)> = Vec::new();
+        for ((kind, ns, workload), sim) in &kubelet.workloads {
+            if ns != namespace || workload != name {
+                continue;
+            }
+            pods.extend(sim.pods.iter().map(|(&index, pod)| {
+                let pod = SimPod {
+                    name: pod_name(*kind, workload, index),
+                    addr: SocketAddr::new(pod_ip(index).into(), sim.port),
+                    pid: pod.pid,
+                    ready: pod.ready,
+                    terminating: false,
+                };
+                (index, pod)
+            }));
+        }
+        for stopping in &kubelet.stopping {
+            let (kind, ns, workload) = &stopping.workload;
+            if ns != namespace || workload != name {
+                continue;
+            }
+            let pod = SimPod {
+                name: pod_name(*kind, workload, stopping.index),
+                addr: SocketAddr::new(pod_ip(stopping.index).into(), stopping.port),
+                pid: stopping.process.pid,
+                ready: stopping.process.ready,
+                terminating: true,
+            };
+            pods.push((stopping.index, pod));
+        }
+        pods.sort_by_key(|(index, _)| *index);
+        pods.into_iter().map(|(_, pod)| pod).collect()
     }
 }
 
@@ -421,15 +455,14 @@ impl Drop for FakeApi {
             kubelet.abort();
         }
         let mut kubelet = self.shared.kubelet();
-        let pods = std::mem::take(&mut kubelet.deployments)
+        let pods = std::mem::take(&mut kubelet.workloads)
             .into_values()
-            .flat_map(|sim| sim.pods.into_values())
-            .map(|pod| pod.child);
+            .flat_map(|sim| sim.pods.into_values());
         let stopping = std::mem::take(&mut kubelet.stopping)
             .into_iter()
-            .map(|(child, _)| child);
-        for mut child in pods.chain(stopping) {
-            let _ = child.start_kill();
+            .map(|pod| pod.process);
+        for mut pod in pods.chain(stopping) {
+            let _ = pod.child.start_kill();
         }
     }
 }

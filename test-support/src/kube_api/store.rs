@@ -268,19 +268,6 @@ impl State {
         object
     }
 
-    /// `write`, unless the stored object already has this content; true if it wrote.
-    pub(super) fn write_if_changed(&mut self, kind: Kind, object: Value) -> bool {
-        let namespace = str_at(&object, "/metadata/namespace");
-        let name = str_at(&object, "/metadata/name");
-        if let Some(stored) = self.get(kind, namespace, name)
-            && without_server_fields(stored) == without_server_fields(&object)
-        {
-            return false;
-        }
-        self.write(kind, object);
-        true
-    }
-
     pub(super) fn remove(&mut self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
         let stored = self
             .objects
