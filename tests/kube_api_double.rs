@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -135,6 +135,13 @@ fn service_lists(api: &FakeApi) -> usize {
 fn status_code(error: kube::Error) -> (u16, String) {
     match error {
         kube::Error::Api(status) => (status.code, status.reason.clone()),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+fn api_status(error: kube::Error) -> kube::core::Status {
+    match error {
+        kube::Error::Api(status) => *status,
         other => panic!("expected an API error, got {other:?}"),
     }
 }
@@ -606,7 +613,10 @@ async fn kubelet_turns_replicas_into_ready_demo_backends_and_zero_into_none() {
         pods.iter().all(|p| !process_alive(p.pid as i32))
     })
     .await;
-    assert!(api.pods("default", "web").is_empty());
+    eventually(5, "the pods are reaped", || {
+        api.pods("default", "web").is_empty()
+    })
+    .await;
     let status = deployments.get("web").await.unwrap().status.unwrap();
     assert_eq!(status.ready_replicas, None);
 }
@@ -1414,4 +1424,1010 @@ async fn rbac_from_manifests_names_bindings_to_missing_roles_in_the_403() {
     let report = api.rbac_report();
     assert_eq!(report.denied.len(), 2);
     assert_eq!(report.unused, []);
+}
+
+// ---- Paginated lists -----------------------------------------------------------------------
+
+fn item_names(list: &kube::api::ObjectList<Service>) -> Vec<String> {
+    list.items.iter().map(|s| s.name_any()).collect()
+}
+
+#[tokio::test]
+async fn lists_page_with_limit_and_continue_from_one_snapshot_and_expire_like_etcd() {
+    let api = FakeApi::start().await;
+    for i in 0..1201 {
+        api.apply(service(&format!("s{i:04}"), json!({"tier": "web"})));
+    }
+    let client = api.client();
+
+    // The watcher lists 500 at a time, as client-go does.
+    let services = reflect(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .await;
+    assert_eq!(services.store.state().len(), 1201);
+    let lists: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("GET /api/v1/services?") && !r.contains("watch="))
+        .collect();
+    assert_eq!(lists.len(), 3, "{lists:?}");
+    assert!(lists.iter().all(|r| r.contains("limit=500")), "{lists:?}");
+    assert!(!lists[0].contains("continue=") && lists[1..].iter().all(|r| r.contains("continue=")));
+
+    let namespaced: Api<Service> = Api::namespaced(client.clone(), "default");
+    let first = namespaced
+        .list(&ListParams::default().limit(2))
+        .await
+        .unwrap();
+    assert_eq!(item_names(&first), ["s0000", "s0001"]);
+    assert_eq!(first.metadata.remaining_item_count, Some(1199));
+    let token = first.metadata.continue_.clone().unwrap();
+    let version = first.metadata.resource_version.clone().unwrap();
+
+    // Changes after the first page do not show in the next ones.
+    api.delete("Service", "default", "s0002");
+    api.apply(service("s0001a", json!({})));
+    let second = namespaced
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .unwrap();
+    assert_eq!(item_names(&second), ["s0002", "s0003"]);
+    assert_eq!(
+        second.metadata.resource_version.as_deref(),
+        Some(version.as_str())
+    );
+    assert_eq!(second.metadata.remaining_item_count, Some(1197));
+
+    // A selector leaves remainingItemCount out; resourceVersion=0 is not paged.
+    let selected = namespaced
+        .list(&ListParams::default().labels("tier=web").limit(2))
+        .await
+        .unwrap();
+    assert_eq!(item_names(&selected), ["s0000", "s0001"]);
+    assert!(selected.metadata.continue_.is_some());
+    assert_eq!(selected.metadata.remaining_item_count, None);
+    // (kube leaves resourceVersion=0 out when it sends a limit; a raw request does not.)
+    let cached = raw_exchange(
+        api.addr(),
+        "GET /api/v1/namespaces/default/services?limit=2&resourceVersion=0 HTTP/1.0\r\n\r\n",
+    )
+    .await;
+    let (_, body) = cached.split_once("\r\n\r\n").unwrap();
+    let cached: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(cached["items"].as_array().unwrap().len(), 1201);
+    assert_eq!(cached["metadata"].get("continue"), None);
+
+    // A continue token from before a compaction: 410, with a token to go on inconsistently.
+    api.expire_watch_history();
+    let next = second.metadata.continue_.clone().unwrap();
+    let status = api_status(
+        namespaced
+            .list(&ListParams::default().limit(2).continue_token(&next))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((status.code, status.reason.as_str()), (410, "Expired"));
+    assert_eq!(
+        status.message,
+        "The provided continue parameter is too old to display a consistent list result. You \
+         can start a new list without the continue parameter, or use the continue token in \
+         this response to retrieve the remainder of the results. Continuing with the provided \
+         token results in an inconsistent list - objects that were created, modified, or \
+         deleted between the time the first chunk was returned and now may show up in the \
+         list."
+    );
+    let inconsistent = status.metadata.unwrap().continue_.unwrap();
+    let rest = namespaced
+        .list(&ListParams::default().limit(2).continue_token(&inconsistent))
+        .await
+        .unwrap();
+    assert_eq!(item_names(&rest), ["s0004", "s0005"]);
+    assert_ne!(
+        rest.metadata.resource_version.as_deref(),
+        Some(version.as_str())
+    );
+
+    let status = api_status(
+        namespaced
+            .list(
+                &ListParams::default()
+                    .limit(2)
+                    .continue_token("bm90IGEgdG9rZW4"),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status.code, 400);
+    assert!(
+        status
+            .message
+            .starts_with("invalid continue token: continue key is not valid")
+    );
+}
+
+// ---- Events validation ---------------------------------------------------------------------
+
+fn events_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
+    let resource = kube::api::ApiResource::erase::<k8s_openapi::api::events::v1::Event>(&());
+    Api::namespaced_with(client.clone(), namespace, &resource)
+}
+
+/// An events.k8s.io/v1 Event in `default` that passes, with `extra` merged in (null: left
+/// out).
+fn event_v1(name: &str, extra: Value) -> DynamicObject {
+    let mut event = json!({
+        "apiVersion": "events.k8s.io/v1",
+        "kind": "Event",
+        "metadata": {"name": name},
+        "eventTime": "2025-01-01T00:00:00.000000Z",
+        "reportingController": "wakegate",
+        "reportingInstance": "wakegate-0",
+        "action": "Scale",
+        "reason": "Woken",
+        "type": "Normal",
+        "regarding": {"kind": "Service", "name": "web", "namespace": "default"},
+        "note": "woken by a request",
+    });
+    for (key, value) in extra.as_object().unwrap() {
+        if value.is_null() {
+            event.as_object_mut().unwrap().remove(key);
+        } else {
+            event[key] = value.clone();
+        }
+    }
+    serde_json::from_value(event).unwrap()
+}
+
+const QUALIFIED_NAME: &str = "name part must consist of alphanumeric characters, '-', '_' or \
+    '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  \
+    or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')";
+
+#[tokio::test]
+async fn events_are_validated_like_the_real_server() {
+    let api = FakeApi::start().await;
+    let client = api.client();
+    let events = events_api(&client, "default");
+    let post = PostParams::default();
+    let refused = |result: Result<DynamicObject, kube::Error>| {
+        let status = api_status(result.unwrap_err());
+        assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+        status
+    };
+
+    // The note may have 1024 bytes, not more: the message names the internal field.
+    events
+        .create(&post, &event_v1("fits", json!({"note": "x".repeat(1024)})))
+        .await
+        .unwrap();
+    let status = refused(
+        events
+            .create(&post, &event_v1("long", json!({"note": "x".repeat(1025)})))
+            .await,
+    );
+    assert_eq!(
+        status.message,
+        "Event \"long\" is invalid: message: Invalid value: \"\": can have at most 1024 characters"
+    );
+    let details = status.details.unwrap();
+    assert_eq!(
+        (details.name.as_str(), details.kind.as_str()),
+        ("long", "Event")
+    );
+    assert_eq!(details.causes.len(), 1);
+    assert_eq!(details.causes[0].reason, "FieldValueInvalid");
+    assert_eq!(details.causes[0].field, "message");
+    assert_eq!(
+        details.causes[0].message,
+        "Invalid value: \"\": can have at most 1024 characters"
+    );
+    // Bytes, not characters.
+    let status = refused(
+        events
+            .create(&post, &event_v1("wide", json!({"note": "é".repeat(600)})))
+            .await,
+    );
+    assert!(status.message.ends_with("can have at most 1024 characters"));
+
+    let status = refused(
+        events
+            .create(&post, &event_v1("r", json!({"reason": "r".repeat(129)})))
+            .await,
+    );
+    assert_eq!(
+        status.message,
+        "Event \"r\" is invalid: reason: Invalid value: \"\": can have at most 128 characters"
+    );
+
+    // What the reporting fields and regarding's namespace need, all at once.
+    let bare = event_v1(
+        "bare",
+        json!({"reportingController": null, "reportingInstance": null, "action": null,
+               "regarding": {"kind": "Service", "name": "web"}}),
+    );
+    let status = refused(events_api(&client, "demo").create(&post, &bare).await);
+    assert_eq!(
+        status.message,
+        format!(
+            "Event \"bare\" is invalid: [involvedObject.namespace: Invalid value: \"\": does not \
+             match event.namespace, reportingController: Required value, reportingController: \
+             Invalid value: \"\": name part must be non-empty, reportingController: Invalid \
+             value: \"\": {QUALIFIED_NAME}, reportingInstance: Required value, action: Required \
+             value]"
+        )
+    );
+    assert_eq!(status.details.unwrap().causes.len(), 6);
+
+    let status = refused(
+        events
+            .create(&post, &event_v1("untimed", json!({"eventTime": null})))
+            .await,
+    );
+    assert_eq!(
+        status.message,
+        "Event \"untimed\" is invalid: eventTime: Required value"
+    );
+    let status = refused(
+        events
+            .create(&post, &event_v1("typed", json!({"type": "Info"})))
+            .await,
+    );
+    assert_eq!(
+        status.message,
+        "Event \"typed\" is invalid: type: Invalid value: \"\": has invalid value: Info"
+    );
+
+    // What describes the occurrence cannot change (as on servers since 1.22).
+    let status = refused(
+        events
+            .patch(
+                "fits",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"note": "changed"})),
+            )
+            .await,
+    );
+    assert_eq!(
+        status.message,
+        "Event \"fits\" is invalid: message: Invalid value: \"changed\": field is immutable"
+    );
+
+    // Core v1 events get the legacy checks.
+    let core: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client, "default");
+    let elsewhere = serde_json::from_value(json!({
+        "metadata": {"name": "elsewhere"},
+        "involvedObject": {"kind": "Service", "name": "web", "namespace": "other"},
+        "reason": "Woken",
+    }))
+    .unwrap();
+    let status = api_status(core.create(&post, &elsewhere).await.unwrap_err());
+    assert_eq!(status.code, 422);
+    assert_eq!(
+        status.message,
+        "Event \"elsewhere\" is invalid: involvedObject.namespace: Invalid value: \"other\": \
+         does not match event.namespace"
+    );
+    assert_eq!(api.events().len(), 1, "only the valid event was stored");
+}
+
+// ---- Field ownership and server-side apply -----------------------------------------------
+
+/// (manager, operation, subresource) of each managedFields entry, as a client reads them.
+fn entries(meta: &kube::api::ObjectMeta) -> Vec<(String, String, Option<String>)> {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .map(|e| {
+            (
+                e.manager.clone().unwrap_or_default(),
+                e.operation.clone().unwrap_or_default(),
+                e.subresource.clone(),
+            )
+        })
+        .collect()
+}
+
+/// The fieldsV1 of `manager`'s entry.
+fn fields_of(meta: &kube::api::ObjectMeta, manager: &str) -> Value {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .find(|e| e.manager.as_deref() == Some(manager))
+        .and_then(|e| e.fields_v1.as_ref())
+        .map(|f| f.0.clone())
+        .unwrap_or(Value::Null)
+}
+
+fn owners(api: &FakeApi, field: &str) -> Vec<String> {
+    let mut owners = api.owners("Deployment", "default", "web", field);
+    owners.sort();
+    owners
+}
+
+fn applied(name: &str, spec: Value) -> Patch<Value> {
+    Patch::Apply(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+}
+
+#[tokio::test]
+async fn apply_conflicts_on_another_managers_field_unless_forced_or_unchanged() {
+    let api = FakeApi::start().await;
+    api.apply(deployment("web", 1));
+    assert_eq!(
+        api.managers("Deployment", "default", "web"),
+        [("test".into(), "Update".into(), None)]
+    );
+    assert_eq!(owners(&api, ".spec.replicas"), ["test"]);
+    let deployments: Api<Deployment> = Api::namespaced(api.client(), "default");
+
+    // Another value for a field "test" owns: 409, the real server's message and causes.
+    let error = deployments
+        .patch(
+            "web",
+            &PatchParams::apply("argo"),
+            &applied("web", json!({"replicas": 3})),
+        )
+        .await
+        .unwrap_err();
+    let status = api_status(error);
+    assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
+    assert_eq!(
+        status.message,
+        "Apply failed with 1 conflict: conflict with \"test\" using apps/v1: .spec.replicas"
+    );
+    let causes = status.details.unwrap().causes;
+    assert_eq!(causes.len(), 1);
+    assert_eq!(causes[0].reason, "FieldManagerConflict");
+    assert_eq!(causes[0].field, ".spec.replicas");
+    assert_eq!(causes[0].message, "conflict with \"test\" using apps/v1");
+    assert_eq!(api.deployment_replicas("default", "web"), Some(1));
+
+    // The same value: no conflict, shared ownership.
+    let shared = deployments
+        .patch(
+            "web",
+            &PatchParams::apply("argo"),
+            &applied("web", json!({"replicas": 1})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(owners(&api, ".spec.replicas"), ["argo", "test"]);
+    assert_eq!(
+        fields_of(&shared.metadata, "argo"),
+        json!({"f:spec": {"f:replicas": {}}})
+    );
+    let entry = shared
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .find(|e| e.manager.as_deref() == Some("argo"))
+        .unwrap();
+    assert_eq!(entry.operation.as_deref(), Some("Apply"));
+    assert_eq!(entry.api_version.as_deref(), Some("apps/v1"));
+    assert_eq!(entry.fields_type.as_deref(), Some("FieldsV1"));
+    assert!(entry.time.is_some() && entry.subresource.is_none());
+
+    // Forced: argo takes the field over; test keeps the rest of what it set.
+    let forced = deployments
+        .patch(
+            "web",
+            &PatchParams::apply("argo").force(),
+            &applied("web", json!({"replicas": 3})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(forced.spec.unwrap().replicas, Some(3));
+    assert_eq!(owners(&api, ".spec.replicas"), ["argo"]);
+    assert_eq!(owners(&api, ".spec.template.metadata.labels.app"), ["test"]);
+    // Apply entries come first, as on the real server.
+    assert_eq!(
+        entries(&forced.metadata),
+        [
+            ("argo".into(), "Apply".into(), None),
+            ("test".into(), "Update".into(), None)
+        ]
+    );
+
+    // An Apply owner is named without an apiVersion; several conflicts are grouped by
+    // manager, sorted.
+    let error = deployments
+        .patch(
+            "web",
+            &PatchParams::apply("other"),
+            &applied(
+                "web",
+                json!({"replicas": 5, "template": {"metadata": {"labels": {"app": "web2"}}}}),
+            ),
+        )
+        .await
+        .unwrap_err();
+    let status = api_status(error);
+    assert_eq!(
+        status.message,
+        "Apply failed with 2 conflicts: conflicts with \"argo\":\n- .spec.replicas\n\
+         conflicts with \"test\" using apps/v1:\n- .spec.template.metadata.labels.app"
+    );
+    let mut fields: Vec<(String, String)> = status
+        .details
+        .unwrap()
+        .causes
+        .into_iter()
+        .map(|c| (c.field, c.message))
+        .collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            (".spec.replicas".into(), "conflict with \"argo\"".into()),
+            (
+                ".spec.template.metadata.labels.app".into(),
+                "conflict with \"test\" using apps/v1".into()
+            ),
+        ]
+    );
+
+    // The field manager is required for an apply.
+    let error = deployments
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &applied("web", json!({"replicas": 1})),
+        )
+        .await;
+    // kube refuses an apply without a field manager before sending it.
+    assert!(error.is_err());
+}
+
+#[tokio::test]
+async fn fields_an_applier_leaves_out_are_removed_unless_someone_else_owns_them() {
+    let api = FakeApi::start().await;
+    api.apply(deployment("web", 1));
+    let deployments: Api<Deployment> = Api::namespaced(api.client(), "default");
+    let with_labels = |labels: Value| {
+        Patch::Apply(json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "web", "labels": labels},
+        }))
+    };
+    deployments
+        .patch(
+            "web",
+            &PatchParams::apply("a"),
+            &with_labels(json!({"team": "x", "tier": "web"})),
+        )
+        .await
+        .unwrap();
+    // b applies the same tier: shared.
+    deployments
+        .patch(
+            "web",
+            &PatchParams::apply("b"),
+            &with_labels(json!({"tier": "web"})),
+        )
+        .await
+        .unwrap();
+    // a leaves both out: team goes, tier stays (b owns it).
+    let after = deployments
+        .patch(
+            "web",
+            &PatchParams::apply("a"),
+            &Patch::Apply(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                                 "metadata": {"name": "web"}})),
+        )
+        .await
+        .unwrap();
+    let labels = after.metadata.labels.clone().unwrap();
+    assert_eq!(labels.get("team"), None);
+    assert_eq!(labels.get("tier").map(String::as_str), Some("web"));
+    // a owns nothing any more: its entry is gone.
+    assert_eq!(
+        entries(&after.metadata),
+        [
+            ("b".into(), "Apply".into(), None),
+            ("test".into(), "Update".into(), None)
+        ]
+    );
+    // b leaves tier out too: the labels are gone.
+    let after = deployments
+        .patch(
+            "web",
+            &PatchParams::apply("b"),
+            &Patch::Apply(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                                 "metadata": {"name": "web"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(after.metadata.labels, None);
+}
+
+#[tokio::test]
+async fn updates_own_what_they_change_and_take_it_from_appliers() {
+    let api = FakeApi::start().await;
+    let client = api.client();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+
+    // A create owns everything it sets, the defaulted replicas included.
+    let mut manifest: Deployment = serde_json::from_value(deployment("web", 1)).unwrap();
+    manifest.spec.as_mut().unwrap().replicas = None;
+    let created = deployments
+        .create(
+            &PostParams {
+                field_manager: Some("creator".into()),
+                ..Default::default()
+            },
+            &manifest,
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.spec.as_ref().unwrap().replicas, Some(1));
+    assert_eq!(
+        entries(&created.metadata),
+        [("creator".into(), "Update".into(), None)]
+    );
+    assert_eq!(
+        fields_of(&created.metadata, "creator")["f:spec"]["f:replicas"],
+        json!({})
+    );
+    assert_eq!(created.status, None, "a create's status is dropped");
+
+    deployments
+        .patch(
+            "web",
+            &PatchParams::apply("wakegate").force(),
+            &applied("web", json!({"replicas": 2})),
+        )
+        .await
+        .unwrap();
+
+    // A merge patch with the same value changes nothing: no entry, no new version.
+    let before = deployments.get("web").await.unwrap();
+    let editor = PatchParams {
+        field_manager: Some("editor".into()),
+        ..Default::default()
+    };
+    let same = deployments
+        .patch(
+            "web",
+            &editor,
+            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(same.resource_version(), before.resource_version());
+    assert_eq!(owners(&api, ".spec.replicas"), ["wakegate"]);
+
+    // Another value: editor owns it now, the applier lost it (and its now empty entry).
+    let changed = deployments
+        .patch(
+            "web",
+            &editor,
+            &Patch::Merge(json!({"spec": {"replicas": 4}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(owners(&api, ".spec.replicas"), ["editor"]);
+    assert_eq!(
+        entries(&changed.metadata),
+        [
+            ("creator".into(), "Update".into(), None),
+            ("editor".into(), "Update".into(), None)
+        ]
+    );
+
+    // Without a field manager, the kube client (no User-Agent) is "unknown".
+    deployments
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"x": "1"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(owners(&api, ".metadata.labels.x"), ["unknown"]);
+
+    // A replace owns what it changes; the status it sends is ignored.
+    let mut current = deployments.get("web").await.unwrap();
+    current.spec.as_mut().unwrap().replicas = Some(6);
+    current.status = Some(Default::default());
+    current.status.as_mut().unwrap().replicas = Some(99);
+    let replaced = deployments
+        .replace(
+            "web",
+            &PostParams {
+                field_manager: Some("putter".into()),
+                ..Default::default()
+            },
+            &current,
+        )
+        .await
+        .unwrap();
+    assert_eq!(replaced.spec.unwrap().replicas, Some(6));
+    assert_eq!(replaced.status, None);
+    assert_eq!(owners(&api, ".spec.replicas"), ["putter"]);
+}
+
+// ---- /scale of every workload kind ---------------------------------------------------------
+
+fn statefulset(name: &str, replicas: i32) -> Value {
+    let mut object = deployment(name, replicas);
+    object["kind"] = "StatefulSet".into();
+    object["spec"]["serviceName"] = name.into();
+    object
+}
+
+fn rollout(name: &str, replicas: i32) -> Value {
+    let mut object = deployment(name, replicas);
+    object["apiVersion"] = "argoproj.io/v1alpha1".into();
+    object["kind"] = "Rollout".into();
+    object["spec"]["strategy"] = json!({"canary": {}});
+    object
+}
+
+fn rollouts_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "argoproj.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "argoproj.io/v1alpha1".into(),
+        kind: "Rollout".into(),
+        plural: "rollouts".into(),
+    }
+}
+
+fn scale_to(replicas: i32) -> Patch<Value> {
+    Patch::Apply(json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
+                        "spec": {"replicas": replicas}}))
+}
+
+/// What `/scale` does for a workload kind, through `api` (of that kind).
+async fn scale_subresource_owns_replicas<K>(fake: &FakeApi, api: Api<K>, kind: &str, version: &str)
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    // GET of the object itself.
+    let object = api.get("web").await.unwrap();
+    assert_eq!(object.meta().name.as_deref(), Some("web"));
+    assert_eq!(
+        api.get_scale("web").await.unwrap().spec.unwrap().replicas,
+        Some(1)
+    );
+
+    // "test" owns replicas through the main resource: an apply to /scale conflicts.
+    let error = api
+        .patch_scale("web", &PatchParams::apply("wakegate"), &scale_to(2))
+        .await
+        .unwrap_err();
+    let status = api_status(error);
+    assert_eq!(status.code, 409);
+    assert_eq!(
+        status.message,
+        format!(
+            "Apply failed with 1 conflict: conflict with \"test\" using {version}: .spec.replicas"
+        )
+    );
+
+    // Forced, wakegate owns it with subresource scale.
+    let scale = api
+        .patch_scale("web", &PatchParams::apply("wakegate").force(), &scale_to(2))
+        .await
+        .unwrap();
+    assert_eq!(scale.spec.unwrap().replicas, Some(2));
+    assert_eq!(fake.replicas(kind, "default", "web"), Some(2));
+    assert_eq!(
+        fake.owners(kind, "default", "web", ".spec.replicas"),
+        ["wakegate"]
+    );
+    let object = api.get("web").await.unwrap();
+    let ours = object
+        .meta()
+        .managed_fields
+        .iter()
+        .flatten()
+        .find(|e| e.manager.as_deref() == Some("wakegate"))
+        .unwrap()
+        .clone();
+    assert_eq!(ours.operation.as_deref(), Some("Apply"));
+    assert_eq!(ours.subresource.as_deref(), Some("scale"));
+    assert_eq!(ours.api_version.as_deref(), Some(version));
+    assert_eq!(
+        ours.fields_v1.unwrap().0,
+        json!({"f:spec": {"f:replicas": {}}})
+    );
+
+    // An Update through /scale (kubectl scale, an HPA) takes it over.
+    let scale = fake.scale_as("hpa", kind, "default", "web", 4);
+    assert_eq!(scale["spec"]["replicas"], 4);
+    assert_eq!(
+        fake.owners(kind, "default", "web", ".spec.replicas"),
+        ["hpa"]
+    );
+    assert!(fake.managers(kind, "default", "web").contains(&(
+        "hpa".into(),
+        "Update".into(),
+        Some("scale".into())
+    )));
+    let error = api
+        .patch_scale("web", &PatchParams::apply("wakegate"), &scale_to(0))
+        .await
+        .unwrap_err();
+    let status = api_status(error);
+    assert_eq!(
+        status.message,
+        format!(
+            "Apply failed with 1 conflict: conflict with \"hpa\" with subresource \"scale\" \
+             using {version}: .spec.replicas"
+        )
+    );
+    assert_eq!(
+        status.details.unwrap().causes[0].message,
+        format!("conflict with \"hpa\" with subresource \"scale\" using {version}")
+    );
+
+    // A merge patch of /scale by a named manager is an Update with subresource scale too.
+    let merge = PatchParams {
+        field_manager: Some("kubectl".into()),
+        ..Default::default()
+    };
+    api.patch_scale(
+        "web",
+        &merge,
+        &Patch::Merge(json!({"spec": {"replicas": 3}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        fake.owners(kind, "default", "web", ".spec.replicas"),
+        ["kubectl"]
+    );
+    assert_eq!(
+        fake.scale_patches("default", "web"),
+        [("wakegate".into(), 2), ("kubectl".into(), 3)]
+    );
+}
+
+#[tokio::test]
+async fn scale_of_deployments_statefulsets_and_rollouts_owns_replicas_as_subresource_scale() {
+    let fake = FakeApi::start().await;
+    let client = fake.client();
+    fake.apply(deployment("web", 1));
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    scale_subresource_owns_replicas(&fake, deployments, "Deployment", "apps/v1").await;
+
+    let fake = FakeApi::start().await;
+    let client = fake.client();
+    fake.apply(statefulset("web", 1));
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+    scale_subresource_owns_replicas(&fake, statefulsets, "StatefulSet", "apps/v1").await;
+
+    let fake = FakeApi::start().await;
+    let client = fake.client();
+    fake.apply(rollout("web", 1));
+    let rollouts: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &rollouts_resource());
+    scale_subresource_owns_replicas(&fake, rollouts, "Rollout", "argoproj.io/v1alpha1").await;
+}
+
+#[tokio::test]
+async fn server_side_apply_helper_reports_conflicts_as_the_client_would_see_them() {
+    let api = FakeApi::start().await;
+    api.apply(statefulset("db", 2));
+    let mut config = statefulset("db", 3);
+    config["spec"] = json!({"replicas": 3});
+    let (code, status) = api
+        .server_side_apply("kubectl", config.clone(), false)
+        .unwrap_err();
+    assert_eq!(code, 409);
+    assert_eq!(status["reason"], "Conflict");
+    assert_eq!(status["details"]["causes"][0]["field"], ".spec.replicas");
+    let applied = api.server_side_apply("kubectl", config, true).unwrap();
+    assert_eq!(applied["spec"]["replicas"], 3);
+    assert_eq!(
+        api.owners("StatefulSet", "default", "db", ".spec.replicas"),
+        ["kubectl"]
+    );
+    let managed = api.managed_fields("StatefulSet", "default", "db");
+    assert_eq!(managed[0].manager, "kubectl");
+    assert_eq!(managed[0].operation, "Apply");
+    assert_eq!(managed[0].fields, [".spec.replicas"]);
+    assert_eq!(managed[1].manager, "test");
+    assert!(!managed[1].fields.contains(&".spec.replicas".to_owned()));
+
+    // An apply that creates: the applier owns what it applied, nothing else.
+    let created = api
+        .server_side_apply("argo", rollout("canary", 2), false)
+        .unwrap();
+    assert_eq!(created["metadata"]["managedFields"][0]["manager"], "argo");
+    assert_eq!(
+        api.managers("Rollout", "default", "canary"),
+        [("argo".into(), "Apply".into(), None)]
+    );
+}
+
+// ---- The kubelet for every workload kind; terminating endpoints ----------------------------
+
+/// (address, ready, serving, terminating) of each endpoint of a slice.
+fn conditions(slice: &EndpointSlice) -> Vec<(String, bool, bool, bool)> {
+    slice
+        .endpoints
+        .iter()
+        .map(|e| {
+            let c = e.conditions.clone().unwrap_or_default();
+            (
+                e.addresses[0].clone(),
+                c.ready == Some(true),
+                c.serving == Some(true),
+                c.terminating == Some(true),
+            )
+        })
+        .collect()
+}
+
+fn slice_of(store: &Store<EndpointSlice>, name: &str) -> Option<EndpointSlice> {
+    store
+        .state()
+        .iter()
+        .find(|s| s.name_any() == name)
+        .map(|s| s.as_ref().clone())
+}
+
+#[tokio::test]
+async fn kubelet_runs_statefulsets_and_rollouts_like_deployments() {
+    let api = FakeApi::start().await;
+    api.apply(service("db", json!({})));
+    api.apply(statefulset("db", 0));
+    api.apply(service("canary", json!({})));
+    api.apply(rollout("canary", 0));
+    api.start_kubelet(KubeletOptions {
+        startup_delay: Duration::ZERO,
+        program: bin().into(),
+    });
+    let client = api.client();
+    let slices = reflect(
+        Api::<EndpointSlice>::namespaced(client.clone(), "default"),
+        watcher::Config::default(),
+    )
+    .await;
+    let ready = |name: &str| {
+        slice_of(&slices.store, name)
+            .map(|s| conditions(&s).iter().filter(|c| c.1).count())
+            .unwrap_or(0)
+    };
+
+    api.scale_as("hpa", "StatefulSet", "default", "db", 2);
+    api.scale_as("hpa", "Rollout", "default", "canary", 1);
+    eventually(10, "two ready db pods and one canary pod", || {
+        ready("db-sim") == 2 && ready("canary-sim") == 1
+    })
+    .await;
+    let names: Vec<String> = api
+        .pods("default", "db")
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(names, ["db-0", "db-1"]);
+    let slice = slice_of(&slices.store, "db-sim").unwrap();
+    let target = slice.endpoints[0].target_ref.clone().unwrap();
+    assert_eq!(target.name.as_deref(), Some("db-0"));
+
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+    eventually(5, "the StatefulSet's status", || {
+        api.get("StatefulSet", "default", "db").unwrap()["status"]["readyReplicas"] == 2
+    })
+    .await;
+    let status = statefulsets.get_status("db").await.unwrap().status.unwrap();
+    assert_eq!((status.replicas, status.ready_replicas), (2, Some(2)));
+    assert_eq!(
+        statefulsets
+            .get_scale("db")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .replicas,
+        2
+    );
+
+    let rollouts: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &rollouts_resource());
+    eventually(5, "the Rollout's status", || {
+        api.get("Rollout", "default", "canary").unwrap()["status"]["availableReplicas"] == 1
+    })
+    .await;
+    let scale = rollouts.get_scale("canary").await.unwrap();
+    let scale_status = scale.status.unwrap();
+    assert_eq!(scale_status.replicas, 1);
+    assert_eq!(scale_status.selector.as_deref(), Some("app=canary"));
+
+    // The controllers' writes have managers too.
+    assert!(api.managers("StatefulSet", "default", "db").contains(&(
+        "kube-controller-manager".into(),
+        "Update".into(),
+        Some("status".into())
+    )));
+    assert!(api.managers("Rollout", "default", "canary").contains(&(
+        "rollouts-controller".into(),
+        "Update".into(),
+        Some("status".into())
+    )));
+    assert_eq!(
+        api.managers("EndpointSlice", "default", "db-sim"),
+        [("kube-controller-manager".into(), "Update".into(), None)]
+    );
+
+    api.scale_as("hpa", "StatefulSet", "default", "db", 0);
+    api.scale_as("hpa", "Rollout", "default", "canary", 0);
+    eventually(10, "no endpoints left", || {
+        slice_of(&slices.store, "db-sim").is_some_and(|s| s.endpoints.is_empty())
+            && slice_of(&slices.store, "canary-sim").is_some_and(|s| s.endpoints.is_empty())
+    })
+    .await;
+    eventually(5, "no pods left", || {
+        api.pods("default", "db").is_empty() && api.pods("default", "canary").is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stopped_pod_stays_terminating_in_its_slice_until_its_process_exits() {
+    let api = FakeApi::start().await;
+    api.apply(service("web", json!({})));
+    api.apply(deployment("web", 2));
+    // Long enough for a poll to see; the test waits for conditions, not for the time.
+    api.set_stop_grace(Duration::from_secs(1));
+    api.start_kubelet(KubeletOptions {
+        startup_delay: Duration::ZERO,
+        program: bin().into(),
+    });
+    let client = api.client();
+    let slices = reflect(
+        Api::<EndpointSlice>::namespaced(client.clone(), "default"),
+        watcher::Config::default().labels("kubernetes.io/service-name=web"),
+    )
+    .await;
+    eventually(10, "two ready endpoints", || {
+        slice_of(&slices.store, "web-sim")
+            .is_some_and(|s| conditions(&s).iter().filter(|c| c.1 && c.2 && !c.3).count() == 2)
+    })
+    .await;
+
+    let deployments: Api<Deployment> = Api::namespaced(client, "default");
+    deployments
+        .patch_scale("web", &PatchParams::apply("wakegate").force(), &scale_to(1))
+        .await
+        .unwrap();
+    eventually(5, "one ready and one terminating endpoint", || {
+        slice_of(&slices.store, "web-sim").is_some_and(|s| {
+            conditions(&s)
+                == [
+                    ("127.0.0.2".into(), true, true, false),
+                    ("127.0.0.3".into(), false, true, true),
+                ]
+        })
+    })
+    .await;
+    let pods = api.pods("default", "web");
+    assert_eq!(pods.len(), 2);
+    let stopping = pods.iter().find(|p| p.terminating).unwrap().clone();
+    assert_eq!(stopping.addr.ip().to_string(), "127.0.0.3");
+    assert!(
+        process_alive(stopping.pid as i32),
+        "it still runs while terminating"
+    );
+
+    eventually(10, "the terminating endpoint is gone", || {
+        slice_of(&slices.store, "web-sim")
+            .is_some_and(|s| conditions(&s) == [("127.0.0.2".into(), true, true, false)])
+    })
+    .await;
+    assert!(
+        !process_alive(stopping.pid as i32),
+        "its process exited first"
+    );
+    assert_eq!(api.pods("default", "web").len(), 1);
 }

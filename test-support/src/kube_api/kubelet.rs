@@ -1,5 +1,7 @@
-//! The simulated kubelet: runs each Deployment's pods as demo backends on loopback addresses,
-//! publishes them in EndpointSlices and keeps the Deployments' status up to date.
+//! The simulated kubelet: runs each workload's pods (Deployments, StatefulSets and Rollouts
+//! alike) as demo backends on loopback addresses, publishes them in EndpointSlices (a pod
+//! being stopped stays there as terminating until its process has exited) and keeps the
+//! workloads' status up to date.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -13,24 +15,46 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use super::KubeletOptions;
-use super::store::{Kind, Shared, State, str_at};
+use super::managed::{self, Writer};
+use super::store::{Kind, Shared, State, str_at, without_server_fields};
 
 /// How often the kubelet polls pods for readiness (and the API for changes it missed).
 const KUBELET_TICK: Duration = Duration::from_millis(20);
-/// SIGTERM, then SIGKILL after this long.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// A stopped pod keeps running this long before its SIGTERM unless a test says otherwise,
+/// like a short `preStop` hook.
+pub(super) const DEFAULT_STOP_GRACE: Duration = Duration::from_millis(200);
+/// SIGTERM, then SIGKILL after this long (`terminationGracePeriodSeconds`).
+const KILL_GRACE: Duration = Duration::from_secs(5);
 /// `endpointslice.kubernetes.io/managed-by` of the slices the simulated kubelet maintains.
 const SLICE_MANAGER: &str = "kubelet-sim.wakegate.test";
+/// The field manager of what the controllers write: EndpointSlices and workload status.
+const CONTROLLER_MANAGER: &str = "kube-controller-manager";
+/// Argo Rollouts' controller, which writes a Rollout's status.
+const ROLLOUTS_MANAGER: &str = "rollouts-controller";
 
-#[derive(Default)]
+/// A workload: its kind, namespace and name.
+pub(super) type WorkloadKey = (Kind, String, String);
+
 pub(super) struct Kubelet {
-    pub(super) deployments: BTreeMap<(String, String), SimDeployment>,
-    /// Sent SIGTERM, not reaped yet.
-    pub(super) stopping: Vec<(Child, Instant)>,
+    pub(super) workloads: BTreeMap<WorkloadKey, SimWorkload>,
+    /// Pods being stopped: terminating until their process has exited and been reaped.
+    pub(super) stopping: Vec<StoppingPod>,
+    /// How long a stopped pod keeps running before its SIGTERM.
+    pub(super) stop_grace: Duration,
 }
 
-pub(super) struct SimDeployment {
-    /// Every pod of the Deployment listens on this port, each on its own loopback address.
+impl Default for Kubelet {
+    fn default() -> Kubelet {
+        Kubelet {
+            workloads: BTreeMap::new(),
+            stopping: Vec::new(),
+            stop_grace: DEFAULT_STOP_GRACE,
+        }
+    }
+}
+
+pub(super) struct SimWorkload {
+    /// Every pod of the workload listens on this port, each on its own loopback address.
     pub(super) port: u16,
     pub(super) pods: BTreeMap<u8, SimProcess>,
 }
@@ -41,9 +65,19 @@ pub(super) struct SimProcess {
     pub(super) ready: bool,
 }
 
-/// A Deployment as the kubelet needs it.
-struct DeploymentView {
-    key: (String, String),
+pub(super) struct StoppingPod {
+    pub(super) workload: WorkloadKey,
+    pub(super) index: u8,
+    pub(super) port: u16,
+    pub(super) process: SimProcess,
+    since: Instant,
+    /// When it got SIGTERM.
+    signalled: Option<Instant>,
+}
+
+/// A workload as the kubelet needs it.
+struct WorkloadView {
+    key: WorkloadKey,
     replicas: usize,
     labels: Map<String, Value>,
 }
@@ -55,15 +89,27 @@ struct ServiceView {
     port_names: Vec<String>,
 }
 
-/// Pod `index` of a Deployment, as the kubelet publishes it: (index, ready).
-type PodStates = BTreeMap<(String, String), (u16, Vec<(u8, bool)>)>;
+/// A pod as the kubelet publishes it.
+#[derive(Clone, Copy)]
+struct PodState {
+    index: u8,
+    ready: bool,
+    terminating: bool,
+}
+
+/// The pods of each workload, as published: (port, pods).
+type PodStates = BTreeMap<WorkloadKey, (u16, Vec<PodState>)>;
 
 pub(super) fn pod_ip(index: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, 0, index + 2)
 }
 
-pub(super) fn pod_name(deployment: &str, index: u8) -> String {
-    format!("{deployment}-sim-{index}")
+/// A StatefulSet's pods are `{name}-{ordinal}`, like the real ones; others' `{name}-sim-{i}`.
+pub(super) fn pod_name(kind: Kind, workload: &str, index: u8) -> String {
+    match kind {
+        Kind::StatefulSet => format!("{workload}-{index}"),
+        _ => format!("{workload}-sim-{index}"),
+    }
 }
 
 pub(super) async fn run_kubelet(shared: Arc<Shared>, options: KubeletOptions) {
@@ -78,44 +124,59 @@ pub(super) async fn run_kubelet(shared: Arc<Shared>, options: KubeletOptions) {
 }
 
 async fn reconcile(shared: &Shared, options: &KubeletOptions) {
-    let (deployments, services) = {
+    let (workloads, services) = {
         let state = shared.state();
         if state.closed {
             return;
         }
-        (deployment_views(&state), service_views(&state))
+        (workload_views(&state), service_views(&state))
     };
 
     // Start and stop processes to match the replica counts.
-    let mut stop = Vec::new();
     let mut probe = Vec::new();
     {
         let mut kubelet = shared.kubelet();
-        kubelet.deployments.retain(|key, sim| {
-            let keep = deployments.iter().any(|d| &d.key == key);
+        let kubelet = &mut *kubelet;
+        let mut stopped = Vec::new();
+        kubelet.workloads.retain(|key, sim| {
+            let keep = workloads.iter().any(|w| &w.key == key);
             if !keep {
-                stop.extend(std::mem::take(&mut sim.pods).into_values());
+                let pods = std::mem::take(&mut sim.pods);
+                stopped.extend(
+                    pods.into_iter()
+                        .map(|(i, pod)| (key.clone(), i, sim.port, pod)),
+                );
             }
             keep
         });
-        for d in &deployments {
+        for w in &workloads {
             let sim = kubelet
-                .deployments
-                .entry(d.key.clone())
-                .or_insert_with(|| SimDeployment {
+                .workloads
+                .entry(w.key.clone())
+                .or_insert_with(|| SimWorkload {
                     port: free_port(),
                     pods: BTreeMap::new(),
                 });
             // A pod whose process exited is replaced, like a restarted container.
             sim.pods
                 .retain(|_, pod| matches!(pod.child.try_wait(), Ok(None)));
-            while sim.pods.len() > d.replicas {
-                if let Some((_, pod)) = sim.pods.pop_last() {
-                    stop.push(pod);
+            while sim.pods.len() > w.replicas {
+                if let Some((index, pod)) = sim.pods.pop_last() {
+                    stopped.push((w.key.clone(), index, sim.port, pod));
                 }
             }
-            while sim.pods.len() < d.replicas {
-                let Some(index) = (0..=u8::MAX - 2).find(|i| !sim.pods.contains_key(i)) else {
+            // A terminating pod still holds its address.
+            let taken: BTreeSet<u8> = kubelet
+                .stopping
+                .iter()
+                .filter(|p| p.workload == w.key)
+                .map(|p| p.index)
+                .chain(stopped.iter().filter(|s| s.0 == w.key).map(|s| s.1))
+                .collect();
+            while sim.pods.len() < w.replicas {
+                let free =
+                    (0..=u8::MAX - 2).find(|i| !sim.pods.contains_key(i) && !taken.contains(i));
+                let Some(index) = free else {
                     break;
                 };
                 match spawn_pod(options, pod_ip(index), sim.port) {
@@ -131,10 +192,25 @@ async fn reconcile(shared: &Shared, options: &KubeletOptions) {
             for (&index, pod) in &sim.pods {
                 if !pod.ready {
                     let addr = SocketAddr::new(pod_ip(index).into(), sim.port);
-                    probe.push((d.key.clone(), index, addr));
+                    probe.push((w.key.clone(), index, addr));
                 }
             }
         }
+        let now = Instant::now();
+        kubelet
+            .stopping
+            .extend(
+                stopped
+                    .into_iter()
+                    .map(|(workload, index, port, process)| StoppingPod {
+                        workload,
+                        index,
+                        port,
+                        process,
+                        since: now,
+                        signalled: None,
+                    }),
+            );
     }
 
     // Readiness: the pod accepts a TCP connection.
@@ -149,60 +225,86 @@ async fn reconcile(shared: &Shared, options: &KubeletOptions) {
         let mut kubelet = shared.kubelet();
         for (key, index) in ready {
             if let Some(pod) = kubelet
-                .deployments
+                .workloads
                 .get_mut(&key)
                 .and_then(|sim| sim.pods.get_mut(&index))
             {
                 pod.ready = true;
             }
         }
+        // A stopping pod is reaped once its process has exited; it is gone from the slice
+        // in the same pass.
         kubelet
-            .deployments
+            .stopping
+            .retain_mut(|pod| matches!(pod.process.child.try_wait(), Ok(None)));
+        let mut pods: PodStates = kubelet
+            .workloads
             .iter()
             .map(|(key, sim)| {
-                let pods = sim.pods.iter().map(|(&i, pod)| (i, pod.ready)).collect();
+                let pods = sim
+                    .pods
+                    .iter()
+                    .map(|(&index, pod)| PodState {
+                        index,
+                        ready: pod.ready,
+                        terminating: false,
+                    })
+                    .collect();
                 (key.clone(), (sim.port, pods))
             })
-            .collect()
+            .collect();
+        for pod in &kubelet.stopping {
+            let (_, list) = pods
+                .entry(pod.workload.clone())
+                .or_insert_with(|| (pod.port, Vec::new()));
+            list.push(PodState {
+                index: pod.index,
+                ready: pod.process.ready,
+                terminating: true,
+            });
+        }
+        for (_, list) in pods.values_mut() {
+            list.sort_by_key(|p| p.index);
+        }
+        pods
     };
 
-    // Publish, then stop: a pod leaves its EndpointSlice before it gets SIGTERM.
+    // Publish, then signal: a pod is terminating in its EndpointSlice before it gets
+    // SIGTERM, and leaves it once its process has exited.
     let changed = {
         let mut state = shared.state();
-        publish(&mut state, &deployments, &services, &pods)
+        publish(&mut state, &workloads, &services, &pods)
     };
     if changed {
         shared.changed.send_modify(|n| *n += 1);
     }
     let mut kubelet = shared.kubelet();
-    for pod in stop {
-        // SAFETY: signalling a child process this kubelet started and has not reaped.
-        unsafe { libc::kill(pod.pid as i32, libc::SIGTERM) };
-        kubelet.stopping.push((pod.child, Instant::now()));
-    }
-    kubelet
-        .stopping
-        .retain_mut(|(child, since)| match child.try_wait() {
-            Ok(None) => {
-                if since.elapsed() > STOP_GRACE {
-                    let _ = child.start_kill();
-                }
-                true
+    let grace = kubelet.stop_grace;
+    for pod in &mut kubelet.stopping {
+        match pod.signalled {
+            None if pod.since.elapsed() >= grace => {
+                // SAFETY: signalling a child process this kubelet started and has not reaped.
+                unsafe { libc::kill(pod.process.pid as i32, libc::SIGTERM) };
+                pod.signalled = Some(Instant::now());
             }
-            _ => false,
-        });
+            Some(at) if at.elapsed() > KILL_GRACE => {
+                let _ = pod.process.child.start_kill();
+            }
+            _ => {}
+        }
+    }
 }
 
-fn deployment_views(state: &State) -> Vec<DeploymentView> {
+fn workload_views(state: &State) -> Vec<WorkloadView> {
     state
         .objects
         .iter()
-        .filter(|((kind, _, _), _)| *kind == Kind::Deployment)
-        .map(|((_, namespace, name), stored)| {
+        .filter(|((kind, _, _), _)| kind.is_workload())
+        .map(|((kind, namespace, name), stored)| {
             let object = &stored.object;
             let replicas = object["spec"]["replicas"].as_u64().unwrap_or(1);
-            DeploymentView {
-                key: (namespace.clone(), name.clone()),
+            WorkloadView {
+                key: (*kind, namespace.clone(), name.clone()),
                 replicas: usize::try_from(replicas).unwrap_or(usize::MAX).min(250),
                 labels: object["spec"]["template"]["metadata"]["labels"]
                     .as_object()
@@ -238,42 +340,46 @@ fn service_views(state: &State) -> Vec<ServiceView> {
         .collect()
 }
 
-/// Writes the EndpointSlices and Deployment statuses that `pods` implies; true if anything
+/// Writes the EndpointSlices and workload statuses that `pods` implies; true if anything
 /// changed.
 fn publish(
     state: &mut State,
-    deployments: &[DeploymentView],
+    workloads: &[WorkloadView],
     services: &[ServiceView],
     pods: &PodStates,
 ) -> bool {
     let mut changed = false;
     let mut slices = BTreeSet::new();
     for service in services {
-        let selects = |d: &&DeploymentView| {
-            d.key.0 == service.namespace
+        let selects = |w: &&WorkloadView| {
+            w.key.1 == service.namespace
                 && !service.selector.is_empty()
                 && service
                     .selector
                     .iter()
-                    .all(|(k, v)| d.labels.get(k) == Some(v))
+                    .all(|(k, v)| w.labels.get(k) == Some(v))
         };
-        let Some(deployment) = deployments.iter().find(selects) else {
+        let Some(workload) = workloads.iter().find(selects) else {
             continue;
         };
-        let Some((port, deployment_pods)) = pods.get(&deployment.key) else {
+        let Some((port, workload_pods)) = pods.get(&workload.key) else {
             continue;
         };
         let name = format!("{}-sim", service.name);
-        let endpoints: Vec<Value> = deployment_pods
+        let endpoints: Vec<Value> = workload_pods
             .iter()
-            .map(|&(index, ready)| {
+            .map(|pod| {
                 json!({
-                    "addresses": [pod_ip(index).to_string()],
-                    "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                    "addresses": [pod_ip(pod.index).to_string()],
+                    "conditions": {
+                        "ready": pod.ready && !pod.terminating,
+                        "serving": pod.ready,
+                        "terminating": pod.terminating,
+                    },
                     "targetRef": {
                         "kind": "Pod",
                         "namespace": service.namespace,
-                        "name": pod_name(&deployment.key.1, index),
+                        "name": pod_name(workload.key.0, &workload.key.2, pod.index),
                     },
                 })
             })
@@ -284,6 +390,8 @@ fn publish(
             .map(|port_name| json!({"name": port_name, "port": port, "protocol": "TCP"}))
             .collect();
         let slice = json!({
+            "apiVersion": Kind::EndpointSlice.api_version(),
+            "kind": "EndpointSlice",
             "metadata": {
                 "name": name,
                 "namespace": service.namespace,
@@ -296,7 +404,7 @@ fn publish(
             "endpoints": endpoints,
             "ports": ports,
         });
-        changed |= state.write_if_changed(Kind::EndpointSlice, slice);
+        changed |= write_as_controller(state, Kind::EndpointSlice, slice, None);
         slices.insert((service.namespace.clone(), name));
     }
     let stale: Vec<(String, String)> = state
@@ -317,41 +425,114 @@ fn publish(
             .remove(Kind::EndpointSlice, &namespace, &name)
             .is_some();
     }
-    for deployment in deployments {
-        let Some((_, deployment_pods)) = pods.get(&deployment.key) else {
+    for workload in workloads {
+        let Some((_, workload_pods)) = pods.get(&workload.key) else {
             continue;
         };
-        let (namespace, name) = &deployment.key;
-        let Some(current) = state.get(Kind::Deployment, namespace, name) else {
+        let (kind, namespace, name) = &workload.key;
+        let Some(current) = state.get(*kind, namespace, name) else {
             continue;
         };
-        let total = deployment_pods.len();
-        let ready = deployment_pods.iter().filter(|(_, ready)| *ready).count();
-        // Zero counts are left out, as the real server's `omitempty` does.
-        let mut status = Map::new();
-        status.insert(
-            "observedGeneration".into(),
-            current["metadata"]["generation"].clone(),
-        );
-        for (field, count) in [
+        let running: Vec<&PodState> = workload_pods.iter().filter(|p| !p.terminating).collect();
+        let total = running.len();
+        let ready = running.iter().filter(|p| p.ready).count();
+        let status = workload_status(*kind, current, workload, total, ready);
+        if current["status"] != status {
+            let mut updated = current.clone();
+            updated["status"] = status;
+            changed |= write_as_controller(state, *kind, updated, Some("status"));
+        }
+    }
+    changed
+}
+
+/// A workload's status for `total` pods, `ready` of them ready. Zero counts are left out, as
+/// the real `omitempty` does (a StatefulSet's `replicas` and `availableReplicas` have none).
+fn workload_status(
+    kind: Kind,
+    current: &Value,
+    workload: &WorkloadView,
+    total: usize,
+    ready: usize,
+) -> Value {
+    let generation = current["metadata"]["generation"].clone();
+    let mut status = Map::new();
+    let counts: &[(&str, usize)] = match kind {
+        Kind::Rollout => &[
             ("replicas", total),
             ("updatedReplicas", total),
             ("readyReplicas", ready),
             ("availableReplicas", ready),
-        ] {
-            if count > 0 {
-                status.insert(field.into(), count.into());
-            }
-        }
-        let status = Value::Object(status);
-        if current["status"] != status {
-            let mut updated = current.clone();
-            updated["status"] = status;
-            state.write(Kind::Deployment, updated);
-            changed = true;
+            ("HPAReplicas", total),
+        ],
+        Kind::StatefulSet => &[
+            ("replicas", total),
+            ("readyReplicas", ready),
+            ("currentReplicas", total),
+            ("updatedReplicas", total),
+            ("availableReplicas", ready),
+        ],
+        _ => &[
+            ("replicas", total),
+            ("updatedReplicas", total),
+            ("readyReplicas", ready),
+            ("availableReplicas", ready),
+        ],
+    };
+    for &(field, count) in counts {
+        let always = kind == Kind::StatefulSet && matches!(field, "replicas" | "availableReplicas");
+        if count > 0 || always {
+            status.insert(field.into(), count.into());
         }
     }
-    changed
+    match kind {
+        Kind::Rollout => {
+            // Argo writes the generation as a string, and the selector `/scale` reports.
+            let generation = generation.as_i64().unwrap_or(1).to_string();
+            status.insert("observedGeneration".into(), generation.into());
+            let selector: Vec<String> = workload
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect();
+            status.insert("selector".into(), selector.join(",").into());
+        }
+        _ => {
+            status.insert("observedGeneration".into(), generation);
+        }
+    }
+    Value::Object(status)
+}
+
+/// Writes `object` as the controllers do (an Update by their field manager, through
+/// `subresource`), unless it changes nothing; true if it wrote.
+fn write_as_controller(
+    state: &mut State,
+    kind: Kind,
+    mut object: Value,
+    subresource: Option<&str>,
+) -> bool {
+    let namespace = str_at(&object, "/metadata/namespace").to_owned();
+    let name = str_at(&object, "/metadata/name").to_owned();
+    let current = state.get(kind, &namespace, &name).cloned();
+    if let Some(current) = &current {
+        object["metadata"]["managedFields"] = current["metadata"]["managedFields"].clone();
+        if without_server_fields(current) == without_server_fields(&object) {
+            return false;
+        }
+    }
+    let manager = if kind == Kind::Rollout {
+        ROLLOUTS_MANAGER
+    } else {
+        CONTROLLER_MANAGER
+    };
+    let writer = Writer {
+        manager,
+        subresource,
+    };
+    managed::update(kind, current.as_ref(), &mut object, writer);
+    state.write(kind, object);
+    true
 }
 
 fn free_port() -> u16 {

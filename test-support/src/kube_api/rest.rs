@@ -1,6 +1,7 @@
-//! The REST protocol: requests parsed and routed; get, list, create, replace, patch
-//! (merge, strategic merge, server-side apply), delete and `/scale`, with the real server's
-//! validation and errors.
+//! The REST protocol: requests parsed and routed; get, list (paged, see `list`), create,
+//! replace, patch (merge, strategic merge, server-side apply), delete and the workloads'
+//! `/scale`, recording field ownership (see `managed`), with the real server's validation
+//! and errors.
 
 use std::sync::Arc;
 
@@ -13,9 +14,14 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 
+use super::events::validate;
 use super::gate::Gate;
+use super::list::list;
+use super::managed::{self, Writer};
 use super::selector::Filter;
-use super::store::{Kind, ScalePatch, Shared, State, str_at};
+use super::store::{
+    Kind, ScalePatch, Shared, State, default_fields, str_at, without_server_fields,
+};
 use super::watch::start_watch;
 
 pub(super) type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -24,15 +30,35 @@ pub(super) struct ApiError {
     code: StatusCode,
     reason: &'static str,
     message: String,
+    details: Option<Value>,
+    metadata: Option<Value>,
 }
 
 impl ApiError {
-    fn new(code: StatusCode, reason: &'static str, message: impl Into<String>) -> ApiError {
+    pub(super) fn new(
+        code: StatusCode,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             code,
             reason,
             message: message.into(),
+            details: None,
+            metadata: None,
         }
+    }
+
+    /// With the Status's `details` (causes, or the object's kind and name).
+    pub(super) fn with_details(mut self, details: Value) -> ApiError {
+        self.details = Some(details);
+        self
+    }
+
+    /// With the Status's `metadata` (a fresh `continue` token).
+    pub(super) fn with_metadata(mut self, metadata: Value) -> ApiError {
+        self.metadata = Some(metadata);
+        self
     }
 
     pub(super) fn bad_request(message: impl Into<String>) -> ApiError {
@@ -59,8 +85,19 @@ impl ApiError {
         )
     }
 
-    fn status(&self) -> Value {
-        status_json(self.code.as_u16(), self.reason, &self.message)
+    pub(super) fn code(&self) -> u16 {
+        self.code.as_u16()
+    }
+
+    pub(super) fn status(&self) -> Value {
+        let mut status = status_json(self.code.as_u16(), self.reason, &self.message);
+        if let Some(details) = &self.details {
+            status["details"] = details.clone();
+        }
+        if let Some(metadata) = &self.metadata {
+            status["metadata"] = metadata.clone();
+        }
+        status
     }
 }
 
@@ -185,16 +222,20 @@ async fn handle(
     if let Some(response) = gate.check(&method, &path, &query, req.headers()) {
         return Ok(response);
     }
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
+    let header_text = |name: header::HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let content_type = header_text(header::CONTENT_TYPE)
         .split(';')
         .next()
         .unwrap_or("")
         .trim()
         .to_owned();
+    let user_agent = header_text(header::USER_AGENT);
     let body = req
         .into_body()
         .collect()
@@ -205,6 +246,7 @@ async fn handle(
         method,
         query: Query::parse(&query),
         content_type,
+        user_agent,
         body,
     };
     Ok(match route(&shared, &path, &request) {
@@ -217,6 +259,7 @@ struct ApiRequest {
     method: Method,
     query: Query,
     content_type: String,
+    user_agent: String,
     body: Bytes,
 }
 
@@ -228,6 +271,29 @@ impl ApiRequest {
             Ok(value)
         } else {
             Err(ApiError::bad_request("the body is not a JSON object"))
+        }
+    }
+
+    /// The field manager of a write: `fieldManager`, else the User-Agent up to its first
+    /// `/`, else `unknown`, as the real server defaults it (the kube client sends no
+    /// User-Agent).
+    fn manager(&self) -> String {
+        if let Some(manager) = self.query.get("fieldManager").filter(|m| !m.is_empty()) {
+            return manager.to_owned();
+        }
+        let prefix: String = self
+            .user_agent
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(128)
+            .collect();
+        if prefix.is_empty() {
+            "unknown".to_owned()
+        } else {
+            prefix
         }
     }
 }
@@ -274,22 +340,15 @@ fn route(shared: &Arc<Shared>, path: &str, req: &ApiRequest) -> Result<Response<
                 if req.query.flag("watch") {
                     start_watch(shared, kind, filter, &req.query)
                 } else {
-                    let state = shared.state();
-                    let items = state.list(kind, &filter);
-                    Ok(json_response(
-                        StatusCode::OK,
-                        &json!({
-                            "kind": format!("{}List", kind.name()),
-                            "apiVersion": kind.api_version(),
-                            "metadata": {"resourceVersion": state.rv.to_string()},
-                            "items": items,
-                        }),
-                    ))
+                    let list = list(&shared.state(), kind, namespace, &filter, &req.query)?;
+                    Ok(json_response(StatusCode::OK, &list))
                 }
             }
             Method::POST => {
                 let namespace = namespace.ok_or_else(method_not_allowed)?;
-                let created = shared.mutate(|s| create(s, kind, namespace, req.json()?))?;
+                let manager = req.manager();
+                let created =
+                    shared.mutate(|s| create(s, kind, namespace, req.json()?, &manager))?;
                 Ok(json_response(StatusCode::CREATED, &created))
             }
             _ => Err(method_not_allowed()),
@@ -301,7 +360,10 @@ fn route(shared: &Arc<Shared>, path: &str, req: &ApiRequest) -> Result<Response<
                     .get(kind, namespace, name)
                     .cloned()
                     .ok_or_else(|| ApiError::not_found(kind, name))?,
-                Method::PUT => shared.mutate(|s| replace(s, kind, namespace, name, req.json()?))?,
+                Method::PUT => {
+                    let manager = req.manager();
+                    shared.mutate(|s| replace(s, kind, namespace, name, req.json()?, &manager))?
+                }
                 Method::PATCH => shared.mutate(|s| patch(s, kind, namespace, name, req))?,
                 Method::DELETE => {
                     shared
@@ -319,24 +381,26 @@ fn route(shared: &Arc<Shared>, path: &str, req: &ApiRequest) -> Result<Response<
             };
             Ok(json_response(StatusCode::OK, &object))
         }
-        (Some(namespace), Some(name), Some("status")) if req.method == Method::GET => {
+        (Some(namespace), Some(name), Some("status"))
+            if req.method == Method::GET && kind.has_status_subresource() =>
+        {
             let state = shared.state();
             let object = state
                 .get(kind, namespace, name)
                 .ok_or_else(|| ApiError::not_found(kind, name))?;
             Ok(json_response(StatusCode::OK, object))
         }
-        (Some(namespace), Some(name), Some("scale")) if kind == Kind::Deployment => {
+        (Some(namespace), Some(name), Some("scale")) if kind.is_workload() => {
             let scale = match req.method {
                 Method::GET => {
                     let state = shared.state();
-                    let deployment = state
+                    let workload = state
                         .get(kind, namespace, name)
                         .ok_or_else(|| ApiError::not_found(kind, name))?;
-                    scale_of(deployment)
+                    scale_of(kind, workload)
                 }
                 Method::PATCH | Method::PUT => {
-                    shared.mutate(|s| write_scale(s, namespace, name, req))?
+                    shared.mutate(|s| write_scale(s, kind, namespace, name, req))?
                 }
                 _ => return Err(method_not_allowed()),
             };
@@ -360,11 +424,28 @@ fn version() -> Value {
     })
 }
 
+/// What the server resets in a write to the main resource of a kind with `/status`: a new
+/// object gets none, an update keeps the stored one.
+fn keep_status(kind: Kind, live: Option<&Value>, object: &mut Value) {
+    if !kind.has_status_subresource() {
+        return;
+    }
+    match live.map(|live| &live["status"]) {
+        Some(status) if !status.is_null() => object["status"] = status.clone(),
+        _ => {
+            if let Some(object) = object.as_object_mut() {
+                object.remove("status");
+            }
+        }
+    }
+}
+
 fn create(
     state: &mut State,
     kind: Kind,
     namespace: &str,
     mut object: Value,
+    manager: &str,
 ) -> Result<Value, ApiError> {
     match object["metadata"]["namespace"].as_str() {
         Some(ns) if ns != namespace => {
@@ -396,6 +477,14 @@ fn create(
             format!("{} \"{name}\" already exists", kind.qualified()),
         ));
     }
+    validate(kind, &object, None)?;
+    keep_status(kind, None, &mut object);
+    default_fields(kind, &mut object);
+    let writer = Writer {
+        manager,
+        subresource: None,
+    };
+    managed::update(kind, None, &mut object, writer);
     Ok(state.write(kind, object))
 }
 
@@ -405,6 +494,7 @@ fn replace(
     namespace: &str,
     name: &str,
     mut object: Value,
+    manager: &str,
 ) -> Result<Value, ApiError> {
     if str_at(&object, "/metadata/name") != name {
         return Err(ApiError::bad_request(
@@ -413,35 +503,83 @@ fn replace(
     }
     let current = state
         .get(kind, namespace, name)
-        .ok_or_else(|| ApiError::not_found(kind, name))?;
+        .ok_or_else(|| ApiError::not_found(kind, name))?
+        .clone();
     let wanted = str_at(&object, "/metadata/resourceVersion");
-    if !wanted.is_empty() && wanted != str_at(current, "/metadata/resourceVersion") {
+    if !wanted.is_empty() && wanted != str_at(&current, "/metadata/resourceVersion") {
         return Err(ApiError::conflict(kind, name));
     }
     object["metadata"]["namespace"] = namespace.into();
+    validate(kind, &object, Some(&current))?;
+    keep_status(kind, Some(&current), &mut object);
+    default_fields(kind, &mut object);
+    let writer = Writer {
+        manager,
+        subresource: None,
+    };
+    managed::update(kind, Some(&current), &mut object, writer);
+    finish_write(state, kind, &current, object)
+}
+
+/// Writes `object` over `current`, unless it changes nothing: then, as on the real server,
+/// not even the resourceVersion moves.
+fn finish_write(
+    state: &mut State,
+    kind: Kind,
+    current: &Value,
+    object: Value,
+) -> Result<Value, ApiError> {
+    if without_server_fields(current) == without_server_fields(&object)
+        && current["metadata"]["managedFields"] == object["metadata"]["managedFields"]
+    {
+        return Ok(current.clone());
+    }
     Ok(state.write(kind, object))
 }
 
 /// The patch content types: merge, strategic merge (applied as a merge patch: lists are
-/// replaced, not merged by key) and server-side apply (applied as a merge patch too, without
-/// field ownership).
+/// replaced, not merged by key) and server-side apply.
 #[derive(PartialEq)]
 enum PatchType {
     Merge,
     Apply,
 }
 
+/// The real server's 422 for invalid PatchOptions.
+fn invalid_patch_options(field: &str, error: &str) -> ApiError {
+    let reason = if error.starts_with("Required") {
+        "FieldValueRequired"
+    } else {
+        "FieldValueForbidden"
+    };
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Invalid",
+        format!("PatchOptions.meta.k8s.io \"\" is invalid: {field}: {error}"),
+    )
+    .with_details(json!({
+        "group": "meta.k8s.io",
+        "kind": "PatchOptions",
+        "causes": [{"reason": reason, "message": error, "field": field}],
+    }))
+}
+
 fn patch_type(req: &ApiRequest) -> Result<PatchType, ApiError> {
     match req.content_type.as_str() {
         "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
+            if req.query.get("force").is_some() {
+                return Err(invalid_patch_options(
+                    "force",
+                    "Forbidden: may not be specified for non-apply patch",
+                ));
+            }
             Ok(PatchType::Merge)
         }
         "application/apply-patch+yaml" => {
             if req.query.get("fieldManager").is_none_or(str::is_empty) {
-                return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Invalid",
-                    "PATCH requests with apply must set fieldManager",
+                return Err(invalid_patch_options(
+                    "fieldManager",
+                    "Required value: is required for apply patch",
                 ));
             }
             Ok(PatchType::Apply)
@@ -463,14 +601,22 @@ fn patch(
 ) -> Result<Value, ApiError> {
     let patch_type = patch_type(req)?;
     let patch = req.json()?;
-    let current = match state.get(kind, namespace, name) {
-        Some(current) => current.clone(),
-        // Server-side apply creates what does not exist yet.
-        None if patch_type == PatchType::Apply => json!({
-            "metadata": {"name": name, "namespace": namespace},
-        }),
-        None => return Err(ApiError::not_found(kind, name)),
-    };
+    let manager = req.manager();
+    if patch_type == PatchType::Apply {
+        return server_side_apply(
+            state,
+            kind,
+            namespace,
+            name,
+            &patch,
+            &manager,
+            req.query.flag("force"),
+        );
+    }
+    let current = state
+        .get(kind, namespace, name)
+        .ok_or_else(|| ApiError::not_found(kind, name))?
+        .clone();
     let wanted = str_at(&patch, "/metadata/resourceVersion");
     if !wanted.is_empty() && wanted != str_at(&current, "/metadata/resourceVersion") {
         return Err(ApiError::conflict(kind, name));
@@ -486,11 +632,77 @@ fn patch(
     ] {
         merged["metadata"][field] = current["metadata"][field].clone();
     }
-    if state.get(kind, namespace, name).is_some() && merged == current {
-        // A no-op write changes nothing, not even the resourceVersion.
-        return Ok(current);
+    validate(kind, &merged, Some(&current))?;
+    keep_status(kind, Some(&current), &mut merged);
+    default_fields(kind, &mut merged);
+    let writer = Writer {
+        manager: &manager,
+        subresource: None,
+    };
+    managed::update(kind, Some(&current), &mut merged, writer);
+    finish_write(state, kind, &current, merged)
+}
+
+/// A server-side apply of `config` to the main resource by `manager`: creates the object
+/// if there is none; `409 Conflict` when it would change another manager's fields, unless
+/// `force`.
+pub(super) fn server_side_apply(
+    state: &mut State,
+    kind: Kind,
+    namespace: &str,
+    name: &str,
+    config: &Value,
+    manager: &str,
+    force: bool,
+) -> Result<Value, ApiError> {
+    let api_version = config["apiVersion"].as_str().unwrap_or("");
+    if api_version != kind.api_version() {
+        return Err(ApiError::bad_request(format!(
+            "Incorrect version specified in apply patch. Specified patch version: \
+             {api_version}, expected: {}",
+            kind.api_version()
+        )));
     }
-    Ok(state.write(kind, merged))
+    // (The real server fails such a merge with a 500.)
+    let config_kind = config["kind"].as_str().unwrap_or("");
+    if config_kind != kind.name() {
+        return Err(ApiError::bad_request(format!(
+            "the kind in the apply patch ({config_kind}) does not match the expected kind ({})",
+            kind.name()
+        )));
+    }
+    for (field, expected) in [("name", name), ("namespace", namespace)] {
+        match config["metadata"][field].as_str() {
+            Some(given) if given != expected => {
+                return Err(ApiError::bad_request(format!(
+                    "the {field} of the object ({given}) does not match the {field} on the \
+                     URL ({expected})"
+                )));
+            }
+            _ => {}
+        }
+    }
+    if !config["metadata"]["managedFields"].is_null() {
+        return Err(ApiError::bad_request("metadata.managedFields must be nil"));
+    }
+    let current = state.get(kind, namespace, name).cloned();
+    if let Some(current) = &current {
+        let wanted = str_at(config, "/metadata/resourceVersion");
+        if !wanted.is_empty() && wanted != str_at(current, "/metadata/resourceVersion") {
+            return Err(ApiError::conflict(kind, name));
+        }
+    }
+    let base = json!({"metadata": {"name": name, "namespace": namespace}});
+    let writer = Writer {
+        manager,
+        subresource: None,
+    };
+    let object = managed::apply(kind, current.as_ref(), base, config, writer, force)?;
+    validate(kind, &object, current.as_ref())?;
+    match &current {
+        Some(current) => finish_write(state, kind, current, object),
+        None => Ok(state.write(kind, object)),
+    }
 }
 
 /// RFC 7386 JSON merge patch.
@@ -512,17 +724,19 @@ fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-/// A PATCH or PUT of a Deployment's `/scale`: sets `spec.replicas` and records who asked.
+/// A PATCH or PUT of a workload's `/scale`: sets `spec.replicas`, owned by the writer with
+/// subresource `scale`, and records who asked (when it succeeds).
 fn write_scale(
     state: &mut State,
+    kind: Kind,
     namespace: &str,
     name: &str,
     req: &ApiRequest,
 ) -> Result<Value, ApiError> {
-    let kind = Kind::Deployment;
-    if req.method == Method::PATCH {
-        patch_type(req)?;
-    }
+    let patch_type = match req.method {
+        Method::PATCH => Some(patch_type(req)?),
+        _ => None,
+    };
     let body = req.json()?;
     let current = state
         .get(kind, namespace, name)
@@ -548,36 +762,87 @@ fn write_scale(
                 })?,
         ),
     };
-    let Some(replicas) = replicas else {
-        return Ok(scale_of(&current));
+    let manager = req.manager();
+    let workload = match patch_type {
+        Some(PatchType::Apply) => {
+            let config = match replicas {
+                Some(replicas) => json!({"spec": {"replicas": replicas}}),
+                None => json!({}),
+            };
+            let writer = Writer {
+                manager: &manager,
+                subresource: Some("scale"),
+            };
+            let base = json!({});
+            let object = managed::apply(
+                kind,
+                Some(&current),
+                base,
+                &config,
+                writer,
+                req.query.flag("force"),
+            )?;
+            finish_write(state, kind, &current, object)?
+        }
+        _ => match replicas {
+            Some(replicas) => scale_update(state, kind, &current, replicas, &manager),
+            None => current,
+        },
     };
-    state.scale_patches.push(ScalePatch {
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
-        manager: req.query.get("fieldManager").unwrap_or("").to_owned(),
-        replicas,
-    });
-    if current["spec"]["replicas"].as_i64() == Some(i64::from(replicas)) {
-        return Ok(scale_of(&current));
+    if let Some(replicas) = replicas {
+        state.scale_patches.push(ScalePatch {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            manager: req.query.get("fieldManager").unwrap_or("").to_owned(),
+            replicas,
+        });
     }
-    let mut deployment = current;
-    deployment["spec"]["replicas"] = replicas.into();
-    Ok(scale_of(&state.write(kind, deployment)))
+    Ok(scale_of(kind, &workload))
 }
 
-/// The autoscaling/v1 Scale of a Deployment; `status.replicas` counts its ready pods.
-fn scale_of(deployment: &Value) -> Value {
-    let meta = &deployment["metadata"];
-    let selector = deployment["spec"]["selector"]["matchLabels"]
-        .as_object()
-        .map(|labels| {
-            labels
-                .iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default();
+/// An Update of `spec.replicas` through `/scale` by `manager`; returns the workload.
+pub(super) fn scale_update(
+    state: &mut State,
+    kind: Kind,
+    current: &Value,
+    replicas: i32,
+    manager: &str,
+) -> Value {
+    let mut workload = current.clone();
+    workload["spec"]["replicas"] = replicas.into();
+    let writer = Writer {
+        manager,
+        subresource: Some("scale"),
+    };
+    managed::update(kind, Some(current), &mut workload, writer);
+    finish_write(state, kind, current, workload).unwrap_or_else(|_| current.clone())
+}
+
+/// The autoscaling/v1 Scale of a workload, as the real server makes it: `status.replicas`
+/// from the workload's `status.replicas` (a Rollout's `status.HPAReplicas`), the selector
+/// from its `spec.selector` (a Rollout's `status.selector`).
+pub(super) fn scale_of(kind: Kind, workload: &Value) -> Value {
+    let meta = &workload["metadata"];
+    let selector = match kind {
+        Kind::Rollout => workload["status"]["selector"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        _ => workload["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .map(|labels| {
+                labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default(),
+    };
+    let status_replicas = match kind {
+        Kind::Rollout => &workload["status"]["HPAReplicas"],
+        _ => &workload["status"]["replicas"],
+    };
     json!({
         "kind": "Scale",
         "apiVersion": "autoscaling/v1",
@@ -588,9 +853,9 @@ fn scale_of(deployment: &Value) -> Value {
             "resourceVersion": meta["resourceVersion"],
             "creationTimestamp": meta["creationTimestamp"],
         },
-        "spec": {"replicas": deployment["spec"]["replicas"].as_i64().unwrap_or(0)},
+        "spec": {"replicas": workload["spec"]["replicas"].as_i64().unwrap_or(0)},
         "status": {
-            "replicas": deployment["status"]["readyReplicas"].as_i64().unwrap_or(0),
+            "replicas": status_replicas.as_i64().unwrap_or(0),
             "selector": selector,
         },
     })

@@ -63,6 +63,11 @@ impl Filter {
         })
     }
 
+    /// Whether labels or fields select, beyond the namespace of the request's path.
+    pub(super) fn selects_beyond_namespace(&self) -> bool {
+        !self.labels.is_empty() || !self.fields.is_empty()
+    }
+
     pub(super) fn matches(&self, object: &Value) -> bool {
         let namespace = str_at(object, "/metadata/namespace");
         if self.namespace.as_deref().is_some_and(|ns| ns != namespace) {

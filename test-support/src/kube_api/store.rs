@@ -18,6 +18,9 @@ pub(super) enum Kind {
     Service,
     EndpointSlice,
     Deployment,
+    StatefulSet,
+    /// Argo Rollouts' `argoproj.io/v1alpha1` Rollout, a custom resource with `/scale`.
+    Rollout,
     Lease,
     /// events.k8s.io/v1
     Event,
@@ -26,10 +29,12 @@ pub(super) enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 8] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Deployment,
+        Kind::StatefulSet,
+        Kind::Rollout,
         Kind::Lease,
         Kind::Event,
         Kind::CoreEvent,
@@ -39,7 +44,8 @@ impl Kind {
         match self {
             Kind::Service | Kind::CoreEvent => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
-            Kind::Deployment => "apps/v1",
+            Kind::Deployment | Kind::StatefulSet => "apps/v1",
+            Kind::Rollout => "argoproj.io/v1alpha1",
             Kind::Lease => "coordination.k8s.io/v1",
             Kind::Event => "events.k8s.io/v1",
         }
@@ -50,6 +56,8 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Deployment => "Deployment",
+            Kind::StatefulSet => "StatefulSet",
+            Kind::Rollout => "Rollout",
             Kind::Lease => "Lease",
             Kind::Event | Kind::CoreEvent => "Event",
         }
@@ -60,9 +68,23 @@ impl Kind {
             Kind::Service => "services",
             Kind::EndpointSlice => "endpointslices",
             Kind::Deployment => "deployments",
+            Kind::StatefulSet => "statefulsets",
+            Kind::Rollout => "rollouts",
             Kind::Lease => "leases",
             Kind::Event | Kind::CoreEvent => "events",
         }
+    }
+
+    /// A workload: it has `spec.replicas`, a `/scale` subresource and pods the simulated
+    /// kubelet runs.
+    pub(super) fn is_workload(self) -> bool {
+        matches!(self, Kind::Deployment | Kind::StatefulSet | Kind::Rollout)
+    }
+
+    /// Served with a `/status` subresource: writes to the main resource leave `status`
+    /// alone, as the real server's strategies do.
+    pub(super) fn has_status_subresource(self) -> bool {
+        self == Kind::Service || self.is_workload()
     }
 
     /// `leases.coordination.k8s.io`, as the real server names a resource in its messages.
@@ -116,7 +138,8 @@ pub(super) struct Change {
     pub(super) change: ChangeType,
     pub(super) object: Value,
     /// The object before a modification, so a filtered watch can tell an object that left
-    /// (or entered) its selection.
+    /// (or entered) its selection, or before a deletion, so a paginated list can rebuild an
+    /// earlier version.
     pub(super) previous: Option<Value>,
 }
 
@@ -201,7 +224,7 @@ impl State {
             Some(stored) => (Some(stored.object.clone()), stored.created),
             None => (None, rv),
         };
-        let tracks_generation = kind == Kind::Deployment;
+        let tracks_generation = kind.is_workload();
         match &previous {
             Some(previous) => {
                 for field in ["uid", "creationTimestamp"] {
@@ -230,9 +253,7 @@ impl State {
                 }
             }
         }
-        if kind == Kind::Deployment && object["spec"]["replicas"].is_null() {
-            object["spec"]["replicas"] = 1.into();
-        }
+        default_fields(kind, &mut object);
         object["metadata"]["resourceVersion"] = rv.to_string().into();
         let change = if previous.is_some() {
             ChangeType::Modified
@@ -250,27 +271,20 @@ impl State {
         object
     }
 
-    /// `write`, unless the stored object already has this content; true if it wrote.
-    pub(super) fn write_if_changed(&mut self, kind: Kind, object: Value) -> bool {
-        let namespace = str_at(&object, "/metadata/namespace");
-        let name = str_at(&object, "/metadata/name");
-        if let Some(stored) = self.get(kind, namespace, name)
-            && without_server_fields(stored) == without_server_fields(&object)
-        {
-            return false;
-        }
-        self.write(kind, object);
-        true
-    }
-
     pub(super) fn remove(&mut self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
         let stored = self
             .objects
             .remove(&(kind, namespace.to_owned(), name.to_owned()))?;
         let rv = self.bump();
-        let mut object = stored.object;
+        let mut object = stored.object.clone();
         object["metadata"]["resourceVersion"] = rv.to_string().into();
-        self.record(kind, rv, ChangeType::Deleted, object.clone(), None);
+        self.record(
+            kind,
+            rv,
+            ChangeType::Deleted,
+            object.clone(),
+            Some(stored.object),
+        );
         Some(object)
     }
 
@@ -314,11 +328,24 @@ impl State {
     }
 }
 
+/// What the server defaults in an object of `kind`: a workload's `spec.replicas` is 1.
+pub(super) fn default_fields(kind: Kind, object: &mut Value) {
+    if kind.is_workload() && object["spec"]["replicas"].is_null() {
+        object["spec"]["replicas"] = 1.into();
+    }
+}
+
 /// The object without what the server sets, to compare content.
-fn without_server_fields(object: &Value) -> Value {
+pub(super) fn without_server_fields(object: &Value) -> Value {
     let mut object = object.clone();
     if let Some(meta) = object["metadata"].as_object_mut() {
-        for field in ["resourceVersion", "uid", "creationTimestamp", "generation"] {
+        for field in [
+            "resourceVersion",
+            "uid",
+            "creationTimestamp",
+            "generation",
+            "managedFields",
+        ] {
             meta.remove(field);
         }
     }
@@ -333,7 +360,7 @@ pub(super) fn str_at<'a>(value: &'a Value, pointer: &str) -> &'a str {
     value.pointer(pointer).and_then(Value::as_str).unwrap_or("")
 }
 
-fn now_rfc3339() -> String {
+pub(super) fn now_rfc3339() -> String {
     k8s_openapi::jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string()
