@@ -675,9 +675,17 @@ async fn rbac_api() -> FakeApi {
     let mut web = service("web", json!({}));
     web["metadata"]["namespace"] = "demo".into();
     api.apply(web);
-    let mut web = deployment("web", 0);
-    web["metadata"]["namespace"] = "demo".into();
-    api.apply(web);
+    for (api_version, kind) in [
+        ("apps/v1", "Deployment"),
+        ("apps/v1", "StatefulSet"),
+        ("argoproj.io/v1alpha1", "Rollout"),
+    ] {
+        let mut web = deployment("web", 0);
+        web["apiVersion"] = api_version.into();
+        web["kind"] = kind.into();
+        web["metadata"]["namespace"] = "demo".into();
+        api.apply(web);
+    }
     api
 }
 
@@ -717,15 +725,22 @@ fn keys(list: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
 }
 
 /// Every grant deploy/base gives wakegate's ServiceAccount.
-const DEPLOY_BASE_GRANTS: [(&str, &str, &str); 13] = [
+const DEPLOY_BASE_GRANTS: [(&str, &str, &str); 20] = [
     ("list", "", "services"),
     ("watch", "", "services"),
     ("list", "discovery.k8s.io", "endpointslices"),
     ("watch", "discovery.k8s.io", "endpointslices"),
+    ("get", "apps", "deployments"),
     ("list", "apps", "deployments"),
     ("watch", "apps", "deployments"),
+    ("get", "apps", "statefulsets"),
+    ("get", "argoproj.io", "rollouts"),
     ("get", "apps", "deployments/scale"),
     ("patch", "apps", "deployments/scale"),
+    ("get", "apps", "statefulsets/scale"),
+    ("patch", "apps", "statefulsets/scale"),
+    ("get", "argoproj.io", "rollouts/scale"),
+    ("patch", "argoproj.io", "rollouts/scale"),
     ("create", "events.k8s.io", "events"),
     ("patch", "events.k8s.io", "events"),
     ("get", "coordination.k8s.io", "leases"),
@@ -780,6 +795,23 @@ async fn rbac_the_service_account_can_do_all_that_deploy_base_grants_and_uses_ev
         .await
         .unwrap();
     assert_eq!(api.deployment_replicas("demo", "web"), Some(1));
+    deployments.get("web").await.unwrap();
+    // Any workload's /scale, and the workload itself (to read its managedFields).
+    for (group, version, kind) in [
+        ("apps", "v1", "StatefulSet"),
+        ("argoproj.io", "v1alpha1", "Rollout"),
+    ] {
+        let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            group, version, kind,
+        ));
+        let workloads: Api<DynamicObject> = Api::namespaced_with(client.clone(), "demo", &resource);
+        workloads.get("web").await.unwrap();
+        workloads.get_scale("web").await.unwrap();
+        workloads
+            .patch_scale("web", &PatchParams::apply("wakegate").force(), &one)
+            .await
+            .unwrap();
+    }
 
     // An event, then the same again: a create, then a patch.
     let recorder = Recorder::new(
