@@ -191,7 +191,7 @@ async fn warm_traffic_is_served_while_the_api_server_is_down() {
 
 #[tokio::test]
 async fn readiness_waits_for_the_first_sync() {
-    let api = FakeApi::start().await;
+    let api = cluster().await;
     api.set_down(true);
     let dir = tempfile::tempdir().unwrap();
     let wg = Wakegate::start(FAST, &kubernetes_section(&api, dir.path(), "")).await;
@@ -384,7 +384,7 @@ async fn two_replicas_elect_one_leader_which_scales_from_the_summed_signal_and_h
 async fn a_held_request_wakes_the_target_again_when_something_else_scales_it_back_to_zero() {
     // As with KEDA (autoscaler = "external") scaling to zero right after a wake, before its
     // metrics show the demand: the held request must not wait for its timeout.
-    let api = FakeApi::start().await;
+    let api = cluster().await;
     api.start_kubelet(KubeletOptions {
         startup_delay: Duration::from_secs(2),
         program: bin().into(),

@@ -66,7 +66,7 @@ fn refused(target: &Value) -> Vec<(String, String, String)> {
 
 #[tokio::test]
 async fn the_oldest_service_keeps_a_contested_host_whatever_the_names_and_the_loser_is_told() {
-    let api = FakeApi::start().await;
+    let api = cluster().await;
     let (first, second) = (DemoBackend::start().await, DemoBackend::start().await);
     // Namespaces and names sort the other way round from creation: only the creation time
     // decides.
@@ -180,7 +180,7 @@ async fn the_oldest_service_keeps_a_contested_host_whatever_the_names_and_the_lo
 
 #[tokio::test]
 async fn wildcards_only_from_listed_namespaces_and_exact_hosts_only_inside_a_namespaces_domains() {
-    let api = FakeApi::start().await;
+    let api = cluster().await;
     let (edge, web, greedy) = (
         DemoBackend::start().await,
         DemoBackend::start().await,
@@ -263,7 +263,7 @@ async fn wildcards_only_from_listed_namespaces_and_exact_hosts_only_inside_a_nam
 #[tokio::test]
 async fn requests_never_reach_a_terminating_pod_and_wake_the_target_when_every_pod_is_terminating()
 {
-    let api = FakeApi::start().await;
+    let api = cluster().await;
     let (old, new) = (DemoBackend::start().await, DemoBackend::start().await);
     // Scaled to zero a moment ago: its last pod is still shutting down.
     api.apply(deployment("web", 0));

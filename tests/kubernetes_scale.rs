@@ -107,7 +107,7 @@ async fn in_external_mode_wakegate_only_wakes_from_zero_and_never_changes_a_coun
 
 #[tokio::test]
 async fn a_service_whose_deployment_is_missing_fails_its_requests_at_once_and_backs_off_quietly() {
-    let api = FakeApi::start().await;
+    let api = cluster().await;
     api.apply(service(
         "ghost",
         json!({
@@ -202,7 +202,7 @@ async fn a_service_whose_deployment_is_missing_fails_its_requests_at_once_and_ba
 
 #[tokio::test]
 async fn a_wake_writes_scale_once_and_polls_nothing_while_the_pod_starts() {
-    let api = FakeApi::start().await;
+    let api = cluster().await;
     api.start_kubelet(KubeletOptions {
         startup_delay: Duration::from_secs(2),
         program: bin().into(),
@@ -340,7 +340,7 @@ async fn a_statefulset_and_an_argo_rollout_are_woken_through_their_scale_subreso
 
 #[tokio::test]
 async fn an_event_note_over_the_api_limit_is_cut_to_fit() {
-    let api = FakeApi::start().await;
+    let api = cluster().await;
     let long = format!("{}.example.com", "x".repeat(1500));
     api.apply(service(
         "long",

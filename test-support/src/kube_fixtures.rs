@@ -1,14 +1,53 @@
-//! The objects and waits the Kubernetes end-to-end tests share: a Deployment and an annotated
+//! The objects and waits the Kubernetes end-to-end tests share: a [`Cluster`] (the API double
+//! enforcing `deploy/base`'s RBAC on wakegate's ServiceAccount), a Deployment and an annotated
 //! Service in namespace [`NS`], hand-made EndpointSlices, the `[kubernetes]` section, and
 //! waits for conditions.
 
+use std::ops::Deref;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::kube_api::{FakeApi, KubeletOptions};
+use crate::kube_api::{FakeApi, KubeletOptions, Rbac};
 use crate::{Wakegate, bin};
+
+/// The API double as wakegate meets it in a cluster: every request wakegate makes is
+/// authorized by the RBAC rendered from `deploy/base` for its ServiceAccount (the kubeconfig
+/// [`kubernetes_section`] writes carries that account's token). When the test ends without
+/// failing otherwise, it fails if any request was denied, and it prints the grants no
+/// request used.
+pub struct Cluster(FakeApi);
+
+impl Deref for Cluster {
+    type Target = FakeApi;
+    fn deref(&self) -> &FakeApi {
+        &self.0
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let report = self.0.rbac_report();
+        if !report.unused.is_empty() {
+            eprintln!("RBAC grants of deploy/base this test did not use:\n{report}");
+        }
+        assert!(
+            report.denied.is_empty(),
+            "deploy/base does not grant what wakegate did:\n{report}"
+        );
+    }
+}
+
+/// The API double, enforcing `deploy/base`'s RBAC.
+pub async fn cluster() -> Cluster {
+    let api = FakeApi::start().await;
+    api.enforce_rbac(Rbac::from_deploy("deploy/base"));
+    Cluster(api)
+}
 
 /// The namespace the tests' workloads live in.
 pub const NS: &str = "demo";
@@ -72,9 +111,9 @@ pub fn endpoint_slice(namespace: &str, service: &str, port: u16, endpoints: Valu
     })
 }
 
-/// The API double with its simulated kubelet (pods ready 300 ms after they start).
-pub async fn api_with_kubelet() -> FakeApi {
-    let api = FakeApi::start().await;
+/// [`cluster`] with its simulated kubelet (pods ready 300 ms after they start).
+pub async fn api_with_kubelet() -> Cluster {
+    let api = cluster().await;
     api.start_kubelet(KubeletOptions {
         startup_delay: Duration::from_millis(300),
         program: bin().into(),

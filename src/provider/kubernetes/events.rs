@@ -2,28 +2,40 @@
 //! every warning (each replica still logs it), once per condition, with notes cut to what the
 //! API accepts. Callers report a condition every time they see it; a replica that becomes
 //! leader records what is still true then.
+//!
+//! Not kube-runtime's `Recorder`: it folds every Event with the same object, reason and
+//! action into one series, keeping the first note, so a Service's second, different problem
+//! would show the first one's text. Here each distinct condition is its own Event, created
+//! once (RBAC: `create` only).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::api::{Api, PostParams};
 
 /// The API server refuses an `events.k8s.io/v1` Event whose note is longer (in bytes).
 pub const NOTE_LIMIT: usize = 1024;
 
 pub struct Events {
-    recorder: Recorder,
+    client: Client,
+    /// `reportingInstance`: this replica.
+    instance: String,
     leader: Arc<AtomicBool>,
     /// (namespace, name, reason, note) of every Warning recorded.
     recorded: Mutex<HashSet<(String, String, String, String)>>,
 }
 
 impl Events {
-    pub fn new(recorder: Recorder, leader: Arc<AtomicBool>) -> Self {
+    pub fn new(client: Client, instance: String, leader: Arc<AtomicBool>) -> Self {
         Self {
-            recorder,
+            client,
+            instance,
             leader,
             recorded: Mutex::default(),
         }
@@ -49,14 +61,33 @@ impl Events {
         {
             return;
         }
+        let now = Timestamp::now();
+        let namespace = regarding
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let event = Event {
-            type_: EventType::Warning,
-            reason: reason.into(),
+            metadata: ObjectMeta {
+                name: Some(format!(
+                    "{}.{:x}",
+                    regarding.name.as_deref().unwrap_or("wakegate"),
+                    now.as_nanosecond()
+                )),
+                namespace: Some(namespace.clone()),
+                ..Default::default()
+            },
+            event_time: Some(MicroTime(now)),
+            type_: Some("Warning".into()),
+            reason: Some(reason.into()),
+            action: Some(action.into()),
             note: Some(truncate(note, NOTE_LIMIT)),
-            action: action.into(),
-            secondary: None,
+            regarding: Some(regarding.clone()),
+            reporting_controller: Some("wakegate".into()),
+            reporting_instance: Some(self.instance.clone()),
+            ..Default::default()
         };
-        if let Err(error) = self.recorder.publish(&event, regarding).await {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &namespace);
+        if let Err(error) = events.create(&PostParams::default(), &event).await {
             self.recorded.lock().expect("not poisoned").remove(&key);
             tracing::warn!(
                 kind = regarding.kind.as_deref().unwrap_or_default(),

@@ -29,7 +29,6 @@ use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use kube::api::Api;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -169,13 +168,6 @@ impl KubernetesProvider {
         stop: CancellationToken,
     ) -> Started {
         let identity = identity();
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "wakegate".into(),
-                instance: Some(identity.clone()),
-            },
-        );
         let leader = Arc::new(AtomicBool::new(config.lease.is_none()));
         let counters = Counters::default();
         registry.register(
@@ -199,7 +191,7 @@ impl KubernetesProvider {
             state: Mutex::new(State::default()),
             changed: Arc::new(Notify::new()),
             leader: leader.clone(),
-            events: Events::new(recorder, leader.clone()),
+            events: Events::new(client.clone(), identity.clone(), leader.clone()),
             counters,
             peer_signal: peer_signal.clone(),
         });

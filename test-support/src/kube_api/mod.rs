@@ -89,7 +89,7 @@ mod watch;
 
 pub use auth::{ADMIN_TOKEN, SERVICE_ACCOUNT_GROUPS, SERVICE_ACCOUNT_TOKEN, SERVICE_ACCOUNT_USER};
 pub use faults::{Fault, FaultAnswer, InjectedFault};
-pub use rbac::{Denied, Grant, Rbac, RbacReport, Use};
+pub use rbac::{Denied, Grant, Rbac, RbacReport, Use, rendered as render_kustomization};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

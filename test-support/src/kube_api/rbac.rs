@@ -657,7 +657,7 @@ fn repository_root() -> PathBuf {
 }
 
 /// `kubectl kustomize ROOT/dir`, parsed; rendered once per process and directory.
-fn rendered(dir: &str) -> Vec<Value> {
+pub fn rendered(dir: &str) -> Vec<Value> {
     static RENDERED: OnceLock<Mutex<HashMap<String, Vec<Value>>>> = OnceLock::new();
     let cache = RENDERED.get_or_init(Default::default);
     let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
