@@ -10,6 +10,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Resource;
+use tokio::time::Instant;
 
 use crate::config::annotations::{self, Outcome};
 
@@ -63,8 +64,8 @@ pub struct Index {
     slices: HashMap<Key, BTreeMap<String, Slice>>,
     /// (namespace, slice name) → the Service it belongs to.
     slice_owner: HashMap<Key, String>,
-    /// Deployments' `spec.replicas`.
-    deployments: HashMap<Key, u32>,
+    /// Deployments' `spec.replicas`, and when the watch last changed it.
+    deployments: HashMap<Key, (u32, Instant)>,
     pub dirty: Dirty,
 }
 
@@ -124,6 +125,11 @@ impl Index {
     }
 
     pub fn deployment_replicas(&self, key: &Key) -> Option<u32> {
+        self.deployments.get(key).map(|(n, _)| *n)
+    }
+
+    /// A Deployment's `spec.replicas` and when the watch last changed it.
+    pub fn deployment_replicas_since(&self, key: &Key) -> Option<(u32, Instant)> {
         self.deployments.get(key).copied()
     }
 }
@@ -264,7 +270,10 @@ impl Indexed for Deployment {
             .and_then(|s| s.replicas)
             .unwrap_or(1)
             .max(0) as u32;
-        if index.deployments.insert(key.clone(), replicas) != Some(replicas) {
+        if index.deployments.get(&key).map(|(n, _)| *n) != Some(replicas) {
+            index
+                .deployments
+                .insert(key.clone(), (replicas, Instant::now()));
             index.dirty.deployments.insert(key);
         }
     }

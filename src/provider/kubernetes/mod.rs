@@ -520,6 +520,11 @@ impl Inner {
         self.state().index.deployment_replicas(key)
     }
 
+    /// The same, with when the watch last changed it.
+    fn deployment_replicas_since(&self, key: &Key) -> Option<(u32, tokio::time::Instant)> {
+        self.state().index.deployment_replicas_since(key)
+    }
+
     /// A `/scale` read or write saw the workload of `kube` at `replicas`.
     fn observed(&self, target: &Arc<Target>, kube: &KubeTarget, replicas: u32) {
         target.observe_replicas(replicas);

@@ -101,6 +101,8 @@ pub(super) struct Scaler {
     read_at: Option<Instant>,
     /// The ask last converged to.
     last_want: Option<u32>,
+    /// The count wakegate last wrote, and when.
+    wrote: Option<(u32, Instant)>,
     failure: Option<Failure>,
 }
 
@@ -119,6 +121,7 @@ impl Scaler {
             api,
             read_at: None,
             last_want: None,
+            wrote: None,
             failure: None,
         }
     }
@@ -177,9 +180,13 @@ impl Scaler {
     async fn current(&mut self, want: u32) -> Result<u32, ScaleError> {
         let workload_key = (self.kube.namespace.clone(), self.kube.workload.name.clone());
         if self.is_watched()
-            && let Some(n) = self.inner.deployment_replicas(&workload_key)
+            && let Some((n, changed_at)) = self.inner.deployment_replicas_since(&workload_key)
         {
-            return Ok(n);
+            // Until the watch brings wakegate's own last write, it shows an older count.
+            return Ok(match self.wrote {
+                Some((wrote, at)) if at > changed_at => wrote,
+                _ => n,
+            });
         }
         let fresh = self
             .read_at
@@ -275,6 +282,7 @@ impl Scaler {
             "scaled"
         );
         self.observed(to);
+        self.wrote = Some((to, Instant::now()));
         if waking {
             // Counted here, not from the phase the watches show: a workload with replicas
             // and no ready pod may as well be scaling down.
