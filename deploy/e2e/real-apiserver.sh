@@ -534,6 +534,18 @@ else
   fail "demo/late not in /targets within 10 s of its creation ($(since "$tup") s after the API server's return)"
 fi
 sleep 2
+# a watch resumed from before the restart is told "too old resource version" (410 Expired):
+# how long after that wakegate relisted, by the audit log
+epoch() { date -u -d "$1" +%s.%N; }
+relists=""
+while read -r e; do
+  [ -n "$e" ] || continue
+  kind=$(echo "$e" | jq -r .kind); at=$(echo "$e" | jq -r .timestamp)
+  resource=$(echo "$kind" | tr '[:upper:]' '[:lower:]')s
+  listed=$(sa_audit | jq -r --arg r "$resource" --arg t "$at" 'select(.verb == "list" and .objectRef.resource == $r and .requestReceivedTimestamp > $t) | .requestReceivedTimestamp' | head -1)
+  [ -n "$listed" ] && relists="$relists $kind $(awk -v a="$(epoch "$at")" -v b="$(epoch "$listed")" 'BEGIN { printf "%.2f", b - a }') s,"
+done <<< "$(tail -n +"$mark" "$WG_LOG" | jq -cR 'fromjson? | select(.message == "watch failed; retrying with backoff" and ((.error // "") | test("too old resource version"))) | {kind, timestamp}')"
+info "410 Expired on resuming watches, then the relist came after:${relists:- (no Expired seen)}"
 kill "$TRAFFIC_PID" 2>/dev/null; wait "$TRAFFIC_PID" 2>/dev/null; TRAFFIC_PID=
 total=$(grep -c . "$WORK/traffic.txt")
 during=$(awk -v a="$tdown" -v b="$tup" '$1 >= a && $1 <= b' "$WORK/traffic.txt" | grep -c .)
