@@ -280,7 +280,7 @@ STEP=2-wake
 pick_port B1
 mark=$(wg_mark)
 t0=$(now)
-req hello.example.com / 60 > "$WORK/wake.out" &
+{ req hello.example.com / 60; echo " $(now)"; } > "$WORK/wake.out" &
 CURL_PID=$!
 if wait_for 10 replicas_is demo hello 1; then
   pass "Deployment demo/hello at replicas 1 $(since "$t0") s after the request"
@@ -294,13 +294,15 @@ else
   fail "the request is not held: pending=$pending, curl finished: $(cat "$WORK/wake.out")"
 fi
 start_backend "$B1"
-t1=$(now)
 ready_eps demo hello "$B1"
 wait "$CURL_PID"; CURL_PID=
-read -r code secs < "$WORK/wake.out"
+read -r code secs ended < "$WORK/wake.out"
+# from the API server receiving the EndpointSlice write (audit) to the response's end
+written=$(jq -cR 'fromjson? | select(.stage == "ResponseComplete" and .verb == "patch" and .objectRef.resource == "endpointslices" and .objectRef.name == "hello-abc12") | .requestReceivedTimestamp' "$AUDIT" | tail -1 | tr -d '"')
+after=$(awk -v a="$(date -u -d "$written" +%s.%N)" -v b="$ended" 'BEGIN { printf "%.3f", b - a }')
 cold=$(tr -d '\r' < "$WORK/last.hdr" | awk -F': ' 'tolower($1) == "x-wakegate-cold-start" { print $2 }')
 if [ "$code" = 200 ] && [ "$cold" = true ] && grep -q "port $B1" "$WORK/last.body"; then
-  pass "held request answered 200 with x-wakegate-cold-start: true by the backend on $B1, $(since "$t1") s after the EndpointSlice turned ready (${secs} s in all)"
+  pass "held request answered 200 with x-wakegate-cold-start: true by the backend on $B1, ${after} s after the API server received the ready EndpointSlice (${secs} s in all)"
 else
   fail "held request: code=$code cold-start=$cold body=$(head -c 200 "$WORK/last.body")"
 fi
