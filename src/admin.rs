@@ -1,5 +1,6 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz` (503 while draining) and `/targets`
-//! (JSON state of every target).
+//! The admin listener: `/metrics`, `/healthz`, `/readyz` (503 while draining), `/targets`
+//! (JSON state of every target) and `/targets/{namespace}/{name}` (one target's state and its
+//! endpoint addresses).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{self, Metrics};
 use crate::proxy::Shared;
+use crate::target::Target;
 
 #[derive(Debug)]
 pub struct Admin {
@@ -51,66 +53,106 @@ impl Admin {
                 "waiting for the first Kubernetes sync\n",
             ),
             "/readyz" => text(StatusCode::OK, "ready\n"),
-            "/targets" => {
-                let mut response = Response::new(Full::new(Bytes::from(self.targets_json())));
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    header::HeaderValue::from_static("application/json"),
-                );
-                response
-            }
+            "/targets" => json(self.targets_json()),
+            path if path.starts_with("/targets/") => self.target(&path["/targets/".len()..]),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /metrics, /healthz, /readyz or /targets\n",
+                "not found; try /metrics, /healthz, /readyz, /targets or /targets/{namespace}/{name}\n",
             ),
         }
     }
 
     fn targets_json(&self) -> String {
         let snapshot = self.proxy.snapshot.load();
-        let now = Instant::now();
-        let wall = SystemTime::now();
+        let clock = (Instant::now(), SystemTime::now());
         let targets: Vec<serde_json::Value> = snapshot
             .targets
             .iter()
-            .map(|t| {
-                let status = t.status();
-                let last_request = t.last_request_at().map(|at| {
-                    humantime::format_rfc3339_millis(wall - now.saturating_duration_since(at))
-                        .to_string()
-                });
-                serde_json::json!({
-                    "name": t.name,
-                    "namespace": t.namespace,
-                    "kind": t.backend.kind(),
-                    "state": status.phase.as_str(),
-                    "instances": t.endpoints().len(),
-                    "desired": t.desired(),
-                    "in_flight": t.stats.in_flight(),
-                    "pending": t.stats.pending(),
-                    "requests": t.stats.requests.total(),
-                    "cold_starts": t.stats.cold_starts.load(Ordering::Relaxed),
-                    "last_request": last_request,
-                    "last_start_failure": status.last_failure.as_deref(),
-                    "replicas": t.observed_replicas(),
-                    "refused_routes": t.refused().iter().map(|r| serde_json::json!({
-                        "host": r.host.to_string(),
-                        "path_prefix": r.path_prefix,
-                        "reason": r.reason.label(),
-                        "detail": r.reason.to_string(),
-                    })).collect::<Vec<_>>(),
-                })
-            })
+            .map(|t| target_json(t, clock))
             .collect();
-        let mut body = serde_json::to_string_pretty(&serde_json::json!({ "targets": targets }))
-            .expect("JSON values serialise");
-        body.push('\n');
-        body
+        pretty(&serde_json::json!({ "targets": targets }))
+    }
+
+    /// `/targets/{namespace}/{name}`: the target's `/targets` entry plus the addresses of its
+    /// ready endpoints, as the data plane sees them right now.
+    fn target(&self, rest: &str) -> Response<Full<Bytes>> {
+        let Some((namespace, name)) = rest
+            .split_once('/')
+            .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+        else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "not found; expected /targets/{namespace}/{name}\n",
+            );
+        };
+        let snapshot = self.proxy.snapshot.load();
+        let Some(target) = snapshot
+            .targets
+            .iter()
+            .find(|t| t.namespace == namespace && t.name == name)
+        else {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!("no target {namespace}/{name}\n"),
+            );
+        };
+        let mut body = target_json(target, (Instant::now(), SystemTime::now()));
+        let endpoints: Vec<String> = target
+            .endpoints()
+            .iter()
+            .map(|e| e.authority.to_string())
+            .collect();
+        body["endpoints"] = endpoints.into();
+        json(pretty(&body))
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+/// One target's entry in `/targets`; `clock` is now, monotonic and wall, read once per answer.
+fn target_json(t: &Target, (now, wall): (Instant, SystemTime)) -> serde_json::Value {
+    let status = t.status();
+    let last_request = t.last_request_at().map(|at| {
+        humantime::format_rfc3339_millis(wall - now.saturating_duration_since(at)).to_string()
+    });
+    serde_json::json!({
+        "name": t.name,
+        "namespace": t.namespace,
+        "kind": t.backend.kind(),
+        "state": status.phase.as_str(),
+        "instances": t.endpoints().len(),
+        "desired": t.desired(),
+        "in_flight": t.stats.in_flight(),
+        "pending": t.stats.pending(),
+        "requests": t.stats.requests.total(),
+        "cold_starts": t.stats.cold_starts.load(Ordering::Relaxed),
+        "last_request": last_request,
+        "last_start_failure": status.last_failure.as_deref(),
+        "replicas": t.observed_replicas(),
+        "refused_routes": t.refused().iter().map(|r| serde_json::json!({
+            "host": r.host.to_string(),
+            "path_prefix": r.path_prefix,
+            "reason": r.reason.label(),
+            "detail": r.reason.to_string(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn pretty(value: &serde_json::Value) -> String {
+    let mut body = serde_json::to_string_pretty(value).expect("JSON values serialise");
+    body.push('\n');
+    body
+}
+
+fn json(body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

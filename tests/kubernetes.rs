@@ -490,3 +490,100 @@ async fn a_service_with_the_namespace_and_name_of_a_file_target_never_displaces_
         .count();
     assert_eq!(skipped, 1, "said once, not on every event:\n{}", wg.logs());
 }
+
+/// An EndpointSlice of Service `service` in `NS`: port `http` 8080, one ready endpoint per
+/// address (nothing is ever connected to them).
+fn slice(name: &str, service: &str, addresses: &[&str]) -> serde_json::Value {
+    let endpoints: Vec<serde_json::Value> = addresses
+        .iter()
+        .map(|a| json!({ "addresses": [a], "conditions": { "ready": true } }))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "labels": { "kubernetes.io/service-name": service }
+        },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+        "endpoints": endpoints
+    })
+}
+
+#[tokio::test]
+async fn the_admin_endpoint_of_one_target_shows_its_entry_and_its_ready_endpoints() {
+    let api = FakeApi::start().await;
+    api.apply(service("api", json!({ "wakegate.io/enabled": "true" })));
+    api.apply(slice("api-a", "api", &["10.1.0.1", "10.1.0.2"]));
+    api.apply(slice("api-b", "api", &["10.1.0.3"]));
+    let dir = tempfile::tempdir().unwrap();
+    let file_target = "[[target]]\nname = \"fixed\"\nhosts = [\"fixed.example.com\"]\nupstream = \"127.0.0.1:9\"\n";
+    let wg = Wakegate::start(
+        "",
+        &format!(
+            "{file_target}\n{}",
+            kubernetes_section(&api, dir.path(), "")
+        ),
+    )
+    .await;
+    wait_ready(&wg).await;
+    let one = |path: &'static str| {
+        let wg = &wg;
+        async move {
+            let r = wg.admin_get(path).await;
+            assert_eq!(r.status, 200, "{path}: {}", r.body);
+            assert_eq!(r.headers["content-type"], "application/json");
+            serde_json::from_str::<serde_json::Value>(&r.body).unwrap()
+        }
+    };
+    let endpoints = |t: &serde_json::Value| t["endpoints"].clone();
+
+    // The same object as its `/targets` entry, plus the endpoints.
+    let mut api_target = one("/targets/demo/api").await;
+    assert_eq!(
+        endpoints(&api_target),
+        json!(["10.1.0.1:8080", "10.1.0.2:8080", "10.1.0.3:8080"]),
+        "{api_target}"
+    );
+    assert_eq!(api_target["instances"], 3, "{api_target}");
+    api_target.as_object_mut().unwrap().remove("endpoints");
+    let listed = wg.target("api").await;
+    let keys = |t: &serde_json::Value| t.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&api_target), keys(&listed), "{api_target} vs {listed}");
+    for field in ["name", "namespace", "kind", "state", "instances"] {
+        assert_eq!(api_target[field], listed[field], "{api_target} vs {listed}");
+    }
+    let fixed = one("/targets/local/fixed").await;
+    assert_eq!(fixed["kind"], "upstream", "{fixed}");
+    assert_eq!(endpoints(&fixed), json!(["127.0.0.1:9"]), "{fixed}");
+
+    // A change to a slice shows up there.
+    api.apply(slice("api-b", "api", &["10.1.0.3", "10.1.0.4"]));
+    api.delete("EndpointSlice", NS, "api-a");
+    let deadline = Instant::now() + MARGIN;
+    loop {
+        let now = endpoints(&one("/targets/demo/api").await);
+        if now == json!(["10.1.0.3:8080", "10.1.0.4:8080"]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "endpoints still {now}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Unknown targets and malformed paths: 404 with a short reason.
+    for (path, reason) in [
+        ("/targets/demo/nope", "no target demo/nope"),
+        ("/targets/other/api", "no target other/api"),
+        ("/targets/api", "expected /targets/{namespace}/{name}"),
+        (
+            "/targets/demo/api/more",
+            "expected /targets/{namespace}/{name}",
+        ),
+    ] {
+        let r = wg.admin_get(path).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.body);
+        assert!(r.body.contains(reason), "{path}: {}", r.body);
+    }
+}

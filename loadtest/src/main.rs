@@ -96,6 +96,22 @@ enum Command {
         /// cold-start: the local target's readiness check.
         #[arg(long, value_enum, default_value_t = scenario::Ready::Tcp)]
         ready: scenario::Ready,
+        /// kube-scale: annotated Services in the API double [default: 5000; --quick: 100].
+        #[arg(long)]
+        services: Option<usize>,
+        /// kube-scale: EndpointSlices per Service.
+        #[arg(long, default_value_t = 4)]
+        slices_per_service: usize,
+        /// kube-scale: endpoint changes made per second.
+        #[arg(long, default_value_t = 100.0)]
+        changes_per_second: f64,
+        /// kube-scale: how long changes are made [default: 30s; --quick: 5s].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// kube-scale: the longest wait for wakegate's initial sync; past it the partial
+        /// report is written and the scenario fails [default: 10m; --quick: 60s].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        sync_timeout: Option<Duration>,
     },
 }
 
@@ -163,6 +179,11 @@ async fn command(command: Command) -> Result<ExitCode, Error> {
             quick,
             wakegate,
             ready,
+            services,
+            slices_per_service,
+            changes_per_second,
+            duration,
+            sync_timeout,
         } => {
             let settings = scenario::Settings {
                 wakegate: wakegate_binary(wakegate)?,
@@ -170,6 +191,13 @@ async fn command(command: Command) -> Result<ExitCode, Error> {
                 rounds: if quick { 1 } else { rounds.max(1) },
                 quick,
                 ready,
+                kube: scenario::KubeScale {
+                    services,
+                    slices_per_service,
+                    changes_per_second,
+                    duration,
+                    sync_timeout,
+                },
             };
             scenario::run(name, &settings).await?;
             Ok(ExitCode::SUCCESS)

@@ -164,13 +164,24 @@ impl Drop for WorkDir {
 
 /// A port on 127.0.0.1 free right now (nginx cannot be asked to pick one and report it).
 pub fn free_port() -> Result<u16, Error> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind a free port", e))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| Error::io("read a bound port", e))?
-        .port();
-    Ok(port)
+    Ok(free_ports::<1>()?[0])
+}
+
+/// `N` different ports on 127.0.0.1 free right now: each stays bound until all are chosen, as
+/// the kernel may hand a port just released out again at once.
+pub fn free_ports<const N: usize>() -> Result<[u16; N], Error> {
+    let mut listeners = Vec::with_capacity(N);
+    let mut ports = [0; N];
+    for port in &mut ports {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind a free port", e))?;
+        *port = listener
+            .local_addr()
+            .map_err(|e| Error::io("read a bound port", e))?
+            .port();
+        listeners.push(listener);
+    }
+    Ok(ports)
 }
 
 pub fn local(port: u16) -> SocketAddr {

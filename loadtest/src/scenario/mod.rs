@@ -4,6 +4,7 @@
 
 mod burst;
 mod cold_start;
+mod kube_scale;
 mod latency;
 mod routes;
 mod warm;
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::Error;
+pub use kube_scale::Options as KubeScale;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Name {
@@ -27,6 +29,9 @@ pub enum Name {
     Routes,
     /// Every scenario above, in turn.
     All,
+    /// 5,000 annotated Services, 20,000 EndpointSlices, 100 endpoint changes a second: delay
+    /// to the routing table, memory, CPU per change (not part of `all`).
+    KubeScale,
 }
 
 /// How the `cold-start` scenario's local target is found ready.
@@ -44,6 +49,7 @@ pub struct Settings {
     pub rounds: usize,
     pub quick: bool,
     pub ready: Ready,
+    pub kube: KubeScale,
 }
 
 impl Settings {
@@ -75,6 +81,7 @@ pub async fn run(name: Name, settings: &Settings) -> Result<(), Error> {
             Name::ColdStart => cold_start::run(settings).await?,
             Name::Burst => burst::run(settings).await?,
             Name::Routes => routes::run(settings).await?,
+            Name::KubeScale => kube_scale::run(settings).await?,
             Name::All => unreachable!("expanded above"),
         };
         let text = std::fs::read_to_string(&written).unwrap_or_default();

@@ -182,6 +182,10 @@ pub(super) async fn serve(listener: TcpListener, shared: Arc<Shared>, gate: Arc<
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        // As the real server (Go sets it on every TCP connection): without it, a watch event
+        // written while the previous one is unacknowledged waits for the client's delayed ACK,
+        // up to 40 ms.
+        let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let gate = gate.clone();
         tokio::spawn(async move {
