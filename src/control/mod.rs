@@ -66,7 +66,8 @@ pub struct Control {
     /// Every autoscaler's tick; a reload may change it.
     interval: watch::Sender<Duration>,
     from_file: Vec<TargetConfig>,
-    discovered: Vec<TargetConfig>,
+    /// Oldest Service first: the order in which they claim hosts.
+    discovered: Arc<Vec<TargetConfig>>,
     /// Discovered targets already reported as clashing with a file target.
     clashes: HashSet<Key>,
     /// Who may claim which hosts (`[kubernetes]`).
@@ -85,7 +86,7 @@ impl Control {
             kube,
             interval: watch::Sender::new(Duration::from_secs(1)),
             from_file: Vec::new(),
-            discovered: Vec::new(),
+            discovered: Arc::default(),
             clashes: HashSet::new(),
             policy: None,
         }
@@ -105,7 +106,7 @@ impl Control {
     }
 
     /// The targets discovered in Kubernetes, whenever they change.
-    pub fn apply_discovered(&mut self, targets: Vec<TargetConfig>) {
+    pub fn apply_discovered(&mut self, targets: Arc<Vec<TargetConfig>>) {
         self.discovered = targets;
         self.apply();
     }
@@ -127,7 +128,7 @@ impl Control {
             .map(|t| (Key::File(t.name.clone()), t.clone()))
             .collect();
         let mut clashes = HashSet::new();
-        for t in &self.discovered {
+        for t in self.discovered.iter() {
             let key = Key::of_discovered(t);
             if labels.contains(&(t.namespace.as_str(), t.name.as_str())) {
                 if !self.clashes.contains(&key) {

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Resource;
 use tokio::time::Instant;
@@ -26,7 +26,6 @@ pub struct ServiceEntry {
     /// `metadata.creationTimestamp`: the older Service keeps a contested host.
     pub created: Option<k8s_openapi::jiff::Timestamp>,
     pub resource_version: String,
-    pub reference: ObjectReference,
 }
 
 /// One endpoint of an EndpointSlice: its addresses, and whether it may take new requests.
@@ -160,7 +159,6 @@ impl Indexed for Service {
                 outcome,
                 created,
                 resource_version,
-                reference: service.object_ref(&()),
             },
         );
         index.dirty.services = true;

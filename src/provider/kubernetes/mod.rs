@@ -153,7 +153,7 @@ pub struct Started {
     pub provider: KubernetesProvider,
     /// The discovered targets, oldest Service first, on every change; `None` until every
     /// watch has listed once.
-    pub targets: watch::Receiver<Option<Vec<TargetConfig>>>,
+    pub targets: watch::Receiver<Option<Arc<Vec<TargetConfig>>>>,
     /// End after `stop` is cancelled.
     pub tasks: Vec<JoinHandle<()>>,
 }
@@ -254,8 +254,10 @@ impl KubernetesProvider {
                     first = false;
                     let discovered = looping.discover(&mut reported).await;
                     targets_tx.send_if_modified(|current| {
-                        let changed = current.as_ref() != Some(&discovered);
-                        *current = Some(discovered);
+                        let changed = current.as_deref() != Some(&discovered);
+                        if changed {
+                            *current = Some(Arc::new(discovered));
+                        }
                         changed
                     });
                 }
@@ -437,7 +439,12 @@ impl Inner {
                     entry.resource_version.clone(),
                 );
                 let new = reported.insert(key);
-                problems_to_report.push((entry.reference.clone(), problems.clone(), skipped, new));
+                problems_to_report.push((
+                    service_ref(namespace, name),
+                    problems.clone(),
+                    skipped,
+                    new,
+                ));
             }
         }
         for (reference, problems, skipped, new) in problems_to_report {

@@ -148,9 +148,11 @@ impl Scaler {
                 continue;
             }
             let want = rx.borrow_and_update().replicas;
-            match self.converge(want).await {
+            // Boxed: the API calls' futures are large, and thousands of targets mostly wait
+            // here; unboxed, every waiting task would carry their size.
+            match Box::pin(self.converge(want)).await {
                 Ok(()) => self.recovered(),
-                Err(error) => self.failed(error).await,
+                Err(error) => Box::pin(self.failed(error)).await,
             }
         }
     }
