@@ -38,10 +38,12 @@ const MAX_PER_SLICE: usize = 6;
 /// The slices' port `http`. Nothing ever connects to the addresses.
 const PORT: u16 = 8080;
 /// Changes measured at once, each on its own keep-alive admin connection; a change made
-/// while all are busy is applied but not measured.
-const POLLERS: usize = 32;
-/// Polled every millisecond for this long after a change, then every 2% of the time elapsed
-/// (at most every 100 ms), so that slow changes do not flood the admin listener.
+/// while all are busy is applied but not measured. Enough for every change at 100 a second
+/// with delays up to 2.5 s: a pollers-free sample would favour the changes made right after
+/// wakegate published a batch, which wait longest.
+const POLLERS: usize = 256;
+/// Polled every millisecond for this long after a change, then every 5% of the time elapsed
+/// (at most every 250 ms), so that slow changes do not flood the admin listener.
 const FAST_POLLING: Duration = Duration::from_millis(50);
 /// Pollers of the calibration (polls without changes, to know what polling itself costs).
 const CALIBRATION_POLLERS: usize = 8;
@@ -340,7 +342,7 @@ async fn observe(
         let pause = if elapsed < FAST_POLLING {
             Duration::from_millis(1)
         } else {
-            (elapsed / 50).min(Duration::from_millis(100))
+            (elapsed / 20).min(Duration::from_millis(250))
         };
         tokio::time::sleep(pause).await;
     }
@@ -515,8 +517,9 @@ async fn wait_for_sync(
             }
             let all: Value = serde_json::from_str(&body)
                 .map_err(|e| Error::Harness(format!("/targets is not JSON ({e})")))?;
-            let targets = all["targets"].as_array().cloned().unwrap_or_default();
-            let kube: Vec<&Value> = targets
+            let kube: Vec<&Value> = all["targets"]
+                .as_array()
+                .map_or(&[][..], Vec::as_slice)
                 .iter()
                 .filter(|t| t["kind"] == "kubernetes")
                 .collect();
@@ -777,7 +780,12 @@ fn write_report(
         "—".into(),
     ]);
     table.row(vec![
-        "wakegate CPU until then".into(),
+        if r.synced.is_some() {
+            "wakegate CPU until then"
+        } else {
+            "wakegate CPU until the sync wait gave up"
+        }
+        .into(),
         format!("{:.2} s", r.sync_cpu_s),
         "—".into(),
     ]);
@@ -895,7 +903,12 @@ fn write_report(
         ),
     ]);
     table.row(vec![
-        "wakegate RSS after the sync; at the end".into(),
+        if r.synced.is_some() {
+            "wakegate RSS after the sync; at the end"
+        } else {
+            "wakegate RSS when the sync wait gave up; at the end"
+        }
+        .into(),
         format!("{}; {}", mib(r.rss_synced_mib), mib(r.rss_end_mib)),
         "—".into(),
     ]);
@@ -912,7 +925,7 @@ fn write_report(
          a random Service or removing one (1 to {MAX_PER_SLICE} per slice). A change is \
          measured when one of {POLLERS} pollers is free: it polls \
          `/targets/{{namespace}}/{{name}}` on a keep-alive connection every millisecond \
-         (after {} ms, every 2% of the time elapsed) until the address appears or is gone; \
+         (after {} ms, every 5% of the time elapsed) until the address appears or is gone; \
          the delay runs from the change to the answer that shows it. CPU is wakegate's user + \
          system time from the first change to the last measurement's end; net of its idle \
          rate and of the polls at the cost measured beforehand without changes. Everything \
