@@ -117,7 +117,15 @@ async fn a_wake_that_starts_several_instances_is_one_cold_start() {
     let wg = Wakegate::start("", &target).await;
     wg.wait_for_target("hello", Duration::from_secs(15), |t| t["instances"] == 2)
         .await;
-    assert_eq!(wg.started_pids().len(), 2, "two instances started");
+    // A start whose free port another process took first is tried again on a new port
+    // (logged); on a busy machine that can happen.
+    let port_retries = wg.logs().matches("port taken by another process").count();
+    assert_eq!(
+        wg.started_pids().len(),
+        2 + port_retries,
+        "two instances started:\n{}",
+        wg.logs()
+    );
     let metrics = wg.metrics().await;
     assert_eq!(
         metric(&metrics, "wakegate_cold_starts_total", "service=\"hello\""),
