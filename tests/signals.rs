@@ -358,7 +358,9 @@ async fn sighup_that_replaces_a_target_moves_its_held_requests_to_the_new_one() 
     wg.rewrite_config("", &format!("{slow}max_pending = 500\n"));
     wg.signal(libc::SIGHUP);
 
-    let response = within(15, "the held request", held).await.unwrap();
+    let response = within(15, "the held request", held)
+        .await
+        .unwrap_or_else(|e| panic!("the held request: {e}; log:\n{}", wg.logs()));
     assert_eq!(response.status, 200, "{}", response.body);
     assert!(
         response.body.starts_with("hello from demo-backend"),
@@ -382,7 +384,9 @@ async fn sighup_that_removes_a_target_answers_its_held_requests_503_at_once() {
     wg.rewrite_config("", &demo_target("b", "b.localhost", "0s"));
     wg.signal(libc::SIGHUP);
 
-    let response = within(3, "the held request", held).await.unwrap();
+    let response = within(3, "the held request", held)
+        .await
+        .unwrap_or_else(|e| panic!("the held request: {e}; log:\n{}", wg.logs()));
     assert_eq!(response.status, 503, "{}", response.body);
     assert!(response.body.contains("removed"), "{}", response.body);
     assert_eq!(response.headers["retry-after"], "1");
