@@ -355,7 +355,7 @@ pub(super) fn apply(
         .unwrap_or_default();
 
     let mut merged = live_object.clone();
-    merge_config(&mut merged, config);
+    merge_patch(&mut merged, config);
     for field in [
         "name",
         "namespace",
@@ -425,22 +425,22 @@ pub(super) fn apply(
     Ok(merged)
 }
 
-/// The applied configuration merged into the object: maps merge, anything else (lists
-/// included) is replaced; a null removes the field.
-fn merge_config(target: &mut Value, config: &Value) {
-    let Value::Object(config) = config else {
-        *target = config.clone();
+/// RFC 7386 JSON merge patch, which is also how an applied configuration merges into the
+/// object: maps merge, anything else (lists included) is replaced; a null removes the field.
+pub(super) fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
         return;
     };
     if !target.is_object() {
         *target = Value::Object(Map::new());
     }
     let target = target.as_object_mut().expect("an object");
-    for (key, value) in config {
+    for (key, value) in patch {
         if value.is_null() {
             target.remove(key);
         } else {
-            merge_config(target.entry(key.clone()).or_insert(Value::Null), value);
+            merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
         }
     }
 }

@@ -11,13 +11,13 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use super::events::validate;
 use super::gate::Gate;
 use super::list::list;
-use super::managed::{self, Writer};
+use super::managed::{self, Writer, merge_patch};
 use super::selector::Filter;
 use super::store::{
     Kind, ScalePatch, Shared, State, default_fields, str_at, without_server_fields,
@@ -706,25 +706,6 @@ pub(super) fn server_side_apply(
     match &current {
         Some(current) => finish_write(state, kind, current, object),
         None => Ok(state.write(kind, object)),
-    }
-}
-
-/// RFC 7386 JSON merge patch.
-fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(patch) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = Value::Object(Map::new());
-    }
-    let target = target.as_object_mut().expect("an object");
-    for (key, value) in patch {
-        if value.is_null() {
-            target.remove(key);
-        } else {
-            merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
-        }
     }
 }
 
