@@ -281,6 +281,11 @@ impl Workload {
         }
     }
 
+    /// An `apps` Deployment: the kind wakegate also watches for its replica count.
+    pub fn is_deployment(&self) -> bool {
+        self.group == "apps" && self.kind == "Deployment"
+    }
+
     /// `apps/v1`, or `v1` for the core group.
     pub fn api_version(&self) -> String {
         if self.group.is_empty() {

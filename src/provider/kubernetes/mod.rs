@@ -516,18 +516,13 @@ impl Inner {
         // Rare (a scale), so a scan of the routed targets rather than another index.
         for (key, m) in routed.iter_mut() {
             let w = &m.workload.workload;
-            if w.kind == "Deployment" && deployments.contains(&(key.0.clone(), w.name.clone())) {
+            if w.is_deployment() && deployments.contains(&(key.0.clone(), w.name.clone())) {
                 publish_one(index, key, m);
             }
         }
     }
 
-    /// The replica count of a Deployment, as the watch last saw it.
-    fn deployment_replicas(&self, key: &Key) -> Option<u32> {
-        self.state().index.deployment_replicas(key)
-    }
-
-    /// The same, with when the watch last changed it.
+    /// The replica count of a Deployment, and when the watch last changed it.
     fn deployment_replicas_since(&self, key: &Key) -> Option<(u32, tokio::time::Instant)> {
         self.state().index.deployment_replicas_since(key)
     }
@@ -567,7 +562,7 @@ impl Inner {
 fn publish_one(index: &Index, key: &Key, m: &mut Routed) {
     let kube = &m.workload;
     let ready = index.routable(key, &kube.port_name);
-    if kube.workload.kind == "Deployment"
+    if kube.workload.is_deployment()
         && let Some(n) =
             index.deployment_replicas(&(kube.namespace.clone(), kube.workload.name.clone()))
     {

@@ -180,9 +180,9 @@ impl Scaler {
     /// The workload's replica count: from the Deployment watch, else read when it may have
     /// changed since wakegate last read or wrote it.
     async fn current(&mut self, want: u32) -> Result<u32, ScaleError> {
-        let workload_key = (self.kube.namespace.clone(), self.kube.workload.name.clone());
-        if self.is_watched()
-            && let Some((n, changed_at)) = self.inner.deployment_replicas_since(&workload_key)
+        if self.kube.workload.is_deployment()
+            && let Some((n, changed_at)) =
+                self.inner.deployment_replicas_since(&self.workload_key())
         {
             // Until the watch brings wakegate's own last write, it shows an older count.
             return Ok(match self.wrote {
@@ -213,18 +213,16 @@ impl Scaler {
         self.failure
             .as_ref()
             .is_some_and(|f| f.label == "not_found")
-            && self.is_watched()
+            && self.kube.workload.is_deployment()
             && self
                 .inner
-                .deployment_replicas(&(
-                    self.kube.namespace.clone(),
-                    self.kube.workload.name.clone(),
-                ))
+                .deployment_replicas_since(&self.workload_key())
                 .is_some()
     }
 
-    fn is_watched(&self) -> bool {
-        self.kube.workload.kind == "Deployment" && self.kube.workload.group == "apps"
+    /// The workload's (namespace, name).
+    fn workload_key(&self) -> (String, String) {
+        (self.kube.namespace.clone(), self.kube.workload.name.clone())
     }
 
     fn observed(&mut self, n: u32) {
