@@ -4,7 +4,11 @@
 //!
 //! `/` says hello with its pid and port, `/healthz` answers `ok`, `/echo` streams the request
 //! body back, `/sleep?ms=N` answers after N milliseconds, `/headers` returns the request
-//! headers as JSON, and `/ws` is a WebSocket echo.
+//! headers as JSON, `/trailers` answers with the request's trailers as response trailers, and
+//! `/ws` is a WebSocket echo. Requests with a gRPC content type go to its gRPC services
+//! ([`grpc`]): `wakegate.demo.v1.Echo` and `grpc.health.v1.Health`.
+
+pub mod grpc;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -21,7 +25,8 @@ use tokio::net::TcpListener;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
-type Body = BoxBody<Bytes, hyper::Error>;
+type Body = UnsyncBoxBody<Bytes, BoxError>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Waits `startup_delay` (a slow application booting), then notifies readiness and serves on
 /// `addr` until `shutdown` resolves.
@@ -41,6 +46,7 @@ pub async fn run(
         eprintln!("demo-backend: cannot send READY=1 to $NOTIFY_SOCKET: {e}");
     }
     let builder = auto::Builder::new(TokioExecutor::new());
+    let grpc = grpc::routes(local.port()).await;
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -49,7 +55,22 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let port = local.port();
-        let service = hyper::service::service_fn(move |req| handle(req, port));
+        let grpc = grpc.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let mut grpc = grpc.clone();
+            async move {
+                if grpc::is_grpc(&req) {
+                    use tonic::codegen::Service;
+                    std::future::poll_fn(|cx| {
+                        Service::<Request<Incoming>>::poll_ready(&mut grpc, cx)
+                    })
+                    .await?;
+                    let response = grpc.call(req).await?;
+                    return Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()));
+                }
+                handle(req, port).await
+            }
+        });
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
@@ -77,7 +98,11 @@ fn notify_ready() -> std::io::Result<()> {
 }
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()).map_err(|e| match e {}).boxed());
+    let mut response = Response::new(
+        Full::new(body.into())
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
     *response.status_mut() = status;
     response
 }
@@ -92,7 +117,27 @@ async fn handle(mut req: Request<Incoming>, port: u16) -> Result<Response<Body>,
             ),
         ),
         "/healthz" => full(StatusCode::OK, "ok\n"),
-        "/echo" => Response::new(req.into_body().boxed()),
+        "/echo" => Response::new(req.into_body().map_err(BoxError::from).boxed_unsync()),
+        "/trailers" => {
+            // The body is read whole, then sent back with the request's trailers (if any)
+            // as response trailers, and one of its own.
+            let collected = match req.into_body().collect().await {
+                Ok(collected) => collected,
+                Err(error) => return Ok(full(StatusCode::BAD_REQUEST, error.to_string())),
+            };
+            let mut trailers = collected.trailers().cloned().unwrap_or_default();
+            trailers.insert("x-demo-trailer", header::HeaderValue::from_static("done"));
+            let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
+            let announced = header::HeaderValue::from_str(&names.join(", "))
+                .expect("header names are a valid header value");
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter([
+                Ok::<_, BoxError>(hyper::body::Frame::data(collected.to_bytes())),
+                Ok(hyper::body::Frame::trailers(trailers)),
+            ]));
+            let mut response = Response::new(BodyExt::boxed_unsync(body));
+            response.headers_mut().insert(header::TRAILER, announced);
+            response
+        }
         "/sleep" => {
             let ms = req
                 .uri()

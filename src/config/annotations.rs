@@ -9,14 +9,14 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::route::{HostPattern, Route, is_valid_prefix};
 use super::target::{
-    Backend, KubeTarget, Metric, Scaling, Serving, TargetConfig, Workload, is_object_name,
+    Backend, KubeTarget, Metric, Protocol, Scaling, Serving, TargetConfig, Workload, is_object_name,
 };
 use super::{MAX_DURATION, Problem, defaults};
 
 pub const PREFIX: &str = "wakegate.io/";
 
 /// Every annotation wakegate reads; anything else under the prefix is reported as unknown.
-pub const KNOWN: [&str; 15] = [
+pub const KNOWN: [&str; 16] = [
     "enabled",
     "deployment",
     "workload",
@@ -32,6 +32,7 @@ pub const KNOWN: [&str; 15] = [
     "cold-start-timeout",
     "max-pending",
     "wake-page",
+    "protocol",
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -137,13 +138,13 @@ pub fn from_service(service: &Service) -> Outcome {
         .as_ref()
         .and_then(|s| s.ports.clone())
         .unwrap_or_default();
-    let port_name = match get("port") {
+    let port = match get("port") {
         None => match ports.first() {
-            Some(p) => p.name.clone().unwrap_or_default(),
+            Some(p) => Some(p),
             None => {
                 problem("port", "", "a Service with at least one port");
                 skip = true;
-                String::new()
+                None
             }
         },
         Some(value) => {
@@ -151,7 +152,7 @@ pub fn from_service(service: &Service) -> Outcome {
                 p.name.as_deref() == Some(value) || value.parse::<i32>().is_ok_and(|n| n == p.port)
             });
             match found {
-                Some(p) => p.name.clone().unwrap_or_default(),
+                Some(p) => Some(p),
                 None => {
                     let names: Vec<String> = ports
                         .iter()
@@ -166,9 +167,30 @@ pub fn from_service(service: &Service) -> Outcome {
                         ),
                     );
                     skip = true;
-                    String::new()
+                    None
                 }
             }
+        }
+    };
+    let port_name = port.and_then(|p| p.name.clone()).unwrap_or_default();
+    // The port's appProtocol says how its pods speak; the annotation overrides it.
+    let app_protocol = port.and_then(|p| p.app_protocol.as_deref());
+    let port_protocol = app_protocol.map_or(Protocol::Http1, Protocol::from_app_protocol);
+    let protocol = match get("protocol") {
+        None => port_protocol,
+        Some("http1") => Protocol::Http1,
+        Some("h2c") => Protocol::H2c,
+        Some(other) => {
+            problem(
+                "protocol",
+                other,
+                &format!(
+                    "\"http1\" or \"h2c\"; using {:?} (from the port's appProtocol {:?})",
+                    port_protocol.as_str(),
+                    app_protocol.unwrap_or("")
+                ),
+            );
+            port_protocol
         }
     };
     let workload = match (get("workload"), get("deployment")) {
@@ -305,6 +327,7 @@ pub fn from_service(service: &Service) -> Outcome {
             max_pending,
             response_timeout: None,
             wake_page,
+            protocol,
         },
         scaling: Scaling {
             min,

@@ -9,7 +9,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::route::{HostPattern, Route, is_valid_prefix, normalize_prefix};
-use super::target::{Backend, Local, ReadyCheck, Scaling, Serving, TargetConfig, is_object_name};
+use super::target::{
+    Backend, Local, Protocol, ReadyCheck, Scaling, Serving, TargetConfig, is_object_name,
+};
 use super::{Autoscaler, Config, KubernetesConfig, Listen, MAX_DURATION, Problem, defaults};
 
 /// The whole configuration file.
@@ -63,6 +65,9 @@ pub struct FileTarget {
     pub scaling: Scaling,
     #[serde(default)]
     pub wake_page: bool,
+    /// `http1` (the default) or `h2c`: HTTP/2 with prior knowledge, as gRPC servers speak it.
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// Collects problems.
@@ -231,6 +236,15 @@ impl FileTarget {
                 "a path starting with '/'",
             );
         }
+        if let ReadyCheck::Grpc(service) = &self.ready
+            && self.protocol != Protocol::H2c
+        {
+            problems.push(
+                at("ready.grpc"),
+                format!("{service:?} with protocol = {:?}", self.protocol.as_str()),
+                "protocol = \"h2c\" beside it: a gRPC server speaks HTTP/2",
+            );
+        }
         for (field, value) in [
             ("cold_start_timeout", Some(self.cold_start_timeout)),
             ("idle_timeout", Some(self.idle_timeout)),
@@ -261,6 +275,7 @@ impl FileTarget {
                 max_pending: self.max_pending,
                 response_timeout: self.response_timeout,
                 wake_page: self.wake_page,
+                protocol: self.protocol,
             },
             scaling: self.scaling.clone(),
             backend: backend?,

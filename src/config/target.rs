@@ -35,6 +35,39 @@ pub struct Serving {
     pub response_timeout: Option<Duration>,
     /// Browsers (`Accept: text/html`) get a self-refreshing "waking up" page instead of waiting.
     pub wake_page: bool,
+    /// How wakegate speaks to the target's instances.
+    pub protocol: Protocol,
+}
+
+/// The protocol of a target's instances, as the user declares it: never guessed from requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1, pooled keep-alive connections.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge (RFC 9113 §3.3): what gRPC servers speak.
+    H2c,
+}
+
+impl Protocol {
+    /// What the configuration file and `wakegate.io/protocol` call it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2c => "h2c",
+        }
+    }
+
+    /// The protocol a Service port's `appProtocol` names: `kubernetes.io/h2c`, and the
+    /// spellings in common use for HTTP/2 (`h2c`, `http2`, `grpc`); anything else is HTTP/1.1.
+    pub fn from_app_protocol(app_protocol: &str) -> Protocol {
+        let p = app_protocol.trim().to_ascii_lowercase();
+        match p.as_str() {
+            "kubernetes.io/h2c" | "h2c" | "http2" | "grpc" => Protocol::H2c,
+            _ => Protocol::Http1,
+        }
+    }
 }
 
 impl Default for Serving {
@@ -45,6 +78,7 @@ impl Default for Serving {
             max_pending: defaults::max_pending(),
             response_timeout: None,
             wake_page: false,
+            protocol: Protocol::default(),
         }
     }
 }
@@ -107,6 +141,9 @@ pub enum ReadyCheck {
     /// The instance says so itself: it sends `READY=1` to the socket named in its
     /// `NOTIFY_SOCKET` (systemd's `sd_notify` protocol).
     Notify,
+    /// The standard gRPC health service (`grpc.health.v1.Health/Check`) answers `SERVING`
+    /// for this service name ("" asks about the server as a whole).
+    Grpc(String),
 }
 
 impl<'de> Deserialize<'de> for ReadyCheck {
@@ -117,18 +154,36 @@ impl<'de> Deserialize<'de> for ReadyCheck {
             tcp: Option<bool>,
             http_get: Option<String>,
             notify: Option<bool>,
+            grpc: Option<GrpcService>,
+        }
+        /// `grpc = true` (the whole server) or `grpc = "package.Service"`.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum GrpcService {
+            Server(bool),
+            Named(String),
         }
         let raw = Raw::deserialize(d)?;
-        match (raw.tcp, &raw.http_get, raw.notify) {
-            (Some(true), None, None) => return Ok(ReadyCheck::Tcp),
-            (None, Some(path), None) => return Ok(ReadyCheck::HttpGet(path.clone())),
-            (None, None, Some(true)) => return Ok(ReadyCheck::Notify),
+        match (raw.tcp, &raw.http_get, raw.notify, &raw.grpc) {
+            (Some(true), None, None, None) => return Ok(ReadyCheck::Tcp),
+            (None, Some(path), None, None) => return Ok(ReadyCheck::HttpGet(path.clone())),
+            (None, None, Some(true), None) => return Ok(ReadyCheck::Notify),
+            (None, None, None, Some(GrpcService::Server(true))) => {
+                return Ok(ReadyCheck::Grpc(String::new()));
+            }
+            (None, None, None, Some(GrpcService::Named(service))) => {
+                return Ok(ReadyCheck::Grpc(service.clone()));
+            }
             _ => {}
         }
         let given: Vec<String> = [
             raw.tcp.map(|on| format!("tcp = {on}")),
             raw.http_get.map(|path| format!("http_get = {path:?}")),
             raw.notify.map(|on| format!("notify = {on}")),
+            raw.grpc.map(|grpc| match grpc {
+                GrpcService::Server(on) => format!("grpc = {on}"),
+                GrpcService::Named(service) => format!("grpc = {service:?}"),
+            }),
         ]
         .into_iter()
         .flatten()
@@ -140,7 +195,8 @@ impl<'de> Deserialize<'de> for ReadyCheck {
         };
         Err(serde::de::Error::custom(format!(
             "got `{given}`, expected exactly one of `{{ tcp = true }}`, \
-             `{{ http_get = \"/path\" }}` or `{{ notify = true }}`"
+             `{{ http_get = \"/path\" }}`, `{{ notify = true }}`, `{{ grpc = true }}` or \
+             `{{ grpc = \"package.Service\" }}`"
         )))
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::uri::Authority;
 use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::notify::NotifySocket;
 use super::{Desired, Managed, Provider, Scale};
-use crate::config::{Local, ReadyCheck};
+use crate::config::{Local, Protocol, ReadyCheck};
 use crate::target::{Endpoint, Phase, Target};
 
 /// How often a starting instance's `tcp` readiness is checked, from its spawn on. A refused
@@ -262,7 +262,7 @@ async fn start_on(
 
     let timeout = target.serving.cold_start_timeout;
     let outcome = tokio::select! {
-        ready = wait_ready(&local.ready, &authority, notify.as_ref(), pid) => ready.map_err(Failed::Other),
+        ready = wait_ready(&local.ready, target.serving.protocol, &authority, notify.as_ref(), pid) => ready.map_err(Failed::Other),
         status = child.wait() => {
             let reason = format!("process exited during start-up ({})", describe(status));
             Err(if port_in_use(port) { Failed::PortTaken(reason) } else { Failed::Other(reason) })
@@ -370,6 +370,7 @@ fn free_port() -> std::io::Result<u16> {
 /// Resolves once the instance is ready, or with why it never will be.
 async fn wait_ready(
     check: &ReadyCheck,
+    protocol: Protocol,
     authority: &Authority,
     notify: Option<&NotifySocket>,
     pid: u32,
@@ -381,7 +382,7 @@ async fn wait_ready(
             .map_err(|e| format!("notify socket failed: {e}"));
     }
     let every = match check {
-        ReadyCheck::HttpGet(_) => HTTP_POLL,
+        ReadyCheck::HttpGet(_) | ReadyCheck::Grpc(_) => HTTP_POLL,
         _ => TCP_POLL,
     };
     // An interval rather than a sleep after each probe: tokio rounds a sleep up to its next
@@ -390,38 +391,110 @@ async fn wait_ready(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        if is_ready(check, authority).await {
+        if is_ready(check, protocol, authority).await {
             return Ok(());
         }
     }
 }
 
-async fn is_ready(check: &ReadyCheck, authority: &Authority) -> bool {
+async fn is_ready(check: &ReadyCheck, protocol: Protocol, authority: &Authority) -> bool {
     let Ok(stream) = TcpStream::connect(authority.as_str()).await else {
         return false;
     };
-    let ReadyCheck::HttpGet(path) = check else {
-        return true;
-    };
     let probe = async {
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(stream))
-                .await
-                .ok()?;
-        tokio::spawn(connection);
-        let request = http::Request::get(path.as_str())
-            .header(http::header::HOST, authority.as_str())
-            .header(http::header::USER_AGENT, "wakegate-readiness")
-            .body(Empty::new())
-            .ok()?;
-        let response = sender.send_request(request).await.ok()?;
-        Some(response.status().is_success() || response.status().is_redirection())
+        match check {
+            ReadyCheck::HttpGet(path) => http_get(stream, protocol, authority, path).await,
+            ReadyCheck::Grpc(service) => grpc_serving(stream, authority, service).await,
+            ReadyCheck::Tcp | ReadyCheck::Notify => Some(true),
+        }
     };
     tokio::time::timeout(Duration::from_secs(1), probe)
         .await
         .ok()
         .flatten()
         .unwrap_or(false)
+}
+
+/// `GET path` in the instance's protocol answers 2xx or 3xx.
+async fn http_get(
+    stream: TcpStream,
+    protocol: Protocol,
+    authority: &Authority,
+    path: &str,
+) -> Option<bool> {
+    let io = TokioIo::new(stream);
+    let response = match protocol {
+        Protocol::Http1 => {
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(io)
+                    .await
+                    .ok()?;
+            tokio::spawn(connection);
+            let request = http::Request::get(path)
+                .header(http::header::HOST, authority.as_str())
+                .header(http::header::USER_AGENT, "wakegate-readiness")
+                .body(Empty::new())
+                .ok()?;
+            sender.send_request(request).await.ok()?
+        }
+        Protocol::H2c => {
+            let (mut sender, connection) = hyper::client::conn::http2::handshake::<
+                _,
+                _,
+                Empty<bytes::Bytes>,
+            >(TokioExecutor::new(), io)
+            .await
+            .ok()?;
+            tokio::spawn(connection);
+            let request = http::Request::get(format!("http://{authority}{path}"))
+                .header(http::header::USER_AGENT, "wakegate-readiness")
+                .body(Empty::new())
+                .ok()?;
+            sender.send_request(request).await.ok()?
+        }
+    };
+    Some(response.status().is_success() || response.status().is_redirection())
+}
+
+/// The standard gRPC health service answers `SERVING` for `service` (`grpc.health.v1`).
+async fn grpc_serving(stream: TcpStream, authority: &Authority, service: &str) -> Option<bool> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, tonic::body::Body>(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(connection);
+    let origin = format!("http://{authority}").parse().ok()?;
+    let mut client = HealthClient::with_origin(Http2Service(sender), origin);
+    let request = tonic::Request::new(HealthCheckRequest {
+        service: service.to_owned(),
+    });
+    let status = client.check(request).await.ok()?.into_inner().status;
+    Some(status == ServingStatus::Serving as i32)
+}
+
+/// One HTTP/2 connection as the service a tonic client calls.
+struct Http2Service(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Http2Service {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, hyper::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(req))
+    }
 }
 
 /// Lets an instance that is already out of rotation finish its in-flight requests, then stops it.

@@ -10,6 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::InFlight;
+use super::multiplex::Stream;
 use super::pool::Pooled;
 
 #[derive(Debug)]
@@ -23,13 +24,21 @@ pub struct UpstreamBody {
     body: Incoming,
     /// Released when the body is finished or dropped.
     in_flight: Option<InFlight>,
-    /// Back to the pool if the body was read to the end, else closed.
-    connection: Option<Pooled>,
+    connection: Option<Upstream>,
+}
+
+/// What a response was read from.
+#[derive(Debug)]
+pub enum Upstream {
+    /// An HTTP/1.1 connection: back to the pool if the body was read to the end, else closed.
+    Http1(Pooled),
+    /// An HTTP/2 stream: its connection counts it until the body ends.
+    Http2(Stream),
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if let Some(connection) = self.connection.take()
+        if let Some(Upstream::Http1(connection)) = self.connection.take()
             && self.body.is_end_stream()
         {
             connection.release();
@@ -38,7 +47,7 @@ impl Drop for UpstreamBody {
 }
 
 impl ProxyBody {
-    pub fn upstream(body: Incoming, in_flight: InFlight, connection: Pooled) -> Self {
+    pub fn upstream(body: Incoming, in_flight: InFlight, connection: Upstream) -> Self {
         ProxyBody::Upstream(UpstreamBody {
             body,
             in_flight: Some(in_flight),

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderValue, Response, StatusCode, Version, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode, Version, header};
 
 use super::body::ProxyBody;
 use crate::target::stats::Reject;
@@ -18,6 +18,8 @@ pub enum ProxyError {
     QueueFull { target: String, max: u32 },
     #[error("target {target} did not become ready within {}", humantime::format_duration(*.after))]
     ColdStartTimeout { target: String, after: Duration },
+    #[error("the request's deadline ({} after it arrived) passed while target {target} was waking", humantime::format_duration(*.after))]
+    Deadline { target: String, after: Duration },
     #[error("target {target} failed to start: {reason}")]
     StartFailed { target: String, reason: String },
     #[error("upstream of target {target} failed before responding")]
@@ -28,6 +30,8 @@ pub enum ProxyError {
     },
     #[error("upstream of target {target} did not respond within {}", humantime::format_duration(*.after))]
     UpstreamTimeout { target: String, after: Duration },
+    #[error("target {target} cannot take a {what}")]
+    NotForwarded { target: String, what: &'static str },
     #[error("wakegate is shutting down")]
     ShuttingDown,
     #[error("target {target} was removed from the configuration")]
@@ -38,13 +42,14 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotForwarded { .. } => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::QueueFull { .. }
             | ProxyError::ShuttingDown
             | ProxyError::TargetRemoved { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::ColdStartTimeout { .. } | ProxyError::UpstreamTimeout { .. } => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            ProxyError::ColdStartTimeout { .. }
+            | ProxyError::Deadline { .. }
+            | ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::StartFailed { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
     }
@@ -53,14 +58,36 @@ impl ProxyError {
     /// belong to a target.
     pub fn reject(&self) -> Option<Reject> {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::NoRoute => None,
+            ProxyError::BadRequest(_) | ProxyError::NoRoute | ProxyError::NotForwarded { .. } => {
+                None
+            }
             ProxyError::QueueFull { .. } => Some(Reject::QueueFull),
             ProxyError::ColdStartTimeout { .. } => Some(Reject::ColdStartTimeout),
+            ProxyError::Deadline { .. } => Some(Reject::Deadline),
             ProxyError::StartFailed { .. } => Some(Reject::StartFailed),
             ProxyError::Upstream { .. } => Some(Reject::Upstream),
             ProxyError::UpstreamTimeout { .. } => Some(Reject::UpstreamTimeout),
             ProxyError::ShuttingDown => Some(Reject::ShuttingDown),
             ProxyError::TargetRemoved { .. } => Some(Reject::TargetRemoved),
+        }
+    }
+
+    /// The gRPC status code a gRPC client gets for this failure (see `grpc/doc/statuscodes.md`
+    /// of the gRPC project): what is missing is UNIMPLEMENTED, a full hold RESOURCE_EXHAUSTED,
+    /// a wait that ran out DEADLINE_EXCEEDED, an instance that is not there (yet) UNAVAILABLE,
+    /// which gRPC clients may retry.
+    pub fn grpc_status(&self) -> GrpcStatus {
+        match self {
+            ProxyError::BadRequest(_) => GrpcStatus::Internal,
+            ProxyError::NoRoute | ProxyError::NotForwarded { .. } => GrpcStatus::Unimplemented,
+            ProxyError::QueueFull { .. } => GrpcStatus::ResourceExhausted,
+            ProxyError::ColdStartTimeout { .. }
+            | ProxyError::Deadline { .. }
+            | ProxyError::UpstreamTimeout { .. } => GrpcStatus::DeadlineExceeded,
+            ProxyError::StartFailed { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::ShuttingDown
+            | ProxyError::TargetRemoved { .. } => GrpcStatus::Unavailable,
         }
     }
 
@@ -76,16 +103,30 @@ impl ProxyError {
         text
     }
 
-    /// The response for a request of `version`.
-    pub fn into_response(self, version: Version) -> Response<ProxyBody> {
-        let status = self.status();
-        let mut response = Response::new(ProxyBody::text(format!("{self}\n")));
-        *response.status_mut() = status;
+    /// The response for a request of `version`; `grpc` for a gRPC request, which gets a
+    /// gRPC status (HTTP 200, no body, `grpc-status` and `grpc-message`) as gRPC clients
+    /// expect of a server.
+    pub fn into_response(self, version: Version, grpc: bool) -> Response<ProxyBody> {
+        let mut response = if grpc {
+            let mut response = Response::new(ProxyBody::empty());
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert(GRPC_STATUS.clone(), self.grpc_status().header_value());
+            headers.insert(GRPC_MESSAGE.clone(), grpc_message(&self.to_string()));
+            response
+        } else {
+            let mut response = Response::new(ProxyBody::text(format!("{self}\n")));
+            *response.status_mut() = self.status();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            response
+        };
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
         match self {
             ProxyError::QueueFull { .. } | ProxyError::TargetRemoved { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -103,6 +144,40 @@ impl ProxyError {
     }
 }
 
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
+/// The gRPC status codes wakegate answers with itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrpcStatus {
+    DeadlineExceeded = 4,
+    ResourceExhausted = 8,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+}
+
+impl GrpcStatus {
+    fn header_value(self) -> HeaderValue {
+        HeaderValue::from(self as u16)
+    }
+}
+
+/// A `grpc-message`: the text percent-encoded as the gRPC HTTP/2 protocol asks (every byte
+/// outside printable ASCII, and `%`).
+fn grpc_message(text: &str) -> HeaderValue {
+    use std::fmt::Write;
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if (0x20..0x7f).contains(&byte) && byte != b'%' {
+            encoded.push(byte as char);
+        } else {
+            let _ = write!(encoded, "%{byte:02X}");
+        }
+    }
+    HeaderValue::try_from(encoded).expect("printable ASCII is a valid header value")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,7 +185,7 @@ mod tests {
     #[test]
     fn shutting_down_asks_http1_clients_to_close_the_connection_and_http2_clients_nothing() {
         for version in [Version::HTTP_10, Version::HTTP_11] {
-            let response = ProxyError::ShuttingDown.into_response(version);
+            let response = ProxyError::ShuttingDown.into_response(version, false);
             assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(
                 response.headers()[header::CONNECTION],
@@ -120,7 +195,7 @@ mod tests {
             assert_eq!(response.headers()[header::RETRY_AFTER], "1", "{version:?}");
         }
         for version in [Version::HTTP_2, Version::HTTP_3] {
-            let response = ProxyError::ShuttingDown.into_response(version);
+            let response = ProxyError::ShuttingDown.into_response(version, false);
             assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert!(
                 !response.headers().contains_key(header::CONNECTION),
@@ -129,5 +204,24 @@ mod tests {
             );
             assert_eq!(response.headers()[header::RETRY_AFTER], "1", "{version:?}");
         }
+    }
+
+    #[test]
+    fn a_grpc_request_gets_a_grpc_status_with_the_reason_percent_encoded() {
+        let error = ProxyError::QueueFull {
+            target: "échos".into(),
+            max: 3,
+        };
+        let response = error.into_response(Version::HTTP_2, true);
+        assert_eq!(response.status(), StatusCode::OK);
+        let headers = response.headers();
+        assert_eq!(headers[header::CONTENT_TYPE], "application/grpc");
+        assert_eq!(headers["grpc-status"], "8");
+        assert_eq!(
+            headers["grpc-message"],
+            "target %C3%A9chos already holds 3 waiting requests; retry shortly"
+        );
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+        assert!(http_body::Body::is_end_stream(response.body()));
     }
 }

@@ -1,11 +1,13 @@
 //! Forwarding one request to a leased endpoint: hop-by-hop headers removed (RFC 9110 §7.6.1),
-//! `X-Forwarded-*` set, bodies streamed both ways over pooled keep-alive HTTP/1.1 (see
-//! [`super::pool`]), and HTTP/1.1 upgrades (WebSocket) tunnelled in both directions.
+//! `X-Forwarded-*` set, bodies and trailers streamed both ways over pooled keep-alive HTTP/1.1
+//! (see [`super::pool`]) or multiplexed HTTP/2 (see [`super::multiplex`]), as the target's
+//! protocol says, and HTTP/1.1 upgrades (WebSocket) tunnelled in both directions.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -13,9 +15,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::InFlight;
-use super::body::ProxyBody;
+use super::body::{ProxyBody, Upstream};
 use super::error::ProxyError;
-use super::pool::{self, Pool};
+use super::grpc;
+use super::multiplex::{self, Multiplex};
+use super::pool::{self, Pool, UpstreamError};
+use super::replay::Replayable;
+use crate::config::Protocol;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -27,6 +33,7 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 #[derive(Clone, Debug)]
 pub struct Forwarder {
     pool: Pool,
+    multiplex: Multiplex,
     tunnels: Tunnels,
 }
 
@@ -65,6 +72,7 @@ impl Forwarder {
     pub fn new(tunnels: Tunnels) -> Self {
         Self {
             pool: Pool::new(pool::Settings::default()),
+            multiplex: Multiplex::new(multiplex::Settings::default()),
             tunnels,
         }
     }
@@ -92,37 +100,77 @@ impl Forwarder {
         in_flight: InFlight,
         response_timeout: Option<Duration>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let upgrade_to = match req.version() {
-            Version::HTTP_11 => upgrade_protocol(req.headers()),
+        let protocol = in_flight.target().serving.protocol;
+        // An HTTP/1.1 upgrade (WebSocket) needs an HTTP/1.1 upstream; HTTP/2 upstreams get
+        // the request without it.
+        let upgrade_to = match (req.version(), protocol) {
+            (Version::HTTP_11, Protocol::Http1) => upgrade_protocol(req.headers()),
             _ => None,
         };
         let downstream_upgrade = upgrade_to.is_some().then(|| hyper::upgrade::on(&mut *req));
+        let downstream_version = req.version();
+        let trailers = accepts_trailers(req.headers());
 
         let authority = &in_flight.endpoint().authority;
-        // The request line an upstream expects: origin-form (`/path?query`), as a client sends
-        // it to a server, so the usual origin-form request goes through untouched; the
-        // endpoint's authority-form for CONNECT.
-        if req.method() == Method::CONNECT {
-            *req.uri_mut() = Uri::from(authority.clone());
-        } else if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-            let origin = match req.uri().path_and_query() {
-                Some(path) => Uri::from(path.clone()),
-                None => Uri::from_static("/"),
-            };
-            *req.uri_mut() = origin;
+        let target = &in_flight.target().name;
+        match protocol {
+            // The request line an upstream expects: origin-form (`/path?query`), as a client
+            // sends it to a server, so the usual origin-form request goes through untouched;
+            // the endpoint's authority-form for CONNECT.
+            Protocol::Http1 => {
+                if req.method() == Method::CONNECT {
+                    *req.uri_mut() = Uri::from(authority.clone());
+                } else if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+                    *req.uri_mut() = origin_form(req.uri());
+                }
+                *req.version_mut() = Version::HTTP_11;
+            }
+            // HTTP/2 carries the scheme and authority as pseudo-headers: the URI is absolute,
+            // its authority what the client asked for (RFC 9113 §8.3.1), without `Host`.
+            Protocol::H2c => {
+                if req.method() == Method::CONNECT {
+                    return Err(ProxyError::NotForwarded {
+                        target: target.clone(),
+                        what: "CONNECT to an HTTP/2 upstream",
+                    });
+                }
+                let host = Authority::try_from(downstream.host.as_bytes())
+                    .unwrap_or_else(|_| authority.clone());
+                let mut uri = origin_form(req.uri()).into_parts();
+                uri.scheme = Some(Scheme::HTTP);
+                uri.authority = Some(host);
+                *req.uri_mut() = Uri::from_parts(uri).expect("scheme, authority and path");
+                *req.version_mut() = Version::HTTP_2;
+            }
         }
-        *req.version_mut() = Version::HTTP_11;
 
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
+        let upgrading = upgrade_to.is_some();
         if let Some(protocol) = upgrade_to {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol);
         }
-        // One lookup each: `entry` rather than `contains_key` then `insert`.
-        headers
-            .entry(header::HOST)
-            .or_insert_with(|| downstream.host.clone());
+        if trailers {
+            // The client takes trailers, so the upstream may send them (gRPC needs this).
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            if protocol == Protocol::Http1 {
+                // TE is for the next hop only, which says so in Connection (RFC 9110 §10.1.4).
+                let connection = if upgrading { "te, upgrade" } else { "te" };
+                headers.insert(header::CONNECTION, HeaderValue::from_static(connection));
+            }
+        }
+        match protocol {
+            // One lookup each: `entry` rather than `contains_key` then `insert`.
+            Protocol::Http1 => {
+                headers
+                    .entry(header::HOST)
+                    .or_insert_with(|| downstream.host.clone());
+            }
+            Protocol::H2c => {
+                headers.remove(header::HOST);
+            }
+        }
         append_forwarded_for(headers, downstream.forwarded_for);
         headers
             .entry(&X_FORWARDED_PROTO)
@@ -131,8 +179,7 @@ impl Forwarder {
             .entry(&X_FORWARDED_HOST)
             .or_insert_with(|| downstream.host.clone());
 
-        let target = &in_flight.target().name;
-        let sent = self.pool.send(authority, *req);
+        let sent = self.send(protocol, authority, req);
         let result = match response_timeout {
             Some(after) => tokio::time::timeout(after, sent).await.map_err(|_| {
                 ProxyError::UpstreamTimeout {
@@ -164,9 +211,58 @@ impl Forwarder {
             return Ok(Response::from_parts(parts, ProxyBody::empty()));
         }
 
-        strip_hop_by_hop(response.headers_mut());
+        let headers = response.headers_mut();
+        strip_hop_by_hop(headers);
+        if trailers
+            && downstream_version < Version::HTTP_2
+            && protocol == Protocol::H2c
+            && !headers.contains_key(header::TRAILER)
+            && grpc::is_grpc(headers)
+        {
+            // An HTTP/1.1 response carries only the trailers it announces: announce gRPC's.
+            headers.insert(header::TRAILER, HeaderValue::from_static(GRPC_TRAILERS));
+        }
         Ok(response.map(|body| ProxyBody::upstream(body, in_flight, connection)))
     }
+
+    /// Sends the request on an upstream connection of `protocol`.
+    async fn send(
+        &self,
+        protocol: Protocol,
+        authority: &Authority,
+        req: Box<Request<Incoming>>,
+    ) -> Result<(Response<Incoming>, Upstream), UpstreamError> {
+        match protocol {
+            Protocol::Http1 => {
+                let (response, connection) = self.pool.send(authority, *req).await?;
+                Ok((response, Upstream::Http1(connection)))
+            }
+            Protocol::H2c => {
+                let req = req.map(Replayable::new);
+                let (response, stream) = self.multiplex.send(authority, req).await?;
+                Ok((response, Upstream::Http2(stream)))
+            }
+        }
+    }
+}
+
+/// The trailers a gRPC response ends with, announced to HTTP/1.1 clients.
+const GRPC_TRAILERS: &str = "grpc-status, grpc-message, grpc-status-details-bin";
+
+/// `/path?query` of a URI of any form.
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(path) => Uri::from(path.clone()),
+        None => Uri::from_static("/"),
+    }
+}
+
+/// Whether the client's `TE` says it takes trailers.
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| has_token(v, "trailers"))
 }
 
 /// Copies bytes both ways between an upgraded client and upstream connection; the target
@@ -209,12 +305,11 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
 }
 
 /// The headers that only concern one connection (RFC 9110 §7.6.1), `Connection` first.
-static HOP_BY_HOP: [&HeaderName; 7] = [
+static HOP_BY_HOP: [&HeaderName; 6] = [
     &header::CONNECTION,
     &KEEP_ALIVE,
     &PROXY_CONNECTION,
     &header::TE,
-    &header::TRAILER,
     &header::TRANSFER_ENCODING,
     &header::UPGRADE,
 ];

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use crate::target::stats::CountGuard;
 use crate::target::{Lease, Phase, Successor, Target};
 
+use super::Deadline;
 use super::balance;
 use super::error::ProxyError;
 
@@ -21,8 +22,12 @@ pub enum Held<'a> {
     Moved(Arc<Target>),
 }
 
-/// Waits for a ready endpoint of `target`.
-pub async fn wait_ready(target: &Arc<Target>) -> Result<Held<'_>, ProxyError> {
+/// Waits for a ready endpoint of `target`, at most its cold-start timeout, and not past the
+/// request's own `deadline` if it has one.
+pub async fn wait_ready(
+    target: &Arc<Target>,
+    deadline: Option<Deadline>,
+) -> Result<Held<'_>, ProxyError> {
     let serving = &target.serving;
     let Some(held) = CountGuard::below(&target.stats.pending, i64::from(serving.max_pending))
     else {
@@ -85,10 +90,19 @@ pub async fn wait_ready(target: &Arc<Target>) -> Result<Held<'_>, ProxyError> {
             }
         }
     };
-    match tokio::time::timeout(serving.cold_start_timeout, wait).await {
+    let cold_start_deadline = held_at + serving.cold_start_timeout;
+    let own = deadline.filter(|d| d.at < cold_start_deadline);
+    let until = own.map_or(cold_start_deadline, |d| d.at);
+    match tokio::time::timeout_at(until, wait).await {
         Ok(Ok(Ok(lease))) => Ok(Held::Ready(lease, held)),
         Ok(Ok(Err(next))) => Ok(Held::Moved(next)),
         Ok(Err(error)) => Err(error),
-        Err(_) => Err(timed_out()),
+        Err(_) => Err(match own {
+            Some(deadline) => ProxyError::Deadline {
+                target: target.name.clone(),
+                after: deadline.after,
+            },
+            None => timed_out(),
+        }),
     }
 }

@@ -24,8 +24,11 @@ pub mod balance;
 pub mod body;
 pub mod error;
 pub mod forward;
+pub mod grpc;
 pub mod hold;
+pub mod multiplex;
 pub mod pool;
+pub mod replay;
 pub mod route;
 pub mod server;
 pub mod track;
@@ -39,7 +42,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, Version, header};
-use hyper::body::Incoming;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -127,7 +129,7 @@ impl Proxy {
         &self,
         peer: SocketAddr,
     ) -> impl hyper::service::Service<
-        Request<Incoming>,
+        Request<hyper::body::Incoming>,
         Response = Response<ProxyBody>,
         Error = Infallible,
         Future: Send + 'static,
@@ -154,11 +156,12 @@ impl Proxy {
     /// [`forward::forwarded_for`]).
     pub async fn handle(
         &self,
-        req: Box<Request<Incoming>>,
+        req: Box<Request<hyper::body::Incoming>>,
         forwarded_for: &HeaderValue,
     ) -> Response<ProxyBody> {
         let shared = &*self.inner.shared;
         let version = req.version();
+        let grpc = grpc::is_grpc(req.headers());
         let host = request_host(&req);
         let target = host.as_ref().and_then(|host| {
             host.to_str().ok().and_then(|h| {
@@ -180,23 +183,38 @@ impl Proxy {
                         .fetch_add(1, Ordering::Relaxed);
                 }
             }
-            return ProxyError::ShuttingDown.into_response(version);
+            return ProxyError::ShuttingDown.into_response(version, grpc);
         }
         let Some(host) = host else {
             shared.unrouted.bad_request.fetch_add(1, Ordering::Relaxed);
-            return ProxyError::BadRequest("missing Host header").into_response(version);
+            return ProxyError::BadRequest("missing Host header").into_response(version, grpc);
         };
         let Some(mut target) = target else {
             shared.unrouted.no_route.fetch_add(1, Ordering::Relaxed);
-            return ProxyError::NoRoute.into_response(version);
+            return ProxyError::NoRoute.into_response(version, grpc);
         };
 
         let started = Instant::now();
         let method = method_index(req.method());
+        // A gRPC call's own deadline: it is not held past it.
+        let deadline = if grpc {
+            grpc::timeout(req.headers()).map(|after| Deadline {
+                at: started + after,
+                after,
+            })
+        } else {
+            None
+        };
         let mut req = req;
         let response = loop {
             let demand = Demand::begin(target.clone(), started);
-            match self.serve(&target, demand, req, forwarded_for, &host).await {
+            let request = Incoming {
+                req,
+                forwarded_for,
+                host: &host,
+                deadline,
+            };
+            match self.serve(&target, demand, request).await {
                 Ok(Served::Response(response)) => break response,
                 // A reload replaced the target while the request was held: it waits for the
                 // new one instead, counted there.
@@ -206,7 +224,7 @@ impl Proxy {
                         target.stats.reject(why);
                     }
                     tracing::warn!(target = %target.name(), status = error.status().as_u16(), error = %error.chain(), "request failed");
-                    break error.into_response(version);
+                    break error.into_response(version, grpc);
                 }
             }
         };
@@ -223,20 +241,30 @@ impl Proxy {
         &self,
         target: &Arc<Target>,
         demand: Demand,
-        req: Box<Request<Incoming>>,
-        forwarded_for: &HeaderValue,
-        host: &HeaderValue,
+        request: Incoming<'_>,
     ) -> Result<Served, ProxyError> {
+        let Incoming {
+            mut req,
+            forwarded_for,
+            host,
+            deadline,
+        } = request;
         let (in_flight, held) = match balance::pick(target) {
             Some(lease) => (InFlight::new(demand, lease), false),
             None if target.serving.wake_page && wake_page::accepts_html(&req) => {
                 target.request_wake();
                 return Ok(Served::Response(wake_page::response(target)));
             }
-            None => match hold::wait_ready(target).await? {
+            None => match hold::wait_ready(target, deadline).await? {
                 Held::Ready(lease, pending) => {
                     let in_flight = InFlight::new(demand, lease);
                     drop(pending);
+                    if let Some(deadline) = deadline {
+                        // The upstream gets what is left of the call's time.
+                        let left = deadline.at.saturating_duration_since(Instant::now());
+                        req.headers_mut()
+                            .insert(grpc::GRPC_TIMEOUT.clone(), grpc::timeout_value(left));
+                    }
                     (in_flight, true)
                 }
                 Held::Moved(next) => return Ok(Served::Moved(next, req)),
@@ -260,17 +288,33 @@ impl Proxy {
     }
 }
 
+/// A request on its way to a target, with what the client connection says of it.
+struct Incoming<'a> {
+    req: Box<Request<hyper::body::Incoming>>,
+    forwarded_for: &'a HeaderValue,
+    host: &'a HeaderValue,
+    deadline: Option<Deadline>,
+}
+
+/// A gRPC call's deadline, from its `grpc-timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    pub at: Instant,
+    /// The `grpc-timeout` it was given.
+    pub after: Duration,
+}
+
 /// How [`Proxy::serve`] ended.
 enum Served {
     Response(Response<ProxyBody>),
     /// The target was replaced while the request was held; here is the request, unsent.
-    Moved(Arc<Target>, Box<Request<Incoming>>),
+    Moved(Arc<Target>, Box<Request<hyper::body::Incoming>>),
 }
 
 /// The host a request is for. The authority of an HTTP/1 absolute-form request target takes
 /// precedence over `Host` (RFC 9112 §3.2.2); an HTTP/2 request's `Host`, when a client sends
 /// one, is taken over its `:authority`, which well-behaved clients keep equal to it.
-fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
+fn request_host(req: &Request<hyper::body::Incoming>) -> Option<HeaderValue> {
     let authority = || {
         req.uri()
             .authority()

@@ -182,23 +182,7 @@ where
     }
 
     async fn connect(&self, authority: &Authority) -> Result<SendRequest<B>, UpstreamError> {
-        let after = self.inner.settings.connect_timeout;
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let connect = TcpStream::connect((host, authority.port_u16().unwrap_or(80)));
-        let stream = tokio::time::timeout(after, connect)
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout {
-                authority: authority.clone(),
-                after,
-            })?
-            .map_err(|source| UpstreamError::Connect {
-                authority: authority.clone(),
-                source,
-            })?;
-        let _ = stream.set_nodelay(true);
+        let stream = connect_tcp(authority, self.inner.settings.connect_timeout).await?;
         let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let target = authority.clone();
@@ -232,6 +216,30 @@ where
             }
         });
     }
+}
+
+/// A TCP connection to `authority` (no delay), within `after`.
+pub(super) async fn connect_tcp(
+    authority: &Authority,
+    after: Duration,
+) -> Result<TcpStream, UpstreamError> {
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let connect = TcpStream::connect((host, authority.port_u16().unwrap_or(80)));
+    let stream = tokio::time::timeout(after, connect)
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout {
+            authority: authority.clone(),
+            after,
+        })?
+        .map_err(|source| UpstreamError::Connect {
+            authority: authority.clone(),
+            source,
+        })?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 impl<B> Inner<B> {

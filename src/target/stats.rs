@@ -37,10 +37,12 @@ pub enum Reject {
     UpstreamTimeout,
     ShuttingDown,
     TargetRemoved,
+    /// A gRPC request's own deadline (`grpc-timeout`) passed while it was held.
+    Deadline,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 7] = [
+    pub const ALL: [Reject; 8] = [
         Reject::QueueFull,
         Reject::ColdStartTimeout,
         Reject::StartFailed,
@@ -48,6 +50,7 @@ impl Reject {
         Reject::UpstreamTimeout,
         Reject::ShuttingDown,
         Reject::TargetRemoved,
+        Reject::Deadline,
     ];
 
     pub fn label(self) -> &'static str {
@@ -59,6 +62,7 @@ impl Reject {
             Reject::UpstreamTimeout => "upstream_timeout",
             Reject::ShuttingDown => "shutting_down",
             Reject::TargetRemoved => "target_removed",
+            Reject::Deadline => "deadline_exceeded",
         }
     }
 }

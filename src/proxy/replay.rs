@@ -1,0 +1,219 @@
+//! A request body that can be sent again from its start: what lets a request that an HTTP/2
+//! upstream refused unprocessed (`GOAWAY` above its stream, `REFUSED_STREAM`) go out again on
+//! another connection, although the client's body streams and cannot be cloned. The frames
+//! read from the client are kept, up to [`KEEP_LIMIT`] bytes, until the upstream answers (then
+//! no retry can happen and nothing more is kept); a body that outgrew the limit cannot be sent
+//! twice, and its request fails as it would have without the retry.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+/// The most request body bytes kept for a retry; Envoy's default retry buffer is 64 KiB too.
+pub const KEEP_LIMIT: usize = 64 * 1024;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One attempt at sending a request body.
+#[derive(Debug)]
+pub struct Replayable {
+    shared: Arc<Mutex<Shared>>,
+    attempt: u32,
+}
+
+#[derive(Debug)]
+struct Shared {
+    body: Incoming,
+    /// The attempt that may read; an earlier one gets an error instead.
+    attempt: u32,
+    /// The index of the next frame the current attempt sends, counted from the body's start.
+    next: usize,
+    /// Whether the current attempt sent the trailers already.
+    sent_trailers: bool,
+    /// Data frames kept, from frame index `base` on.
+    kept: VecDeque<Bytes>,
+    base: usize,
+    kept_bytes: usize,
+    trailers: Option<HeaderMap>,
+    /// Still keeping what is read: no response yet, and under the limit.
+    keeping: bool,
+    /// Frames read from the client so far.
+    read: usize,
+    ended: bool,
+}
+
+impl Replayable {
+    pub fn new(body: Incoming) -> Self {
+        Self {
+            shared: Arc::new(Mutex::new(Shared {
+                body,
+                attempt: 0,
+                next: 0,
+                sent_trailers: false,
+                kept: VecDeque::new(),
+                base: 0,
+                kept_bytes: 0,
+                trailers: None,
+                keeping: true,
+                read: 0,
+                ended: false,
+            })),
+            attempt: 0,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A panic while holding the lock leaves nothing half-done that matters here.
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A handle that can start the body over later ([`Restart::again`]).
+    pub fn restart(&self) -> Restart {
+        Restart(self.shared.clone())
+    }
+}
+
+/// Starts a body over, if everything read of it so far was kept.
+#[derive(Debug)]
+pub struct Restart(Arc<Mutex<Shared>>);
+
+impl Restart {
+    /// The body from its start, for a new attempt; `None` if what was read of it is gone.
+    pub fn again(&self) -> Option<Replayable> {
+        let mut shared = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !shared.keeping || shared.base != 0 {
+            return None;
+        }
+        shared.attempt += 1;
+        shared.next = 0;
+        shared.sent_trailers = false;
+        Some(Replayable {
+            shared: self.0.clone(),
+            attempt: shared.attempt,
+        })
+    }
+
+    /// The upstream answered: no retry will come, so nothing more is kept, and what the
+    /// current attempt has sent already is let go (the rest as it is sent).
+    pub fn answered(&self) {
+        let mut shared = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        shared.keeping = false;
+        let sent = shared
+            .next
+            .saturating_sub(shared.base)
+            .min(shared.kept.len());
+        shared.kept.drain(..sent);
+        shared.base += sent;
+        shared.trailers = None;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request body was taken over by a retry")]
+struct Superseded;
+
+impl Body for Replayable {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let mut shared = this.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = &mut *shared;
+        if shared.attempt != this.attempt {
+            return Poll::Ready(Some(Err(Superseded.into())));
+        }
+        // Replaying what an earlier attempt read.
+        if shared.next < shared.read {
+            let i = shared.next - shared.base;
+            let data = if shared.keeping {
+                shared.kept.get(i).cloned()
+            } else {
+                // Answered meanwhile: what is replayed now is not needed again.
+                shared.base += 1;
+                shared.kept.pop_front()
+            };
+            let Some(data) = data else {
+                return Poll::Ready(Some(Err(Superseded.into())));
+            };
+            shared.next += 1;
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if shared.ended {
+            if !shared.sent_trailers
+                && let Some(trailers) = &shared.trailers
+            {
+                shared.sent_trailers = true;
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers.clone()))));
+            }
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut shared.body).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                shared.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(Some(Ok(frame))) => {
+                let frame = match frame.into_data() {
+                    Ok(data) => {
+                        shared.read += 1;
+                        shared.next += 1;
+                        if shared.keeping {
+                            shared.kept_bytes += data.len();
+                            if shared.kept_bytes <= KEEP_LIMIT {
+                                shared.kept.push_back(data.clone());
+                            } else {
+                                // Too much to keep: this body is sent once.
+                                shared.keeping = false;
+                                shared.base = shared.read;
+                                shared.kept = VecDeque::new();
+                            }
+                        } else {
+                            shared.base = shared.read;
+                        }
+                        Frame::data(data)
+                    }
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(trailers) => {
+                            shared.ended = true;
+                            shared.sent_trailers = true;
+                            if shared.keeping {
+                                shared.trailers = Some(trailers.clone());
+                            }
+                            Frame::trailers(trailers)
+                        }
+                        Err(other) => other,
+                    },
+                };
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let shared = self.lock();
+        shared.next >= shared.read
+            && (shared.trailers.is_none() || shared.sent_trailers)
+            && (shared.ended || shared.body.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let shared = self.lock();
+        if shared.read == 0 {
+            shared.body.size_hint()
+        } else {
+            SizeHint::default()
+        }
+    }
+}
