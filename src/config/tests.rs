@@ -174,13 +174,18 @@ fn a_ready_check_must_be_exactly_one_kind() {
             "{ notify = true, tcp = true }",
             "{ tcp = true, notify = true }",
         ),
+        ("{ grpc = false }", "{ grpc = false }"),
+        (
+            "{ grpc = \"echo.Echo\", tcp = true }",
+            "{ tcp = true, grpc = \"echo.Echo\" }",
+        ),
     ] {
         let error = File::parse(&format!("[[target]]\n{LOCAL}ready = {ready}")).expect_err(ready);
         assert!(error.contains(&format!("got `{got}`")), "{ready}: {error}");
         assert!(
             error.contains(
-                "expected exactly one of `{ tcp = true }`, `{ http_get = \"/path\" }` or \
-                 `{ notify = true }`"
+                "expected exactly one of `{ tcp = true }`, `{ http_get = \"/path\" }`, \
+                 `{ notify = true }`, `{ grpc = true }` or `{ grpc = \"package.Service\" }`"
             ),
             "{ready}: {error}"
         );
@@ -189,8 +194,17 @@ fn a_ready_check_must_be_exactly_one_kind() {
         ("{ tcp = true }", ReadyCheck::Tcp),
         ("{ http_get = \"/up\" }", ReadyCheck::HttpGet("/up".into())),
         ("{ notify = true }", ReadyCheck::Notify),
+        ("{ grpc = true }", ReadyCheck::Grpc(String::new())),
+        (
+            "{ grpc = \"echo.Echo\" }",
+            ReadyCheck::Grpc("echo.Echo".into()),
+        ),
     ] {
-        let config = parse(&format!("[[target]]\n{LOCAL}ready = {ready}"));
+        let protocol = match check {
+            ReadyCheck::Grpc(_) => "protocol = \"h2c\"\n",
+            _ => "",
+        };
+        let config = parse(&format!("[[target]]\n{LOCAL}{protocol}ready = {ready}"));
         assert_eq!(config.targets[0].ready, check, "{ready}");
         assert!(
             config.validate().is_empty(),
@@ -746,4 +760,28 @@ fn the_host_policy_names_namespaces_and_plain_domains() {
             .is_ok()
     );
     assert!(k.may_claim("team-b", &host("web.team-a.svc")).is_err());
+}
+
+#[test]
+fn the_upstream_protocol_is_http1_by_default_or_h2c() {
+    let config = parse(&format!("[[target]]\n{LOCAL}"));
+    let t = &config.clone().into_config().unwrap().targets[0];
+    assert_eq!(t.serving.protocol, Protocol::Http1);
+    let config = parse(&format!("[[target]]\n{LOCAL}protocol = \"h2c\"\n"));
+    let t = &config.into_config().unwrap().targets[0];
+    assert_eq!(t.serving.protocol, Protocol::H2c);
+    let error = File::parse(&format!("[[target]]\n{LOCAL}protocol = \"h2\"\n")).unwrap_err();
+    assert!(error.contains("protocol"), "{error}");
+    assert!(error.contains("expected `http1` or `h2c`"), "{error}");
+}
+
+#[test]
+fn a_grpc_readiness_check_needs_an_h2c_target() {
+    let problems = problems_of_target(LOCAL, "ready = { grpc = true }");
+    assert_problem(
+        &problems,
+        "target[0] (hello).ready.grpc",
+        "\"\" with protocol = \"http1\"",
+        "protocol = \"h2c\"",
+    );
 }

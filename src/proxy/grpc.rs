@@ -86,7 +86,7 @@ mod tests {
     #[test]
     fn a_remaining_time_is_written_in_the_finest_unit_that_fits() {
         assert_eq!(timeout_value(Duration::from_nanos(1500)), "1500n");
-        assert_eq!(timeout_value(Duration::from_millis(250)), "250000000n");
+        assert_eq!(timeout_value(Duration::from_millis(250)), "250000u");
         assert_eq!(timeout_value(Duration::from_secs(1)), "1000000u");
         assert_eq!(timeout_value(Duration::from_secs(200)), "200000m");
         assert_eq!(timeout_value(Duration::from_secs(500_000)), "500000S");

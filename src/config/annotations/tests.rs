@@ -284,3 +284,82 @@ fn the_workload_annotation_names_any_kind_with_a_scale_subresource() {
         other => panic!("expected a skip, got {other:?}"),
     }
 }
+
+/// A Service whose ports declare `appProtocol`s: `(name, port, appProtocol)`.
+fn service_with_app_protocols(
+    annotations: &[(&str, &str)],
+    ports: &[(&str, i32, &str)],
+) -> Service {
+    let mut s = service(annotations, &[]);
+    s.spec.as_mut().unwrap().ports = Some(
+        ports
+            .iter()
+            .map(|(name, port, app)| ServicePort {
+                name: Some(name.to_string()),
+                port: *port,
+                app_protocol: (!app.is_empty()).then(|| app.to_string()),
+                ..Default::default()
+            })
+            .collect(),
+    );
+    s
+}
+
+#[test]
+fn the_routed_port_s_app_protocol_chooses_http2_and_the_annotation_overrides_it() {
+    let on = [("enabled", "true")];
+    for (app, expected) in [
+        ("kubernetes.io/h2c", Protocol::H2c),
+        ("h2c", Protocol::H2c),
+        ("grpc", Protocol::H2c),
+        ("GRPC", Protocol::H2c),
+        ("http2", Protocol::H2c),
+        ("", Protocol::Http1),
+        ("http", Protocol::Http1),
+        ("kubernetes.io/ws", Protocol::Http1),
+        ("grpc-web", Protocol::Http1),
+    ] {
+        let (t, problems) = target(from_service(&service_with_app_protocols(
+            &on,
+            &[("web", 80, app)],
+        )));
+        assert_eq!(t.serving.protocol, expected, "appProtocol {app:?}");
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+    // The port routed to decides, not the first one.
+    let ports = [("web", 80, ""), ("grpc", 9090, "kubernetes.io/h2c")];
+    let (t, _) = target(from_service(&service_with_app_protocols(
+        &[("enabled", "true"), ("port", "grpc")],
+        &ports,
+    )));
+    assert_eq!(t.serving.protocol, Protocol::H2c);
+    let (t, _) = target(from_service(&service_with_app_protocols(&on, &ports)));
+    assert_eq!(t.serving.protocol, Protocol::Http1);
+    // The annotation wins over appProtocol, either way.
+    let (t, _) = target(from_service(&service_with_app_protocols(
+        &[("enabled", "true"), ("protocol", "http1")],
+        &[("grpc", 9090, "grpc")],
+    )));
+    assert_eq!(t.serving.protocol, Protocol::Http1);
+    let (t, _) = target(from_service(&service_with_app_protocols(
+        &[("enabled", "true"), ("protocol", "h2c")],
+        &[("web", 80, "")],
+    )));
+    assert_eq!(t.serving.protocol, Protocol::H2c);
+    // A bad value falls back to what the port says, and says so.
+    let (t, problems) = target(from_service(&service_with_app_protocols(
+        &[("enabled", "true"), ("protocol", "http2")],
+        &[("grpc", 9090, "grpc")],
+    )));
+    assert_eq!(t.serving.protocol, Protocol::H2c);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].field, "wakegate.io/protocol");
+    assert_eq!(problems[0].value, "\"http2\"");
+    assert!(
+        problems[0]
+            .expected
+            .contains("\"http1\" or \"h2c\"; using \"h2c\""),
+        "{}",
+        problems[0].expected
+    );
+}
