@@ -146,19 +146,14 @@ impl Forwarder {
 
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
-        let upgrading = upgrade_to.is_some();
         if let Some(protocol) = upgrade_to {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol);
         }
-        if trailers {
-            // The client takes trailers, so the upstream may send them (gRPC needs this).
+        if trailers && protocol == Protocol::H2c {
+            // The client takes trailers, so the upstream may send them: gRPC servers need to
+            // be told (RFC 9113 §8.2.2 allows this one TE value).
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
-            if protocol == Protocol::Http1 {
-                // TE is for the next hop only, which says so in Connection (RFC 9110 §10.1.4).
-                let connection = if upgrading { "te, upgrade" } else { "te" };
-                headers.insert(header::CONNECTION, HeaderValue::from_static(connection));
-            }
         }
         match protocol {
             // One lookup each: `entry` rather than `contains_key` then `insert`.

@@ -238,7 +238,8 @@ impl Multiplex {
     }
 
     /// A connection to `authority` with a stream reserved on it: the least busy one with room,
-    /// a new one if all are full and fewer than the maximum are open, else the least busy.
+    /// else the one being opened, else a new one if fewer than the maximum are open, else the
+    /// least busy.
     async fn checkout(
         &self,
         endpoint: &Endpoint,
@@ -262,18 +263,18 @@ impl Multiplex {
                 if let Some(reserved) = least_busy(true) {
                     return Ok(reserved);
                 }
-                if connections.open.len() + connections.connecting
-                    < self.inner.settings.max_connections.max(1)
-                {
-                    connections.connecting += 1;
-                    true
-                } else if let Some(reserved) = least_busy(false) {
-                    return Ok(reserved);
-                } else {
-                    // The first connection is being opened: wait for it (registered while
-                    // the lock is held, so its notification cannot be missed).
+                if connections.connecting > 0 {
+                    // One is being opened: wait for it rather than open more at once
+                    // (registered while the lock is held, so its notification is not missed).
                     changed.as_mut().enable();
                     false
+                } else if connections.open.len() >= self.inner.settings.max_connections.max(1)
+                    && let Some(reserved) = least_busy(false)
+                {
+                    return Ok(reserved);
+                } else {
+                    connections.connecting += 1;
+                    true
                 }
             };
             if !connect {
