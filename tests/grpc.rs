@@ -16,9 +16,7 @@ use wakegate::demo::grpc::Echo;
 use wakegate::demo::grpc::pb::echo_client::EchoClient;
 use wakegate::demo::grpc::pb::echo_server::EchoServer;
 use wakegate::demo::grpc::pb::{EchoReply, EchoRequest};
-use wakegate_test_support::{
-    DemoBackend, Wakegate, bin, metric, raw_exchange, raw_status, within,
-};
+use wakegate_test_support::{DemoBackend, Wakegate, bin, metric, raw_exchange, raw_status, within};
 
 /// A gRPC channel to wakegate's proxy that asks for `host` (its `:authority`).
 async fn channel(wakegate: &Wakegate, host: &str) -> Channel {

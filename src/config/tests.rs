@@ -671,8 +671,8 @@ fn toml_blocks(path: &str) -> Vec<String> {
 fn the_local_example_keeps_its_meaning() {
     let config = shipped("examples/local.toml");
     assert_eq!(config.listen.proxy, "127.0.0.1:8080".parse().unwrap());
-    let [hello] = config.targets.as_slice() else {
-        panic!("one target: {:#?}", config.targets);
+    let [hello, echo] = config.targets.as_slice() else {
+        panic!("two targets: {:#?}", config.targets);
     };
     assert_eq!(hello.name, "hello");
     assert_eq!(hello.route.hosts[0].to_string(), "hello.localhost");
@@ -683,6 +683,18 @@ fn the_local_example_keeps_its_meaning() {
     };
     assert_eq!(local.command[..2], ["wakegate", "demo-backend"]);
     assert_eq!(local.ready, ReadyCheck::HttpGet("/healthz".into()));
+    assert_eq!(hello.serving.protocol, Protocol::Http1);
+
+    assert_eq!(echo.route.hosts[0].to_string(), "echo.localhost");
+    assert_eq!(echo.serving.protocol, Protocol::H2c);
+    let Backend::Local(local) = &echo.backend else {
+        panic!("a local process: {:?}", echo.backend);
+    };
+    assert_eq!(local.command[..2], ["wakegate", "demo-backend"]);
+    assert_eq!(
+        local.ready,
+        ReadyCheck::Grpc("wakegate.demo.v1.Echo".into())
+    );
 }
 
 #[test]

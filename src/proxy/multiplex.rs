@@ -25,7 +25,7 @@ use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::Notify;
 
-use super::pool::{UpstreamError, connect_tcp};
+use super::pool::{UpstreamError, connect_tcp, sweep_in_background};
 use super::replay::Replayable;
 
 /// Settings of a [`Multiplex`].
@@ -327,26 +327,11 @@ impl Multiplex {
         Ok(Connection { sender, streams })
     }
 
-    /// Once per pool, a task on the current runtime that closes, every idle timeout, the
-    /// connections without a stream since before the previous sweep, and forgets addresses
-    /// with none left, until the pool is dropped.
+    /// Once per pool, a task that closes, every idle timeout, the connections without a
+    /// stream since before the previous sweep, and forgets addresses with none left.
     fn sweep_in_background(&self) {
-        if self.inner.sweeping.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let pool = Arc::downgrade(&self.inner);
         let every = self.inner.settings.idle_timeout;
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
-            ticks.tick().await;
-            loop {
-                ticks.tick().await;
-                match Weak::upgrade(&pool) {
-                    Some(pool) => pool.sweep(),
-                    None => return,
-                }
-            }
-        });
+        sweep_in_background(&self.inner.sweeping, &self.inner, every, Inner::sweep);
     }
 
     /// Open connections to `authority` (for tests and `/targets`).

@@ -195,27 +195,37 @@ where
         Ok(sender)
     }
 
-    /// Once per pool, a task on the current runtime that sweeps every idle timeout, closing
-    /// the connections idle since before the previous sweep and forgetting addresses with none
-    /// left, until the pool is dropped.
+    /// Once per pool, a task that closes the connections idle since before the previous sweep
+    /// and forgets addresses with none left (see [`sweep_in_background`]).
     fn sweep_in_background(&self) {
-        if self.inner.sweeping.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let pool = Arc::downgrade(&self.inner);
         let every = self.inner.settings.idle_timeout;
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
-            ticks.tick().await;
-            loop {
-                ticks.tick().await;
-                match Weak::upgrade(&pool) {
-                    Some(pool) => pool.sweep(),
-                    None => return,
-                }
-            }
-        });
+        sweep_in_background(&self.inner.sweeping, &self.inner, every, Inner::sweep);
     }
+}
+
+/// Once per pool (`sweeping` says whether it runs already), a task on the current runtime
+/// that calls `sweep` on the pool every `every`, until the pool is dropped.
+pub(super) fn sweep_in_background<P: Send + Sync + 'static>(
+    sweeping: &AtomicBool,
+    pool: &Arc<P>,
+    every: Duration,
+    sweep: fn(&P),
+) {
+    if sweeping.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let pool = Arc::downgrade(pool);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            match Weak::upgrade(&pool) {
+                Some(pool) => sweep(&pool),
+                None => return,
+            }
+        }
+    });
 }
 
 /// A TCP connection to `authority` (no delay), within `after`.
