@@ -378,13 +378,15 @@ async fn sighup_that_replaces_a_target_moves_its_held_requests_to_the_new_one() 
 
 #[tokio::test]
 async fn sighup_that_removes_a_target_answers_its_held_requests_503_at_once() {
-    let wg = Arc::new(Wakegate::start("", &demo_target("a", "a.localhost", "5s")).await);
+    // The instance would take 30 s and the hold 20 s: a 503 "removed" within 15 s can only be
+    // the removal's answer, however slow the machine is.
+    let wg = Arc::new(Wakegate::start("", &demo_target("a", "a.localhost", "30s")).await);
     let held = held_request(&wg, "a", "a.localhost").await;
 
     wg.rewrite_config("", &demo_target("b", "b.localhost", "0s"));
     wg.signal(libc::SIGHUP);
 
-    let response = within(3, "the held request", held)
+    let response = within(15, "the held request", held)
         .await
         .unwrap_or_else(|e| panic!("the held request: {e}; log:\n{}", wg.logs()));
     assert_eq!(response.status, 503, "{}", response.body);
