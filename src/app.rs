@@ -92,6 +92,9 @@ pub async fn run(
     let accept_stop = CancellationToken::new();
     let proxy_workers = proxy::server::Workers::spawn(proxy_listeners, &shared, &accept_stop)
         .map_err(AppError::Workers)?;
+    // Before saying so: a SIGHUP without a handler would end the process.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| AppError::Signal("SIGHUP", e))?;
     tracing::info!(
         proxy = %proxy_addr.map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_addr.map(|a| a.to_string()).unwrap_or_default(),
@@ -99,8 +102,6 @@ pub async fn run(
         "listening"
     );
 
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| AppError::Signal("SIGHUP", e))?;
     let mut current = config;
     loop {
         tokio::select! {
