@@ -1,8 +1,9 @@
 //! The load generator: HTTP/1.1 or h2c over hyper's client, either closed loop (every
 //! connection sends its next request as soon as the previous one is answered) or open loop
 //! (requests fall due at a fixed rate and their latency counts from when they fell due, so a
-//! slow server cannot hide its queueing: no coordinated omission). Latencies go into HDR
-//! histograms, one per connection, merged at the end.
+//! slow server cannot hide its queueing: no coordinated omission). Requests are GETs, or gRPC
+//! unary calls over h2c. Latencies go into HDR histograms, one per connection, merged at the
+//! end.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::IsTerminal;
@@ -16,8 +17,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
-use http::{HeaderValue, Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Empty};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -44,6 +45,20 @@ pub enum Protocol {
     H2c,
 }
 
+/// What every request of a plan is.
+#[derive(Debug, Clone)]
+pub enum Call {
+    /// `GET path`; a success is a 2xx or 3xx answer.
+    Get,
+    /// A gRPC unary call: `POST path` with `content-type: application/grpc`, `te: trailers`
+    /// and this body (one length-prefixed message); a success is status 200 with
+    /// `grpc-status: 0`, any other gRPC status an error such as `grpc-status 14`. h2c only.
+    GrpcUnary(Bytes),
+}
+
+/// The demo backend's unary gRPC method (`wakegate demo-backend`).
+pub const ECHO_UNARY: &str = "/wakegate.demo.v1.Echo/Unary";
+
 /// What to send, where, and how hard.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -52,6 +67,7 @@ pub struct Plan {
     pub hosts: Arc<[String]>,
     /// Path and query of every request.
     pub path: String,
+    pub call: Call,
     pub protocol: Protocol,
     pub connections: usize,
     /// h2c: requests in flight at once on each connection (HTTP/1.1: always 1).
@@ -76,6 +92,7 @@ impl Plan {
             addr,
             hosts: Arc::from(vec![host.to_owned()]),
             path: "/".into(),
+            call: Call::Get,
             protocol: Protocol::Http1,
             connections,
             streams: 1,
@@ -86,6 +103,19 @@ impl Plan {
         }
     }
 
+    /// Makes every request a unary call of the demo backend's `wakegate.demo.v1.Echo` with a
+    /// small message, over h2c.
+    pub fn grpc_echo(&mut self) {
+        use wakegate::demo::grpc::pb::EchoRequest;
+        let request = EchoRequest {
+            message: "loadtest".into(),
+            ..EchoRequest::default()
+        };
+        self.path = ECHO_UNARY.into();
+        self.call = Call::GrpcUnary(grpc_message(&request));
+        self.protocol = Protocol::H2c;
+    }
+
     fn depth(&self) -> usize {
         match self.protocol {
             Protocol::Http1 => 1,
@@ -94,12 +124,26 @@ impl Plan {
     }
 }
 
+/// One gRPC message as a request body carries it: not compressed (0), its length as a
+/// big-endian u32, the protobuf bytes.
+pub fn grpc_message(message: &impl prost::Message) -> Bytes {
+    let len = message.encoded_len();
+    let mut body = Vec::with_capacity(5 + len);
+    body.push(0);
+    body.extend_from_slice(&u32::try_from(len).expect("a small message").to_be_bytes());
+    message
+        .encode(&mut body)
+        .expect("a Vec grows to hold the message");
+    body.into()
+}
+
 /// What a run measured.
 #[derive(Debug)]
 pub struct Outcome {
-    /// Responses with a 2xx or 3xx status.
+    /// Responses with a 2xx or 3xx status (gRPC: 200 and `grpc-status: 0`).
     pub ok: u64,
-    /// Everything else, by kind: `status 503`, `timeout`, `connect: connection refused`, ...
+    /// Everything else, by kind: `status 503`, `grpc-status 14`, `timeout`,
+    /// `connect: connection refused`, ...
     pub errors: BTreeMap<String, u64>,
     /// From the start to the last response.
     pub elapsed: Duration,
@@ -300,12 +344,23 @@ fn dispatch(
 
 /// The sending half of one connection.
 enum Sender {
-    Http1(http1::SendRequest<Empty<Bytes>>),
-    H2(http2::SendRequest<Empty<Bytes>>),
+    Http1(http1::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<Full<Bytes>>),
 }
 
-/// One request and its whole response: (latency counted from, status or error kind).
-type Exchange = Pin<Box<dyn Future<Output = (Instant, Result<StatusCode, String>)> + Send>>;
+/// How one exchange ended.
+enum Ended {
+    /// A successful answer: 2xx or 3xx (gRPC: 200 with `grpc-status: 0`).
+    Ok,
+    /// An answer that is not a success, by kind: `status 503`, `grpc-status 14`.
+    Refused(String),
+    /// No answer, by kind (`timeout`, `io: connection reset`, ...): the connection's state is
+    /// unknown.
+    Failed(String),
+}
+
+/// One request and its whole response: (latency counted from, how it ended).
+type Exchange = Pin<Box<dyn Future<Output = (Instant, Ended)> + Send>>;
 
 impl Sender {
     async fn connect(addr: SocketAddr, protocol: Protocol) -> Result<Sender, String> {
@@ -344,8 +399,15 @@ impl Sender {
         }
     }
 
-    /// Sends one GET and reads the whole response, or gives up after `timeout`.
-    fn send(&mut self, req: Request<Empty<Bytes>>, from: Instant, timeout: Duration) -> Exchange {
+    /// Sends one request and reads the whole response, or gives up after `timeout`; `grpc`:
+    /// the answer is a gRPC call's, judged by its `grpc-status`.
+    fn send(
+        &mut self,
+        req: Request<Full<Bytes>>,
+        grpc: bool,
+        from: Instant,
+        timeout: Duration,
+    ) -> Exchange {
         let response = match self {
             Sender::Http1(s) => {
                 Box::pin(s.send_request(req)) as Pin<Box<dyn Future<Output = _> + Send>>
@@ -354,19 +416,49 @@ impl Sender {
         };
         let exchange = async move {
             let response = response.await.map_err(|e| kind_of(&e))?;
-            let status = response.status();
-            let mut body = response.into_body();
+            let (head, mut body) = response.into_parts();
+            let mut trailers = None;
             while let Some(frame) = body.frame().await {
-                frame.map_err(|e| kind_of(&e))?;
+                let frame = frame.map_err(|e| kind_of(&e))?;
+                if grpc && let Ok(t) = frame.into_trailers() {
+                    trailers = Some(t);
+                }
             }
-            Ok(status)
+            Ok(if grpc {
+                grpc_ended(head.status, &head.headers, trailers.as_ref())
+            } else if head.status.is_success() || head.status.is_redirection() {
+                Ended::Ok
+            } else {
+                Ended::Refused(format!("status {}", head.status.as_u16()))
+            })
         };
         Box::pin(async move {
-            let result = tokio::time::timeout(timeout, exchange)
+            let ended = tokio::time::timeout(timeout, exchange)
                 .await
-                .unwrap_or_else(|_| Err("timeout".into()));
-            (from, result)
+                .unwrap_or_else(|_| Err("timeout".into()))
+                .unwrap_or_else(Ended::Failed);
+            (from, ended)
         })
+    }
+}
+
+/// A gRPC call succeeded when it was answered 200 and ended with `grpc-status: 0`: in the
+/// trailers, or in the headers of a trailers-only answer (a call that fails before any
+/// message).
+fn grpc_ended(status: StatusCode, headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Ended {
+    if status != StatusCode::OK {
+        return Ended::Refused(format!("status {}", status.as_u16()));
+    }
+    let code = trailers
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| headers.get("grpc-status"));
+    match code {
+        Some(code) if code == "0" => Ended::Ok,
+        Some(code) => Ended::Refused(format!(
+            "grpc-status {}",
+            String::from_utf8_lossy(code.as_bytes())
+        )),
+        None => Ended::Refused("no grpc-status".into()),
     }
 }
 
@@ -376,6 +468,7 @@ struct Requests {
     targets: Vec<(HeaderValue, Uri)>,
     path: Uri,
     protocol: Protocol,
+    call: Call,
     next: usize,
 }
 
@@ -397,13 +490,31 @@ impl Requests {
             targets,
             path: plan.path.parse().expect("a valid path"),
             protocol: plan.protocol,
+            call: plan.call.clone(),
         }
     }
 
-    fn next(&mut self) -> Request<Empty<Bytes>> {
+    fn is_grpc(&self) -> bool {
+        matches!(self.call, Call::GrpcUnary(_))
+    }
+
+    fn next(&mut self) -> Request<Full<Bytes>> {
         let (host, uri) = &self.targets[self.next];
         self.next = (self.next + 1) % self.targets.len();
-        let mut req = Request::new(Empty::new());
+        let mut req = match &self.call {
+            Call::Get => Request::new(Full::new(Bytes::new())),
+            Call::GrpcUnary(message) => {
+                let mut req = Request::new(Full::new(message.clone()));
+                *req.method_mut() = Method::POST;
+                let headers = req.headers_mut();
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+                req
+            }
+        };
         match self.protocol {
             Protocol::Http1 => {
                 *req.uri_mut() = self.path.clone();
@@ -484,15 +595,15 @@ async fn connection(
         let can_send = wants && sender.as_ref().is_some_and(|s| !s.is_closed());
         tokio::select! {
             biased;
-            Some((sent_from, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                match result {
-                    Ok(status) if status.is_success() || status.is_redirection() => {
+            Some((sent_from, ended)) = in_flight.next(), if !in_flight.is_empty() => {
+                match ended {
+                    Ended::Ok => {
                         tally.ok += 1;
                         record(&mut tally.latency, sent_from.elapsed());
                         live.done.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(status) => tally.error(live, format!("status {}", status.as_u16())),
-                    Err(kind) => {
+                    Ended::Refused(kind) => tally.error(live, kind),
+                    Ended::Failed(kind) => {
                         tally.error(live, kind);
                         // The connection's state is unknown after a failed exchange.
                         if plan.protocol == Protocol::Http1 {
@@ -512,8 +623,10 @@ async fn connection(
                 } else {
                     Instant::now()
                 };
+                let grpc = requests.is_grpc();
                 let exchange = sender.as_mut().expect("ready").send(
                     requests.next(),
+                    grpc,
                     sent_from,
                     plan.timeout,
                 );

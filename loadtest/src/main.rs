@@ -70,6 +70,11 @@ enum Command {
         /// h2c: requests in flight at once on each connection.
         #[arg(long, default_value_t = 1)]
         streams: usize,
+        /// gRPC unary calls of the demo backend's `wakegate.demo.v1.Echo/Unary` with a small
+        /// message instead of GETs; implies --h2c, the URL's path is not used. A success is
+        /// status 200 with `grpc-status: 0`.
+        #[arg(long)]
+        grpc: bool,
         /// A request unanswered after this long counts as a timeout error.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -156,6 +161,7 @@ async fn command(command: Command) -> Result<ExitCode, Error> {
             rate,
             h2c,
             streams,
+            grpc,
             timeout,
             json,
         } => {
@@ -165,8 +171,9 @@ async fn command(command: Command) -> Result<ExitCode, Error> {
                 connections,
                 duration,
                 rate,
-                h2c,
+                h2c || grpc,
                 streams,
+                grpc,
                 timeout,
                 json,
             )
@@ -214,6 +221,7 @@ async fn run(
     rate: Option<f64>,
     h2c: bool,
     streams: usize,
+    grpc: bool,
     timeout: Duration,
     json: bool,
 ) -> Result<ExitCode, Error> {
@@ -246,6 +254,9 @@ async fn run(
     } else {
         load::Protocol::Http1
     };
+    if grpc {
+        plan.grpc_echo();
+    }
     plan.label = "run".into();
     let outcome = load::run(&plan).await;
     let percentiles = [0.5, 0.9, 0.99, 0.999, 0.9999, 1.0];
@@ -262,6 +273,7 @@ async fn run(
         let summary = serde_json::json!({
             "url": url.to_string(),
             "protocol": if h2c { "h2c" } else { "http/1.1" },
+            "request": if grpc { load::ECHO_UNARY } else { "GET" },
             "connections": connections,
             "rate": rate,
             "elapsed_s": outcome.elapsed.as_secs_f64(),
@@ -279,7 +291,11 @@ async fn run(
         };
         println!(
             "{url} ({}), {connections} connections, {mode}, {:.1} s",
-            if h2c { "h2c" } else { "HTTP/1.1" },
+            match (grpc, h2c) {
+                (true, _) => format!("gRPC {} over h2c", load::ECHO_UNARY),
+                (false, true) => "h2c".into(),
+                (false, false) => "HTTP/1.1".into(),
+            },
             outcome.elapsed.as_secs_f64()
         );
         println!(

@@ -209,6 +209,44 @@ pub fn start_nginx_proxy(work: &WorkDir, upstream: SocketAddr) -> Result<Server,
     )
 }
 
+/// nginx taking h2c (HTTP/2 with prior knowledge) and forwarding to `upstream` the demo
+/// backend's gRPC calls with `grpc_pass` (HTTP/2) and everything else with `proxy_pass`
+/// (HTTP/1.1); keep-alive upstream connections for each, `reuseport`, no access log.
+pub fn start_nginx_h2c_proxy(work: &WorkDir, upstream: SocketAddr) -> Result<Server, Error> {
+    let port = procs::free_port()?;
+    start_nginx(
+        work,
+        "nginx",
+        port,
+        &format!(
+            "    # One pool each: HTTP/2 connections for grpc_pass, HTTP/1.1 ones for proxy_pass.
+    upstream grpc_backend {{
+        server {upstream};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    upstream http_backend {{
+        server {upstream};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        # `http2` on a plain listener: h2c with prior knowledge (nginx 1.25.1 and later prefer
+        # `http2 on;`, and still take this).
+        listen 127.0.0.1:{port} http2 reuseport;
+        location /wakegate.demo.v1.Echo/ {{
+            grpc_pass grpc://grpc_backend;
+        }}
+        location / {{
+            proxy_pass http://http_backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+        }}
+    }}"
+        ),
+    )
+}
+
 /// The built-in demo backend, `wakegate demo-backend`, on a free port.
 pub fn start_demo(work: &WorkDir, wakegate: &Path, name: &str) -> Result<Server, Error> {
     let port = procs::free_port()?;

@@ -4,6 +4,7 @@
 
 mod burst;
 mod cold_start;
+mod grpc;
 mod kube_scale;
 mod latency;
 mod routes;
@@ -27,6 +28,9 @@ pub enum Name {
     Burst,
     /// Throughput and memory with 1, 1,000 and 10,000 targets.
     Routes,
+    /// h2c on both sides: gRPC unary calls, then GETs forwarded over HTTP/1.1; direct, through
+    /// nginx, through wakegate.
+    Grpc,
     /// Every scenario above, in turn.
     All,
     /// 5,000 annotated Services, 20,000 EndpointSlices, 100 endpoint changes a second: delay
@@ -71,6 +75,7 @@ pub async fn run(name: Name, settings: &Settings) -> Result<(), Error> {
             Name::ColdStart,
             Name::Burst,
             Name::Routes,
+            Name::Grpc,
         ],
         _ => std::slice::from_ref(&name),
     };
@@ -81,6 +86,7 @@ pub async fn run(name: Name, settings: &Settings) -> Result<(), Error> {
             Name::ColdStart => cold_start::run(settings).await?,
             Name::Burst => burst::run(settings).await?,
             Name::Routes => routes::run(settings).await?,
+            Name::Grpc => grpc::run(settings).await?,
             Name::KubeScale => kube_scale::run(settings).await?,
             Name::All => unreachable!("expanded above"),
         };
@@ -113,7 +119,7 @@ fn progress_end() {
 }
 
 /// The upstream, nginx proxying to it (when installed) and wakegate proxying to it: the three
-/// paths `warm` and `latency` compare.
+/// paths `warm`, `latency` and `grpc` compare.
 struct Stand {
     upstream: crate::stand::Upstream,
     nginx: Option<crate::stand::Server>,
