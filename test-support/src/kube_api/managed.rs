@@ -354,17 +354,7 @@ pub(super) fn apply(
         .map(|i| current[i].fields.clone())
         .unwrap_or_default();
 
-    let mut merged = live_object.clone();
-    merge_patch(&mut merged, config);
-    for field in [
-        "name",
-        "namespace",
-        "uid",
-        "creationTimestamp",
-        "resourceVersion",
-    ] {
-        merged["metadata"][field] = live_object["metadata"][field].clone();
-    }
+    let mut merged = patched(&live_object, config);
     merged["metadata"]["managedFields"] = live_object["metadata"]["managedFields"].clone();
     if writer.subresource.is_none() && kind.has_status_subresource() {
         merged["status"] = live_object["status"].clone();
@@ -423,6 +413,23 @@ pub(super) fn apply(
     }
     set_entries(&mut merged, current);
     Ok(merged)
+}
+
+/// `live` with `patch` merged in (RFC 7386), its identity kept: whatever the patch says of
+/// its name, namespace, uid, creation time and resourceVersion, the server keeps its own.
+pub(super) fn patched(live: &Value, patch: &Value) -> Value {
+    let mut merged = live.clone();
+    merge_patch(&mut merged, patch);
+    for field in [
+        "name",
+        "namespace",
+        "uid",
+        "creationTimestamp",
+        "resourceVersion",
+    ] {
+        merged["metadata"][field] = live["metadata"][field].clone();
+    }
+    merged
 }
 
 /// RFC 7386 JSON merge patch, which is also how an applied configuration merges into the

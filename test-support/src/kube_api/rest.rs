@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use super::events::validate;
 use super::gate::Gate;
 use super::list::list;
-use super::managed::{self, Writer, merge_patch};
+use super::managed::{self, Writer};
 use super::selector::Filter;
 use super::store::{
     Kind, ScalePatch, Shared, State, default_fields, str_at, without_server_fields,
@@ -625,17 +625,7 @@ fn patch(
     if !wanted.is_empty() && wanted != str_at(&current, "/metadata/resourceVersion") {
         return Err(ApiError::conflict(kind, name));
     }
-    let mut merged = current.clone();
-    merge_patch(&mut merged, &patch);
-    for field in [
-        "name",
-        "namespace",
-        "uid",
-        "creationTimestamp",
-        "resourceVersion",
-    ] {
-        merged["metadata"][field] = current["metadata"][field].clone();
-    }
+    let mut merged = managed::patched(&current, &patch);
     validate(kind, &merged, Some(&current))?;
     keep_status(kind, Some(&current), &mut merged);
     default_fields(kind, &mut merged);
