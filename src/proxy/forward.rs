@@ -109,7 +109,8 @@ impl Forwarder {
         };
         let downstream_upgrade = upgrade_to.is_some().then(|| hyper::upgrade::on(&mut *req));
         let downstream_version = req.version();
-        let trailers = accepts_trailers(req.headers());
+        // Whether trailers are asked for matters only to HTTP/2 upstreams (see below).
+        let trailers = protocol == Protocol::H2c && accepts_trailers(req.headers());
 
         let authority = &in_flight.endpoint().authority;
         let target = &in_flight.target().name;
@@ -150,7 +151,7 @@ impl Forwarder {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol);
         }
-        if trailers && protocol == Protocol::H2c {
+        if trailers {
             // The client takes trailers, so the upstream may send them: gRPC servers need to
             // be told (RFC 9113 §8.2.2 allows this one TE value).
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -210,7 +211,6 @@ impl Forwarder {
         strip_hop_by_hop(headers);
         if trailers
             && downstream_version < Version::HTTP_2
-            && protocol == Protocol::H2c
             && !headers.contains_key(header::TRAILER)
             && grpc::is_grpc(headers)
         {

@@ -42,6 +42,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, Version, header};
+use hyper::body::Incoming;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -129,7 +130,7 @@ impl Proxy {
         &self,
         peer: SocketAddr,
     ) -> impl hyper::service::Service<
-        Request<hyper::body::Incoming>,
+        Request<Incoming>,
         Response = Response<ProxyBody>,
         Error = Infallible,
         Future: Send + 'static,
@@ -156,7 +157,7 @@ impl Proxy {
     /// [`forward::forwarded_for`]).
     pub async fn handle(
         &self,
-        req: Box<Request<hyper::body::Incoming>>,
+        req: Box<Request<Incoming>>,
         forwarded_for: &HeaderValue,
     ) -> Response<ProxyBody> {
         let shared = &*self.inner.shared;
@@ -208,7 +209,7 @@ impl Proxy {
         let mut req = req;
         let response = loop {
             let demand = Demand::begin(target.clone(), started);
-            let request = Incoming {
+            let request = Arrival {
                 req,
                 forwarded_for,
                 host: &host,
@@ -241,9 +242,9 @@ impl Proxy {
         &self,
         target: &Arc<Target>,
         demand: Demand,
-        request: Incoming<'_>,
+        request: Arrival<'_>,
     ) -> Result<Served, ProxyError> {
-        let Incoming {
+        let Arrival {
             mut req,
             forwarded_for,
             host,
@@ -289,8 +290,8 @@ impl Proxy {
 }
 
 /// A request on its way to a target, with what the client connection says of it.
-struct Incoming<'a> {
-    req: Box<Request<hyper::body::Incoming>>,
+struct Arrival<'a> {
+    req: Box<Request<Incoming>>,
     forwarded_for: &'a HeaderValue,
     host: &'a HeaderValue,
     deadline: Option<Deadline>,
@@ -308,13 +309,13 @@ pub struct Deadline {
 enum Served {
     Response(Response<ProxyBody>),
     /// The target was replaced while the request was held; here is the request, unsent.
-    Moved(Arc<Target>, Box<Request<hyper::body::Incoming>>),
+    Moved(Arc<Target>, Box<Request<Incoming>>),
 }
 
 /// The host a request is for. The authority of an HTTP/1 absolute-form request target takes
 /// precedence over `Host` (RFC 9112 §3.2.2); an HTTP/2 request's `Host`, when a client sends
 /// one, is taken over its `:authority`, which well-behaved clients keep equal to it.
-fn request_host(req: &Request<hyper::body::Incoming>) -> Option<HeaderValue> {
+fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
     let authority = || {
         req.uri()
             .authority()

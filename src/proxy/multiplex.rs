@@ -333,15 +333,6 @@ impl Multiplex {
         let every = self.inner.settings.idle_timeout;
         sweep_in_background(&self.inner.sweeping, &self.inner, every, Inner::sweep);
     }
-
-    /// Open connections to `authority` (for tests and `/targets`).
-    pub fn connections(&self, authority: &Authority) -> usize {
-        self.inner
-            .endpoints
-            .load()
-            .get(authority.as_str())
-            .map_or(0, |e| lock(&e.connections).open.len())
-    }
 }
 
 fn reserve(connection: &Connection) -> (Connection, Stream) {

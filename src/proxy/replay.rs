@@ -68,11 +68,6 @@ impl Replayable {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Shared> {
-        // A panic while holding the lock leaves nothing half-done that matters here.
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// A handle that can start the body over later ([`Restart::again`]).
     pub fn restart(&self) -> Restart {
         Restart(self.shared.clone())
@@ -86,7 +81,7 @@ pub struct Restart(Arc<Mutex<Shared>>);
 impl Restart {
     /// The body from its start, for a new attempt; `None` if what was read of it is gone.
     pub fn again(&self) -> Option<Replayable> {
-        let mut shared = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut shared = lock(&self.0);
         if !shared.keeping || shared.base != 0 {
             return None;
         }
@@ -102,7 +97,7 @@ impl Restart {
     /// The upstream answered: no retry will come, so nothing more is kept, and what the
     /// current attempt has sent already is let go (the rest as it is sent).
     pub fn answered(&self) {
-        let mut shared = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut shared = lock(&self.0);
         shared.keeping = false;
         let sent = shared
             .next
@@ -112,6 +107,11 @@ impl Restart {
         shared.base += sent;
         shared.trailers = None;
     }
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    // A panic while holding the lock leaves nothing half-done that matters here.
+    shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +127,7 @@ impl Body for Replayable {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let mut shared = this.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut shared = lock(&this.shared);
         let shared = &mut *shared;
         if shared.attempt != this.attempt {
             return Poll::Ready(Some(Err(Superseded.into())));
@@ -202,14 +202,14 @@ impl Body for Replayable {
     }
 
     fn is_end_stream(&self) -> bool {
-        let shared = self.lock();
+        let shared = lock(&self.shared);
         shared.next >= shared.read
             && (shared.trailers.is_none() || shared.sent_trailers)
             && (shared.ended || shared.body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let shared = self.lock();
+        let shared = lock(&self.shared);
         if shared.read == 0 {
             shared.body.size_hint()
         } else {
