@@ -20,16 +20,16 @@ pub const KEEP_LIMIT: usize = 64 * 1024;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// One attempt at sending a request body.
+/// One attempt at sending a request body (the client's, `B`).
 #[derive(Debug)]
-pub struct Replayable {
-    shared: Arc<Mutex<Shared>>,
+pub struct Replayable<B = Incoming> {
+    shared: Arc<Mutex<Shared<B>>>,
     attempt: u32,
 }
 
 #[derive(Debug)]
-struct Shared {
-    body: Incoming,
+struct Shared<B> {
+    body: B,
     /// The attempt that may read; an earlier one gets an error instead.
     attempt: u32,
     /// The index of the next frame the current attempt sends, counted from the body's start.
@@ -48,8 +48,8 @@ struct Shared {
     ended: bool,
 }
 
-impl Replayable {
-    pub fn new(body: Incoming) -> Self {
+impl<B> Replayable<B> {
+    pub fn new(body: B) -> Self {
         Self {
             shared: Arc::new(Mutex::new(Shared {
                 body,
@@ -69,18 +69,18 @@ impl Replayable {
     }
 
     /// A handle that can start the body over later ([`Restart::again`]).
-    pub fn restart(&self) -> Restart {
+    pub fn restart(&self) -> Restart<B> {
         Restart(self.shared.clone())
     }
 }
 
 /// Starts a body over, if everything read of it so far was kept.
 #[derive(Debug)]
-pub struct Restart(Arc<Mutex<Shared>>);
+pub struct Restart<B = Incoming>(Arc<Mutex<Shared<B>>>);
 
-impl Restart {
+impl<B> Restart<B> {
     /// The body from its start, for a new attempt; `None` if what was read of it is gone.
-    pub fn again(&self) -> Option<Replayable> {
+    pub fn again(&self) -> Option<Replayable<B>> {
         let mut shared = lock(&self.0);
         if !shared.keeping || shared.base != 0 {
             return None;
@@ -105,11 +105,13 @@ impl Restart {
             .min(shared.kept.len());
         shared.kept.drain(..sent);
         shared.base += sent;
-        shared.trailers = None;
+        if shared.sent_trailers {
+            shared.trailers = None;
+        }
     }
 }
 
-fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+fn lock<B>(shared: &Mutex<Shared<B>>) -> MutexGuard<'_, Shared<B>> {
     // A panic while holding the lock leaves nothing half-done that matters here.
     shared.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -118,7 +120,11 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 #[error("the request body was taken over by a retry")]
 struct Superseded;
 
-impl Body for Replayable {
+impl<B> Body for Replayable<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -215,5 +221,93 @@ impl Body for Replayable {
         } else {
             SizeHint::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use futures_util::stream;
+    use http_body_util::{BodyExt, StreamBody};
+
+    use super::*;
+
+    type Frames = StreamBody<stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+    /// A client body of these data frames and one trailer.
+    fn body(chunks: &[&'static str]) -> Replayable<Frames> {
+        let mut frames: Vec<_> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+            .collect();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", "1".parse().unwrap());
+        frames.push(Ok(Frame::trailers(trailers)));
+        Replayable::new(StreamBody::new(stream::iter(frames)))
+    }
+
+    /// The next frame, as text: `data` or `trailers`.
+    async fn next<B>(body: &mut Replayable<B>) -> Option<String>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let frame = body.frame().await?.expect("a frame");
+        Some(match frame.into_data() {
+            Ok(data) => String::from_utf8(data.to_vec()).unwrap(),
+            Err(frame) => format!("trailers {:?}", frame.into_trailers().unwrap()["x-sum"]),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_restarted_body_sends_what_was_read_again_then_the_rest() {
+        let mut first = body(&["a", "b", "c"]);
+        let restart = first.restart();
+        assert_eq!(next(&mut first).await.as_deref(), Some("a"));
+        assert_eq!(next(&mut first).await.as_deref(), Some("b"));
+        let mut second = restart.again().expect("everything read was kept");
+        // The attempt that was given up on cannot read on.
+        assert!(first.frame().await.unwrap().is_err());
+        let mut sent = Vec::new();
+        while let Some(frame) = next(&mut second).await {
+            sent.push(frame);
+        }
+        assert_eq!(sent, ["a", "b", "c", "trailers \"1\""]);
+        assert!(second.is_end_stream());
+        // Once read to its end, it still starts over whole.
+        let mut third = restart.again().unwrap();
+        let mut sent = Vec::new();
+        while let Some(frame) = next(&mut third).await {
+            sent.push(frame);
+        }
+        assert_eq!(sent, ["a", "b", "c", "trailers \"1\""]);
+    }
+
+    #[tokio::test]
+    async fn a_body_beyond_the_limit_is_sent_once() {
+        let big: &'static str = Box::leak("x".repeat(KEEP_LIMIT).into_boxed_str());
+        let mut first = body(&[big, "y"]);
+        let restart = first.restart();
+        assert_eq!(next(&mut first).await.unwrap().len(), KEEP_LIMIT);
+        assert!(restart.again().is_some(), "64 KiB are kept");
+        let mut second = restart.again().unwrap();
+        assert_eq!(next(&mut second).await.unwrap().len(), KEEP_LIMIT);
+        assert_eq!(next(&mut second).await.as_deref(), Some("y"));
+        assert!(restart.again().is_none(), "one byte more is not");
+    }
+
+    #[tokio::test]
+    async fn an_answer_during_a_replay_keeps_what_the_attempt_has_still_to_send() {
+        let mut first = body(&["a", "b"]);
+        let restart = first.restart();
+        while next(&mut first).await.is_some() {}
+        let mut second = restart.again().unwrap();
+        assert_eq!(next(&mut second).await.as_deref(), Some("a"));
+        restart.answered();
+        assert!(restart.again().is_none(), "no retry after an answer");
+        assert_eq!(next(&mut second).await.as_deref(), Some("b"));
+        assert_eq!(next(&mut second).await.as_deref(), Some("trailers \"1\""));
+        assert_eq!(next(&mut second).await, None);
     }
 }
