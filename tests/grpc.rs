@@ -530,11 +530,23 @@ async fn fifty_mebibytes_stream_both_ways_without_wakegate_holding_them() {
     );
 }
 
-/// An HTTP/2 upstream written frame by frame, to say exactly what a GOAWAY says: on its first
-/// connection it waits for `batch` requests, answers the first half, then sends
-/// GOAWAY naming the last of those and answers nothing more there; later connections answer
-/// every request at once. Records how many requests it answered.
-async fn refusing_upstream(batch: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+/// How [`refusing_upstream`] refuses the second half of its first `batch` requests.
+#[derive(Clone, Copy, PartialEq)]
+enum Refuse {
+    /// GOAWAY naming the last stream it answered; nothing more is answered on that connection.
+    GoAway,
+    /// RST_STREAM with REFUSED_STREAM on each; the connection goes on answering.
+    Streams,
+}
+
+/// An HTTP/2 upstream written frame by frame, to say exactly what it refuses: on its first
+/// connection it waits for `batch` requests, answers the first half and refuses the rest
+/// (`how`); later requests are answered at once. Records how many requests it answered and
+/// how many connections it accepted.
+async fn refusing_upstream(
+    batch: usize,
+    how: Refuse,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = payload.len() as u32;
@@ -548,11 +560,13 @@ async fn refusing_upstream(batch: usize) -> (std::net::SocketAddr, Arc<AtomicUsi
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let answered = Arc::new(AtomicUsize::new(0));
-    let count = answered.clone();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (count, accepted) = (answered.clone(), connections.clone());
     tokio::spawn(async move {
         let mut first = true;
         while let Ok((mut stream, _)) = listener.accept().await {
-            let (count, refuse) = (count.clone(), std::mem::take(&mut first));
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let (count, mut refuse) = (count.clone(), std::mem::take(&mut first));
             tokio::spawn(async move {
                 let mut preface = [0u8; 24];
                 stream.read_exact(&mut preface).await?;
@@ -581,10 +595,19 @@ async fn refusing_upstream(batch: usize) -> (std::net::SocketAddr, Arc<AtomicUsi
                                     stream.write_all(&ok(id)).await?;
                                     count.fetch_add(1, Ordering::SeqCst);
                                 }
-                                let last = processed[processed.len() - 1];
-                                let mut goaway = last.to_be_bytes().to_vec();
-                                goaway.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
-                                stream.write_all(&frame(7, 0, 0, &goaway)).await?;
+                                if how == Refuse::GoAway {
+                                    let last = processed[processed.len() - 1];
+                                    let mut goaway = last.to_be_bytes().to_vec();
+                                    goaway.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
+                                    stream.write_all(&frame(7, 0, 0, &goaway)).await?;
+                                } else {
+                                    for &id in &opened[batch / 2..] {
+                                        // RST_STREAM, REFUSED_STREAM (0x7).
+                                        let refused = frame(3, 0, id, &7u32.to_be_bytes());
+                                        stream.write_all(&refused).await?;
+                                    }
+                                    refuse = false;
+                                }
                             }
                         }
                         _ => {}
@@ -595,15 +618,15 @@ async fn refusing_upstream(batch: usize) -> (std::net::SocketAddr, Arc<AtomicUsi
             });
         }
     });
-    (addr, answered)
+    (addr, answered, connections)
 }
 
-#[tokio::test]
-async fn requests_above_the_last_stream_a_goaway_names_are_sent_again_on_a_new_connection() {
-    let (addr, answered) = refusing_upstream(4).await;
-    let wakegate = Wakegate::start("", &fixed_h2c("goaway", addr)).await;
-    // One HTTP/2 client connection, so that the four requests share a worker and its
-    // upstream connection.
+/// Four requests at once through wakegate to `addr`, on one HTTP/2 client connection (so
+/// that they share a worker and its upstream connection); their statuses.
+async fn four_at_once(
+    wakegate: &Wakegate,
+    host: &str,
+) -> Vec<Result<http::StatusCode, hyper::Error>> {
     let stream = tokio::net::TcpStream::connect(wakegate.proxy)
         .await
         .unwrap();
@@ -616,19 +639,25 @@ async fn requests_above_the_last_stream_a_goaway_names_are_sent_again_on_a_new_c
     tokio::spawn(connection);
     let requests = (0..4).map(|i| {
         let mut sender = sender.clone();
+        let uri = format!("http://{host}/{i}");
         async move {
-            let request = http::Request::post(format!("http://goaway.localhost/{i}"))
-                .body(format!("body {i}"))
-                .unwrap();
+            let request = http::Request::post(uri).body(format!("body {i}")).unwrap();
             sender.send_request(request).await.map(|r| r.status())
         }
     });
-    let statuses = within(
+    within(
         20,
         "four requests",
         futures_util::future::join_all(requests),
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn requests_above_the_last_stream_a_goaway_names_are_sent_again_on_a_new_connection() {
+    let (addr, answered, connections) = refusing_upstream(4, Refuse::GoAway).await;
+    let wakegate = Wakegate::start("", &fixed_h2c("goaway", addr)).await;
+    let statuses = four_at_once(&wakegate, "goaway.localhost").await;
     for status in &statuses {
         assert_eq!(
             status.as_ref().ok(),
@@ -638,6 +667,28 @@ async fn requests_above_the_last_stream_a_goaway_names_are_sent_again_on_a_new_c
         );
     }
     assert_eq!(answered.load(Ordering::SeqCst), 4, "each answered once");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        2,
+        "a new one after GOAWAY"
+    );
+}
+
+#[tokio::test]
+async fn refused_streams_are_sent_again_and_their_connection_stays_in_use() {
+    let (addr, answered, connections) = refusing_upstream(4, Refuse::Streams).await;
+    let wakegate = Wakegate::start("", &fixed_h2c("refused", addr)).await;
+    let statuses = four_at_once(&wakegate, "refused.localhost").await;
+    for status in &statuses {
+        assert_eq!(
+            status.as_ref().ok(),
+            Some(&http::StatusCode::OK),
+            "{statuses:?}\n{}",
+            wakegate.logs()
+        );
+    }
+    assert_eq!(answered.load(Ordering::SeqCst), 4, "each answered once");
+    assert_eq!(connections.load(Ordering::SeqCst), 1, "the same connection");
 }
 
 #[tokio::test]

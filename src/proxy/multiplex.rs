@@ -143,14 +143,26 @@ fn h2_error(error: &hyper::Error) -> Option<&h2::Error> {
     None
 }
 
-/// Whether the upstream says it did not process the request: a stream above the last one its
-/// GOAWAY names (or opened after it), or reset with REFUSED_STREAM.
-fn unprocessed(error: &hyper::Error) -> bool {
-    h2_error(error).is_some_and(|h2| {
-        h2.is_remote()
-            && (h2.is_go_away()
-                || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)))
-    })
+/// How the upstream said that it did not process a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Its GOAWAY named a lower stream, or came before the stream was opened.
+    GoingAway,
+    /// It reset the stream with REFUSED_STREAM.
+    Stream,
+}
+
+/// Whether, and how, the upstream says it did not process the request: a stream above the
+/// last one its GOAWAY names (or opened after it), or reset with REFUSED_STREAM.
+fn unprocessed(error: &hyper::Error) -> Option<Refusal> {
+    let h2 = h2_error(error).filter(|h2| h2.is_remote())?;
+    if h2.is_go_away() {
+        Some(Refusal::GoingAway)
+    } else if h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        Some(Refusal::Stream)
+    } else {
+        None
+    }
 }
 
 impl Multiplex {
@@ -208,11 +220,14 @@ impl Multiplex {
                     None => error.into_error(),
                 },
             };
-            if !unprocessed(&error) {
+            let Some(refusal) = unprocessed(&error) else {
                 return Err(error.into());
+            };
+            if refusal == Refusal::GoingAway {
+                // No new stream goes to this connection. (A stream refused alone leaves its
+                // connection in use: an upstream may refuse what is over its limit.)
+                connection.streams.closing.store(true, Ordering::Relaxed);
             }
-            // This connection is going away: no new stream goes there.
-            connection.streams.closing.store(true, Ordering::Relaxed);
             let again = head.zip(restart.again());
             let Some((head, body)) = again else {
                 return Err(error.into());
