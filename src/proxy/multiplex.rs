@@ -6,8 +6,10 @@
 //! first connection to an endpoint share it instead of each opening one.
 //!
 //! A request the upstream did not process — its stream above the last one a `GOAWAY` names,
-//! or reset with `REFUSED_STREAM` (RFC 9113 §8.7) — is sent again on another connection, body
-//! included (see [`super::replay`]); nothing the upstream may have processed is sent twice.
+//! or reset with `REFUSED_STREAM` (RFC 9113 §8.7) — is sent again, body included (see
+//! [`super::replay`]): after a `GOAWAY` on another connection, after a refused stream on the
+//! least busy one, which may be the same. Nothing the upstream may have processed is sent
+//! twice.
 //! Keep-alive PINGs find a dead peer; connections idle for the idle timeout are closed.
 
 use std::collections::HashMap;
