@@ -85,7 +85,7 @@ fn fill(t: &Target) {
 fn encode(c: &mut Criterion) {
     let snapshot = Arc::new(ArcSwap::from_pointee(snapshot(TARGETS)));
     let (_, drain_timeout) = tokio::sync::watch::channel(Duration::from_secs(30));
-    let proxy = Arc::new(Shared::new(snapshot, drain_timeout));
+    let proxy = Arc::new(Shared::new(snapshot, drain_timeout, None));
     proxy.unrouted.no_route.fetch_add(7, Ordering::Relaxed);
     let metrics = Metrics::new(Registry::default(), proxy);
     let text = metrics.encode();

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use wakegate::config::{Config, ConfigError};
+use wakegate::proxy::tls::Certificates;
 use wakegate::scaling::simulate::{SimulateError, Simulation};
 use wakegate::telemetry::{self, LogFormat};
 
@@ -162,6 +163,23 @@ async fn run(path: PathBuf, proxy: Option<SocketAddr>, admin: Option<SocketAddr>
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
+            // The certificate files are read as the proxy would read them at start.
+            if let Some(tls) = &config.tls
+                && let Err(errors) = Certificates::load(&tls.certificates)
+            {
+                eprintln!(
+                    "config file {} has {} problem(s):\n{}",
+                    path.display(),
+                    errors.0.len(),
+                    errors
+                        .0
+                        .iter()
+                        .map(|e| format!("  - tls.certificate: {e}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+                return ExitCode::from(2);
+            }
             println!(
                 "{}: valid ({} target{})",
                 path.display(),

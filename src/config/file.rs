@@ -12,7 +12,9 @@ use super::route::{HostPattern, Route, is_valid_prefix, normalize_prefix};
 use super::target::{
     Backend, Local, Protocol, ReadyCheck, Scaling, Serving, TargetConfig, is_object_name,
 };
-use super::{Autoscaler, Config, KubernetesConfig, Listen, MAX_DURATION, Problem, defaults};
+use super::{
+    Autoscaler, Config, KubernetesConfig, Listen, MAX_DURATION, Problem, TlsConfig, defaults,
+};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -29,6 +31,8 @@ pub struct File {
     pub targets: Vec<FileTarget>,
     /// Discover targets from annotated Services and scale their Deployments.
     pub kubernetes: Option<KubernetesConfig>,
+    /// An HTTPS listener beside the cleartext one.
+    pub tls: Option<TlsConfig>,
 }
 
 /// One `[[target]]` as written: where its traffic comes from (hosts, path prefixes), what
@@ -131,6 +135,28 @@ impl File {
             self.autoscaler.interval,
             Duration::from_millis(10),
         );
+        if let Some(tls) = &self.tls {
+            if tls.certificates.is_empty() {
+                problems.push(
+                    "tls.certificate",
+                    "none",
+                    "at least one [[tls.certificate]] with `cert` and `key` (PEM files)",
+                );
+            }
+            for (field, addr) in [
+                ("listen.proxy", self.listen.proxy),
+                ("listen.admin", self.listen.admin),
+            ] {
+                // Port 0 (any free port) is a different port each time.
+                if tls.listen == addr && addr.port() != 0 {
+                    problems.push(
+                        "tls.listen",
+                        addr.to_string(),
+                        &format!("an address other than {field}'s"),
+                    );
+                }
+            }
+        }
         let mut names = HashSet::new();
         let mut routes = HashMap::new();
         let mut targets = Vec::new();
@@ -185,6 +211,7 @@ impl File {
             autoscaler: self.autoscaler.clone(),
             targets,
             kubernetes: self.kubernetes.clone(),
+            tls: self.tls.clone(),
         });
         (config, problems.0)
     }

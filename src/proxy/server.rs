@@ -1,6 +1,7 @@
-//! Accepting client connections: HTTP/1.1 and h2c (prior knowledge) on one port, upgrades
-//! enabled, and a graceful drain on shutdown; one single-threaded runtime per worker thread,
-//! each with its own listening socket of one `SO_REUSEPORT` group.
+//! Accepting client connections: HTTP/1.1 and h2c (prior knowledge) on one port, HTTP/1.1 and
+//! HTTP/2 by ALPN on the HTTPS one, upgrades enabled, and a graceful drain on shutdown; one
+//! single-threaded runtime per worker thread, each with its own listening sockets, each of one
+//! `SO_REUSEPORT` group.
 
 use std::future::Future;
 use std::io;
@@ -16,6 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::body::ProxyBody;
+use super::tls::{Negotiated, Tls};
 use super::{Proxy, Shared};
 
 /// What a client that speaks HTTP/2 without an upgrade sends first (RFC 9113 §3.4).
@@ -54,9 +57,9 @@ impl Connections {
     }
 
     /// Serves one client connection until it closes, the drain asks it to finish, or the
-    /// drain time is up.
-    fn spawn(&self, stream: TcpStream, proxy: &Proxy, peer: SocketAddr) {
-        let service = proxy.connection(peer);
+    /// drain time is up; `tls`: the connection came to the HTTPS listener.
+    fn spawn(&self, stream: TcpStream, proxy: &Proxy, peer: SocketAddr, tls: Option<Arc<Tls>>) {
+        let service = proxy.connection(peer, tls.is_some());
         let http1 = self.http1.clone();
         let http2 = self.http2.clone();
         let closing = self.closing.clone();
@@ -68,24 +71,30 @@ impl Connections {
                 // one reads the first bytes itself and hands them back through a wrapper, so
                 // hyper's first read sees a few bytes, and its second read then doubles the
                 // 8 KiB read buffer of every connection (16 KiB each).
-                let result = match protocol(&stream, &closing).await {
-                    Some(Protocol::Http2) => {
-                        let connection = http2.serve_connection(TokioIo::new(stream), service);
-                        until_closed(connection, &closing, http2::Connection::graceful_shutdown)
-                            .await
+                let result = match tls {
+                    None => match protocol(&stream, &closing).await {
+                        Some(protocol) => {
+                            serve_http(stream, protocol, service, &http1, &http2, &closing).await
+                        }
+                        None => Ok(()),
+                    },
+                    Some(tls) => {
+                        let accepted = tokio::select! {
+                            accepted = tls.accept(stream, HEADER_READ_TIMEOUT) => accepted,
+                            () = closing.cancelled() => None,
+                        };
+                        match accepted {
+                            Some((stream, negotiated)) => {
+                                let protocol = match negotiated {
+                                    Negotiated::Http2 => Protocol::Http2,
+                                    Negotiated::Http1 => Protocol::Http1,
+                                };
+                                serve_http(stream, protocol, service, &http1, &http2, &closing)
+                                    .await
+                            }
+                            None => Ok(()),
+                        }
                     }
-                    Some(Protocol::Http1) => {
-                        let connection = http1
-                            .serve_connection(TokioIo::new(stream), service)
-                            .with_upgrades();
-                        until_closed(
-                            connection,
-                            &closing,
-                            http1::UpgradeableConnection::graceful_shutdown,
-                        )
-                        .await
-                    }
-                    None => Ok(()),
                 };
                 if let Err(error) = result {
                     tracing::debug!(%peer, %error, "client connection ended with an error");
@@ -99,6 +108,39 @@ impl Connections {
             }
             drop(open);
         });
+    }
+}
+
+/// Serves HTTP on one client connection, cleartext or TLS, in the protocol it speaks.
+async fn serve_http<I, S>(
+    stream: I,
+    protocol: Protocol,
+    service: S,
+    http1: &http1::Builder,
+    http2: &http2::Builder<TokioExecutor>,
+    closing: &CancellationToken,
+) -> hyper::Result<()>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = ProxyBody>,
+    S::Future: Send + 'static,
+{
+    match protocol {
+        Protocol::Http2 => {
+            let connection = http2.serve_connection(TokioIo::new(stream), service);
+            until_closed(connection, closing, http2::Connection::graceful_shutdown).await
+        }
+        Protocol::Http1 => {
+            let connection = http1
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            until_closed(
+                connection,
+                closing,
+                http1::UpgradeableConnection::graceful_shutdown,
+            )
+            .await
+        }
     }
 }
 
@@ -156,30 +198,39 @@ async fn protocol(stream: &TcpStream, closing: &CancellationToken) -> Option<Pro
     }
 }
 
-/// Serves `listener` until `shutdown`, then stops accepting and lets open connections (and
-/// the upgraded ones, such as WebSockets) finish their requests for at most the drain timeout
-/// in force then; whatever is still open after it is closed.
-pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: CancellationToken) {
+/// Serves the worker's listeners until `shutdown`, then stops accepting and lets open
+/// connections (and the upgraded ones, such as WebSockets) finish their requests for at most
+/// the drain timeout in force then; whatever is still open after it is closed.
+pub async fn serve(listeners: Listeners<TcpListener>, proxy: Proxy, shutdown: CancellationToken) {
     let connections = Connections::new();
+    let Listeners { plain, tls } = listeners;
+    let https = proxy.shared().tls.clone();
+    let tls = tls.zip(https);
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                connections.spawn(stream, &proxy, peer);
-            }
+        let (accepted, tls) = tokio::select! {
+            accepted = plain.accept() => (accepted, None),
+            accepted = async {
+                match &tls {
+                    Some((listener, _)) => listener.accept().await,
+                    None => std::future::pending().await,
+                }
+            } => (accepted, tls.as_ref().map(|(_, tls)| tls.clone())),
             () = shutdown.cancelled() => break,
-        }
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        connections.spawn(stream, &proxy, peer, tls);
     }
-    drop(listener);
+    drop(plain);
+    drop(tls);
     connections.closing.cancel();
     let drain = *proxy.shared().drain_timeout.borrow();
     let tunnels = &proxy.shared().tunnels;
@@ -227,6 +278,13 @@ fn socket(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// One worker's listening sockets: the cleartext one, and the HTTPS one when `[tls]` is set.
+#[derive(Debug)]
+pub struct Listeners<L> {
+    pub plain: L,
+    pub tls: Option<L>,
+}
+
 /// The worker threads serving the proxy listeners.
 #[derive(Debug)]
 pub struct Workers {
@@ -239,7 +297,7 @@ impl Workers {
     /// own upstream connection pool, so a request never leaves the thread that accepted its
     /// connection.
     pub fn spawn(
-        listeners: Vec<std::net::TcpListener>,
+        listeners: Vec<Listeners<std::net::TcpListener>>,
         shared: &Arc<Shared>,
         shutdown: &CancellationToken,
     ) -> io::Result<Self> {
@@ -258,8 +316,18 @@ impl Workers {
                         .name(format!("wakegate-proxy-{i}"))
                         .spawn(move || {
                             runtime.block_on(async move {
-                                match TcpListener::from_std(listener) {
-                                    Ok(listener) => serve(listener, proxy, stop).await,
+                                let listeners =
+                                    TcpListener::from_std(listener.plain).and_then(|plain| {
+                                        Ok(Listeners {
+                                            plain,
+                                            tls: listener
+                                                .tls
+                                                .map(TcpListener::from_std)
+                                                .transpose()?,
+                                        })
+                                    });
+                                match listeners {
+                                    Ok(listeners) => serve(listeners, proxy, stop).await,
                                     Err(error) => {
                                         tracing::error!(%error, "proxy worker cannot listen")
                                     }

@@ -48,14 +48,17 @@ async fn requests_refused_while_draining_are_counted_as_shutting_down() {
         targets: vec![target.clone()],
     }));
     let (_, drain_timeout) = watch::channel(Duration::from_secs(1));
-    let shared = Arc::new(Shared::new(snapshot, drain_timeout));
+    let shared = Arc::new(Shared::new(snapshot, drain_timeout, None));
     // Draining, as between the drain's start and a connection's end.
     shared.draining.store(true, Ordering::Relaxed);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     let server = tokio::spawn(server::serve(
-        listener,
+        server::Listeners {
+            plain: listener,
+            tls: None,
+        },
         Proxy::for_worker(shared.clone()),
         stop.clone(),
     ));

@@ -91,6 +91,8 @@ pub struct Wakegate {
     pub child: Child,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTPS listener, when the configuration has `[tls]`.
+    pub https: Option<SocketAddr>,
     pub config_path: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
@@ -134,12 +136,13 @@ impl Wakegate {
                 {
                     let proxy = v["proxy"].as_str().unwrap_or_default().parse().ok();
                     let admin = v["admin"].as_str().unwrap_or_default().parse().ok();
-                    let _ = tx.send((proxy, admin));
+                    let https = v["https"].as_str().unwrap_or_default().parse().ok();
+                    let _ = tx.send((proxy, admin, https));
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let (proxy, admin) = tokio::time::timeout(Duration::from_secs(20), rx)
+        let (proxy, admin, https) = tokio::time::timeout(Duration::from_secs(20), rx)
             .await
             .unwrap_or_else(|_| {
                 panic!(
@@ -154,6 +157,7 @@ impl Wakegate {
             child,
             proxy: proxy.expect("proxy address in log"),
             admin: admin.expect("admin address in log"),
+            https,
             config_path,
             logs,
             _dir: dir,
