@@ -1254,7 +1254,10 @@ fn tls_example_serves_https_from_a_mounted_tls_secret_on_the_port_it_listens_on(
                 .iter()
                 .find(|m| path.parent() == Some(Path::new(&m.mount_path)))
                 .unwrap_or_else(|| panic!("{TLS}: nothing mounted where {path:?} is"));
-            assert_eq!(mount.sub_path, None, "{TLS}: {path:?} under a subPath mount");
+            assert_eq!(
+                mount.sub_path, None,
+                "{TLS}: {path:?} under a subPath mount"
+            );
             assert_eq!(mount.read_only, Some(true));
             let volume = volumes
                 .iter()

@@ -604,3 +604,43 @@ fn check_and_start_name_each_unusable_certificate_file_and_why() {
         "{stderr}"
     );
 }
+
+/// A WebSocket (`wss://`) upgrade over TLS: the tunnel carries messages both ways.
+#[tokio::test]
+async fn websockets_upgrade_over_tls() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let app = pair(dir.path(), "app", &["app.test"]);
+    let backend = DemoBackend::start().await;
+    let wg = Wakegate::start(
+        &tls_head(&[(&app.cert, &app.key)]),
+        &upstream_target(&backend),
+    )
+    .await;
+    let https = wg.https.expect("the HTTPS address in the log");
+    let stream = connect(https, "app.test", Trust::Only(&app.der), &[b"http/1.1"])
+        .await
+        .expect("handshake");
+    let (mut ws, response) = within(
+        10,
+        "the WebSocket handshake over TLS",
+        tokio_tungstenite::client_async("wss://app.test/ws", stream),
+    )
+    .await
+    .expect("WebSocket handshake through the HTTPS listener");
+    assert_eq!(response.status(), http::StatusCode::SWITCHING_PROTOCOLS);
+    for message in [
+        Message::text("over TLS"),
+        Message::binary(vec![7u8; 70_000]),
+    ] {
+        ws.send(message.clone()).await.expect("sent");
+        let echoed = within(5, "an echo", ws.next())
+            .await
+            .expect("a message")
+            .expect("a valid message");
+        assert_eq!(echoed, message);
+    }
+    ws.close(None).await.expect("closed cleanly");
+}
