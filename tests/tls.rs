@@ -644,3 +644,85 @@ async fn websockets_upgrade_over_tls() {
     }
     ws.close(None).await.expect("closed cleanly");
 }
+
+/// `openssl s_client`, another real client, offering what wakegate must refuse: TLS 1.1, and
+/// TLS 1.2 cipher suites without AEAD. Each refusal is counted as `incompatible`.
+#[tokio::test]
+async fn only_tls_1_2_and_1_3_with_aead_cipher_suites_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = pair(dir.path(), "app", &["app.test"]);
+    let backend = DemoBackend::start().await;
+    let wg = Wakegate::start(
+        &tls_head(&[(&app.cert, &app.key)]),
+        &upstream_target(&backend),
+    )
+    .await;
+    let https = wg.https.expect("the HTTPS address in the log");
+    let s_client = |args: &[&str]| {
+        let mut command = tokio::process::Command::new("openssl");
+        command
+            .args(["s_client", "-connect", &https.to_string()])
+            .args(["-servername", "app.test"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        async move {
+            let out = within(10, "openssl s_client", command.output())
+                .await
+                .expect("openssl runs (install openssl to run the TLS tests)");
+            (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            )
+        }
+    };
+
+    for (args, version) in [
+        (&["-tls1_3"][..], "TLSv1.3"),
+        (
+            &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"][..],
+            "TLSv1.2",
+        ),
+        (
+            &["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"][..],
+            "TLSv1.2",
+        ),
+    ] {
+        let (ok, out) = s_client(args).await;
+        assert!(ok, "{args:?} must be accepted:\n{out}");
+        assert!(
+            out.contains(&format!("New, {version}, Cipher is")),
+            "{args:?}:\n{out}"
+        );
+    }
+    // The client's own floor is lowered (security level 0) so that it offers what it refuses
+    // by default: the refusal must be wakegate's.
+    for args in [
+        &["-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"][..],
+        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA:@SECLEVEL=0"][..],
+        &[
+            "-tls1_2",
+            "-cipher",
+            "ECDHE-ECDSA-AES256-SHA384:@SECLEVEL=0",
+        ][..],
+    ] {
+        let (ok, out) = s_client(args).await;
+        assert!(!ok, "{args:?} must be refused:\n{out}");
+    }
+    within(5, "three refusals counted", async {
+        while metric(
+            &wg.metrics().await,
+            "wakegate_tls_handshake_failures_total",
+            "reason=\"incompatible\"",
+        ) != Some(3.0)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
