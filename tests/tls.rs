@@ -70,6 +70,33 @@ fn upstream_target(backend: &DemoBackend) -> String {
     )
 }
 
+/// wakegate with `[tls]` serving `pairs` (the first the default) in front of a demo backend.
+struct Https {
+    wg: Wakegate,
+    /// The HTTPS listener.
+    addr: SocketAddr,
+    backend: DemoBackend,
+}
+
+impl Https {
+    async fn start(pairs: &[(&Path, &Path)]) -> Self {
+        let backend = DemoBackend::start().await;
+        let wg = Wakegate::start(&tls_head(pairs), &upstream_target(&backend)).await;
+        let addr = wg.https.expect("the HTTPS address in the log");
+        Self { wg, addr, backend }
+    }
+
+    /// An HTTP/1.1 connection for `app.test` that trusts only `der`, with one request answered.
+    async fn open(&self, der: &CertificateDer<'static>) -> Http1 {
+        let stream = connect(self.addr, "app.test", Trust::Only(der), &[b"http/1.1"])
+            .await
+            .expect("handshake");
+        let mut open = Http1::open(stream).await;
+        assert_eq!(open.get("app.test", "/").await.0, 200);
+        open
+    }
+}
+
 /// Accepts any certificate: for looking at which one wakegate presents, not for trusting it.
 #[derive(Debug)]
 struct Observer(Arc<rustls::crypto::CryptoProvider>);
@@ -237,14 +264,13 @@ async fn each_host_name_gets_its_certificate_by_sni_exact_before_wildcard_else_t
     let default = pair(dir.path(), "default", &["app.test"]);
     let wildcard = pair(dir.path(), "wildcard", &["*.wild.test"]);
     let exact = pair(dir.path(), "exact", &["exact.wild.test", "other.test"]);
-    let backend = DemoBackend::start().await;
-    let head = tls_head(&[
+    let https = Https::start(&[
         (&default.cert, &default.key),
         (&wildcard.cert, &wildcard.key),
         (&exact.cert, &exact.key),
-    ]);
-    let wg = Wakegate::start(&head, &upstream_target(&backend)).await;
-    let https = wg.https.expect("the HTTPS address in the log");
+    ])
+    .await;
+    let (wg, addr) = (&https.wg, https.addr);
 
     for (name, expected, which) in [
         ("app.test", &default, "exact name"),
@@ -265,16 +291,16 @@ async fn each_host_name_gets_its_certificate_by_sni_exact_before_wildcard_else_t
         ("127.0.0.1", &default, "no SNI (an IP address): the first"),
     ] {
         assert!(
-            presented(https, name).await == expected.der,
+            presented(addr, name).await == expected.der,
             "{name} ({which}) got another certificate"
         );
     }
     assert_eq!(
-        tls_metric(&wg, "wakegate_tls_handshakes_total", "").await,
+        tls_metric(wg, "wakegate_tls_handshakes_total", "").await,
         8.0
     );
     let expiry = tls_metric(
-        &wg,
+        wg,
         "wakegate_tls_certificate_expiry_timestamp_seconds",
         "wildcard.crt",
     )
@@ -291,24 +317,19 @@ async fn each_host_name_gets_its_certificate_by_sni_exact_before_wildcard_else_t
 async fn curl_gets_http1_and_h2_by_alpn_and_the_upstream_is_told_https() {
     let dir = tempfile::tempdir().unwrap();
     let app = pair(dir.path(), "app", &["app.test"]);
-    let backend = DemoBackend::start().await;
-    let wg = Wakegate::start(
-        &tls_head(&[(&app.cert, &app.key)]),
-        &upstream_target(&backend),
-    )
-    .await;
-    let https = wg.https.expect("the HTTPS address in the log");
+    let https = Https::start(&[(&app.cert, &app.key)]).await;
+    let addr = https.addr;
 
     for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
         let out = tokio::process::Command::new("curl")
             .args(["--silent", "--show-error", flag, "--cacert"])
             .arg(&app.cert)
             .arg("--resolve")
-            .arg(format!("app.test:{}:127.0.0.1", https.port()))
+            .arg(format!("app.test:{}:127.0.0.1", addr.port()))
             // What the client claims does not count: wakegate terminated TLS itself.
             .args(["-H", "X-Forwarded-Proto: http"])
             .args(["--write-out", "\n%{http_code} %{http_version}"])
-            .arg(format!("https://app.test:{}/headers", https.port()))
+            .arg(format!("https://app.test:{}/headers", addr.port()))
             .stdin(Stdio::null())
             .output()
             .await
@@ -333,7 +354,7 @@ async fn curl_gets_http1_and_h2_by_alpn_and_the_upstream_is_told_https() {
         (&[b"http/1.1".as_slice()][..], Some(b"http/1.1".as_slice())),
         (&[][..], None),
     ] {
-        let stream = connect(https, "app.test", Trust::Only(&app.der), offer)
+        let stream = connect(addr, "app.test", Trust::Only(&app.der), offer)
             .await
             .expect("handshake");
         assert_eq!(stream.get_ref().1.alpn_protocol(), negotiated);
@@ -392,27 +413,18 @@ async fn certificates_are_replaced_when_their_files_change_and_open_connections_
     let mut volume = SecretVolume::new(dir.path());
     volume.publish(&read(&first.cert), &read(&first.key));
 
-    let backend = DemoBackend::start().await;
-    let wg = Wakegate::start(
-        &tls_head(&[(&volume.cert(), &volume.key())]),
-        &upstream_target(&backend),
-    )
-    .await;
-    let https = wg.https.expect("the HTTPS address in the log");
-    assert!(presented(https, "app.test").await == first.der);
-    let stream = connect(https, "app.test", Trust::Only(&first.der), &[b"http/1.1"])
-        .await
-        .expect("handshake");
-    let mut open = Http1::open(stream).await;
-    assert_eq!(open.get("app.test", "/").await.0, 200);
+    let https = Https::start(&[(&volume.cert(), &volume.key())]).await;
+    let (wg, addr) = (&https.wg, https.addr);
+    assert!(presented(addr, "app.test").await == first.der);
+    let mut open = https.open(&first.der).await;
 
     // The Secret changes: new handshakes get the new certificate, the open connection goes on.
     volume.publish(&read(&second.cert), &read(&second.key));
-    wait_for_certificate(&wg, https, "app.test", &second.der).await;
+    wait_for_certificate(wg, addr, "app.test", &second.der).await;
     assert_eq!(open.get("app.test", "/").await.0, 200);
     assert_eq!(
         tls_metric(
-            &wg,
+            wg,
             "wakegate_tls_certificate_reloads_total",
             "result=\"ok\""
         )
@@ -434,7 +446,7 @@ async fn certificates_are_replaced_when_their_files_change_and_open_connections_
         }
     })
     .await;
-    assert!(presented(https, "app.test").await == second.der);
+    assert!(presented(addr, "app.test").await == second.der);
     assert!(
         wg.logs()
             .contains("the key does not belong to the certificate"),
@@ -449,30 +461,21 @@ async fn sighup_loads_the_certificates_the_configuration_names_now() {
     let dir = tempfile::tempdir().unwrap();
     let app = pair(dir.path(), "app", &["app.test"]);
     let api = pair(dir.path(), "api", &["api.test"]);
-    let backend = DemoBackend::start().await;
-    let wg = Wakegate::start(
-        &tls_head(&[(&app.cert, &app.key)]),
-        &upstream_target(&backend),
-    )
-    .await;
-    let https = wg.https.expect("the HTTPS address in the log");
+    let https = Https::start(&[(&app.cert, &app.key)]).await;
+    let (wg, addr) = (&https.wg, https.addr);
     assert!(
-        presented(https, "api.test").await == app.der,
+        presented(addr, "api.test").await == app.der,
         "only one so far"
     );
-    let stream = connect(https, "app.test", Trust::Only(&app.der), &[])
-        .await
-        .expect("handshake");
-    let mut open = Http1::open(stream).await;
-    assert_eq!(open.get("app.test", "/").await.0, 200);
+    let mut open = https.open(&app.der).await;
 
     wg.rewrite_config(
         &tls_head(&[(&app.cert, &app.key), (&api.cert, &api.key)]),
-        &upstream_target(&backend),
+        &upstream_target(&https.backend),
     );
     wg.signal(libc::SIGHUP);
-    wait_for_certificate(&wg, https, "api.test", &api.der).await;
-    assert!(presented(https, "app.test").await == app.der);
+    wait_for_certificate(wg, addr, "api.test", &api.der).await;
+    assert!(presented(addr, "app.test").await == app.der);
     assert_eq!(open.get("app.test", "/").await.0, 200);
 }
 
@@ -481,31 +484,22 @@ async fn failed_handshakes_are_counted_by_reason_and_other_connections_carry_on(
     let dir = tempfile::tempdir().unwrap();
     let app = pair(dir.path(), "app", &["app.test"]);
     let stranger = pair(dir.path(), "stranger", &["app.test"]);
-    let backend = DemoBackend::start().await;
-    let wg = Wakegate::start(
-        &tls_head(&[(&app.cert, &app.key)]),
-        &upstream_target(&backend),
-    )
-    .await;
-    let https = wg.https.expect("the HTTPS address in the log");
-    let stream = connect(https, "app.test", Trust::Only(&app.der), &[])
-        .await
-        .expect("handshake");
-    let mut open = Http1::open(stream).await;
-    assert_eq!(open.get("app.test", "/").await.0, 200);
+    let https = Https::start(&[(&app.cert, &app.key)]).await;
+    let (wg, addr) = (&https.wg, https.addr);
+    let mut open = https.open(&app.der).await;
 
     // Plain HTTP to the HTTPS port: no answer but a closed connection.
-    let response = raw_exchange(https, "GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+    let response = raw_exchange(addr, "GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
     assert!(!response.starts_with("HTTP/1.1 200"), "{response:?}");
     // A client that trusts another certificate refuses this one (an alert).
-    let refused = connect(https, "app.test", Trust::Only(&stranger.der), &[]).await;
+    let refused = connect(addr, "app.test", Trust::Only(&stranger.der), &[]).await;
     assert!(refused.is_err(), "the client must refuse the certificate");
     // ALPN offers wakegate does not speak.
-    let unknown = connect(https, "app.test", Trust::Only(&app.der), &[b"spdy/3"]).await;
+    let unknown = connect(addr, "app.test", Trust::Only(&app.der), &[b"spdy/3"]).await;
     assert!(unknown.is_err(), "no common application protocol");
     // A client that goes away halfway through its ClientHello.
     {
-        let mut tcp = TcpStream::connect(https).await.unwrap();
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
         tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
             .await
             .unwrap();
@@ -543,7 +537,7 @@ async fn failed_handshakes_are_counted_by_reason_and_other_connections_carry_on(
         "the open connection"
     );
     assert_eq!(
-        tls_metric(&wg, "wakegate_tls_handshakes_total", "").await,
+        tls_metric(wg, "wakegate_tls_handshakes_total", "").await,
         1.0
     );
 }
@@ -608,21 +602,19 @@ fn check_and_start_name_each_unusable_certificate_file_and_why() {
 /// A WebSocket (`wss://`) upgrade over TLS: the tunnel carries messages both ways.
 #[tokio::test]
 async fn websockets_upgrade_over_tls() {
-    use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
 
     let dir = tempfile::tempdir().unwrap();
     let app = pair(dir.path(), "app", &["app.test"]);
-    let backend = DemoBackend::start().await;
-    let wg = Wakegate::start(
-        &tls_head(&[(&app.cert, &app.key)]),
-        &upstream_target(&backend),
+    let https = Https::start(&[(&app.cert, &app.key)]).await;
+    let stream = connect(
+        https.addr,
+        "app.test",
+        Trust::Only(&app.der),
+        &[b"http/1.1"],
     )
-    .await;
-    let https = wg.https.expect("the HTTPS address in the log");
-    let stream = connect(https, "app.test", Trust::Only(&app.der), &[b"http/1.1"])
-        .await
-        .expect("handshake");
+    .await
+    .expect("handshake");
     let (mut ws, response) = within(
         10,
         "the WebSocket handshake over TLS",
@@ -631,17 +623,14 @@ async fn websockets_upgrade_over_tls() {
     .await
     .expect("WebSocket handshake through the HTTPS listener");
     assert_eq!(response.status(), http::StatusCode::SWITCHING_PROTOCOLS);
-    for message in [
-        Message::text("over TLS"),
-        Message::binary(vec![7u8; 70_000]),
-    ] {
-        ws.send(message.clone()).await.expect("sent");
-        let echoed = within(5, "an echo", ws.next())
-            .await
-            .expect("a message")
-            .expect("a valid message");
-        assert_eq!(echoed, message);
-    }
+    echoes(
+        &mut ws,
+        [
+            Message::text("over TLS"),
+            Message::binary(vec![7u8; 70_000]),
+        ],
+    )
+    .await;
     ws.close(None).await.expect("closed cleanly");
 }
 
@@ -651,17 +640,12 @@ async fn websockets_upgrade_over_tls() {
 async fn only_tls_1_2_and_1_3_with_aead_cipher_suites_are_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let app = pair(dir.path(), "app", &["app.test"]);
-    let backend = DemoBackend::start().await;
-    let wg = Wakegate::start(
-        &tls_head(&[(&app.cert, &app.key)]),
-        &upstream_target(&backend),
-    )
-    .await;
-    let https = wg.https.expect("the HTTPS address in the log");
+    let https = Https::start(&[(&app.cert, &app.key)]).await;
+    let (wg, addr) = (&https.wg, https.addr);
     let s_client = |args: &[&str]| {
         let mut command = tokio::process::Command::new("openssl");
         command
-            .args(["s_client", "-connect", &https.to_string()])
+            .args(["s_client", "-connect", &addr.to_string()])
             .args(["-servername", "app.test"])
             .args(args)
             .stdin(Stdio::null())

@@ -405,6 +405,24 @@ pub async fn raw_exchange(addr: SocketAddr, request: &str) -> String {
     .await
 }
 
+/// Sends each message over `ws` and asserts that the same message comes back.
+pub async fn echoes<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    messages: impl IntoIterator<Item = tokio_tungstenite::tungstenite::Message>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    for message in messages {
+        ws.send(message.clone()).await.expect("sent");
+        let echoed = within(5, "an echo", ws.next())
+            .await
+            .expect("a message")
+            .expect("a valid message");
+        assert_eq!(echoed, message);
+    }
+}
+
 /// The status code of a raw HTTP/1.x response.
 pub fn raw_status(response: &str) -> u16 {
     response
