@@ -80,7 +80,7 @@ impl Connections {
                     },
                     Some(tls) => {
                         let accepted = tokio::select! {
-                            accepted = tls.accept(stream, HEADER_READ_TIMEOUT) => accepted,
+                            accepted = tls.accept(stream, peer, HEADER_READ_TIMEOUT) => accepted,
                             () = closing.cancelled() => None,
                         };
                         match accepted {

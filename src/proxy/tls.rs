@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -364,9 +365,9 @@ impl Tls {
     pub async fn accept(
         &self,
         stream: TcpStream,
+        peer: SocketAddr,
         timeout: Duration,
     ) -> Option<(TlsStream<TcpStream>, Negotiated)> {
-        let peer = stream.peer_addr().ok();
         let failure = match tokio::time::timeout(timeout, self.acceptor.accept(stream)).await {
             Ok(Ok(stream)) => {
                 self.stats.handshakes.fetch_add(1, Ordering::Relaxed);
@@ -378,7 +379,7 @@ impl Tls {
             }
             Ok(Err(error)) => {
                 let why = HandshakeFailure::of(&error);
-                tracing::debug!(?peer, %error, reason = why.label(), "TLS handshake failed");
+                tracing::debug!(%peer, %error, reason = why.label(), "TLS handshake failed");
                 why
             }
             Err(_) => HandshakeFailure::Timeout,
