@@ -357,8 +357,54 @@ fn spawn(
 async fn log_lines(stream: impl AsyncRead + Unpin, target: Arc<str>, stream_name: &'static str) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
+        let line = without_escapes(&line);
         tracing::info!(target: "wakegate::process", target = %target, stream = stream_name, "{line}");
     }
+}
+
+/// An instance's output line without its terminal escape sequences (colours, cursor moves,
+/// titles), which would reach JSON logs and files as literal escapes.
+fn without_escapes(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.contains('\x1b') {
+        return line.into();
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            // CSI: parameters and intermediates up to a final byte in @..~.
+            Some('[') => {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            // OSC (a window title, a hyperlink): up to BEL or ESC \.
+            Some(']') => {
+                while let Some(c) = chars.next() {
+                    if c == '\x07' || (c == '\x1b' && chars.next_if_eq(&'\\').is_some()) {
+                        break;
+                    }
+                }
+            }
+            // nF escapes (a character set: ESC ( B): intermediates, then one final character.
+            Some(c) if (' '..='/').contains(&c) => {
+                for c in chars.by_ref() {
+                    if !(' '..='/').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            // Any other escape is two characters long.
+            _ => {}
+        }
+    }
+    out.into()
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -531,5 +577,29 @@ async fn terminate(child: &mut Child, pid: u32, grace: Duration) {
         // SAFETY: as above.
         unsafe { libc::kill(group, libc::SIGKILL) };
         let _ = child.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_escapes;
+
+    #[test]
+    fn terminal_escapes_are_taken_out_of_instance_output() {
+        for (line, expected) in [
+            ("plain text", "plain text"),
+            ("\x1b[1;31merror\x1b[0m: failed", "error: failed"),
+            ("\x1b[2K\x1b[1Gprogress 50%", "progress 50%"),
+            ("\x1b]0;a title\x07after", "after"),
+            (
+                "\x1b]8;;https://example.com\x1b\\link\x1b]8;;\x1b\\",
+                "link",
+            ),
+            ("a\x1b(Bb", "ab"),
+            ("unfinished \x1b[31", "unfinished "),
+            ("ünïcode \x1b[32mgrün\x1b[m", "ünïcode grün"),
+        ] {
+            assert_eq!(without_escapes(line), expected, "{line:?}");
+        }
     }
 }
