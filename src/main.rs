@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use wakegate::config::{Config, ConfigError};
+use wakegate::config::{Config, ConfigError, Problem};
 use wakegate::proxy::tls::Certificates;
 use wakegate::scaling::simulate::{SimulateError, Simulation};
 use wakegate::telemetry::{self, LogFormat};
@@ -161,38 +161,43 @@ async fn run(path: PathBuf, proxy: Option<SocketAddr>, admin: Option<SocketAddr>
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(config) => {
-            // The certificate files are read as the proxy would read them at start.
-            if let Some(tls) = &config.tls
-                && let Err(errors) = Certificates::load(&tls.certificates)
-            {
-                eprintln!(
-                    "config file {} has {} problem(s):\n{}",
-                    path.display(),
-                    errors.0.len(),
-                    errors
-                        .0
-                        .iter()
-                        .map(|e| format!("  - tls.certificate: {e}"))
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                );
-                return ExitCode::from(2);
-            }
-            println!(
-                "{}: valid ({} target{})",
-                path.display(),
-                config.targets.len(),
-                if config.targets.len() == 1 { "" } else { "s" }
-            );
-            ExitCode::SUCCESS
-        }
+    let config = match Config::load(path) {
+        Ok(config) => config,
         Err(error) => {
             eprintln!("{error}");
-            config_exit_code(&error)
+            return config_exit_code(&error);
         }
+    };
+    // What the file cannot say by itself: the machine's programs, directories and files, and
+    // the certificates as the proxy would read them at start.
+    let (mut problems, warnings) = config.environment_problems();
+    if let Some(tls) = &config.tls
+        && let Err(errors) = Certificates::load(&tls.certificates)
+    {
+        problems.extend(errors.0.into_iter().map(|e| Problem {
+            field: "tls.certificate".into(),
+            value: format!("{:?}", e.path.display().to_string()),
+            expected: format!("a usable file: {}", e.problem),
+        }));
     }
+    for warning in &warnings {
+        eprintln!("warning: {warning}");
+    }
+    if !problems.is_empty() {
+        let error = ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        };
+        eprintln!("{error}");
+        return config_exit_code(&error);
+    }
+    println!(
+        "{}: valid ({} target{})",
+        path.display(),
+        config.targets.len(),
+        if config.targets.len() == 1 { "" } else { "s" }
+    );
+    ExitCode::SUCCESS
 }
 
 fn simulate(simulation: Simulation) -> ExitCode {

@@ -572,12 +572,18 @@ fn check_and_start_name_each_unusable_certificate_file_and_why() {
         .expect("wakegate check");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let got = |path: &Path| {
+        format!(
+            "tls.certificate: got {:?}, expected a usable file",
+            path.display().to_string()
+        )
+    };
     for expected in [
-        format!("{}: cannot read", missing.display()),
-        format!("{}: no PRIVATE KEY block", garbage.display()),
+        format!("{}: cannot read", got(&missing)),
+        format!("{}: no PRIVATE KEY block", got(&garbage)),
         format!(
             "{}: the key does not belong to the certificate in {}",
-            other.key.display(),
+            got(&other.key),
             good.cert.display()
         ),
         "has 3 problem(s)".to_owned(),

@@ -13,6 +13,7 @@ use route::{HostPattern, RefusalReason};
 
 pub mod annotations;
 mod duration;
+pub mod environment;
 pub mod file;
 pub mod route;
 pub mod target;
