@@ -91,13 +91,17 @@ impl ProxyError {
         }
     }
 
-    /// The error chain in one line, for logs.
+    /// The error chain in one line, for logs. A cause that an error already quotes at its end
+    /// (as hyper's and io's errors often do) is not written twice.
     pub fn chain(&self) -> String {
         let mut text = self.to_string();
         let mut source = std::error::Error::source(self);
         while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
+            let cause_text = cause.to_string();
+            if !text.ends_with(&cause_text) {
+                text.push_str(": ");
+                text.push_str(&cause_text);
+            }
             source = cause.source();
         }
         text
@@ -181,6 +185,23 @@ fn grpc_message(text: &str) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cause_already_quoted_is_not_repeated_in_the_chain() {
+        let error = ProxyError::Upstream {
+            target: "api".into(),
+            source: super::super::pool::UpstreamError::Connect {
+                authority: "127.0.0.1:9".parse().unwrap(),
+                source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            },
+        };
+        let chain = error.chain();
+        assert_eq!(chain.matches("connection refused").count(), 1, "{chain}");
+        assert!(
+            chain.ends_with("cannot connect to 127.0.0.1:9: connection refused"),
+            "{chain}"
+        );
+    }
 
     #[test]
     fn shutting_down_asks_http1_clients_to_close_the_connection_and_http2_clients_nothing() {
