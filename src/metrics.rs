@@ -167,6 +167,18 @@ impl prometheus_client::collector::Collector for TargetCollector {
             targets,
             |t| &t.stats.cold_start_duration,
         )?;
+        let now = Instant::now();
+        Self::gauge(
+            &mut encoder,
+            "wakegate_start_backoff_seconds",
+            "Seconds until the next start may be tried after failed starts or early crashes in \
+             a row (0: none is waited for); requests meanwhile get 503 at once.",
+            targets,
+            |t| {
+                let remaining = t.status().backoff.and_then(|b| b.remaining(now));
+                remaining.map_or(0, |d| d.as_secs_f64().ceil() as i64)
+            },
+        )?;
         Self::gauge(
             &mut encoder,
             "wakegate_replicas_desired",

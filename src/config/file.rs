@@ -63,6 +63,10 @@ pub struct FileTarget {
     pub max_pending: u32,
     #[serde(default = "defaults::stop_grace", with = "super::duration")]
     pub stop_grace: Duration,
+    /// After a failed start (or an instance that crashed soon after it became ready), no
+    /// start for this long, doubling with each failure in a row; `0s`: none.
+    #[serde(default = "defaults::start_backoff", with = "super::duration")]
+    pub start_backoff: Duration,
     #[serde(default, with = "super::duration::option")]
     pub response_timeout: Option<Duration>,
     #[serde(default)]
@@ -276,6 +280,10 @@ impl FileTarget {
             ("cold_start_timeout", Some(self.cold_start_timeout)),
             ("idle_timeout", Some(self.idle_timeout)),
             ("stop_grace", Some(self.stop_grace).filter(|d| !d.is_zero())),
+            (
+                "start_backoff",
+                Some(self.start_backoff).filter(|d| !d.is_zero()),
+            ),
             ("response_timeout", self.response_timeout),
         ] {
             if let Some(value) = value {
@@ -343,6 +351,7 @@ impl FileTarget {
                     cwd: self.cwd.clone(),
                     ready: self.ready.clone(),
                     stop_grace: self.stop_grace,
+                    start_backoff: self.start_backoff,
                 }))
             }
             (None, Some(up)) => {

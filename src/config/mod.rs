@@ -262,6 +262,9 @@ mod defaults {
     pub fn stop_grace() -> Duration {
         Duration::from_secs(10)
     }
+    pub fn start_backoff() -> Duration {
+        Duration::from_secs(1)
+    }
     pub fn max_instances() -> u32 {
         10
     }

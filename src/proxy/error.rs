@@ -22,6 +22,15 @@ pub enum ProxyError {
     Deadline { target: String, after: Duration },
     #[error("target {target} failed to start: {reason}")]
     StartFailed { target: String, reason: String },
+    #[error(
+        "target {target} failed to start {failures} time(s) in a row; the next start is tried in {}",
+        humantime::format_duration(Duration::from_secs(retry_after_secs(*.retry_in)))
+    )]
+    BackingOff {
+        target: String,
+        failures: u32,
+        retry_in: Duration,
+    },
     #[error("upstream of target {target} failed before responding")]
     Upstream {
         target: String,
@@ -45,6 +54,7 @@ impl ProxyError {
             ProxyError::NotForwarded { .. } => StatusCode::NOT_IMPLEMENTED,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::QueueFull { .. }
+            | ProxyError::BackingOff { .. }
             | ProxyError::ShuttingDown
             | ProxyError::TargetRemoved { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ColdStartTimeout { .. }
@@ -65,6 +75,7 @@ impl ProxyError {
             ProxyError::ColdStartTimeout { .. } => Some(Reject::ColdStartTimeout),
             ProxyError::Deadline { .. } => Some(Reject::Deadline),
             ProxyError::StartFailed { .. } => Some(Reject::StartFailed),
+            ProxyError::BackingOff { .. } => Some(Reject::StartBackoff),
             ProxyError::Upstream { .. } => Some(Reject::Upstream),
             ProxyError::UpstreamTimeout { .. } => Some(Reject::UpstreamTimeout),
             ProxyError::ShuttingDown => Some(Reject::ShuttingDown),
@@ -85,6 +96,7 @@ impl ProxyError {
             | ProxyError::Deadline { .. }
             | ProxyError::UpstreamTimeout { .. } => GrpcStatus::DeadlineExceeded,
             ProxyError::StartFailed { .. }
+            | ProxyError::BackingOff { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::ShuttingDown
             | ProxyError::TargetRemoved { .. } => GrpcStatus::Unavailable,
@@ -135,6 +147,12 @@ impl ProxyError {
             ProxyError::QueueFull { .. } | ProxyError::TargetRemoved { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            ProxyError::BackingOff { retry_in, .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(retry_in)),
+                );
+            }
             ProxyError::ShuttingDown => {
                 // HTTP/2 has no such header (RFC 9113 §8.2.2): its connection ends with GOAWAY.
                 if version < Version::HTTP_2 {
@@ -146,6 +164,11 @@ impl ProxyError {
         }
         response
     }
+}
+
+/// Whole seconds, rounded up, as `Retry-After` counts them.
+fn retry_after_secs(after: Duration) -> u64 {
+    after.as_secs() + u64::from(after.subsec_nanos() > 0)
 }
 
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
