@@ -306,6 +306,53 @@ async fn an_instance_that_crashes_soon_after_it_became_ready_starts_the_back_off
 }
 
 #[tokio::test]
+async fn a_start_that_is_never_ready_says_what_the_readiness_probe_saw() {
+    // A readiness path that answers 404, and an app that ignores its port.
+    let bin = bin();
+    let targets = format!(
+        r#"
+[[target]]
+name = "wrong-path"
+hosts = ["wrong-path.localhost"]
+command = {}
+ready = {{ http_get = "/missing" }}
+cold_start_timeout = "1s"
+
+[[target]]
+name = "wrong-port"
+hosts = ["wrong-port.localhost"]
+command = ["{bin}", "demo-backend", "--port", "0"]
+cold_start_timeout = "1s"
+"#,
+        demo_command("0s")
+    );
+    let wg = Wakegate::start("", &targets).await;
+    for (name, saw) in [
+        ("wrong-path", "GET /missing answered 404 Not Found"),
+        ("wrong-port", "the instance listens on port"),
+    ] {
+        let r = within(10, "request", wg.get(&format!("{name}.localhost"), "/")).await;
+        assert_eq!(r.status, 504, "{name}: {}", r.body);
+        wg.wait_for_target(name, Duration::from_secs(5), |t| {
+            !t["last_start_failure"].is_null()
+        })
+        .await;
+        let target = wg.target(name).await;
+        let why = target["last_start_failure"].as_str().unwrap_or_default();
+        assert!(
+            why.contains("not ready within 1s") && why.contains(saw),
+            "{name}: {why}"
+        );
+    }
+    let why = wg.target("wrong-port").await["last_start_failure"].clone();
+    assert!(
+        why.as_str()
+            .is_some_and(|w| w.contains("the last readiness probe: nothing listens on 127.0.0.1:")),
+        "{why}"
+    );
+}
+
+#[tokio::test]
 async fn unrouted_hosts_get_404_requests_without_host_get_400_and_nothing_is_proxied_elsewhere() {
     let extra = "ready = { http_get = \"/healthz\" }";
     let wg = Wakegate::start("", &hello(&demo_command("0s"), extra)).await;

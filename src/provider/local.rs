@@ -5,7 +5,7 @@
 mod notify;
 
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::uri::Authority;
@@ -304,15 +304,14 @@ async fn start_on(
         .expect("valid authority");
 
     let timeout = target.serving.cold_start_timeout;
+    let last_probe = Mutex::new(None);
     let outcome = tokio::select! {
-        ready = wait_ready(&local.ready, target.serving.protocol, &authority, notify.as_ref(), pid) => ready.map_err(Failed::Other),
+        ready = wait_ready(&local.ready, target.serving.protocol, &authority, notify.as_ref(), pid, &last_probe) => ready.map_err(Failed::Other),
         status = child.wait() => {
             let reason = format!("process exited during start-up ({})", describe(status));
             Err(if port_in_use(port) { Failed::PortTaken(reason) } else { Failed::Other(reason) })
         }
-        () = tokio::time::sleep(timeout) => Err(Failed::Other(format!(
-            "not ready within {}", humantime::format_duration(timeout)
-        ))),
+        () = tokio::time::sleep(timeout) => Err(Failed::Other(not_ready(timeout, &last_probe, pid, port))),
         () = stop.cancelled() => Err(Failed::Other("wakegate is shutting down".to_owned())),
     };
     if let Err(failed) = outcome {
@@ -326,6 +325,97 @@ async fn start_on(
         ready_at: Instant::now(),
         notify,
     })
+}
+
+/// Why an instance was not ready in time: what the last readiness probe saw and, when nothing
+/// listened on the port it was given, the ports its processes listen on instead.
+fn not_ready(timeout: Duration, last_probe: &Mutex<Option<String>>, pid: u32, port: u16) -> String {
+    let mut reason = format!("not ready within {}", humantime::format_duration(timeout));
+    let last = last_probe
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let Some(saw) = last {
+        reason.push_str("; the last readiness probe: ");
+        reason.push_str(&saw);
+    }
+    let elsewhere: Vec<String> = listening_ports(pid)
+        .into_iter()
+        .filter(|p| *p != port)
+        .map(|p| p.to_string())
+        .collect();
+    if !elsewhere.is_empty() {
+        reason.push_str(&format!(
+            "; the instance listens on port {} instead of {port}, the one in {{port}} and $PORT",
+            elsewhere.join(", ")
+        ));
+    }
+    reason
+}
+
+/// The TCP ports on which the processes of the process group `pid` leads listen (Linux:
+/// from /proc; empty elsewhere or when it cannot be read).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut sockets = std::collections::HashSet::new();
+    for process in processes.flatten() {
+        let name = process.file_name();
+        let Some(name) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        // The process group is the fifth field of /proc/PID/stat, after the parenthesized name.
+        let in_group = std::fs::read_to_string(format!("/proc/{name}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let after_name = &stat[stat.rfind(')')? + 1..];
+                after_name.split_whitespace().nth(2)?.parse::<u32>().ok()
+            })
+            == Some(pid);
+        if !in_group {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{name}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(link) = std::fs::read_link(fd.path())
+                && let Some(inode) = link
+                    .to_str()
+                    .and_then(|l| l.strip_prefix("socket:["))
+                    .and_then(|l| l.strip_suffix(']'))
+            {
+                sockets.insert(inode.to_owned());
+            }
+        }
+    }
+    let mut ports = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() > 9
+                && fields[3] == "0A"
+                && sockets.contains(fields[9])
+                && let Some(port) = fields[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|hex| u16::from_str_radix(hex, 16).ok())
+            {
+                ports.push(port);
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 /// Whether some process listens on `port` of the loopback address.
@@ -464,6 +554,7 @@ async fn wait_ready(
     authority: &Authority,
     notify: Option<&NotifySocket>,
     pid: u32,
+    last_probe: &Mutex<Option<String>>,
 ) -> Result<(), String> {
     if let Some(socket) = notify {
         return socket
@@ -481,28 +572,35 @@ async fn wait_ready(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        if is_ready(check, protocol, authority).await {
-            return Ok(());
+        match probe(check, protocol, authority).await {
+            Ok(()) => return Ok(()),
+            Err(saw) => *last_probe.lock().unwrap_or_else(PoisonError::into_inner) = Some(saw),
         }
     }
 }
 
-async fn is_ready(check: &ReadyCheck, protocol: Protocol, authority: &Authority) -> bool {
-    let Ok(stream) = TcpStream::connect(authority.as_str()).await else {
-        return false;
-    };
+/// One readiness probe; Err: what it saw, in a few words.
+async fn probe(
+    check: &ReadyCheck,
+    protocol: Protocol,
+    authority: &Authority,
+) -> Result<(), String> {
+    let stream = TcpStream::connect(authority.as_str())
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => format!("nothing listens on {authority}"),
+            _ => format!("cannot connect to {authority}: {e}"),
+        })?;
     let probe = async {
         match check {
             ReadyCheck::HttpGet(path) => http_get(stream, protocol, authority, path).await,
             ReadyCheck::Grpc(service) => grpc_serving(stream, authority, service).await,
-            ReadyCheck::Tcp | ReadyCheck::Notify => Some(true),
+            ReadyCheck::Tcp | ReadyCheck::Notify => Ok(()),
         }
     };
     tokio::time::timeout(Duration::from_secs(1), probe)
         .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+        .unwrap_or_else(|_| Err("no answer within 1s".to_owned()))
 }
 
 /// `GET path` in the instance's protocol answers 2xx or 3xx.
@@ -511,21 +609,22 @@ async fn http_get(
     protocol: Protocol,
     authority: &Authority,
     path: &str,
-) -> Option<bool> {
+) -> Result<(), String> {
+    let failed = |e: hyper::Error| format!("GET {path} failed: {e}");
     let io = TokioIo::new(stream);
     let response = match protocol {
         Protocol::Http1 => {
             let (mut sender, connection) =
                 hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(io)
                     .await
-                    .ok()?;
+                    .map_err(failed)?;
             tokio::spawn(connection);
             let request = http::Request::get(path)
                 .header(http::header::HOST, authority.as_str())
                 .header(http::header::USER_AGENT, "wakegate-readiness")
                 .body(Empty::new())
-                .ok()?;
-            sender.send_request(request).await.ok()?
+                .map_err(|e| format!("GET {path}: {e}"))?;
+            sender.send_request(request).await.map_err(failed)?
         }
         Protocol::H2c => {
             let (mut sender, connection) = hyper::client::conn::http2::handshake::<
@@ -534,35 +633,56 @@ async fn http_get(
                 Empty<bytes::Bytes>,
             >(TokioExecutor::new(), io)
             .await
-            .ok()?;
+            .map_err(failed)?;
             tokio::spawn(connection);
             let request = http::Request::get(format!("http://{authority}{path}"))
                 .header(http::header::USER_AGENT, "wakegate-readiness")
                 .body(Empty::new())
-                .ok()?;
-            sender.send_request(request).await.ok()?
+                .map_err(|e| format!("GET {path}: {e}"))?;
+            sender.send_request(request).await.map_err(failed)?
         }
     };
-    Some(response.status().is_success() || response.status().is_redirection())
+    let status = response.status();
+    if status.is_success() || status.is_redirection() {
+        Ok(())
+    } else {
+        Err(format!("GET {path} answered {status}"))
+    }
 }
 
 /// The standard gRPC health service answers `SERVING` for `service` (`grpc.health.v1`).
-async fn grpc_serving(stream: TcpStream, authority: &Authority, service: &str) -> Option<bool> {
+async fn grpc_serving(
+    stream: TcpStream,
+    authority: &Authority,
+    service: &str,
+) -> Result<(), String> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
+    let failed = |e: &dyn std::fmt::Display| format!("gRPC health check failed: {e}");
     let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .handshake::<_, tonic::body::Body>(TokioIo::new(stream))
         .await
-        .ok()?;
+        .map_err(|e| failed(&e))?;
     tokio::spawn(connection);
-    let origin = format!("http://{authority}").parse().ok()?;
+    let origin = format!("http://{authority}")
+        .parse()
+        .map_err(|e| failed(&e))?;
     let mut client = HealthClient::with_origin(Http2Service(sender), origin);
     let request = tonic::Request::new(HealthCheckRequest {
         service: service.to_owned(),
     });
-    let status = client.check(request).await.ok()?.into_inner().status;
-    Some(status == ServingStatus::Serving as i32)
+    let status = client
+        .check(request)
+        .await
+        .map_err(|e| failed(&e))?
+        .into_inner()
+        .status;
+    if status == ServingStatus::Serving as i32 {
+        return Ok(());
+    }
+    let name = ServingStatus::try_from(status).map_or("an unknown status", |s| s.as_str_name());
+    Err(format!("gRPC health answered {name}"))
 }
 
 /// One HTTP/2 connection as the service a tonic client calls.
