@@ -64,6 +64,10 @@ enum Command {
         /// Service time of each request in an `http_requests_total` trace.
         #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
         service_time: Duration,
+        /// Requests one instance serves at once; more wait in wakegate, as a limit on the
+        /// instance would make them (default: no limit).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        capacity: Option<u32>,
         /// Where `<trace name>.csv` and `<trace name>.svg` are written.
         #[arg(long, default_value = ".")]
         out_dir: PathBuf,
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
                 target,
                 startup_delay,
                 service_time,
+                capacity,
                 out_dir,
             } => simulate(Simulation {
                 trace,
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
                 target,
                 startup_delay,
                 service_time,
+                capacity,
                 out_dir,
             }),
             Command::DemoBackend {

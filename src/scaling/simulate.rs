@@ -46,7 +46,10 @@ const HEADER_ARRIVALS: &str = "second,arrivals,service_ms";
 const HEADER_COUNTER: &str = "second,http_requests_total";
 
 /// Parses a trace: either `second,arrivals,service_ms` rows, or a recorded cumulative
-/// `second,http_requests_total` series (whose requests then take `default_service`).
+/// `second,http_requests_total` series (whose requests then take `default_service`). Seconds
+/// are read as written: they must increase; a second missing from an arrivals trace had no
+/// arrivals, and a counter's increase between two samples further apart than a second is
+/// spread evenly over the seconds between them.
 pub fn parse_trace(text: &str, default_service: Duration) -> Result<Vec<Load>, TraceError> {
     let mut lines = text
         .lines()
@@ -72,36 +75,67 @@ pub fn parse_trace(text: &str, default_service: Duration) -> Result<Vec<Load>, T
         }
     };
     let mut loads = Vec::new();
-    let mut previous_total: Option<f64> = None;
+    // The last (second, cumulative total) read; totals only in counter traces.
+    let mut previous: Option<(u64, f64)> = None;
     for (n, line) in lines {
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let error = |expected: &'static str| TraceError::Line {
+            line: n + 1,
+            got: line.to_owned(),
+            expected,
+        };
         let number = |i: usize, expected: &'static str| -> Result<f64, TraceError> {
             fields
                 .get(i)
                 .and_then(|f| f.parse::<f64>().ok())
                 .filter(|v| v.is_finite() && *v >= 0.0)
-                .ok_or_else(|| TraceError::Line {
-                    line: n + 1,
-                    got: line.to_owned(),
-                    expected,
-                })
+                .ok_or_else(|| error(expected))
+        };
+        let second: u64 = fields
+            .first()
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| error("a whole, non-negative `second` first"))?;
+        let gap = match previous {
+            Some((before, _)) if second <= before => {
+                return Err(error(
+                    "a `second` after the one on the line before (seconds in order, each once)",
+                ));
+            }
+            Some((before, _)) => second - before,
+            None => 1,
         };
         if counter {
             let total = number(1, "`second,http_requests_total` with a non-negative total")?;
-            let arrivals = previous_total.map_or(0.0, |p| (total - p).max(0.0));
-            // The first sample only sets the counter's base.
-            previous_total = Some(total);
-            loads.push(Load {
-                arrivals,
-                service: default_service,
-            });
+            // The first sample only sets the counter's base; a reset counts from zero.
+            if let Some((_, before)) = previous {
+                let increase = if total >= before {
+                    total - before
+                } else {
+                    total
+                };
+                let per_second = increase / gap as f64;
+                loads.extend((0..gap).map(|_| Load {
+                    arrivals: per_second,
+                    service: default_service,
+                }));
+            } else {
+                loads.push(Load {
+                    arrivals: 0.0,
+                    service: default_service,
+                });
+            }
+            previous = Some((second, total));
         } else {
             let arrivals = number(1, "`second,arrivals,service_ms` with non-negative numbers")?;
             let service_ms = number(2, "`second,arrivals,service_ms` with non-negative numbers")?;
-            loads.push(Load {
-                arrivals,
-                service: Duration::from_secs_f64(service_ms / 1000.0),
-            });
+            let service = Duration::from_secs_f64(service_ms / 1000.0);
+            // The seconds not written had no arrivals.
+            loads.extend((1..gap).map(|_| Load {
+                arrivals: 0.0,
+                service,
+            }));
+            loads.push(Load { arrivals, service });
+            previous = Some((second, 0.0));
         }
     }
     Ok(loads)
@@ -125,9 +159,12 @@ pub struct Row {
     pub in_flight: f64,
     pub desired: u32,
     pub ready: u32,
-    /// Requests held (no ready instance) at the end of the second.
+    /// Requests held (no ready instance, or every one at its capacity) at the end of the
+    /// second.
     pub queued: u32,
     pub panicking: bool,
+    /// Instances the averaged demand called for, before `min` and `max`.
+    pub wanted: u32,
 }
 
 /// How instances behave in the simulation.
@@ -135,6 +172,9 @@ pub struct Row {
 pub struct Model {
     /// From being asked for to ready.
     pub startup: Duration,
+    /// Requests one instance serves at once; more wait (as held requests do). `None`: no
+    /// limit, nothing ever queues behind a ready instance.
+    pub capacity: Option<u32>,
 }
 
 const STEPS_PER_SECOND: u32 = 100;
@@ -162,11 +202,15 @@ pub fn simulate(trace: &[Load], settings: &Settings, model: &Model) -> Vec<Row> 
         for i in 0..STEPS_PER_SECOND {
             let now = start + Duration::from_secs(second as u64) + step * i;
             let ready = instances.iter().filter(|&&at| at <= now).count();
+            // Requests the ready instances take at once.
+            let room = model
+                .capacity
+                .map_or(usize::MAX, |c| ready.saturating_mul(c as usize));
             carry += load.arrivals / f64::from(STEPS_PER_SECOND);
             while carry >= 1.0 {
                 carry -= 1.0;
                 last_active = Some(now);
-                if ready > 0 {
+                if ready > 0 && held.is_empty() && active.len() < room {
                     active.push(now + load.service);
                 } else {
                     held.push(load.service);
@@ -177,7 +221,8 @@ pub fn simulate(trace: &[Load], settings: &Settings, model: &Model) -> Vec<Row> 
                 }
             }
             if ready > 0 {
-                active.extend(held.drain(..).map(|service| now + service));
+                let admitted = room.saturating_sub(active.len()).min(held.len());
+                active.extend(held.drain(..admitted).map(|service| now + service));
             }
             let before = active.len();
             active.retain(|&end| end > now);
@@ -209,6 +254,12 @@ pub fn simulate(trace: &[Load], settings: &Settings, model: &Model) -> Vec<Row> 
                 last_active,
             },
         );
+        let averaged = if decision.panicking {
+            decision.stable.max(decision.panic)
+        } else {
+            decision.stable
+        };
+        let wanted = (averaged / settings.target).ceil().min(f64::from(u32::MAX)) as u32;
         if decision.desired > desired {
             instances.extend((desired..decision.desired).map(|_| now + model.startup));
         } else {
@@ -225,6 +276,7 @@ pub fn simulate(trace: &[Load], settings: &Settings, model: &Model) -> Vec<Row> 
             ready: instances.iter().filter(|&&at| at <= now).count() as u32,
             queued: held.len() as u32,
             panicking: decision.panicking,
+            wanted,
         });
     }
     rows
@@ -249,17 +301,18 @@ pub fn direction_changes(rows: &[Row]) -> usize {
 
 /// The rows as CSV, one line a second.
 pub fn to_csv(rows: &[Row]) -> String {
-    let mut csv = String::from("second,load,in_flight,desired,ready,queued,panic\n");
+    let mut csv = String::from("second,load,in_flight,desired,ready,queued,panic,wanted\n");
     for r in rows {
         csv.push_str(&format!(
-            "{},{},{:.3},{},{},{},{}\n",
+            "{},{},{:.3},{},{},{},{},{}\n",
             r.second,
             r.load,
             r.in_flight,
             r.desired,
             r.ready,
             r.queued,
-            u8::from(r.panicking)
+            u8::from(r.panicking),
+            r.wanted
         ));
     }
     csv

@@ -19,6 +19,8 @@ pub struct Simulation {
     pub startup_delay: Duration,
     /// Service time of each request in an `http_requests_total` trace.
     pub service_time: Duration,
+    /// Requests one instance serves at once (default: no limit).
+    pub capacity: Option<u32>,
     pub out_dir: PathBuf,
 }
 
@@ -48,6 +50,7 @@ impl Simulation {
             &settings,
             &Model {
                 startup: self.startup_delay,
+                capacity: self.capacity,
             },
         );
         let name = self
@@ -71,8 +74,21 @@ impl Simulation {
         let max = rows.iter().map(|r| r.desired).max().unwrap_or(0);
         let changes = direction_changes(&rows);
         let queued = rows.iter().map(|r| r.queued).max().unwrap_or(0);
+        let capped: Vec<u32> = rows
+            .iter()
+            .filter(|r| r.wanted > settings.max)
+            .map(|r| r.wanted)
+            .collect();
+        let note = match capped.iter().max() {
+            Some(most) => format!(
+                "; max ({}) capped the demand in {} second(s), which called for up to {most} instances",
+                settings.max,
+                capped.len()
+            ),
+            None => String::new(),
+        };
         Ok(format!(
-            "{} seconds: up to {max} instances, {changes} changes of direction, at most {queued} requests held; wrote {} and {}",
+            "{} seconds: up to {max} instances, {changes} changes of direction, at most {queued} requests held{note}; wrote {} and {}",
             rows.len(),
             csv.display(),
             svg.display()

@@ -14,6 +14,7 @@ fn settings(idle_timeout: Duration) -> Settings {
 
 const MODEL: Model = Model {
     startup: Duration::from_secs(2),
+    capacity: None,
 };
 
 fn run(name: &str) -> (Vec<Load>, Vec<Row>) {
@@ -170,4 +171,87 @@ fn every_request_is_eventually_served() {
             "{name}: held with nothing coming"
         );
     }
+}
+
+#[test]
+fn seconds_are_read_as_written_gaps_intervals_and_order() {
+    // A missing second had no arrivals.
+    let loads = parse_trace(
+        "second,arrivals,service_ms\n0,5,100\n3,7,100\n",
+        Duration::ZERO,
+    )
+    .unwrap();
+    let arrivals: Vec<f64> = loads.iter().map(|l| l.arrivals).collect();
+    assert_eq!(arrivals, vec![5.0, 0.0, 0.0, 7.0]);
+
+    // A counter scraped every minute: each increase spread over its minute.
+    let loads = parse_trace(
+        "second,http_requests_total\n0,0\n60,600\n120,1800\n",
+        Duration::from_millis(50),
+    )
+    .unwrap();
+    assert_eq!(loads.len(), 121);
+    assert_eq!(loads[0].arrivals, 0.0);
+    assert!(loads[1..=60].iter().all(|l| l.arrivals == 10.0));
+    assert!(loads[61..].iter().all(|l| l.arrivals == 20.0));
+
+    // Out of order or twice: refused with the line.
+    for (text, line) in [
+        (
+            "second,arrivals,service_ms\n0,1,10\n2,1,10\n1,1,10\n",
+            "line 4",
+        ),
+        ("second,arrivals,service_ms\n0,1,10\n0,1,10\n", "line 3"),
+        (
+            "second,http_requests_total\n0,1\n# a comment\n-1,2\n",
+            "line 4",
+        ),
+        ("second,arrivals,service_ms\n0.5,1,10\n", "line 2"),
+    ] {
+        let error = parse_trace(text, Duration::ZERO).unwrap_err().to_string();
+        assert!(
+            error.contains(line) && error.contains("`second`"),
+            "{text:?}: {error}"
+        );
+    }
+}
+
+#[test]
+fn a_capacity_per_instance_makes_requests_queue_and_max_caps_what_is_wanted() {
+    // 200 requests a second of 100 ms each: 20 in flight, which calls for 2 instances at the
+    // default target of 10 each, and more once requests queue. With max 2 and 5 requests per
+    // instance at once, 10 are served at a time: the rest queue, and max caps the count.
+    let mut settings = settings(Duration::from_secs(300));
+    settings.max = 2;
+    let loads = vec![
+        Load {
+            arrivals: 200.0,
+            service: Duration::from_millis(100),
+        };
+        30
+    ];
+    let unlimited = simulate(&loads, &settings, &MODEL);
+    assert!(
+        unlimited[5..].iter().all(|r| r.queued == 0),
+        "no capacity: nothing queues"
+    );
+    let limited = simulate(
+        &loads,
+        &settings,
+        &Model {
+            capacity: Some(5),
+            ..MODEL
+        },
+    );
+    assert!(limited[10..].iter().all(|r| r.ready == 2));
+    assert!(
+        limited[10..].iter().all(|r| r.queued > 0),
+        "10 served at once, 20 arriving: {:?}",
+        limited.iter().map(|r| r.queued).collect::<Vec<_>>()
+    );
+    assert!(
+        limited[10..].iter().all(|r| r.wanted > settings.max),
+        "max capped the demand"
+    );
+    assert!(unlimited[10..].iter().all(|r| r.wanted > 2));
 }
