@@ -64,6 +64,39 @@ impl Client {
     }
 }
 
+/// What one handshake with `addr` negotiated: `TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519, ALPN
+/// h2, Full handshake`.
+pub async fn negotiated(
+    client: &Client,
+    addr: std::net::SocketAddr,
+    host: &str,
+) -> Result<String, String> {
+    let name = server_name(host)?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {}", crate::load::io_kind(&e)))?;
+    let stream = client.connect(name, stream).await?;
+    let tls = stream.get_ref().1;
+    let or_none = |v: Option<String>| v.unwrap_or_else(|| "none".into());
+    Ok(format!(
+        "{} {} {}, ALPN {}, {} handshake",
+        or_none(tls.protocol_version().map(|v| format!("{v:?}"))),
+        or_none(
+            tls.negotiated_cipher_suite()
+                .map(|s| format!("{:?}", s.suite()))
+        ),
+        or_none(
+            tls.negotiated_key_exchange_group()
+                .map(|g| format!("{:?}", g.name()))
+        ),
+        or_none(
+            tls.alpn_protocol()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+        ),
+        or_none(tls.handshake_kind().map(|k| format!("{k:?}"))),
+    ))
+}
+
 /// The SNI of requests to `host` (a `Host` value, with or without a port): its name, or no SNI
 /// for an IP address.
 pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
