@@ -343,7 +343,8 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
             sections.push_str(&format!(
                 "\nwakegate counted {wakegate_handshakes:.0} completed TLS handshakes \
                  (`wakegate_tls_handshakes_total`) for {wakegate_handshake_requests} requests \
-                 in these runs: {:.2} per request.\n",
+                 in these runs: {:.2} per request (connections whose handshake ends as a \
+                 run ends send no request).\n",
                 wakegate_handshakes / wakegate_handshake_requests as f64
             ));
         }
