@@ -1,9 +1,9 @@
-//! The load generator: HTTP/1.1 or h2c over hyper's client, either closed loop (every
-//! connection sends its next request as soon as the previous one is answered) or open loop
-//! (requests fall due at a fixed rate and their latency counts from when they fell due, so a
-//! slow server cannot hide its queueing: no coordinated omission). Requests are GETs, or gRPC
-//! unary calls over h2c. Latencies go into HDR histograms, one per connection, merged at the
-//! end.
+//! The load generator: HTTP/1.1 or HTTP/2 over hyper's client, in cleartext or TLS, either
+//! closed loop (every connection sends its next request as soon as the previous one is
+//! answered) or open loop (requests fall due at a fixed rate and their latency counts from when
+//! they fell due, so a slow server cannot hide its queueing: no coordinated omission). Requests
+//! are GETs, or gRPC unary calls over HTTP/2. Latencies go into HDR histograms, one per
+//! connection, merged at the end.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::IsTerminal;
@@ -24,6 +24,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::tls;
+
 /// Latencies are recorded in microseconds, from 1 µs to this, at 3 significant digits.
 const HISTOGRAM_MAX_US: u64 = 120_000_000;
 
@@ -41,8 +43,8 @@ pub fn record(h: &mut Histogram<u64>, latency: Duration) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Http1,
-    /// HTTP/2 over cleartext with prior knowledge.
-    H2c,
+    /// HTTP/2: with prior knowledge over cleartext (h2c), chosen by ALPN over TLS.
+    Http2,
 }
 
 /// What every request of a plan is.
@@ -52,7 +54,7 @@ pub enum Call {
     Get,
     /// A gRPC unary call: `POST path` with `content-type: application/grpc`, `te: trailers`
     /// and this body (one length-prefixed message); a success is status 200 with
-    /// `grpc-status: 0`, any other gRPC status an error such as `grpc-status 14`. h2c only.
+    /// `grpc-status: 0`, any other gRPC status an error such as `grpc-status 14`. HTTP/2 only.
     GrpcUnary(Bytes),
 }
 
@@ -63,14 +65,21 @@ pub const ECHO_UNARY: &str = "/wakegate.demo.v1.Echo/Unary";
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub addr: SocketAddr,
-    /// `Host` (h2c: `:authority`) values; each connection cycles through them.
+    /// `Host` (HTTP/2: `:authority`) values; each connection cycles through them. With TLS,
+    /// a connection's first one is its SNI.
     pub hosts: Arc<[String]>,
     /// Path and query of every request.
     pub path: String,
     pub call: Call,
     pub protocol: Protocol,
+    /// TLS (rustls, see `tls.rs`): ALPN `h2` or `http/1.1` by protocol, every handshake a
+    /// full one, the server's certificate not checked.
+    pub tls: bool,
+    /// `false`: every request on a new connection of its own (HTTP/1.1 with `Connection:
+    /// close`), its latency counted from the connect; with `tls`, a full handshake each.
+    pub keep_alive: bool,
     pub connections: usize,
-    /// h2c: requests in flight at once on each connection (HTTP/1.1: always 1).
+    /// HTTP/2: requests in flight at once on each connection (HTTP/1.1: always 1).
     pub streams: usize,
     pub duration: Duration,
     /// Open loop at this many requests per second; closed loop when `None`.
@@ -94,6 +103,8 @@ impl Plan {
             path: "/".into(),
             call: Call::Get,
             protocol: Protocol::Http1,
+            tls: false,
+            keep_alive: true,
             connections,
             streams: 1,
             duration,
@@ -104,7 +115,7 @@ impl Plan {
     }
 
     /// Makes every request a unary call of the demo backend's `wakegate.demo.v1.Echo` with a
-    /// small message, over h2c.
+    /// small message, over HTTP/2.
     pub fn grpc_echo(&mut self) {
         use wakegate::demo::grpc::pb::EchoRequest;
         let request = EchoRequest {
@@ -113,14 +124,25 @@ impl Plan {
         };
         self.path = ECHO_UNARY.into();
         self.call = Call::GrpcUnary(grpc_message(&request));
-        self.protocol = Protocol::H2c;
+        self.protocol = Protocol::Http2;
     }
 
     fn depth(&self) -> usize {
         match self.protocol {
             Protocol::Http1 => 1,
-            Protocol::H2c => self.streams.max(1),
+            Protocol::Http2 if !self.keep_alive => 1,
+            Protocol::Http2 => self.streams.max(1),
         }
+    }
+
+    /// The TLS client of a run's connections, when the plan has TLS.
+    fn tls_client(&self) -> Option<tls::Client> {
+        self.tls.then(|| {
+            tls::Client::new(match self.protocol {
+                Protocol::Http1 => tls::HTTP1,
+                Protocol::Http2 => tls::H2,
+            })
+        })
     }
 }
 
@@ -241,6 +263,7 @@ pub async fn run(plan: &Plan) -> Outcome {
         dues.resize_with(plan.connections, || None);
     }
     let progress = Progress::start(plan.label.clone(), live.clone(), start);
+    let tls = plan.tls_client();
     let plan = Arc::new(plan.clone());
     // One single-threaded runtime per core, each with its share of the connections (as wrk's
     // threads): a request's wake-ups between hyper's connection task and the sender stay on
@@ -254,6 +277,7 @@ pub async fn run(plan: &Plan) -> Outcome {
     for share in shares.into_iter().filter(|s| !s.is_empty()) {
         let plan = plan.clone();
         let live = live.clone();
+        let tls = tls.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         results.push(rx);
         std::thread::spawn(move || {
@@ -267,9 +291,10 @@ pub async fn run(plan: &Plan) -> Outcome {
                     .map(|(id, due)| {
                         let plan = plan.clone();
                         let live = live.clone();
-                        tokio::spawn(
-                            async move { connection(&plan, id, due, deadline, &live).await },
-                        )
+                        let tls = tls.clone();
+                        tokio::spawn(async move {
+                            connection(&plan, tls, id, due, deadline, &live).await
+                        })
                     })
                     .collect();
                 let mut tallies = Vec::new();
@@ -362,20 +387,40 @@ enum Ended {
 /// One request and its whole response: (latency counted from, how it ended).
 type Exchange = Pin<Box<dyn Future<Output = (Instant, Ended)> + Send>>;
 
+/// A connection's TLS: the run's client and the connection's SNI.
+type Tls = (tls::Client, rustls::pki_types::ServerName<'static>);
+
 impl Sender {
-    async fn connect(addr: SocketAddr, protocol: Protocol) -> Result<Sender, String> {
+    async fn connect(
+        addr: SocketAddr,
+        protocol: Protocol,
+        tls: Option<&Tls>,
+    ) -> Result<Sender, String> {
         let stream = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {}", io_kind(&e)))?;
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream);
+        match tls {
+            None => Sender::handshake(TokioIo::new(stream), protocol).await,
+            Some((client, name)) => {
+                let stream = client.connect(name.clone(), stream).await?;
+                Sender::handshake(TokioIo::new(stream), protocol).await
+            }
+        }
+    }
+
+    /// HTTP's own handshake on a connected stream; its connection task is spawned.
+    async fn handshake<T>(io: T, protocol: Protocol) -> Result<Sender, String>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         match protocol {
             Protocol::Http1 => {
                 let (sender, conn) = http1::handshake(io).await.map_err(|e| kind_of(&e))?;
                 tokio::spawn(conn);
                 Ok(Sender::Http1(sender))
             }
-            Protocol::H2c => {
+            Protocol::Http2 => {
                 let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
                     .await
                     .map_err(|e| kind_of(&e))?;
@@ -464,11 +509,13 @@ fn grpc_ended(status: StatusCode, headers: &HeaderMap, trailers: Option<&HeaderM
 
 /// Builds requests for one connection, cycling through the plan's hosts.
 struct Requests {
-    /// (Host header, absolute URI for h2c)
+    /// (Host header, absolute URI for HTTP/2)
     targets: Vec<(HeaderValue, Uri)>,
     path: Uri,
     protocol: Protocol,
     call: Call,
+    /// HTTP/1.1 without keep-alive: `Connection: close` on every request.
+    close: bool,
     next: usize,
 }
 
@@ -479,18 +526,20 @@ impl Requests {
             .iter()
             .map(|host| {
                 let value = HeaderValue::from_str(host).expect("a valid Host value");
-                let uri = format!("http://{host}{}", plan.path)
+                let scheme = if plan.tls { "https" } else { "http" };
+                let uri = format!("{scheme}://{host}{}", plan.path)
                     .parse()
                     .expect("a valid URI");
                 (value, uri)
             })
             .collect::<Vec<_>>();
         Self {
-            next: offset % targets.len(),
             targets,
             path: plan.path.parse().expect("a valid path"),
             protocol: plan.protocol,
             call: plan.call.clone(),
+            close: !plan.keep_alive && plan.protocol == Protocol::Http1,
+            next: offset % plan.hosts.len(),
         }
     }
 
@@ -519,16 +568,22 @@ impl Requests {
             Protocol::Http1 => {
                 *req.uri_mut() = self.path.clone();
                 req.headers_mut().insert(header::HOST, host.clone());
+                if self.close {
+                    req.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
             }
-            Protocol::H2c => *req.uri_mut() = uri.clone(),
+            Protocol::Http2 => *req.uri_mut() = uri.clone(),
         }
         req
     }
 }
 
-/// One connection (reconnected after errors) with up to the plan's depth of requests in flight.
+/// One connection (reconnected after errors, and after every request without keep-alive) with
+/// up to the plan's depth of requests in flight.
 async fn connection(
     plan: &Plan,
+    tls: Option<tls::Client>,
     id: usize,
     mut due: Option<mpsc::UnboundedReceiver<Instant>>,
     deadline: Instant,
@@ -538,6 +593,18 @@ async fn connection(
     let depth = plan.depth();
     let mut requests = Requests::new(plan, id);
     let mut tally = Tally::new();
+    let tls: Option<Tls> = match tls {
+        Some(client) => match tls::server_name(&plan.hosts[id % plan.hosts.len()]) {
+            Ok(name) => Some((client, name)),
+            Err(kind) => {
+                tally.error(live, kind);
+                return tally;
+            }
+        },
+        None => None,
+    };
+    // Without keep-alive, a closed loop's latency counts from the connect.
+    let mut connecting_since = Instant::now();
     // Open loop: due times not sent yet.
     let mut queue: VecDeque<Instant> = VecDeque::new();
     let mut in_flight: FuturesUnordered<Exchange> = FuturesUnordered::new();
@@ -559,7 +626,7 @@ async fn connection(
             return tally;
         }
         if wants && sender.as_ref().is_none_or(|s| s.is_closed()) {
-            // HTTP/1.1 waits for its failed request before reconnecting; h2c's other streams
+            // HTTP/1.1 waits for its failed request before reconnecting; HTTP/2's other streams
             // fail with the connection.
             if !in_flight.is_empty() {
                 // fall through: wait for them
@@ -571,7 +638,8 @@ async fn connection(
                 }
                 continue;
             } else {
-                let connect = Sender::connect(plan.addr, plan.protocol);
+                connecting_since = Instant::now();
+                let connect = Sender::connect(plan.addr, plan.protocol, tls.as_ref());
                 let connected = tokio::time::timeout(plan.timeout, connect)
                     .await
                     .unwrap_or_else(|_| Err("connect: timeout".into()));
@@ -596,6 +664,9 @@ async fn connection(
         tokio::select! {
             biased;
             Some((sent_from, ended)) = in_flight.next(), if !in_flight.is_empty() => {
+                if !plan.keep_alive {
+                    sender = None;
+                }
                 match ended {
                     Ended::Ok => {
                         tally.ok += 1;
@@ -620,8 +691,10 @@ async fn connection(
                 }
                 let sent_from = if open {
                     queue.pop_front().expect("open loop sends only what is due")
-                } else {
+                } else if plan.keep_alive {
                     Instant::now()
+                } else {
+                    connecting_since
                 };
                 let grpc = requests.is_grpc();
                 let exchange = sender.as_mut().expect("ready").send(

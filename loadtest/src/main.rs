@@ -8,6 +8,7 @@ mod procs;
 mod report;
 mod scenario;
 mod stand;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,10 +51,12 @@ struct Cli {
 enum Command {
     /// Send load to one URL on this machine and print throughput, latency and errors.
     Run {
-        /// `http://127.0.0.1:PORT/path` (loopback addresses only).
+        /// `http://127.0.0.1:PORT/path` or `https://...` (loopback addresses only; the
+        /// server's certificate is not checked).
         #[arg(long)]
         url: http::Uri,
-        /// The `Host` header (h2c: `:authority`); default: the URL's host and port.
+        /// The `Host` header (HTTP/2: `:authority`; https: also the SNI); default: the URL's
+        /// host and port.
         #[arg(long)]
         host: Option<String>,
         #[arg(long, short, default_value_t = 64)]
@@ -64,12 +67,17 @@ enum Command {
         /// request fell due. Without it: closed loop, as fast as the connections go.
         #[arg(long)]
         rate: Option<f64>,
-        /// HTTP/2 over cleartext with prior knowledge instead of HTTP/1.1.
-        #[arg(long)]
+        /// HTTP/2 instead of HTTP/1.1: with prior knowledge (h2c) for http://, by ALPN for
+        /// https://.
+        #[arg(long, visible_alias = "h2")]
         h2c: bool,
-        /// h2c: requests in flight at once on each connection.
+        /// HTTP/2: requests in flight at once on each connection.
         #[arg(long, default_value_t = 1)]
         streams: usize,
+        /// Every request on a new connection (HTTP/1.1: `Connection: close`); with https://,
+        /// a full TLS handshake each. Latency then counts from the connect.
+        #[arg(long)]
+        no_keep_alive: bool,
         /// gRPC unary calls of the demo backend's `wakegate.demo.v1.Echo/Unary` with a small
         /// message instead of GETs; implies --h2c, the URL's path is not used. A success is
         /// status 200 with `grpc-status: 0`.
@@ -161,6 +169,7 @@ async fn command(command: Command) -> Result<ExitCode, Error> {
             rate,
             h2c,
             streams,
+            no_keep_alive,
             grpc,
             timeout,
             json,
@@ -173,6 +182,7 @@ async fn command(command: Command) -> Result<ExitCode, Error> {
                 rate,
                 h2c || grpc,
                 streams,
+                !no_keep_alive,
                 grpc,
                 timeout,
                 json,
@@ -221,16 +231,19 @@ async fn run(
     rate: Option<f64>,
     h2c: bool,
     streams: usize,
+    keep_alive: bool,
     grpc: bool,
     timeout: Duration,
     json: bool,
 ) -> Result<ExitCode, Error> {
     let usage = |why: &str| Error::Harness(format!("--url {url}: {why}"));
-    if url.scheme_str() != Some("http") {
-        return Err(usage("expected an http:// URL"));
-    }
+    let https = match url.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(usage("expected an http:// or https:// URL")),
+    };
     let authority = url.authority().ok_or_else(|| usage("expected a host"))?;
-    let port = authority.port_u16().unwrap_or(80);
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
     let addr: SocketAddr = tokio::net::lookup_host((authority.host(), port))
         .await
         .map_err(|e| usage(&format!("cannot resolve: {e}")))?
@@ -239,18 +252,19 @@ async fn run(
     if connections == 0 || rate.is_some_and(|r| r <= 0.0 || !r.is_finite()) {
         return Err(usage("--connections and --rate must be above zero"));
     }
-    let mut plan = load::Plan::new(
-        addr,
-        host.as_deref().unwrap_or(authority.as_str()),
-        connections,
-        duration,
-    );
+    let host = host.as_deref().unwrap_or(authority.as_str());
+    if https {
+        tls::server_name(host).map_err(|why| usage(&why))?;
+    }
+    let mut plan = load::Plan::new(addr, host, connections, duration);
     plan.path = url.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     plan.rate = rate;
     plan.timeout = timeout;
     plan.streams = streams;
+    plan.tls = https;
+    plan.keep_alive = keep_alive;
     plan.protocol = if h2c {
-        load::Protocol::H2c
+        load::Protocol::Http2
     } else {
         load::Protocol::Http1
     };
@@ -272,7 +286,13 @@ async fn run(
             .collect();
         let summary = serde_json::json!({
             "url": url.to_string(),
-            "protocol": if h2c { "h2c" } else { "http/1.1" },
+            "protocol": match (h2c, https) {
+                (true, false) => "h2c",
+                (true, true) => "h2",
+                (false, _) => "http/1.1",
+            },
+            "tls": https,
+            "keep_alive": keep_alive,
             "request": if grpc { load::ECHO_UNARY } else { "GET" },
             "connections": connections,
             "rate": rate,
@@ -289,12 +309,18 @@ async fn run(
             Some(r) => format!("open loop at {r} req/s, latency from when each request fell due"),
             None => "closed loop".into(),
         };
+        let http2 = if https { "h2" } else { "h2c" };
         println!(
-            "{url} ({}), {connections} connections, {mode}, {:.1} s",
+            "{url} ({}{}), {connections} connections, {mode}, {:.1} s",
             match (grpc, h2c) {
-                (true, _) => format!("gRPC {} over h2c", load::ECHO_UNARY),
-                (false, true) => "h2c".into(),
+                (true, _) => format!("gRPC {} over {http2}", load::ECHO_UNARY),
+                (false, true) => http2.into(),
                 (false, false) => "HTTP/1.1".into(),
+            },
+            if keep_alive {
+                ""
+            } else {
+                ", a new connection per request"
             },
             outcome.elapsed.as_secs_f64()
         );

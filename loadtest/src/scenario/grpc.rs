@@ -61,7 +61,7 @@ impl Requests {
 
     fn plan(self, server: &Server, duration: Duration, label: String) -> Plan {
         let mut plan = Plan::new(server.addr, self.host(), CONNECTIONS, duration);
-        plan.protocol = Protocol::H2c;
+        plan.protocol = Protocol::Http2;
         plan.streams = STREAMS;
         if self == Requests::Grpc {
             plan.grpc_echo();

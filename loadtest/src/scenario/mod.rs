@@ -8,6 +8,7 @@ mod grpc;
 mod kube_scale;
 mod latency;
 mod routes;
+mod tls;
 mod warm;
 
 use std::path::PathBuf;
@@ -31,6 +32,9 @@ pub enum Name {
     /// h2c on both sides: gRPC unary calls, then GETs forwarded over HTTP/1.1; direct, through
     /// nginx, through wakegate.
     Grpc,
+    /// HTTPS: HTTP/1.1 and h2 over TLS, and a full handshake per request; direct (cleartext),
+    /// through nginx, through wakegate, with the same certificate.
+    Tls,
     /// Every scenario above, in turn.
     All,
     /// 5,000 annotated Services, 20,000 EndpointSlices, 100 endpoint changes a second: delay
@@ -76,6 +80,7 @@ pub async fn run(name: Name, settings: &Settings) -> Result<(), Error> {
             Name::Burst,
             Name::Routes,
             Name::Grpc,
+            Name::Tls,
         ],
         _ => std::slice::from_ref(&name),
     };
@@ -87,6 +92,7 @@ pub async fn run(name: Name, settings: &Settings) -> Result<(), Error> {
             Name::Burst => burst::run(settings).await?,
             Name::Routes => routes::run(settings).await?,
             Name::Grpc => grpc::run(settings).await?,
+            Name::Tls => tls::run(settings).await?,
             Name::KubeScale => kube_scale::run(settings).await?,
             Name::All => unreachable!("expanded above"),
         };
