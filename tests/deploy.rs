@@ -854,13 +854,146 @@ fn service_monitor_scrapes_peers_admin_metrics_keeping_wakegate_labels() {
     assert_eq!(endpoints.len(), 1);
     assert_eq!(endpoints[0]["port"], "admin");
     assert_eq!(endpoints[0]["path"], "/metrics");
-    assert_eq!(
-        endpoints[0]["honorLabels"], true,
-        "without honorLabels, Prometheus's namespace/service target labels replace wakegate's"
+    // What Prometheus makes of two of wakegate's series with this endpoint's rules: a
+    // target's (namespace and service name the app) and one without them.
+    let target_labels = [
+        ("job", "wakegate-peers"),
+        ("namespace", NAMESPACE),
+        ("service", "wakegate-peers"),
+        ("pod", "wakegate-0"),
+        ("instance", "10.0.0.7:9090"),
+    ];
+    let stored = scraped(
+        &endpoints[0],
+        &target_labels,
+        &[
+            ("__name__", "http_requests_total"),
+            ("namespace", "demo"),
+            ("service", "hello"),
+            ("code", "200"),
+            // A scraped label must not overwrite Prometheus's own.
+            ("pod", "spoofed"),
+        ],
     );
+    let expected: BTreeMap<String, String> = [
+        ("__name__", "http_requests_total"),
+        ("job", "wakegate"),
+        ("namespace", "demo"),
+        ("service", "hello"),
+        ("code", "200"),
+        ("pod", "wakegate-0"),
+        ("exported_pod", "spoofed"),
+        ("instance", "10.0.0.7:9090"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(stored, expected);
+    let stored = scraped(
+        &endpoints[0],
+        &target_labels,
+        &[("__name__", "wakegate_leader")],
+    );
+    assert_eq!(stored.get("job").map(String::as_str), Some("wakegate"));
+    assert_eq!(
+        stored.get("namespace"),
+        None,
+        "no target: no namespace, {stored:?}"
+    );
+    assert_eq!(stored.get("service"), None, "{stored:?}");
 
     // Not in the base: it needs the Prometheus Operator's CRD.
     assert!(render(BASE).custom("ServiceMonitor").is_empty());
+}
+
+/// The labels Prometheus stores for a sample scraped through `endpoint` (a ServiceMonitor
+/// endpoint) from a target with `target` labels: `relabelings` on the target's labels,
+/// `honorLabels` on conflicts (false: the scraped label becomes `exported_<name>`), then
+/// `metricRelabelings`. The `replace` (with the default regex `(.*)`) and `labeldrop` actions
+/// only, as deploy/ uses them; others fail the test.
+fn scraped(
+    endpoint: &Value,
+    target: &[(&str, &str)],
+    sample: &[(&str, &str)],
+) -> BTreeMap<String, String> {
+    fn relabel(rules: &Value, labels: &mut BTreeMap<String, String>) {
+        for rule in rules.as_array().into_iter().flatten() {
+            match rule["action"].as_str().unwrap_or("replace") {
+                "replace" => {
+                    assert!(
+                        rule.get("regex").is_none(),
+                        "only the default regex: {rule}"
+                    );
+                    let source: Vec<String> = rule["sourceLabels"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|l| labels.get(l.as_str().unwrap()).cloned().unwrap_or_default())
+                        .collect();
+                    let value = match rule["replacement"].as_str() {
+                        Some(replacement) => replacement.replace("$1", &source.join(";")),
+                        None => source.join(";"),
+                    };
+                    let target = rule["targetLabel"]
+                        .as_str()
+                        .expect("targetLabel")
+                        .to_owned();
+                    // An empty value removes the label.
+                    if value.is_empty() {
+                        labels.remove(&target);
+                    } else {
+                        labels.insert(target, value);
+                    }
+                }
+                "labeldrop" => {
+                    let names: Vec<&str> = rule["regex"].as_str().unwrap().split('|').collect();
+                    labels.retain(|name, _| !names.contains(&name.as_str()));
+                }
+                other => panic!("relabel action {other} is not simulated here"),
+            }
+        }
+    }
+    let mut labels: BTreeMap<String, String> = target
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    relabel(&endpoint["relabelings"], &mut labels);
+    let honor = endpoint["honorLabels"].as_bool().unwrap_or(false);
+    for (name, value) in sample {
+        match labels.get(*name) {
+            Some(_) if !honor && *name != "__name__" => {
+                labels.insert(format!("exported_{name}"), (*value).to_owned());
+            }
+            _ => {
+                labels.insert((*name).to_owned(), (*value).to_owned());
+            }
+        }
+    }
+    relabel(&endpoint["metricRelabelings"], &mut labels);
+    labels
+}
+
+/// Every metric a shipped query reads, each selected with `job="wakegate"` (as
+/// deploy/monitoring labels wakegate's series): an application exporting a series of the same
+/// name and labels is never read as wakegate's.
+fn assert_selects_wakegate_only(query: &str) {
+    for name in metric_names(query) {
+        let mut rest = query;
+        while let Some(at) = rest.find(name.as_str()) {
+            let after = &rest[at + name.len()..];
+            let followed_by_name_char = after
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !followed_by_name_char {
+                assert!(
+                    after.starts_with(r#"{job="wakegate""#),
+                    "{name} is not selected with job=\"wakegate\" first in: {query}"
+                );
+            }
+            rest = after;
+        }
+    }
 }
 
 /// The target wakegate makes of an annotated Service, by its own annotation parser. An
@@ -1018,9 +1151,10 @@ fn keda_example_runs_wakegate_external_and_scales_hello_on_its_metrics() {
         assert_eq!(trigger["type"], "prometheus");
         let query = trigger["metadata"]["query"].as_str().unwrap();
         assert!(
-            query.contains(r#"namespace="demo",service="hello""#),
+            query.contains(r#"{job="wakegate",namespace="demo",service="hello"}"#),
             "{query}"
         );
+        assert_selects_wakegate_only(query);
         for metric in metric_names(query) {
             assert!(
                 documented.contains_key(&metric),
@@ -1181,6 +1315,7 @@ fn grafana_dashboard_queries_only_documented_metrics() {
             metric_names(selector),
             BTreeSet::from(["http_requests_total".to_owned()])
         );
+        assert_selects_wakegate_only(selector);
         used.extend(metric_names(selector));
     }
 
@@ -1201,6 +1336,7 @@ fn grafana_dashboard_queries_only_documented_metrics() {
         for target in targets {
             assert_eq!(target["datasource"]["uid"], "${DS_PROMETHEUS}", "{title}");
             let expr = target["expr"].as_str().expect("an expr");
+            assert_selects_wakegate_only(expr);
             let names = metric_names(expr);
             assert!(!names.is_empty(), "{title}: {expr}");
             for name in &names {
@@ -1209,8 +1345,9 @@ fn grafana_dashboard_queries_only_documented_metrics() {
                     .unwrap_or_else(|| panic!("{title}: {name} is not in README's Metrics table"));
                 // Per-target series follow the namespace and service variables.
                 if *per_target {
-                    let filter =
-                        format!(r#"{name}{{namespace=~"$namespace", service=~"$service"}}"#);
+                    let filter = format!(
+                        r#"{name}{{job="wakegate", namespace=~"$namespace", service=~"$service"}}"#
+                    );
                     assert!(expr.contains(&filter), "{title}: {expr} lacks {filter}");
                 }
             }
@@ -1302,4 +1439,20 @@ fn tls_example_serves_https_from_a_mounted_tls_secret_on_the_port_it_listens_on(
         parse_config(&base_text).0,
         "{TLS}/wakegate.toml differs from {BASE}/wakegate.toml in more than [tls]"
     );
+}
+
+#[test]
+fn every_query_in_the_readmes_selects_wakegates_series_only() {
+    let mut checked = 0;
+    for file in ["README.md", "deploy/README.md"] {
+        let text = std::fs::read_to_string(repo(file)).expect(file);
+        // Inline code spans that hold a PromQL query.
+        for span in text.split('`').skip(1).step_by(2) {
+            if span.contains("rate(") && span.contains('{') {
+                assert_selects_wakegate_only(span);
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 2, "the KEDA queries of both READMEs");
 }
