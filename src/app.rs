@@ -80,7 +80,8 @@ pub async fn run(
     control.apply_file(&config);
 
     let (drain_timeout, drain_timeout_rx) = watch::channel(config.drain_timeout);
-    let shared = Arc::new(Shared::new(snapshot, drain_timeout_rx));
+    let (limits, limits_rx) = watch::channel(config.limits.clone());
+    let shared = Arc::new(Shared::new(snapshot, drain_timeout_rx, limits_rx));
     let admin = Arc::new(Admin {
         metrics: Metrics::new(registry, shared.clone()),
         proxy: shared.clone(),
@@ -133,6 +134,11 @@ pub async fn run(
                         }
                         control.apply_file(&next);
                         drain_timeout.send_replace(next.drain_timeout);
+                        limits.send_if_modified(|running| {
+                            let changed = *running != next.limits;
+                            *running = next.limits.clone();
+                            changed
+                        });
                         tracing::info!(targets = next.targets.len(), "configuration reloaded");
                         current = next;
                     }

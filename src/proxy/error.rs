@@ -12,6 +12,11 @@ use crate::target::stats::Reject;
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request's framing could be read more than one way (request smuggling).
+    #[error("ambiguous request framing: {0}")]
+    Ambiguous(&'static str),
+    #[error("transfer codings other than chunked are not supported")]
+    UnsupportedCoding,
     #[error("no route for this host and path")]
     NoRoute,
     #[error("target {target} already holds {max} waiting requests; retry shortly")]
@@ -41,8 +46,10 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::NotForwarded { .. } => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::BadRequest(_) | ProxyError::Ambiguous(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotForwarded { .. } | ProxyError::UnsupportedCoding => {
+                StatusCode::NOT_IMPLEMENTED
+            }
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::QueueFull { .. }
             | ProxyError::ShuttingDown
@@ -58,9 +65,11 @@ impl ProxyError {
     /// belong to a target.
     pub fn reject(&self) -> Option<Reject> {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::NoRoute | ProxyError::NotForwarded { .. } => {
-                None
-            }
+            ProxyError::BadRequest(_)
+            | ProxyError::Ambiguous(_)
+            | ProxyError::UnsupportedCoding
+            | ProxyError::NoRoute
+            | ProxyError::NotForwarded { .. } => None,
             ProxyError::QueueFull { .. } => Some(Reject::QueueFull),
             ProxyError::ColdStartTimeout { .. } => Some(Reject::ColdStartTimeout),
             ProxyError::Deadline { .. } => Some(Reject::Deadline),
@@ -78,8 +87,10 @@ impl ProxyError {
     /// which gRPC clients may retry.
     pub fn grpc_status(&self) -> GrpcStatus {
         match self {
-            ProxyError::BadRequest(_) => GrpcStatus::Internal,
-            ProxyError::NoRoute | ProxyError::NotForwarded { .. } => GrpcStatus::Unimplemented,
+            ProxyError::BadRequest(_) | ProxyError::Ambiguous(_) => GrpcStatus::Internal,
+            ProxyError::NoRoute
+            | ProxyError::NotForwarded { .. }
+            | ProxyError::UnsupportedCoding => GrpcStatus::Unimplemented,
             ProxyError::QueueFull { .. } => GrpcStatus::ResourceExhausted,
             ProxyError::ColdStartTimeout { .. }
             | ProxyError::Deadline { .. }
@@ -130,6 +141,12 @@ impl ProxyError {
         match self {
             ProxyError::QueueFull { .. } | ProxyError::TargetRemoved { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            // What follows the head cannot be trusted to end where the next request begins.
+            ProxyError::Ambiguous(_) | ProxyError::UnsupportedCoding => {
+                if version < Version::HTTP_2 {
+                    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
             }
             ProxyError::ShuttingDown => {
                 // HTTP/2 has no such header (RFC 9113 §8.2.2): its connection ends with GOAWAY.

@@ -2,32 +2,70 @@
 //! enabled, and a graceful drain on shutdown; one single-threaded runtime per worker thread,
 //! each with its own listening socket of one `SO_REUSEPORT` group.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
+use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::body::ProxyBody;
+use super::edge::Refusal;
 use super::{Proxy, Shared};
+use crate::config::Limits;
 
 /// What a client that speaks HTTP/2 without an upgrade sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// The longest a new connection may take to send its request head (or HTTP/2 preface).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection told to close (HTTP/2: GOAWAY) for a timeout may take to do so: h2's
+/// graceful close waits for the client's PING acknowledgement, which a stalled client never
+/// sends.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// How client connections are served: the HTTP/1.1 and HTTP/2 settings, and what a drain
-/// needs to reach every open connection.
-struct Connections {
+/// Client connections of every worker, for the metrics.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Open now.
+    pub open: AtomicI64,
+    /// Times a worker stopped accepting because it had `limits.max_connections` open.
+    pub limited: AtomicU64,
+    /// Closed because no request head came in time (`limits.header_read_timeout`).
+    pub header_timeouts: AtomicU64,
+    /// Closed after `limits.idle_timeout` without a request.
+    pub idle_timeouts: AtomicU64,
+}
+
+/// The protocol a client connection speaks: told from its first bytes on the cleartext port,
+/// or by ALPN after a TLS handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// How client connections are served: the HTTP/1.1 and HTTP/2 settings and the limits of
+/// `[limits]`, how many are open, and what a drain needs to reach every open connection.
+/// Any accepted stream (TCP, or TLS over it) is served through [`Connections::serve`].
+pub struct Connections {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    max_connections: usize,
+    /// Connections this worker serves now, and a wake-up for the accept loop when one closes.
+    open_here: Arc<(AtomicUsize, Notify)>,
     /// Cancelled when the drain begins: each connection then finishes its requests and closes.
     closing: CancellationToken,
     /// Cancelled when the drain time is up: what is still open is dropped.
@@ -37,100 +75,362 @@ struct Connections {
 }
 
 impl Connections {
-    fn new() -> Self {
+    pub fn new(limits: &Limits) -> Self {
         let mut http1 = http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
+        http1.timer(TokioTimer::new());
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new());
-        Self {
+        let mut connections = Self {
             http1,
             http2,
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
+            max_connections: 1,
+            open_here: Arc::default(),
             closing: CancellationToken::new(),
             force_close: CancellationToken::new(),
             open: watch::Sender::new(()),
+        };
+        connections.apply(limits);
+        connections
+    }
+
+    /// Takes `limits` for the connections accepted from now on (open ones keep theirs; the
+    /// connection bound applies at once).
+    pub fn apply(&mut self, limits: &Limits) {
+        // hyper's `max_buf_size` bounds the request head (431, or 414 for the request line,
+        // beyond it); its header read timeout also runs while a keep-alive connection waits
+        // for its next request.
+        self.http1
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes as usize)
+            .max_headers(limits.max_headers as usize);
+        // CONTINUATION floods: h2 stops decoding a header block once it passes
+        // `max_header_list_size` and answers 431. SETTINGS floods: h2 holds at most one
+        // unacknowledged SETTINGS of the client and ends the connection on more.
+        self.http2
+            .max_header_list_size(limits.max_header_bytes)
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_pending_accept_reset_streams(limits.max_pending_reset_streams as usize)
+            .max_local_error_reset_streams(limits.max_local_reset_streams as usize);
+        self.header_read_timeout = limits.header_read_timeout;
+        self.idle_timeout = limits.idle_timeout;
+        self.max_connections = limits.max_connections as usize;
+    }
+
+    /// Waits until this worker serves fewer than `limits.max_connections`: beyond it the
+    /// worker stops accepting, and new connections wait in the kernel's listen queue
+    /// (HAProxy's `maxconn`) rather than being accepted and dropped.
+    async fn room(&self, stats: &ClientStats) {
+        let (open, closed) = &*self.open_here;
+        let mut counted = false;
+        loop {
+            let notified = closed.notified();
+            if open.load(Ordering::Relaxed) < self.max_connections {
+                return;
+            }
+            if !counted {
+                counted = true;
+                stats.limited.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    max = self.max_connections,
+                    "connection limit reached: not accepting"
+                );
+            }
+            notified.await;
         }
     }
 
-    /// Serves one client connection until it closes, the drain asks it to finish, or the
-    /// drain time is up.
-    fn spawn(&self, stream: TcpStream, proxy: &Proxy, peer: SocketAddr) {
-        let service = proxy.connection(peer);
+    /// Serves one TCP client connection, HTTP/1.1 or HTTP/2 with prior knowledge as its
+    /// first bytes say.
+    fn spawn_tcp(&self, stream: TcpStream, proxy: &Proxy, peer: SocketAddr) {
+        let closing = self.closing.clone();
+        let header_read_timeout = self.header_read_timeout;
+        self.spawn(proxy, peer, async move {
+            let protocol = protocol(&stream, &closing, header_read_timeout).await;
+            protocol.map(|protocol| (stream, protocol))
+        });
+    }
+
+    /// Serves one client connection of `protocol` on any stream (a TLS acceptor's too).
+    pub fn serve<I>(&self, io: I, protocol: Protocol, proxy: &Proxy, peer: SocketAddr)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.spawn(proxy, peer, async move { Some((io, protocol)) });
+    }
+
+    /// Serves the connection `accepted` gives (`None`: nothing to serve) until it closes, a
+    /// timeout cuts it, the drain asks it to finish, or the drain time is up.
+    fn spawn<I>(
+        &self,
+        proxy: &Proxy,
+        peer: SocketAddr,
+        accepted: impl Future<Output = Option<(I, Protocol)>> + Send + 'static,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = Arc::new(Activity::new());
+        let service = tracked(proxy.connection(peer), activity.clone());
         let http1 = self.http1.clone();
         let http2 = self.http2.clone();
+        let timeouts = Timeouts {
+            header: self.header_read_timeout,
+            idle: self.idle_timeout,
+        };
         let closing = self.closing.clone();
         let force_close = self.force_close.clone();
         let open = self.open.subscribe();
+        let open_here = OpenGuard::new(self.open_here.clone(), proxy.inner.shared.clone());
         tokio::spawn(async move {
             let served = async {
                 // hyper's own connections rather than hyper-util's auto-detecting one: that
                 // one reads the first bytes itself and hands them back through a wrapper, so
                 // hyper's first read sees a few bytes, and its second read then doubles the
                 // 8 KiB read buffer of every connection (16 KiB each).
-                let result = match protocol(&stream, &closing).await {
-                    Some(Protocol::Http2) => {
-                        let connection = http2.serve_connection(TokioIo::new(stream), service);
-                        until_closed(connection, &closing, http2::Connection::graceful_shutdown)
+                let Some((io, protocol)) = accepted.await else {
+                    return Ok(());
+                };
+                let watch = Watch {
+                    closing: &closing,
+                    activity: &activity,
+                    timeouts,
+                    stats: &open_here.stats,
+                };
+                match protocol {
+                    Protocol::Http2 => {
+                        let connection = http2.serve_connection(TokioIo::new(io), service);
+                        watch
+                            .serve(connection, http2::Connection::graceful_shutdown)
                             .await
                     }
-                    Some(Protocol::Http1) => {
+                    Protocol::Http1 => {
                         let connection = http1
-                            .serve_connection(TokioIo::new(stream), service)
+                            .serve_connection(TokioIo::new(io), service)
                             .with_upgrades();
-                        until_closed(
-                            connection,
-                            &closing,
-                            http1::UpgradeableConnection::graceful_shutdown,
-                        )
-                        .await
+                        watch
+                            .serve(connection, http1::UpgradeableConnection::graceful_shutdown)
+                            .await
                     }
-                    None => Ok(()),
-                };
-                if let Err(error) = result {
-                    tracing::debug!(%peer, %error, "client connection ended with an error");
                 }
             };
             tokio::select! {
-                () = served => {}
+                result = served => {
+                    if let Err(error) = result {
+                        count_error(&error, &open_here.stats);
+                        tracing::debug!(%peer, %error, "client connection ended with an error");
+                    }
+                }
                 // Dropping the connection drops its requests, and with them their in-flight
                 // counts and endpoint leases.
                 () = force_close.cancelled() => {}
             }
             drop(open);
+            drop(open_here);
         });
     }
 }
 
-/// Serves `connection` to its end; once `closing` is cancelled, asks it to finish the requests
-/// it has and close (`graceful_shutdown`), and serves it until then.
-async fn until_closed<C>(
-    connection: C,
-    closing: &CancellationToken,
-    graceful_shutdown: fn(Pin<&mut C>),
-) -> hyper::Result<()>
-where
-    C: Future<Output = hyper::Result<()>>,
-{
-    let mut connection = pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => result,
-        () = closing.cancelled() => {
-            graceful_shutdown(connection.as_mut());
-            connection.await
+/// Counts what a connection's error says of it: a head hyper refused (it answered 400, 414 or
+/// 431 itself and never called wakegate), or hyper's HTTP/1 header read timeout.
+fn count_error(error: &hyper::Error, stats: &Stats) {
+    if let Some(why) = Refusal::of_connection_error(error) {
+        stats.unrouted.count(why);
+    } else if error.is_timeout() {
+        stats
+            .clients
+            .header_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What a connection's task counts in.
+type Stats = Arc<Shared>;
+
+/// Counts a connection as open in its worker and in the gauge, until dropped.
+struct OpenGuard {
+    here: Arc<(AtomicUsize, Notify)>,
+    stats: Stats,
+}
+
+impl OpenGuard {
+    fn new(here: Arc<(AtomicUsize, Notify)>, stats: Stats) -> Self {
+        here.0.fetch_add(1, Ordering::Relaxed);
+        stats.clients.open.fetch_add(1, Ordering::Relaxed);
+        Self { here, stats }
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.here.0.fetch_sub(1, Ordering::Relaxed);
+        self.here.1.notify_one();
+        self.stats.clients.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Timeouts {
+    header: Duration,
+    idle: Duration,
+}
+
+/// When a connection last had a request in progress: hyper has no idle timeout of its own
+/// (and no header read timeout for HTTP/2), so each connection's requests are counted here
+/// and [`Watch`] closes it once it has none for too long.
+struct Activity {
+    born: Instant,
+    /// Requests between hyper's call and their response head.
+    active: AtomicUsize,
+    /// Microseconds after `born` a request last began or got its response head; `u64::MAX`
+    /// before the first request.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            born: Instant::now(),
+            active: AtomicUsize::new(0),
+            last: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn touch(&self) {
+        let micros = self.born.elapsed().as_micros() as u64;
+        self.last.store(micros, Ordering::Relaxed);
+    }
+
+    /// When the connection times out if nothing happens meanwhile: `header` after it opened
+    /// until its first request, then `idle` after its last request, never while one is in
+    /// progress.
+    fn deadline(&self, timeouts: Timeouts, now: Instant) -> (Instant, Timeout) {
+        if self.active.load(Ordering::Relaxed) > 0 {
+            return (now + timeouts.idle, Timeout::Idle);
+        }
+        match self.last.load(Ordering::Relaxed) {
+            u64::MAX => (self.born + timeouts.header, Timeout::Header),
+            last => (
+                self.born + Duration::from_micros(last) + timeouts.idle,
+                Timeout::Idle,
+            ),
         }
     }
 }
 
-enum Protocol {
-    Http1,
-    Http2,
+#[derive(Debug, Clone, Copy)]
+enum Timeout {
+    Header,
+    Idle,
+}
+
+/// Marks a request of the connection as in progress until its response head is ready.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.active.fetch_add(1, Ordering::Relaxed);
+        activity.touch();
+        Self(activity)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `service`, with each request recorded in `activity`.
+fn tracked<S>(
+    service: S,
+    activity: Arc<Activity>,
+) -> impl Service<
+    hyper::Request<Incoming>,
+    Response = hyper::Response<ProxyBody>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ 'static
+where
+    S: Service<
+            hyper::Request<Incoming>,
+            Response = hyper::Response<ProxyBody>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static,
+{
+    hyper::service::service_fn(move |req| {
+        let busy = Busy::new(activity.clone());
+        let response = service.call(req);
+        async move {
+            let response = response.await;
+            drop(busy);
+            response
+        }
+    })
+}
+
+/// What watches one connection while hyper serves it: the drain, and its timeouts.
+struct Watch<'a> {
+    closing: &'a CancellationToken,
+    activity: &'a Activity,
+    timeouts: Timeouts,
+    stats: &'a Stats,
+}
+
+impl Watch<'_> {
+    /// Serves `connection` to its end. Once `closing` is cancelled, asks it to finish the
+    /// requests it has and close (`graceful_shutdown`), and serves it until then. Once it
+    /// times out, asks the same, and drops it if it has not closed [`CLOSE_GRACE`] later.
+    async fn serve<C>(self, connection: C, graceful_shutdown: fn(Pin<&mut C>)) -> hyper::Result<()>
+    where
+        C: Future<Output = hyper::Result<()>>,
+    {
+        let mut connection = pin!(connection);
+        let (mut deadline, _) = self.activity.deadline(self.timeouts, Instant::now());
+        let kind = loop {
+            tokio::select! {
+                result = connection.as_mut() => return result,
+                () = self.closing.cancelled() => {
+                    graceful_shutdown(connection.as_mut());
+                    return connection.await;
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    let now = Instant::now();
+                    let kind;
+                    (deadline, kind) = self.activity.deadline(self.timeouts, now);
+                    if deadline <= now {
+                        break kind;
+                    }
+                }
+            }
+        };
+        let counter = match kind {
+            Timeout::Header => &self.stats.clients.header_timeouts,
+            Timeout::Idle => &self.stats.clients.idle_timeouts,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(?kind, "client connection timed out: closing it");
+        graceful_shutdown(connection.as_mut());
+        tokio::time::timeout(CLOSE_GRACE, connection)
+            .await
+            .unwrap_or(Ok(()))
+    }
 }
 
 /// Tells HTTP/2 with prior knowledge from HTTP/1 by peeking at the first bytes, which stay in
 /// the socket for hyper to read. `None`: the client closed, sent nothing in time, or the drain
 /// began before it sent anything.
-async fn protocol(stream: &TcpStream, closing: &CancellationToken) -> Option<Protocol> {
+async fn protocol(
+    stream: &TcpStream,
+    closing: &CancellationToken,
+    header_read_timeout: Duration,
+) -> Option<Protocol> {
     let decide = async {
         let mut first = [0u8; H2_PREFACE.len()];
         loop {
@@ -151,19 +451,28 @@ async fn protocol(stream: &TcpStream, closing: &CancellationToken) -> Option<Pro
         }
     };
     tokio::select! {
-        protocol = tokio::time::timeout(HEADER_READ_TIMEOUT, decide) => protocol.ok().flatten(),
+        protocol = tokio::time::timeout(header_read_timeout, decide) => protocol.ok().flatten(),
         () = closing.cancelled() => None,
     }
 }
 
 /// Serves `listener` until `shutdown`, then stops accepting and lets open connections (and
 /// the upgraded ones, such as WebSockets) finish their requests for at most the drain timeout
-/// in force then; whatever is still open after it is closed.
+/// in force then; whatever is still open after it is closed. A reload's `[limits]` apply to
+/// the connections accepted after it.
 pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: CancellationToken) {
-    let connections = Connections::new();
+    let mut limits = proxy.shared().limits.clone();
+    let mut connections = Connections::new(&limits.borrow_and_update());
+    let stats = &proxy.shared().clients;
     loop {
+        if limits.has_changed().unwrap_or(false) {
+            connections.apply(&limits.borrow_and_update());
+        }
         tokio::select! {
-            accepted = listener.accept() => {
+            accepted = async {
+                connections.room(stats).await;
+                listener.accept().await
+            } => {
                 let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
@@ -174,7 +483,7 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: CancellationTo
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                connections.spawn(stream, &proxy, peer);
+                connections.spawn_tcp(stream, &proxy, peer);
             }
             () = shutdown.cancelled() => break,
         }
