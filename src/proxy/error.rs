@@ -27,6 +27,9 @@ pub enum ProxyError {
     Deadline { target: String, after: Duration },
     #[error("target {target} failed to start: {reason}")]
     StartFailed { target: String, reason: String },
+    /// The client's request body broke off or was malformed while it was being forwarded.
+    #[error("the request body for target {target} is malformed or incomplete")]
+    ClientBody { target: String },
     #[error("upstream of target {target} failed before responding")]
     Upstream {
         target: String,
@@ -46,7 +49,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::Ambiguous(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_)
+            | ProxyError::Ambiguous(_)
+            | ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::NotForwarded { .. } | ProxyError::UnsupportedCoding => {
                 StatusCode::NOT_IMPLEMENTED
             }
@@ -70,6 +75,7 @@ impl ProxyError {
             | ProxyError::UnsupportedCoding
             | ProxyError::NoRoute
             | ProxyError::NotForwarded { .. } => None,
+            ProxyError::ClientBody { .. } => Some(Reject::BadBody),
             ProxyError::QueueFull { .. } => Some(Reject::QueueFull),
             ProxyError::ColdStartTimeout { .. } => Some(Reject::ColdStartTimeout),
             ProxyError::Deadline { .. } => Some(Reject::Deadline),
@@ -87,7 +93,9 @@ impl ProxyError {
     /// which gRPC clients may retry.
     pub fn grpc_status(&self) -> GrpcStatus {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::Ambiguous(_) => GrpcStatus::Internal,
+            ProxyError::BadRequest(_)
+            | ProxyError::Ambiguous(_)
+            | ProxyError::ClientBody { .. } => GrpcStatus::Internal,
             ProxyError::NoRoute
             | ProxyError::NotForwarded { .. }
             | ProxyError::UnsupportedCoding => GrpcStatus::Unimplemented,
@@ -143,7 +151,9 @@ impl ProxyError {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             // What follows the head cannot be trusted to end where the next request begins.
-            ProxyError::Ambiguous(_) | ProxyError::UnsupportedCoding => {
+            ProxyError::Ambiguous(_)
+            | ProxyError::UnsupportedCoding
+            | ProxyError::ClientBody { .. } => {
                 if version < Version::HTTP_2 {
                     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }

@@ -39,10 +39,12 @@ pub enum Reject {
     TargetRemoved,
     /// A gRPC request's own deadline (`grpc-timeout`) passed while it was held.
     Deadline,
+    /// The client's request body was malformed (a bad chunk) or broke off while forwarded.
+    BadBody,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 8] = [
+    pub const ALL: [Reject; 9] = [
         Reject::QueueFull,
         Reject::ColdStartTimeout,
         Reject::StartFailed,
@@ -51,6 +53,7 @@ impl Reject {
         Reject::ShuttingDown,
         Reject::TargetRemoved,
         Reject::Deadline,
+        Reject::BadBody,
     ];
 
     pub fn label(self) -> &'static str {
@@ -63,6 +66,7 @@ impl Reject {
             Reject::ShuttingDown => "shutting_down",
             Reject::TargetRemoved => "target_removed",
             Reject::Deadline => "deadline_exceeded",
+            Reject::BadBody => "bad_request",
         }
     }
 }
