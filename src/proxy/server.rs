@@ -29,6 +29,9 @@ use crate::config::Limits;
 
 /// What a client that speaks HTTP/2 without an upgrade sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// hyper's HTTP/1 defaults: its read buffer's bound (8 KiB + 100 × 4 KiB), and header count.
+const HYPER_MAX_BUF_SIZE: usize = 8192 + 4096 * 100;
+const HYPER_MAX_HEADERS: usize = 100;
 /// How long a connection told to close (HTTP/2: GOAWAY) for a timeout may take to do so: h2's
 /// graceful close waits for the client's PING acknowledgement, which a stalled client never
 /// sends.
@@ -76,13 +79,9 @@ pub struct Connections {
 
 impl Connections {
     pub fn new(limits: &Limits) -> Self {
-        let mut http1 = http1::Builder::new();
-        http1.timer(TokioTimer::new());
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2.timer(TokioTimer::new());
         let mut connections = Self {
-            http1,
-            http2,
+            http1: http1::Builder::new(),
+            http2: http2::Builder::new(TokioExecutor::new()),
             header_read_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
             max_connections: 1,
@@ -98,21 +97,32 @@ impl Connections {
     /// Takes `limits` for the connections accepted from now on (open ones keep theirs; the
     /// connection bound applies at once).
     pub fn apply(&mut self, limits: &Limits) {
-        // hyper's `max_buf_size` bounds the request head (431, or 414 for the request line,
-        // beyond it); its header read timeout also runs while a keep-alive connection waits
-        // for its next request.
-        self.http1
+        let mut http1 = http1::Builder::new();
+        // hyper's header read timeout also runs while a keep-alive connection waits for its
+        // next request. `max_header_size` bounds the head exactly (431; 414 for a request
+        // line beyond 65,534 bytes); the read buffer (`max_buf_size`) must hold it.
+        http1
+            .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
-            .max_buf_size(limits.max_header_bytes as usize)
-            .max_headers(limits.max_headers as usize);
+            .max_header_size(limits.max_header_bytes as usize)
+            .max_buf_size((limits.max_header_bytes as usize).max(HYPER_MAX_BUF_SIZE));
+        if limits.max_headers as usize != HYPER_MAX_HEADERS {
+            // Set only when it differs from hyper's own: hyper then parses every head into a
+            // header array on the heap instead of the stack (a few per cent, says hyper).
+            http1.max_headers(limits.max_headers as usize);
+        }
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
         // CONTINUATION floods: h2 stops decoding a header block once it passes
         // `max_header_list_size` and answers 431. SETTINGS floods: h2 holds at most one
         // unacknowledged SETTINGS of the client and ends the connection on more.
-        self.http2
+        http2
+            .timer(TokioTimer::new())
             .max_header_list_size(limits.max_header_bytes)
             .max_concurrent_streams(limits.max_concurrent_streams)
             .max_pending_accept_reset_streams(limits.max_pending_reset_streams as usize)
             .max_local_error_reset_streams(limits.max_local_reset_streams as usize);
+        self.http1 = http1;
+        self.http2 = http2;
         self.header_read_timeout = limits.header_read_timeout;
         self.idle_timeout = limits.idle_timeout;
         self.max_connections = limits.max_connections as usize;
