@@ -5,6 +5,7 @@
 //! The harness runs the `wakegate` binary that cargo builds for wakegate's integration tests
 //! (see [`bin`]), so it is meant for those tests, as a dev-dependency of wakegate.
 
+pub mod h2_raw;
 pub mod kube_api;
 pub mod kube_fixtures;
 mod recording;
