@@ -350,3 +350,16 @@ async fn a_reload_applies_new_limits_to_connections_accepted_after_it() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_cut_at_the_header_read_timeout() {
+    let (wg, _upstream) = start("", "header_read_timeout = \"500ms\"").await;
+    let mut stream = TcpStream::connect(wg.proxy).await.unwrap();
+    let began = Instant::now();
+    let took = closed_after(&mut stream, began).await;
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "cut after {took:?}"
+    );
+    wait_timeouts(&wg, "header", 1.0).await;
+}

@@ -1,6 +1,7 @@
 //! Accepting client connections: HTTP/1.1 and h2c (prior knowledge) on one port, upgrades
-//! enabled, and a graceful drain on shutdown; one single-threaded runtime per worker thread,
-//! each with its own listening socket of one `SO_REUSEPORT` group.
+//! enabled, `[limits]` applied to both protocols, and a graceful drain on shutdown; one
+//! single-threaded runtime per worker thread, each with its own listening socket of one
+//! `SO_REUSEPORT` group.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -112,9 +113,9 @@ impl Connections {
             http1.max_headers(limits.max_headers as usize);
         }
         let mut http2 = http2::Builder::new(TokioExecutor::new());
-        // CONTINUATION floods: h2 stops decoding a header block once it passes
-        // `max_header_list_size` and answers 431. SETTINGS floods: h2 holds at most one
-        // unacknowledged SETTINGS of the client and ends the connection on more.
+        // CONTINUATION floods: h2 bounds the CONTINUATION frames of a header block by
+        // `max_header_list_size` (then GOAWAY) and answers a larger block 431 without keeping
+        // it. SETTINGS and PING floods: h2 acknowledges each before reading the next frame.
         http2
             .timer(TokioTimer::new())
             .max_header_list_size(limits.max_header_bytes)
@@ -156,8 +157,18 @@ impl Connections {
     fn spawn_tcp(&self, stream: TcpStream, proxy: &Proxy, peer: SocketAddr) {
         let closing = self.closing.clone();
         let header_read_timeout = self.header_read_timeout;
+        let shared = proxy.inner.shared.clone();
         self.spawn(proxy, peer, async move {
-            let protocol = protocol(&stream, &closing, header_read_timeout).await;
+            let protocol = tokio::select! {
+                protocol = tokio::time::timeout(header_read_timeout, protocol(&stream)) => {
+                    protocol.unwrap_or_else(|_| {
+                        // Not a byte in time: the header read timeout too.
+                        shared.clients.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                        None
+                    })
+                }
+                () = closing.cancelled() => None,
+            };
             protocol.map(|protocol| (stream, protocol))
         });
     }
@@ -437,35 +448,24 @@ impl Watch<'_> {
 }
 
 /// Tells HTTP/2 with prior knowledge from HTTP/1 by peeking at the first bytes, which stay in
-/// the socket for hyper to read. `None`: the client closed, sent nothing in time, or the drain
-/// began before it sent anything.
-async fn protocol(
-    stream: &TcpStream,
-    closing: &CancellationToken,
-    header_read_timeout: Duration,
-) -> Option<Protocol> {
-    let decide = async {
-        let mut first = [0u8; H2_PREFACE.len()];
-        loop {
-            let n = stream.peek(&mut first).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            if first[..n] != H2_PREFACE[..n] {
-                return Some(Protocol::Http1);
-            }
-            if n == H2_PREFACE.len() {
-                return Some(Protocol::Http2);
-            }
-            // A prefix of the preface so far (clients send it whole, so this is rare): the
-            // socket stays readable while the bytes sit unread, so wait a little, not for
-            // readiness, before peeking again.
-            tokio::time::sleep(Duration::from_millis(1)).await;
+/// the socket for hyper to read. `None`: the client closed before sending anything.
+async fn protocol(stream: &TcpStream) -> Option<Protocol> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await.ok()?;
+        if n == 0 {
+            return None;
         }
-    };
-    tokio::select! {
-        protocol = tokio::time::timeout(header_read_timeout, decide) => protocol.ok().flatten(),
-        () = closing.cancelled() => None,
+        if first[..n] != H2_PREFACE[..n] {
+            return Some(Protocol::Http1);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(Protocol::Http2);
+        }
+        // A prefix of the preface so far (clients send it whole, so this is rare): the
+        // socket stays readable while the bytes sit unread, so wait a little, not for
+        // readiness, before peeking again.
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
