@@ -153,10 +153,10 @@ impl ProxyError {
             // What follows the head cannot be trusted to end where the next request begins.
             ProxyError::Ambiguous(_)
             | ProxyError::UnsupportedCoding
-            | ProxyError::ClientBody { .. } => {
-                if version < Version::HTTP_2 {
-                    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
+            | ProxyError::ClientBody { .. }
+                if version < Version::HTTP_2 =>
+            {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             ProxyError::ShuttingDown => {
                 // HTTP/2 has no such header (RFC 9113 §8.2.2): its connection ends with GOAWAY.
