@@ -295,7 +295,7 @@ async fn a_malformed_chunked_body_never_reaches_the_upstream_as_a_request() {
             "{case}: /smuggled answered"
         );
         assert_eq!(
-            target_rejected(&edge.wg.metrics().await, "bad_request"),
+            target_rejected(&edge.wg.metrics().await, "bad_body"),
             Some((i + 1) as f64),
             "{case}"
         );

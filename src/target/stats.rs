@@ -66,7 +66,7 @@ impl Reject {
             Reject::ShuttingDown => "shutting_down",
             Reject::TargetRemoved => "target_removed",
             Reject::Deadline => "deadline_exceeded",
-            Reject::BadBody => "bad_request",
+            Reject::BadBody => "bad_body",
         }
     }
 }
