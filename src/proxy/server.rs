@@ -612,3 +612,41 @@ impl Workers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUTS: Timeouts = Timeouts {
+        header: Duration::from_secs(10),
+        idle: Duration::from_secs(3),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_times_out_for_its_head_then_for_idleness_never_while_busy() {
+        let activity = Arc::new(Activity::new());
+        let born = activity.born;
+        let (at, kind) = activity.deadline(TIMEOUTS, Instant::now());
+        assert_eq!(at, born + TIMEOUTS.header);
+        assert!(matches!(kind, Timeout::Header));
+
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let busy = Busy::new(activity.clone());
+        tokio::time::advance(Duration::from_secs(20)).await;
+        let now = Instant::now();
+        let (at, kind) = activity.deadline(TIMEOUTS, now);
+        assert_eq!(
+            at,
+            now + TIMEOUTS.idle,
+            "a request in progress keeps it open"
+        );
+        assert!(matches!(kind, Timeout::Idle));
+
+        drop(busy);
+        let ended = Instant::now();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (at, kind) = activity.deadline(TIMEOUTS, Instant::now());
+        assert_eq!(at, ended + TIMEOUTS.idle, "idle from the request's end");
+        assert!(matches!(kind, Timeout::Idle));
+    }
+}
