@@ -8,7 +8,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::header::{self, HeaderMap};
-use http::uri::Authority;
 use http::{Request, Version};
 
 use super::error::ProxyError;
@@ -127,18 +126,52 @@ fn check_host(version: Version, headers: &HeaderMap) -> Result<(), (Refusal, Pro
     if hosts.next().is_some() {
         return Err(bad("more than one Host header"));
     }
-    // uri-host [ ":" port ], no user information (RFC 9110 §7.2, §4.2.4).
-    let valid = Authority::try_from(host.as_bytes()).is_ok_and(|authority| {
-        let with_port = authority.as_str().len() > authority.host().len();
-        !authority.host().is_empty()
-            && !authority.as_str().contains('@')
-            && (!with_port || authority.port_u16().is_some())
-    });
-    if valid {
+    if is_host(host.as_bytes()) {
         Ok(())
     } else {
         Err(bad("invalid Host header"))
     }
+}
+
+/// `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2), no user information; checked in
+/// place rather than parsed into an `http::uri::Authority`, which would copy it on every
+/// request.
+fn is_host(host: &[u8]) -> bool {
+    let (name_ok, port) = match host.strip_prefix(b"[") {
+        // IP-literal: an IPv6 address (or IPvFuture) in brackets.
+        Some(rest) => {
+            let Some(end) = rest.iter().position(|&b| b == b']') else {
+                return false;
+            };
+            let literal = &rest[..end];
+            let ok = !literal.is_empty()
+                && literal
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || b":.v".contains(&b));
+            (ok, &rest[end + 1..])
+        }
+        // reg-name (IPv4 addresses are among them): unreserved, pct-encoded and sub-delims.
+        None => {
+            let (name, port) = match host.iter().rposition(|&b| b == b':') {
+                Some(colon) => host.split_at(colon),
+                None => (host, &b""[..]),
+            };
+            let ok = !name.is_empty()
+                && name
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b));
+            (ok, port)
+        }
+    };
+    let port_ok = match port.strip_prefix(b":") {
+        Some(digits) => {
+            (1..=5).contains(&digits.len())
+                && digits.iter().all(u8::is_ascii_digit)
+                && std::str::from_utf8(digits).is_ok_and(|d| d.parse::<u16>().is_ok())
+        }
+        None => port.is_empty(),
+    };
+    name_ok && port_ok
 }
 
 /// hyper accepts a request whose last transfer coding is chunked and decodes only that one.
@@ -195,6 +228,9 @@ mod tests {
         const HTTP_11: Version = Version::HTTP_11;
         assert_eq!(refusal(HTTP_11, &[("host", "a.example:8080")]), None);
         assert_eq!(refusal(HTTP_11, &[("host", "[::1]:80")]), None);
+        assert_eq!(refusal(HTTP_11, &[("host", "[::1]")]), None);
+        assert_eq!(refusal(HTTP_11, &[("host", "10.0.0.1:8080")]), None);
+        assert_eq!(refusal(HTTP_11, &[("host", "xn--bcher-kva.example")]), None);
         assert_eq!(refusal(HTTP_10, &[]), None);
         assert_eq!(refusal(Version::HTTP_2, &[]), None);
         for hosts in [
@@ -205,6 +241,11 @@ mod tests {
             &[("host", "a.example/path")],
             &[("host", "a example")],
             &[("host", "a.example:port")],
+            &[("host", "a.example:")],
+            &[("host", "a.example:99999")],
+            &[("host", "[::1")],
+            &[("host", "[zz]:80")],
+            &[("host", "a.example#x")],
         ] {
             assert_eq!(
                 refusal(HTTP_11, hosts),
