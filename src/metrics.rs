@@ -253,16 +253,16 @@ impl prometheus_client::collector::Collector for TargetCollector {
         let mut family = encoder.encode_descriptor(
             "wakegate_client_connection_timeouts",
             "Client connections closed for a timeout of [limits]: header (no complete request \
-             head in time) or idle (no request for limits.idle_timeout).",
+             head in time) or idle (no request for limits.idle_timeout), by reason.",
             None,
             MetricType::Counter,
         )?;
-        for (kind, count) in [
+        for (reason, count) in [
             ("header", &clients.header_timeouts),
             ("idle", &clients.idle_timeouts),
         ] {
             family
-                .encode_family(&[("kind", kind)])?
+                .encode_family(&[("reason", reason)])?
                 .encode_counter::<NoLabelSet, _, f64>(&count.load(Ordering::Relaxed), None)?;
         }
 

@@ -39,7 +39,7 @@ async fn timeouts(wg: &Wakegate, kind: &str) -> f64 {
     metric(
         &metrics,
         "wakegate_client_connection_timeouts_total",
-        &format!("kind=\"{kind}\""),
+        &format!("reason=\"{kind}\""),
     )
     .unwrap_or_else(|| panic!("timeouts of kind {kind} exported: {metrics}"))
 }
