@@ -290,6 +290,46 @@ async fn rapid_reset_beyond_the_bound_ends_the_connection_with_enhance_your_calm
 }
 
 #[tokio::test]
+async fn a_continuation_flood_ends_the_connection_with_enhance_your_calm() {
+    let (wg, upstream) = start("", "").await;
+    let mut stream = TcpStream::connect(wg.proxy).await.unwrap();
+    let mut bytes = PREFACE.to_vec();
+    bytes.extend(frame(SETTINGS, 0, 0, &[]));
+    let block = header_block(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":authority", "app.localhost"),
+        (":path", "/flood"),
+        ("x-flood", &"f".repeat(200)),
+    ]);
+    // A header block that never ends: one byte per CONTINUATION frame (CVE-2024-27316 and
+    // kin), far more frames than a block within max_header_bytes needs.
+    const CONTINUATION: u8 = 0x9;
+    bytes.extend(frame(HEADERS, END_STREAM, 1, &block[..1]));
+    for byte in &block[1..] {
+        bytes.extend(frame(CONTINUATION, 0, 1, &[*byte]));
+    }
+    // The connection may be gone before all of it is written.
+    let _ = stream.write_all(&bytes).await;
+    let goaway = within(5, "GOAWAY", async {
+        loop {
+            match read_frame(&mut stream).await {
+                Some(frame) if frame.kind == GOAWAY => return frame,
+                Some(_) => {}
+                None => panic!("closed without GOAWAY"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        error_code(GOAWAY, &goaway.payload),
+        0xb,
+        "ENHANCE_YOUR_CALM"
+    );
+    assert!(upstream.received().is_empty());
+}
+
+#[tokio::test]
 async fn a_worker_with_max_connections_open_stops_accepting_until_one_closes() {
     let (wg, _upstream) = start("workers = 1", "max_connections = 2").await;
     let request = b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n";
