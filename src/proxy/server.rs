@@ -132,7 +132,7 @@ impl Connections {
     /// Waits until this worker serves fewer than `limits.max_connections`: beyond it the
     /// worker stops accepting, and new connections wait in the kernel's listen queue
     /// (HAProxy's `maxconn`) rather than being accepted and dropped.
-    async fn room(&self, stats: &ClientStats) {
+    pub async fn room(&self, stats: &ClientStats) {
         let (open, closed) = &*self.open_here;
         let mut counted = false;
         loop {
@@ -149,6 +149,26 @@ impl Connections {
                 );
             }
             notified.await;
+        }
+    }
+
+    /// Asks every open connection to finish its requests and close, and waits for them and
+    /// the upgraded ones for at most the drain timeout in force; closes what is left then.
+    pub async fn drain(&self, proxy: &Proxy) {
+        self.closing.cancel();
+        let drain = *proxy.shared().drain_timeout.borrow();
+        let tunnels = &proxy.shared().tunnels;
+        let drained = async {
+            self.open.closed().await;
+            tunnels.closed().await;
+        };
+        tokio::select! {
+            () = drained => tracing::debug!("all client connections closed"),
+            () = tokio::time::sleep(drain) => {
+                tracing::warn!(after = ?drain, "drain timeout: closing remaining client connections");
+                self.force_close.cancel();
+                tunnels.cut();
+            }
         }
     }
 
@@ -182,8 +202,10 @@ impl Connections {
     }
 
     /// Serves the connection `accepted` gives (`None`: nothing to serve) until it closes, a
-    /// timeout cuts it, the drain asks it to finish, or the drain time is up.
-    fn spawn<I>(
+    /// timeout cuts it, the drain asks it to finish, or the drain time is up. `accepted`
+    /// finishes accepting it (peeking at its first bytes, a TLS handshake) in the
+    /// connection's own task, counted among the open connections.
+    pub fn spawn<I>(
         &self,
         proxy: &Proxy,
         peer: SocketAddr,
@@ -502,21 +524,7 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: CancellationTo
         }
     }
     drop(listener);
-    connections.closing.cancel();
-    let drain = *proxy.shared().drain_timeout.borrow();
-    let tunnels = &proxy.shared().tunnels;
-    let drained = async {
-        connections.open.closed().await;
-        tunnels.closed().await;
-    };
-    tokio::select! {
-        () = drained => tracing::debug!("all client connections closed"),
-        () = tokio::time::sleep(drain) => {
-            tracing::warn!(after = ?drain, "drain timeout: closing remaining client connections");
-            connections.force_close.cancel();
-            tunnels.cut();
-        }
-    }
+    connections.drain(&proxy).await;
 }
 
 /// Binds `count` listening sockets to `addr` as one `SO_REUSEPORT` group: the kernel spreads
