@@ -88,6 +88,7 @@ fn encode(c: &mut Criterion) {
     let proxy = Arc::new(Shared::new(
         snapshot,
         drain_timeout,
+        None,
         tokio::sync::watch::channel(wakegate::config::Limits::default()).1,
     ));
     for _ in 0..7 {

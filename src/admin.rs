@@ -126,6 +126,13 @@ fn target_json(t: &Target, (now, wall): (Instant, SystemTime)) -> serde_json::Va
         "cold_starts": t.stats.cold_starts.load(Ordering::Relaxed),
         "last_request": last_request,
         "last_start_failure": status.last_failure.as_deref(),
+        "backoff": status.backoff.and_then(|b| {
+            let retry_in = b.remaining(Instant::now())?;
+            Some(serde_json::json!({
+                "failures": b.failures,
+                "retry_in_ms": retry_in.as_millis() as u64,
+            }))
+        }),
         "replicas": t.observed_replicas(),
         "refused_routes": t.refused().iter().map(|r| serde_json::json!({
             "host": r.host.to_string(),

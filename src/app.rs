@@ -18,6 +18,8 @@ use crate::config::Config;
 use crate::control::Control;
 use crate::metrics::Metrics;
 use crate::provider::kubernetes::{self, KubeError, KubernetesProvider};
+use crate::proxy::server::Listeners;
+use crate::proxy::tls::{CertificateErrors, Tls};
 use crate::proxy::{self, Shared, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,8 @@ pub enum AppError {
     Workers(std::io::Error),
     #[error(transparent)]
     Kubernetes(#[from] KubeError),
+    #[error("TLS certificates cannot be used:\n{0}")]
+    Tls(#[from] CertificateErrors),
 }
 
 /// Runs wakegate until `shutdown` is cancelled, then drains and returns.
@@ -50,6 +54,32 @@ pub async fn run(
             addr: listen.proxy,
             source,
         })?;
+    // Certificates first: a bad one stops the start, naming the file.
+    let tls = match &config.tls {
+        Some(tls) => Some(Arc::new(Tls::new(&tls.certificates)?)),
+        None => None,
+    };
+    let tls_listeners: Vec<Option<std::net::TcpListener>> = match &config.tls {
+        Some(tls) => proxy::server::bind(tls.listen, listen.workers())
+            .map_err(|source| AppError::Bind {
+                what: "HTTPS proxy traffic",
+                addr: tls.listen,
+                source,
+            })?
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => proxy_listeners.iter().map(|_| None).collect(),
+    };
+    let tls_addr = tls_listeners
+        .first()
+        .and_then(|l| l.as_ref())
+        .and_then(|l| l.local_addr().ok());
+    let proxy_listeners: Vec<_> = proxy_listeners
+        .into_iter()
+        .zip(tls_listeners)
+        .map(|(plain, tls)| Listeners { plain, tls })
+        .collect();
     let admin_listener =
         TcpListener::bind(listen.admin)
             .await
@@ -58,7 +88,9 @@ pub async fn run(
                 addr: listen.admin,
                 source,
             })?;
-    let proxy_addr = proxy_listeners.first().and_then(|l| l.local_addr().ok());
+    let proxy_addr = proxy_listeners
+        .first()
+        .and_then(|l| l.plain.local_addr().ok());
     let admin_addr = admin_listener.local_addr().ok();
 
     let mut registry = Registry::default();
@@ -81,7 +113,11 @@ pub async fn run(
 
     let (drain_timeout, drain_timeout_rx) = watch::channel(config.drain_timeout);
     let (limits, limits_rx) = watch::channel(config.limits.clone());
-    let shared = Arc::new(Shared::new(snapshot, drain_timeout_rx, limits_rx));
+    let shared = Arc::new(Shared::new(snapshot, drain_timeout_rx, tls.clone(), limits_rx));
+    let tls_stop = CancellationToken::new();
+    let tls_watch = tls
+        .clone()
+        .map(|tls| tokio::spawn(tls.watch(tls_stop.clone())));
     let admin = Arc::new(Admin {
         metrics: Metrics::new(registry, shared.clone()),
         proxy: shared.clone(),
@@ -98,6 +134,7 @@ pub async fn run(
         .map_err(|e| AppError::Signal("SIGHUP", e))?;
     tracing::info!(
         proxy = %proxy_addr.map(|a| a.to_string()).unwrap_or_default(),
+        https = %tls_addr.map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_addr.map(|a| a.to_string()).unwrap_or_default(),
         targets = config.targets.len(),
         "listening"
@@ -131,6 +168,11 @@ pub async fn run(
                             // What runs keeps running as it is.
                             next.listen = current.listen.clone();
                             next.kubernetes = current.kubernetes.clone();
+                            if let (Some(next), Some(running)) = (&mut next.tls, &current.tls) {
+                                next.listen = running.listen;
+                            } else {
+                                next.tls = current.tls.clone();
+                            }
                         }
                         control.apply_file(&next);
                         drain_timeout.send_replace(next.drain_timeout);
@@ -139,6 +181,10 @@ pub async fn run(
                             *running = next.limits.clone();
                             changed
                         });
+                        if let (Some(tls), Some(files)) = (&tls, &next.tls) {
+                            // A failure is logged, and the certificates in use stay.
+                            let _ = tls.reload(&files.certificates);
+                        }
                         tracing::info!(targets = next.targets.len(), "configuration reloaded");
                         current = next;
                     }
@@ -155,6 +201,10 @@ pub async fn run(
     proxy_workers.join().await;
     control.shutdown().await;
     kube_stop.cancel();
+    tls_stop.cancel();
+    if let Some(task) = tls_watch {
+        let _ = task.await;
+    }
     for task in kube_tasks {
         let _ = task.await;
     }

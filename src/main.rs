@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use wakegate::config::{Config, ConfigError};
+use wakegate::config::{Config, ConfigError, Problem};
+use wakegate::proxy::tls::Certificates;
 use wakegate::scaling::simulate::{SimulateError, Simulation};
 use wakegate::telemetry::{self, LogFormat};
 
@@ -160,21 +161,43 @@ async fn run(path: PathBuf, proxy: Option<SocketAddr>, admin: Option<SocketAddr>
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
-        Ok(config) => {
-            println!(
-                "{}: valid ({} target{})",
-                path.display(),
-                config.targets.len(),
-                if config.targets.len() == 1 { "" } else { "s" }
-            );
-            ExitCode::SUCCESS
-        }
+    let config = match Config::load(path) {
+        Ok(config) => config,
         Err(error) => {
             eprintln!("{error}");
-            config_exit_code(&error)
+            return config_exit_code(&error);
         }
+    };
+    // What the file cannot say by itself: the machine's programs, directories and files, and
+    // the certificates as the proxy would read them at start.
+    let (mut problems, warnings) = config.environment_problems();
+    if let Some(tls) = &config.tls
+        && let Err(errors) = Certificates::load(&tls.certificates)
+    {
+        problems.extend(errors.0.into_iter().map(|e| Problem {
+            field: "tls.certificate".into(),
+            value: format!("{:?}", e.path.display().to_string()),
+            expected: format!("a usable file: {}", e.problem),
+        }));
     }
+    for warning in &warnings {
+        eprintln!("warning: {warning}");
+    }
+    if !problems.is_empty() {
+        let error = ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        };
+        eprintln!("{error}");
+        return config_exit_code(&error);
+    }
+    println!(
+        "{}: valid ({} target{})",
+        path.display(),
+        config.targets.len(),
+        if config.targets.len() == 1 { "" } else { "s" }
+    );
+    ExitCode::SUCCESS
 }
 
 fn simulate(simulation: Simulation) -> ExitCode {

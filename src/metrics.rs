@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::proxy::Shared;
 use crate::proxy::edge::Refusal;
+use crate::proxy::tls::{HandshakeFailure, Tls};
 use crate::target::Target;
 use crate::target::stats::{Histogram, Reject};
 
@@ -167,6 +168,18 @@ impl prometheus_client::collector::Collector for TargetCollector {
             targets,
             |t| &t.stats.cold_start_duration,
         )?;
+        let now = Instant::now();
+        Self::gauge(
+            &mut encoder,
+            "wakegate_start_backoff_seconds",
+            "Seconds until the next start may be tried after failed starts or early crashes in \
+             a row (0: none is waited for); requests meanwhile get 503 at once.",
+            targets,
+            |t| {
+                let remaining = t.status().backoff.and_then(|b| b.remaining(now));
+                remaining.map_or(0, |d| d.as_secs_f64().ceil() as i64)
+            },
+        )?;
         Self::gauge(
             &mut encoder,
             "wakegate_replicas_desired",
@@ -288,6 +301,59 @@ impl prometheus_client::collector::Collector for TargetCollector {
                 family.encode_family(&labels)?.encode_gauge(&count)?;
             }
         }
+        if let Some(tls) = &self.proxy.tls {
+            encode_tls(tls, &mut encoder)?;
+        }
         Ok(())
     }
+}
+
+/// The HTTPS listener's handshakes and certificates.
+fn encode_tls(tls: &Tls, encoder: &mut DescriptorEncoder) -> Result {
+    let stats = &tls.stats;
+    encoder
+        .encode_descriptor(
+            "wakegate_tls_handshakes",
+            "TLS handshakes completed on the HTTPS listener.",
+            None,
+            MetricType::Counter,
+        )?
+        .encode_counter::<NoLabelSet, _, f64>(&stats.handshakes.load(Ordering::Relaxed), None)?;
+    let mut family = encoder.encode_descriptor(
+        "wakegate_tls_handshake_failures",
+        "TLS handshakes that failed, by reason (timeout, closed, alert_received, incompatible, \
+         no_application_protocol, invalid_message, other).",
+        None,
+        MetricType::Counter,
+    )?;
+    for why in HandshakeFailure::ALL {
+        family
+            .encode_family(&[("reason", why.label())])?
+            .encode_counter::<NoLabelSet, _, f64>(&stats.failures(why), None)?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "wakegate_tls_certificate_reloads",
+        "Certificate reloads (SIGHUP or a changed file), by result; a failed one keeps the \
+         certificates in use.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (result, count) in [("ok", &stats.reloads), ("failed", &stats.failed_reloads)] {
+        family
+            .encode_family(&[("result", result)])?
+            .encode_counter::<NoLabelSet, _, f64>(&count.load(Ordering::Relaxed), None)?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "wakegate_tls_certificate_expiry_timestamp_seconds",
+        "When each certificate in use expires (its notAfter), by certificate file.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for certificate in &tls.certificates().loaded {
+        let cert = certificate.files.cert.to_string_lossy();
+        family
+            .encode_family(&[("cert", cert.as_ref())])?
+            .encode_gauge(&certificate.not_after)?;
+    }
+    Ok(())
 }

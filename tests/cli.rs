@@ -206,3 +206,72 @@ fn demo_backend_sends_ready_to_its_notify_socket_once_it_listens() {
     );
     assert!(listening, "it listens by the time it says so");
 }
+
+#[test]
+fn check_finds_what_would_fail_at_run_time_programs_directories_and_kubeconfig() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let not_executable = dir.path().join("server.sh");
+    std::fs::write(&not_executable, "#!/bin/sh\n").unwrap();
+    let text = format!(
+        r#"
+[kubernetes]
+kubeconfig = "{dir}/no-such-kubeconfig"
+
+[[target]]
+name = "missing"
+hosts = ["missing.localhost"]
+command = ["no-such-program-anywhere", "--port", "{{port}}"]
+
+[[target]]
+name = "relative"
+hosts = ["relative.localhost"]
+command = ["./server.sh", "{{port}}"]
+cwd = "{dir}"
+
+[[target]]
+name = "nowhere"
+hosts = ["nowhere.localhost"]
+command = ["sh", "-c", "exec server --port $PORT"]
+cwd = "{dir}/no-such-directory"
+
+[[target]]
+name = "fine"
+hosts = ["fine.localhost"]
+command = ["sh", "-c", "exec server --listen 127.0.0.1:8000"]
+"#,
+        dir = dir.path().display()
+    );
+    let (code, stdout, stderr) = check(&text);
+    assert_eq!(code, Some(2), "stdout: {stdout}\nstderr: {stderr}");
+    for expected in [
+        "4 problem(s)",
+        "target[0] (missing).command[0]: got \"no-such-program-anywhere\", expected a program on PATH",
+        "target[1] (relative).command[0]: got \"./server.sh\", expected an executable program (not executable: chmod +x",
+        "target[2] (nowhere).cwd: got",
+        "expected an existing directory",
+        "kubernetes.kubeconfig: got",
+        "expected a readable kubeconfig file",
+        // Valid, but each instance must listen where wakegate says: a warning, not a problem.
+        "warning: target[3] (fine).command: neither `{port}` nor `PORT` appears in it",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+    assert!(
+        !stderr.contains("(nowhere).command"),
+        "$PORT is a use of the port:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("(fine).command[0]"),
+        "sh is on PATH:\n{stderr}"
+    );
+
+    // Made executable, the relative program is found from `cwd`.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_, _, stderr) = check(&text);
+    assert!(stderr.contains("3 problem(s)"), "{stderr}");
+    assert!(!stderr.contains("(relative)"), "{stderr}");
+}

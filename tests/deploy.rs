@@ -1,6 +1,6 @@
 //! The Kubernetes material in deploy/ as a user gets it: every kustomization rendered by
 //! `kubectl kustomize` and every object parsed into its Kubernetes type, then the settings a
-//! user relies on checked (RBAC, probes, drain, peers, annotations, KEDA, the dashboard).
+//! user relies on checked (RBAC, probes, drain, peers, annotations, KEDA, TLS, the dashboard).
 //! Nothing is applied to a cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,7 +27,8 @@ const BASE: &str = "deploy/base";
 const MONITORING: &str = "deploy/monitoring";
 const HELLO: &str = "deploy/examples/hello";
 const KEDA: &str = "deploy/examples/keda";
-const KUSTOMIZATIONS: [&str; 4] = [BASE, MONITORING, HELLO, KEDA];
+const TLS: &str = "deploy/examples/tls";
+const KUSTOMIZATIONS: [&str; 5] = [BASE, MONITORING, HELLO, KEDA, TLS];
 
 /// wakegate's own namespace, where its Lease, peers and Role live.
 const NAMESPACE: &str = "wakegate";
@@ -1232,4 +1233,73 @@ fn grafana_dashboard_queries_only_documented_metrics() {
     ] {
         assert!(used.contains(needed), "no panel shows {needed}");
     }
+}
+
+#[test]
+fn tls_example_serves_https_from_a_mounted_tls_secret_on_the_port_it_listens_on() {
+    let tls = render(TLS);
+    let (text, _) = tls.mounted_config();
+    let (config, _) = parse_config(&text);
+    let settings = config.tls.clone().expect("[tls] in the TLS example");
+
+    // Every certificate and key file is a key of a kubernetes.io/tls Secret mounted whole
+    // (no subPath: a subPath mount never sees the Secret change).
+    let (deployment, container) = tls.wakegate();
+    let volumes = pod_spec(&deployment).volumes.clone().unwrap_or_default();
+    let mounts = container.volume_mounts.clone().unwrap_or_default();
+    assert!(!settings.certificates.is_empty());
+    for files in &settings.certificates {
+        for (path, key) in [(&files.cert, "tls.crt"), (&files.key, "tls.key")] {
+            let mount = mounts
+                .iter()
+                .find(|m| path.parent() == Some(Path::new(&m.mount_path)))
+                .unwrap_or_else(|| panic!("{TLS}: nothing mounted where {path:?} is"));
+            assert_eq!(
+                mount.sub_path, None,
+                "{TLS}: {path:?} under a subPath mount"
+            );
+            assert_eq!(mount.read_only, Some(true));
+            let volume = volumes
+                .iter()
+                .find(|v| v.name == mount.name)
+                .expect("the mounted volume");
+            let secret = volume
+                .secret
+                .as_ref()
+                .unwrap_or_else(|| panic!("{TLS}: {path:?} is not from a Secret"));
+            assert_eq!(secret.secret_name.as_deref(), Some("wakegate-tls"));
+            assert_eq!(path.file_name().and_then(|f| f.to_str()), Some(key));
+        }
+    }
+
+    // The container port named https is the one [tls] listens on, and the Service sends 443
+    // there.
+    let port = container
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("https"))
+        .expect("an https container port");
+    assert_eq!(port.container_port, i32::from(settings.listen.port()));
+    let service: Service = tls.one("wakegate");
+    let https = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .and_then(|ports| ports.iter().find(|p| p.port == 443))
+        .expect("Service port 443");
+    assert_eq!(
+        https.target_port,
+        Some(IntOrString::String("https".to_owned()))
+    );
+
+    // The rest as the base has it, so the two do not drift apart.
+    let (base_text, _) = render(BASE).mounted_config();
+    let mut without_tls = config;
+    without_tls.tls = None;
+    assert_eq!(
+        without_tls,
+        parse_config(&base_text).0,
+        "{TLS}/wakegate.toml differs from {BASE}/wakegate.toml in more than [tls]"
+    );
 }

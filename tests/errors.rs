@@ -161,42 +161,147 @@ async fn a_notify_target_that_never_sends_ready_gets_504_and_its_process_is_stop
     );
 }
 
-#[tokio::test]
-async fn a_target_that_exits_during_start_gets_502_at_once_and_each_request_retries_it() {
-    let command = r#"["sh", "-c", "sleep 0.2; exit 3"]"#;
-    let wg = Wakegate::start("", &hello(command, "cold_start_timeout = \"20s\"")).await;
+/// A target whose program exits at once, with a back-off after its first failure of `first`.
+fn failing(name: &str, first: &str) -> String {
+    format!(
+        r#"
+[[target]]
+name = "{name}"
+hosts = ["{name}.localhost"]
+command = ["sh", "-c", "sleep 0.2; exit 3"]
+cold_start_timeout = "20s"
+start_backoff = "{first}"
+"#
+    )
+}
 
-    for attempt in 1..=2 {
-        let began = Instant::now();
-        let r = within(10, "request", wg.get("hello.localhost", "/")).await;
-        let took = began.elapsed();
-        assert_eq!(r.status, 502, "{}", r.body);
+#[tokio::test]
+async fn a_target_that_keeps_failing_to_start_is_backed_off_and_requests_meanwhile_get_503_at_once()
+{
+    let wg = Wakegate::start(
+        "",
+        &format!("{}{}", failing("hello", "1m"), failing("quick", "300ms")),
+    )
+    .await;
+    let starts = |metrics: &str, name: &str| {
+        metric(
+            metrics,
+            "wakegate_cold_starts_total",
+            &format!("service=\"{name}\""),
+        )
+    };
+
+    // The first request tries a start, and gets its failure at once.
+    let began = Instant::now();
+    let r = within(10, "request", wg.get("hello.localhost", "/")).await;
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "not held until the timeout"
+    );
+    let reason = plain_reason(&r);
+    assert!(
+        reason.contains("hello")
+            && reason.contains("failed to start")
+            && reason.contains("exit status: 3"),
+        "{reason}"
+    );
+
+    // Then no start for a minute: twenty requests get 503 at once, saying so.
+    for _ in 0..20 {
+        let r = within(
+            5,
+            "request during the back-off",
+            wg.get("hello.localhost", "/"),
+        )
+        .await;
+        assert_eq!(r.status, 503, "{}", r.body);
+        let retry_after: u64 = r.headers[http::header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(
-            took < Duration::from_secs(5),
-            "not held until the timeout: {took:?}"
+            (50..=60).contains(&retry_after),
+            "Retry-After: {retry_after}"
         );
         let reason = plain_reason(&r);
         assert!(
-            reason.contains("hello")
-                && reason.contains("failed to start")
-                && reason.contains("exit status: 3"),
+            reason.contains("failed to start 1 time(s) in a row")
+                && reason.contains("next start is tried in"),
             "{reason}"
         );
-        let metrics = wg.metrics().await;
-        assert_eq!(
-            metric(&metrics, "wakegate_cold_starts_total", "service=\"hello\""),
-            Some(f64::from(attempt)),
-            "each request tries a new start"
-        );
-        assert_eq!(rejected(&metrics, "start_failed"), Some(f64::from(attempt)));
     }
+    let metrics = wg.metrics().await;
+    assert_eq!(
+        starts(&metrics, "hello"),
+        Some(1.0),
+        "one start, not one per request"
+    );
+    assert_eq!(rejected(&metrics, "start_failed"), Some(1.0));
+    assert_eq!(rejected(&metrics, "start_backoff"), Some(20.0));
+    let waiting = metric(
+        &metrics,
+        "wakegate_start_backoff_seconds",
+        "service=\"hello\"",
+    );
+    assert!(
+        waiting.is_some_and(|s| (50.0..=60.0).contains(&s)),
+        "{waiting:?}"
+    );
     let target = wg.target("hello").await;
-    assert_eq!(target["state"], "cold");
     assert!(
         target["last_start_failure"]
             .as_str()
             .is_some_and(|why| why.contains("exit status: 3")),
         "{target}"
+    );
+    assert_eq!(target["backoff"]["failures"], 1, "{target}");
+
+    // Once a back-off is over, the next request tries again (the doubling is unit-tested).
+    for attempt in 1..=2 {
+        let r = within(10, "request", wg.get("quick.localhost", "/")).await;
+        assert_eq!(r.status, 502, "{}", r.body);
+        assert_eq!(
+            starts(&wg.metrics().await, "quick"),
+            Some(f64::from(attempt))
+        );
+        wg.wait_for_target("quick", Duration::from_secs(5), |t| t["backoff"].is_null())
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn an_instance_that_crashes_soon_after_it_became_ready_starts_the_back_off_too() {
+    let bin = bin();
+    let command = format!(
+        r#"["sh", "-c", "{bin} demo-backend --port {{port}} & b=$!; sleep 1; kill $b; exit 1"]"#
+    );
+    let extra = "ready = { http_get = \"/healthz\" }\nstart_backoff = \"1m\"";
+    let wg = Wakegate::start("", &hello(&command, extra)).await;
+    assert_eq!(wg.get("hello.localhost", "/").await.status, 200);
+
+    wg.wait_for_target("hello", Duration::from_secs(10), |t| {
+        t["backoff"]["failures"] == 1
+    })
+    .await;
+    let target = wg.target("hello").await;
+    let why = target["last_start_failure"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("exited (exit status: 1)") && why.contains("after it became ready"),
+        "{target}"
+    );
+    let r = within(
+        5,
+        "request during the back-off",
+        wg.get("hello.localhost", "/"),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(
+        plain_reason(&r).contains("next start is tried in"),
+        "{}",
+        r.body
     );
 }
 

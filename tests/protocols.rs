@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use http::{Request, Response, StatusCode, Version, header};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -135,18 +134,15 @@ async fn websocket_text_and_binary_messages_are_echoed_through_the_proxy() {
     assert_eq!(wg.target("ws").await["in_flight"], 1);
 
     let binary: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
-    for message in [
-        Message::text("hello through wakegate"),
-        Message::binary(binary),
-        Message::text("and again"),
-    ] {
-        ws.send(message.clone()).await.expect("sent");
-        let echoed = within(5, "an echo", ws.next())
-            .await
-            .expect("a message")
-            .expect("a valid message");
-        assert_eq!(echoed, message);
-    }
+    echoes(
+        &mut ws,
+        [
+            Message::text("hello through wakegate"),
+            Message::binary(binary),
+            Message::text("and again"),
+        ],
+    )
+    .await;
     ws.close(None).await.expect("closed cleanly");
     drop(ws);
     wg.wait_for_target("ws", Duration::from_secs(5), |t| t["in_flight"] == 0)

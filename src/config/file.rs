@@ -14,7 +14,8 @@ use super::target::{
     Backend, Local, Protocol, ReadyCheck, Scaling, Serving, TargetConfig, is_object_name,
 };
 use super::{
-    Autoscaler, Config, KubernetesConfig, Limits, Listen, MAX_DURATION, Problem, defaults,
+    Autoscaler, Config, KubernetesConfig, Limits, Listen, MAX_DURATION, Problem, TlsConfig,
+    defaults,
 };
 
 /// The whole configuration file.
@@ -34,6 +35,8 @@ pub struct File {
     pub targets: Vec<FileTarget>,
     /// Discover targets from annotated Services and scale their Deployments.
     pub kubernetes: Option<KubernetesConfig>,
+    /// An HTTPS listener beside the cleartext one.
+    pub tls: Option<TlsConfig>,
 }
 
 /// One `[[target]]` as written: where its traffic comes from (hosts, path prefixes), what
@@ -64,6 +67,10 @@ pub struct FileTarget {
     pub max_pending: u32,
     #[serde(default = "defaults::stop_grace", with = "super::duration")]
     pub stop_grace: Duration,
+    /// After a failed start (or an instance that crashed soon after it became ready), no
+    /// start for this long, doubling with each failure in a row; `0s`: none.
+    #[serde(default = "defaults::start_backoff", with = "super::duration")]
+    pub start_backoff: Duration,
     #[serde(default, with = "super::duration::option")]
     pub response_timeout: Option<Duration>,
     #[serde(default)]
@@ -137,6 +144,28 @@ impl File {
             Duration::from_millis(10),
         );
         self.limits.check(&mut problems);
+        if let Some(tls) = &self.tls {
+            if tls.certificates.is_empty() {
+                problems.push(
+                    "tls.certificate",
+                    "none",
+                    "at least one [[tls.certificate]] with `cert` and `key` (PEM files)",
+                );
+            }
+            for (field, addr) in [
+                ("listen.proxy", self.listen.proxy),
+                ("listen.admin", self.listen.admin),
+            ] {
+                // Port 0 (any free port) is a different port each time.
+                if tls.listen == addr && addr.port() != 0 {
+                    problems.push(
+                        "tls.listen",
+                        addr.to_string(),
+                        &format!("an address other than {field}'s"),
+                    );
+                }
+            }
+        }
         let mut names = HashSet::new();
         let mut routes = HashMap::new();
         let mut targets = Vec::new();
@@ -192,6 +221,7 @@ impl File {
             limits: self.limits.clone(),
             targets,
             kubernetes: self.kubernetes.clone(),
+            tls: self.tls.clone(),
         });
         (config, problems.0)
     }
@@ -256,6 +286,10 @@ impl FileTarget {
             ("cold_start_timeout", Some(self.cold_start_timeout)),
             ("idle_timeout", Some(self.idle_timeout)),
             ("stop_grace", Some(self.stop_grace).filter(|d| !d.is_zero())),
+            (
+                "start_backoff",
+                Some(self.start_backoff).filter(|d| !d.is_zero()),
+            ),
             ("response_timeout", self.response_timeout),
         ] {
             if let Some(value) = value {
@@ -323,6 +357,7 @@ impl FileTarget {
                     cwd: self.cwd.clone(),
                     ready: self.ready.clone(),
                     stop_grace: self.stop_grace,
+                    start_backoff: self.start_backoff,
                 }))
             }
             (None, Some(up)) => {

@@ -13,6 +13,7 @@ use route::{HostPattern, RefusalReason};
 
 pub mod annotations;
 mod duration;
+pub mod environment;
 pub mod file;
 pub mod limits;
 pub mod route;
@@ -42,6 +43,33 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     /// Discover targets from annotated Services and scale their Deployments.
     pub kubernetes: Option<KubernetesConfig>,
+    /// An HTTPS listener beside the cleartext one.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[tls]`: where HTTPS clients connect and the certificates they are given.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// HTTP/1.1 and HTTP/2, chosen by ALPN.
+    #[serde(default = "defaults::tls_addr")]
+    pub listen: SocketAddr,
+    /// `[[tls.certificate]]`: each serves the DNS names of its certificate's subjectAltName,
+    /// chosen by SNI (exact names before `*.` wildcards); the first also serves clients that
+    /// name no host, or one no certificate names.
+    #[serde(default, rename = "certificate")]
+    pub certificates: Vec<CertificateFiles>,
+}
+
+/// A certificate chain and its private key, PEM files (relative paths: to wakegate's working
+/// directory).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// The server's certificate first, then its intermediates.
+    pub cert: PathBuf,
+    /// PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+    pub key: PathBuf,
 }
 
 /// `[kubernetes]`: where to find the API server and what to watch.
@@ -211,6 +239,9 @@ mod defaults {
     pub fn admin_addr() -> SocketAddr {
         "127.0.0.1:9090".parse().expect("valid literal")
     }
+    pub fn tls_addr() -> SocketAddr {
+        "127.0.0.1:8443".parse().expect("valid literal")
+    }
     pub fn drain_timeout() -> Duration {
         Duration::from_secs(30)
     }
@@ -234,6 +265,9 @@ mod defaults {
     }
     pub fn stop_grace() -> Duration {
         Duration::from_secs(10)
+    }
+    pub fn start_backoff() -> Duration {
+        Duration::from_secs(1)
     }
     pub fn max_instances() -> u32 {
         10
@@ -335,6 +369,9 @@ impl Config {
         }
         if self.kubernetes != running.kubernetes {
             fields.push("kubernetes");
+        }
+        if self.tls.as_ref().map(|t| t.listen) != running.tls.as_ref().map(|t| t.listen) {
+            fields.push("tls.listen");
         }
         fields
     }

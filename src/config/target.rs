@@ -116,6 +116,8 @@ pub struct Local {
     /// Between SIGTERM and SIGKILL when an instance is stopped, and the longest its
     /// in-flight requests may take to finish before that.
     pub stop_grace: Duration,
+    /// The first crash back-off (see [`crate::target::Backoff`]); zero: none.
+    pub start_backoff: Duration,
 }
 
 /// Where a target discovered from a Kubernetes Service sends traffic and what it scales.

@@ -799,6 +799,42 @@ fn a_grpc_readiness_check_needs_an_h2c_target() {
 }
 
 #[test]
+fn the_tls_example_serves_two_certificates_on_its_own_port() {
+    let config = shipped("examples/tls.toml");
+    let tls = config.tls.expect("[tls]");
+    assert_eq!(tls.listen, "127.0.0.1:8443".parse().unwrap());
+    assert_eq!(
+        tls.certificates,
+        ["hello", "echo"].map(|name| CertificateFiles {
+            cert: format!("examples/tls/{name}.localhost.crt").into(),
+            key: format!("examples/tls/{name}.localhost.key").into(),
+        })
+    );
+    assert_eq!(config.targets.len(), 2);
+}
+
+#[test]
+fn tls_needs_a_certificate_and_a_port_of_its_own() {
+    let problems = parse("[tls]\n").validate();
+    assert_problem(&problems, "tls.certificate", "none", "at least one");
+
+    let problems = parse(
+        "[listen]\nproxy = \"127.0.0.1:8080\"\n[tls]\nlisten = \"127.0.0.1:8080\"\n\
+         [[tls.certificate]]\ncert = \"a.crt\"\nkey = \"a.key\"\n",
+    )
+    .validate();
+    assert_problem(
+        &problems,
+        "tls.listen",
+        "127.0.0.1:8080",
+        "other than listen.proxy",
+    );
+
+    let error = File::parse("[tls]\n[[tls.certificate]]\ncert = \"a.crt\"\n").unwrap_err();
+    assert!(error.contains("missing field `key`"), "{error}");
+}
+
+#[test]
 fn limits_have_safe_defaults_and_take_what_the_file_says() {
     let config = parse("");
     assert_eq!(config.limits, Limits::default());

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use self::notify::NotifySocket;
 use super::{Desired, Managed, Provider, Scale};
 use crate::config::{Local, Protocol, ReadyCheck};
-use crate::target::{Endpoint, Phase, Target};
+use crate::target::{Backoff, Endpoint, Phase, Target};
 
 /// How often a starting instance's `tcp` readiness is checked, from its spawn on. A refused
 /// loopback connect costs about 15 µs of CPU, so this adds about a millisecond at most to a cold
@@ -55,6 +55,8 @@ struct Instance {
     child: Child,
     pid: u32,
     endpoint: Arc<Endpoint>,
+    /// When it became ready: one that exits soon after crashed.
+    ready_at: Instant,
     /// The socket it notified its readiness on, until the instance is published.
     notify: Option<NotifySocket>,
 }
@@ -69,13 +71,17 @@ async fn supervise(
     let mut ready: Vec<Instance> = Vec::new();
     let mut starting: JoinSet<Result<Instance, String>> = JoinSet::new();
     let mut stopping: JoinSet<()> = JoinSet::new();
-    // After a failed start (or a crash) nothing is started again until scale() asks again.
+    // After a failed start (or a crash) nothing is started again until scale() asks again,
+    // and not before the crash back-off ends: failed starts and early crashes in a row.
     let mut failed_at: Option<u64> = None;
+    let mut failures: u32 = 0;
+    let mut retry_at: Option<Instant> = None;
     let mut published = (Vec::new(), Phase::Cold);
     while !stop.is_cancelled() {
         let want = *desired.borrow_and_update();
         let wanted = want.replicas as usize;
-        if wanted > ready.len() + starting.len() && failed_at != Some(want.asked) {
+        let backing_off = retry_at.is_some_and(|at| at > Instant::now());
+        if wanted > ready.len() + starting.len() && failed_at != Some(want.asked) && !backing_off {
             for _ in ready.len() + starting.len()..wanted {
                 starting.spawn(start(target.clone(), local.clone(), stop.clone()));
             }
@@ -105,21 +111,45 @@ async fn supervise(
                     let notify = instance.notify.take();
                     ready.push(instance);
                     failed_at = None;
+                    retry_at = None;
+                    target.backoff_cleared();
                     // Removing the socket's file and directory can take milliseconds on a
                     // busy disk: not before the held requests have their instance.
                     publish(&target, &ready, &starting, &stopping, &mut published);
                     drop(notify);
                 }
                 Ok(Err(reason)) => {
-                    tracing::warn!(target = %target.name(), %reason, "start failed");
-                    target.start_failed(reason);
+                    let backoff = next_backoff(&mut failures, &ready, local.start_backoff);
+                    retry_at = Some(backoff.until);
+                    tracing::warn!(
+                        target = %target.name(),
+                        %reason,
+                        failures,
+                        retry_in_ms = backoff.until.saturating_duration_since(Instant::now()).as_millis() as u64,
+                        "start failed"
+                    );
+                    target.start_failed(reason, Some(backoff));
                     failed_at = Some(want.asked);
                 }
                 Err(error) => tracing::error!(target = %target.name(), %error, "start task failed"),
             },
             (at, status) = exited(&mut ready) => {
                 let gone = ready.swap_remove(at);
-                tracing::warn!(target = %target.name(), pid = gone.pid, %status, "instance exited by itself");
+                let ran = gone.ready_at.elapsed();
+                tracing::warn!(target = %target.name(), pid = gone.pid, %status, ran_ms = ran.as_millis() as u64, "instance exited by itself");
+                if ran < Backoff::HEALTHY_RUN {
+                    let backoff = next_backoff(&mut failures, &ready, local.start_backoff);
+                    retry_at = Some(backoff.until);
+                    target.crashed(
+                        format!(
+                            "an instance exited ({status}) {} after it became ready",
+                            humantime::format_duration(Duration::from_millis(ran.as_millis() as u64))
+                        ),
+                        backoff,
+                    );
+                } else {
+                    failures = 0;
+                }
                 // Started again on the next request (or the autoscaler's next ask).
                 failed_at = Some(want.asked);
             }
@@ -144,6 +174,19 @@ async fn supervise(
     publish(&target, &ready, &starting, &stopping, &mut published);
     while stopping.join_next().await.is_some() {}
     target.publish(Vec::new(), Phase::Cold);
+}
+
+/// Counts one more failed start or early crash, and says how long no start is tried. An
+/// instance still up a healthy run after it became ready means the earlier failures are over.
+fn next_backoff(failures: &mut u32, ready: &[Instance], first: Duration) -> Backoff {
+    if ready
+        .iter()
+        .any(|i| i.ready_at.elapsed() >= Backoff::HEALTHY_RUN)
+    {
+        *failures = 0;
+    }
+    *failures += 1;
+    Backoff::after(*failures, first, Instant::now())
 }
 
 /// Publishes the ready endpoints and the phase, if they changed.
@@ -280,6 +323,7 @@ async fn start_on(
         child,
         pid,
         endpoint: Endpoint::new(authority),
+        ready_at: Instant::now(),
         notify,
     })
 }
@@ -357,8 +401,54 @@ fn spawn(
 async fn log_lines(stream: impl AsyncRead + Unpin, target: Arc<str>, stream_name: &'static str) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
+        let line = without_escapes(&line);
         tracing::info!(target: "wakegate::process", target = %target, stream = stream_name, "{line}");
     }
+}
+
+/// An instance's output line without its terminal escape sequences (colours, cursor moves,
+/// titles), which would reach JSON logs and files as literal escapes.
+fn without_escapes(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.contains('\x1b') {
+        return line.into();
+    }
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            // CSI: parameters and intermediates up to a final byte in @..~.
+            Some('[') => {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            // OSC (a window title, a hyperlink): up to BEL or ESC \.
+            Some(']') => {
+                while let Some(c) = chars.next() {
+                    if c == '\x07' || (c == '\x1b' && chars.next_if_eq(&'\\').is_some()) {
+                        break;
+                    }
+                }
+            }
+            // nF escapes (a character set: ESC ( B): intermediates, then one final character.
+            Some(c) if (' '..='/').contains(&c) => {
+                for c in chars.by_ref() {
+                    if !(' '..='/').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            // Any other escape is two characters long.
+            _ => {}
+        }
+    }
+    out.into()
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -531,5 +621,29 @@ async fn terminate(child: &mut Child, pid: u32, grace: Duration) {
         // SAFETY: as above.
         unsafe { libc::kill(group, libc::SIGKILL) };
         let _ = child.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_escapes;
+
+    #[test]
+    fn terminal_escapes_are_taken_out_of_instance_output() {
+        for (line, expected) in [
+            ("plain text", "plain text"),
+            ("\x1b[1;31merror\x1b[0m: failed", "error: failed"),
+            ("\x1b[2K\x1b[1Gprogress 50%", "progress 50%"),
+            ("\x1b]0;a title\x07after", "after"),
+            (
+                "\x1b]8;;https://example.com\x1b\\link\x1b]8;;\x1b\\",
+                "link",
+            ),
+            ("a\x1b(Bb", "ab"),
+            ("unfinished \x1b[31", "unfinished "),
+            ("ünïcode \x1b[32mgrün\x1b[m", "ünïcode grün"),
+        ] {
+            assert_eq!(without_escapes(line), expected, "{line:?}");
+        }
     }
 }

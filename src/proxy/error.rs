@@ -30,6 +30,15 @@ pub enum ProxyError {
     /// The client's request body broke off or was malformed while it was being forwarded.
     #[error("the request body for target {target} is malformed or incomplete")]
     ClientBody { target: String },
+    #[error(
+        "target {target} failed to start {failures} time(s) in a row; the next start is tried in {}",
+        humantime::format_duration(Duration::from_secs(retry_after_secs(*.retry_in)))
+    )]
+    BackingOff {
+        target: String,
+        failures: u32,
+        retry_in: Duration,
+    },
     #[error("upstream of target {target} failed before responding")]
     Upstream {
         target: String,
@@ -57,6 +66,7 @@ impl ProxyError {
             }
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::QueueFull { .. }
+            | ProxyError::BackingOff { .. }
             | ProxyError::ShuttingDown
             | ProxyError::TargetRemoved { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ColdStartTimeout { .. }
@@ -80,6 +90,7 @@ impl ProxyError {
             ProxyError::ColdStartTimeout { .. } => Some(Reject::ColdStartTimeout),
             ProxyError::Deadline { .. } => Some(Reject::Deadline),
             ProxyError::StartFailed { .. } => Some(Reject::StartFailed),
+            ProxyError::BackingOff { .. } => Some(Reject::StartBackoff),
             ProxyError::Upstream { .. } => Some(Reject::Upstream),
             ProxyError::UpstreamTimeout { .. } => Some(Reject::UpstreamTimeout),
             ProxyError::ShuttingDown => Some(Reject::ShuttingDown),
@@ -104,19 +115,24 @@ impl ProxyError {
             | ProxyError::Deadline { .. }
             | ProxyError::UpstreamTimeout { .. } => GrpcStatus::DeadlineExceeded,
             ProxyError::StartFailed { .. }
+            | ProxyError::BackingOff { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::ShuttingDown
             | ProxyError::TargetRemoved { .. } => GrpcStatus::Unavailable,
         }
     }
 
-    /// The error chain in one line, for logs.
+    /// The error chain in one line, for logs. A cause that an error already quotes at its end
+    /// (as hyper's and io's errors often do) is not written twice.
     pub fn chain(&self) -> String {
         let mut text = self.to_string();
         let mut source = std::error::Error::source(self);
         while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
+            let cause_text = cause.to_string();
+            if !text.ends_with(&cause_text) {
+                text.push_str(": ");
+                text.push_str(&cause_text);
+            }
             source = cause.source();
         }
         text
@@ -158,6 +174,12 @@ impl ProxyError {
             {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            ProxyError::BackingOff { retry_in, .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(retry_in)),
+                );
+            }
             ProxyError::ShuttingDown => {
                 // HTTP/2 has no such header (RFC 9113 §8.2.2): its connection ends with GOAWAY.
                 if version < Version::HTTP_2 {
@@ -169,6 +191,11 @@ impl ProxyError {
         }
         response
     }
+}
+
+/// Whole seconds, rounded up, as `Retry-After` counts them.
+fn retry_after_secs(after: Duration) -> u64 {
+    after.as_secs() + u64::from(after.subsec_nanos() > 0)
 }
 
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -208,6 +235,23 @@ fn grpc_message(text: &str) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cause_already_quoted_is_not_repeated_in_the_chain() {
+        let error = ProxyError::Upstream {
+            target: "api".into(),
+            source: super::super::pool::UpstreamError::Connect {
+                authority: "127.0.0.1:9".parse().unwrap(),
+                source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+            },
+        };
+        let chain = error.chain();
+        assert_eq!(chain.matches("connection refused").count(), 1, "{chain}");
+        assert!(
+            chain.ends_with("cannot connect to 127.0.0.1:9: connection refused"),
+            "{chain}"
+        );
+    }
 
     #[test]
     fn shutting_down_asks_http1_clients_to_close_the_connection_and_http2_clients_nothing() {

@@ -80,15 +80,31 @@ impl Forwarder {
 
 /// What the forwarder needs to know about the downstream side of a request.
 pub struct Downstream<'a> {
-    /// The client's address, as [`forwarded_for`] formats it.
-    pub forwarded_for: &'a HeaderValue,
+    pub client: &'a Client,
     /// The Host (or :authority) the client asked for, port included.
     pub host: &'a HeaderValue,
 }
 
-/// A client's IP address as an `X-Forwarded-For` entry: formatted once per connection rather
-/// than once per request.
-pub fn forwarded_for(peer: SocketAddr) -> HeaderValue {
+/// One client connection, as the upstream is told of it.
+#[derive(Debug)]
+pub struct Client {
+    /// The client's IP address as an `X-Forwarded-For` entry: formatted once per connection
+    /// rather than once per request.
+    pub forwarded_for: HeaderValue,
+    /// Whether it came over TLS: `X-Forwarded-Proto: https`.
+    pub tls: bool,
+}
+
+impl Client {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        Self {
+            forwarded_for: forwarded_for(peer),
+            tls,
+        }
+    }
+}
+
+fn forwarded_for(peer: SocketAddr) -> HeaderValue {
     HeaderValue::try_from(peer.ip().to_string()).expect("an IP address is a valid header value")
 }
 
@@ -173,10 +189,16 @@ impl Forwarder {
                 headers.remove(header::HOST);
             }
         }
-        append_forwarded_for(headers, downstream.forwarded_for);
-        headers
-            .entry(&X_FORWARDED_PROTO)
-            .or_insert_with(|| HeaderValue::from_static("http"));
+        append_forwarded_for(headers, &downstream.client.forwarded_for);
+        if downstream.client.tls {
+            // wakegate terminated the TLS itself: what the client claims does not count.
+            headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        } else {
+            // Kept when a proxy in front of wakegate terminated it and says so.
+            headers
+                .entry(&X_FORWARDED_PROTO)
+                .or_insert_with(|| HeaderValue::from_static("http"));
+        }
         headers
             .entry(&X_FORWARDED_HOST)
             .or_insert_with(|| downstream.host.clone());

@@ -43,7 +43,20 @@ pub async fn wait_ready(
     };
     // Subscribe before asking for the wake, so no failure of that start can be missed.
     let mut status = target.subscribe();
-    let failures_seen = status.borrow_and_update().start_failures;
+    let failures_seen = {
+        let now = status.borrow_and_update();
+        // Failed starts in a row: no new one until the back-off ends, and no waiting for it.
+        if let Some(backoff) = now.backoff
+            && let Some(retry_in) = backoff.remaining(Instant::now())
+        {
+            return Err(ProxyError::BackingOff {
+                target: target.name.clone(),
+                failures: backoff.failures,
+                retry_in,
+            });
+        }
+        now.start_failures
+    };
     target.request_wake();
 
     // Ok(lease), or Err(the successor).

@@ -32,6 +32,7 @@ pub mod pool;
 pub mod replay;
 pub mod route;
 pub mod server;
+pub mod tls;
 pub mod track;
 mod wake_page;
 
@@ -53,7 +54,7 @@ use crate::target::stats::{Reject, method_index};
 use body::ProxyBody;
 use edge::{Refusal, Unrouted};
 use error::ProxyError;
-use forward::{Downstream, Forwarder, Tunnels};
+use forward::{Client, Downstream, Forwarder, Tunnels};
 use hold::Held;
 use route::RouteTable;
 use track::{Demand, InFlight};
@@ -76,6 +77,8 @@ pub struct Shared {
     pub unrouted: Unrouted,
     /// Every worker's upgraded connections, so that a drain sees them all.
     pub tunnels: Tunnels,
+    /// The HTTPS listener's certificates and handshake counts, when there is one.
+    pub tls: Option<Arc<tls::Tls>>,
     /// How long a drain may take; a reload may change it.
     pub drain_timeout: watch::Receiver<Duration>,
     /// `[limits]`; a reload may change them for the connections accepted after it.
@@ -87,6 +90,7 @@ impl Shared {
     pub fn new(
         snapshot: Arc<ArcSwap<Snapshot>>,
         drain_timeout: watch::Receiver<Duration>,
+        tls: Option<Arc<tls::Tls>>,
         limits: watch::Receiver<Limits>,
     ) -> Self {
         Self {
@@ -94,6 +98,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             unrouted: Unrouted::default(),
             tunnels: Tunnels::default(),
+            tls,
             drain_timeout,
             limits,
             clients: server::ClientStats::default(),
@@ -132,6 +137,7 @@ impl Proxy {
     pub fn connection(
         &self,
         peer: SocketAddr,
+        tls: bool,
     ) -> impl hyper::service::Service<
         Request<Incoming>,
         Response = Response<ProxyBody>,
@@ -140,7 +146,7 @@ impl Proxy {
     > + Clone
     + Send
     + 'static {
-        let connection = Arc::new((self.clone(), forward::forwarded_for(peer)));
+        let connection = Arc::new((self.clone(), Client::new(peer, tls)));
         // A closure, not a tower service: hyper keeps the request's future in place rather
         // than in a new box per request.
         hyper::service::service_fn(move |req| {
@@ -150,18 +156,17 @@ impl Proxy {
             // each held or in-flight request's future (a pointer is stored instead).
             let req = Box::new(req);
             async move {
-                let (proxy, forwarded_for) = &*connection;
-                Ok(proxy.handle(req, forwarded_for).await)
+                let (proxy, client) = &*connection;
+                Ok(proxy.handle(req, client).await)
             }
         })
     }
 
-    /// Answers one request; `forwarded_for` is the client's address (see
-    /// [`forward::forwarded_for`]).
+    /// Answers one request of `client`'s connection.
     pub async fn handle(
         &self,
         req: Box<Request<Incoming>>,
-        forwarded_for: &HeaderValue,
+        client: &Client,
     ) -> Response<ProxyBody> {
         let shared = &*self.inner.shared;
         let version = req.version();
@@ -213,7 +218,7 @@ impl Proxy {
             let demand = Demand::begin(target.clone(), started);
             let request = Arrival {
                 req,
-                forwarded_for,
+                client,
                 host: &host,
                 deadline,
             };
@@ -248,7 +253,7 @@ impl Proxy {
     ) -> Result<Served, ProxyError> {
         let Arrival {
             mut req,
-            forwarded_for,
+            client,
             host,
             deadline,
         } = request;
@@ -273,10 +278,7 @@ impl Proxy {
                 Held::Moved(next) => return Ok(Served::Moved(next, req)),
             },
         };
-        let downstream = Downstream {
-            forwarded_for,
-            host,
-        };
+        let downstream = Downstream { client, host };
         let mut response = self
             .inner
             .forwarder
@@ -294,7 +296,7 @@ impl Proxy {
 /// A request on its way to a target, with what the client connection says of it.
 struct Arrival<'a> {
     req: Box<Request<Incoming>>,
-    forwarded_for: &'a HeaderValue,
+    client: &'a Client,
     host: &'a HeaderValue,
     deadline: Option<Deadline>,
 }

@@ -1,7 +1,7 @@
-//! Accepting client connections: HTTP/1.1 and h2c (prior knowledge) on one port, upgrades
-//! enabled, `[limits]` applied to both protocols, and a graceful drain on shutdown; one
-//! single-threaded runtime per worker thread, each with its own listening socket of one
-//! `SO_REUSEPORT` group.
+//! Accepting client connections: HTTP/1.1 and h2c (prior knowledge) on one port, HTTP/1.1 and
+//! HTTP/2 by ALPN on the HTTPS one, upgrades enabled, `[limits]` applied to both protocols, and
+//! a graceful drain on shutdown; one single-threaded runtime per worker thread, each with its
+//! own listening sockets, each of one `SO_REUSEPORT` group.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::ProxyBody;
 use super::edge::Refusal;
+use super::tls::{Negotiated, Tls};
 use super::{Proxy, Shared};
 use crate::config::Limits;
 
@@ -54,15 +55,15 @@ pub struct ClientStats {
 /// The protocol a client connection speaks: told from its first bytes on the cleartext port,
 /// or by ALPN after a TLS handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
+enum Protocol {
     Http1,
     Http2,
 }
 
 /// How client connections are served: the HTTP/1.1 and HTTP/2 settings and the limits of
 /// `[limits]`, how many are open, and what a drain needs to reach every open connection.
-/// Any accepted stream (TCP, or TLS over it) is served through [`Connections::serve`].
-pub struct Connections {
+/// Cleartext and TLS connections of a worker alike.
+struct Connections {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     header_read_timeout: Duration,
@@ -79,7 +80,7 @@ pub struct Connections {
 }
 
 impl Connections {
-    pub fn new(limits: &Limits) -> Self {
+    fn new(limits: &Limits) -> Self {
         let mut connections = Self {
             http1: http1::Builder::new(),
             http2: http2::Builder::new(TokioExecutor::new()),
@@ -97,7 +98,7 @@ impl Connections {
 
     /// Takes `limits` for the connections accepted from now on (open ones keep theirs; the
     /// connection bound applies at once).
-    pub fn apply(&mut self, limits: &Limits) {
+    fn apply(&mut self, limits: &Limits) {
         let mut http1 = http1::Builder::new();
         // hyper's header read timeout also runs while a keep-alive connection waits for its
         // next request. `max_header_size` bounds the head exactly (431; 414 for a request
@@ -132,7 +133,7 @@ impl Connections {
     /// Waits until this worker serves fewer than `limits.max_connections`: beyond it the
     /// worker stops accepting, and new connections wait in the kernel's listen queue
     /// (HAProxy's `maxconn`) rather than being accepted and dropped.
-    pub async fn room(&self, stats: &ClientStats) {
+    async fn room(&self, stats: &ClientStats) {
         let (open, closed) = &*self.open_here;
         let mut counted = false;
         loop {
@@ -154,7 +155,7 @@ impl Connections {
 
     /// Asks every open connection to finish its requests and close, and waits for them and
     /// the upgraded ones for at most the drain timeout in force; closes what is left then.
-    pub async fn drain(&self, proxy: &Proxy) {
+    async fn drain(&self, proxy: &Proxy) {
         self.closing.cancel();
         let drain = *proxy.shared().drain_timeout.borrow();
         let tunnels = &proxy.shared().tunnels;
@@ -172,13 +173,30 @@ impl Connections {
         }
     }
 
-    /// Serves one TCP client connection, HTTP/1.1 or HTTP/2 with prior knowledge as its
-    /// first bytes say.
-    fn spawn_tcp(&self, stream: TcpStream, proxy: &Proxy, peer: SocketAddr) {
+    /// Serves one TCP client connection: on the cleartext port HTTP/1.1 or HTTP/2 with prior
+    /// knowledge as its first bytes say; on the HTTPS one (`tls`) as ALPN says, once its
+    /// handshake is done within the header read timeout.
+    fn spawn_tcp(&self, stream: TcpStream, proxy: &Proxy, peer: SocketAddr, tls: Option<Arc<Tls>>) {
         let closing = self.closing.clone();
         let header_read_timeout = self.header_read_timeout;
+        if let Some(tls) = tls {
+            self.spawn(proxy, peer, true, async move {
+                let accepted = tokio::select! {
+                    accepted = tls.accept(stream, peer, header_read_timeout) => accepted,
+                    () = closing.cancelled() => None,
+                };
+                accepted.map(|(stream, negotiated)| {
+                    let protocol = match negotiated {
+                        Negotiated::Http2 => Protocol::Http2,
+                        Negotiated::Http1 => Protocol::Http1,
+                    };
+                    (stream, protocol)
+                })
+            });
+            return;
+        }
         let shared = proxy.inner.shared.clone();
-        self.spawn(proxy, peer, async move {
+        self.spawn(proxy, peer, false, async move {
             let protocol = tokio::select! {
                 protocol = tokio::time::timeout(header_read_timeout, protocol(&stream)) => {
                     protocol.unwrap_or_else(|_| {
@@ -193,28 +211,22 @@ impl Connections {
         });
     }
 
-    /// Serves one client connection of `protocol` on any stream (a TLS acceptor's too).
-    pub fn serve<I>(&self, io: I, protocol: Protocol, proxy: &Proxy, peer: SocketAddr)
-    where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        self.spawn(proxy, peer, async move { Some((io, protocol)) });
-    }
-
     /// Serves the connection `accepted` gives (`None`: nothing to serve) until it closes, a
     /// timeout cuts it, the drain asks it to finish, or the drain time is up. `accepted`
     /// finishes accepting it (peeking at its first bytes, a TLS handshake) in the
-    /// connection's own task, counted among the open connections.
-    pub fn spawn<I>(
+    /// connection's own task, counted among the open connections; `tls`: it came to the
+    /// HTTPS listener.
+    fn spawn<I>(
         &self,
         proxy: &Proxy,
         peer: SocketAddr,
+        tls: bool,
         accepted: impl Future<Output = Option<(I, Protocol)>> + Send + 'static,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity::new());
-        let service = tracked(proxy.connection(peer), activity.clone());
+        let service = tracked(proxy.connection(peer, tls), activity.clone());
         let http1 = self.http1.clone();
         let http2 = self.http2.clone();
         let timeouts = Timeouts {
@@ -491,39 +503,51 @@ async fn protocol(stream: &TcpStream) -> Option<Protocol> {
     }
 }
 
-/// Serves `listener` until `shutdown`, then stops accepting and lets open connections (and
-/// the upgraded ones, such as WebSockets) finish their requests for at most the drain timeout
-/// in force then; whatever is still open after it is closed. A reload's `[limits]` apply to
-/// the connections accepted after it.
-pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: CancellationToken) {
+/// Serves the worker's listeners until `shutdown`, then stops accepting and lets open
+/// connections (and the upgraded ones, such as WebSockets) finish their requests for at most
+/// the drain timeout in force then; whatever is still open after it is closed. A reload's
+/// `[limits]` apply to the connections accepted after it.
+pub async fn serve(listeners: Listeners<TcpListener>, proxy: Proxy, shutdown: CancellationToken) {
     let mut limits = proxy.shared().limits.clone();
     let mut connections = Connections::new(&limits.borrow_and_update());
     let stats = &proxy.shared().clients;
+    let Listeners { plain, tls } = listeners;
+    let https = proxy.shared().tls.clone();
+    let tls = tls.zip(https);
     loop {
         if limits.has_changed().unwrap_or(false) {
             connections.apply(&limits.borrow_and_update());
         }
-        tokio::select! {
-            accepted = async {
+        let (accepted, tls) = tokio::select! {
+            (accepted, tls) = async {
+                // Both listeners wait while the worker serves `max_connections`.
                 connections.room(stats).await;
-                listener.accept().await
-            } => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                connections.spawn_tcp(stream, &proxy, peer);
-            }
+                tokio::select! {
+                    accepted = plain.accept() => (accepted, None),
+                    accepted = async {
+                        match &tls {
+                            Some((listener, _)) => listener.accept().await,
+                            None => std::future::pending().await,
+                        }
+                    } => (accepted, tls.as_ref().map(|(_, tls)| tls.clone())),
+                }
+            } => (accepted, tls),
             () = shutdown.cancelled() => break,
-        }
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        connections.spawn_tcp(stream, &proxy, peer, tls);
     }
-    drop(listener);
+    drop(plain);
+    drop(tls);
     connections.drain(&proxy).await;
 }
 
@@ -557,6 +581,13 @@ fn socket(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// One worker's listening sockets: the cleartext one, and the HTTPS one when `[tls]` is set.
+#[derive(Debug)]
+pub struct Listeners<L> {
+    pub plain: L,
+    pub tls: Option<L>,
+}
+
 /// The worker threads serving the proxy listeners.
 #[derive(Debug)]
 pub struct Workers {
@@ -569,7 +600,7 @@ impl Workers {
     /// own upstream connection pool, so a request never leaves the thread that accepted its
     /// connection.
     pub fn spawn(
-        listeners: Vec<std::net::TcpListener>,
+        listeners: Vec<Listeners<std::net::TcpListener>>,
         shared: &Arc<Shared>,
         shutdown: &CancellationToken,
     ) -> io::Result<Self> {
@@ -588,8 +619,18 @@ impl Workers {
                         .name(format!("wakegate-proxy-{i}"))
                         .spawn(move || {
                             runtime.block_on(async move {
-                                match TcpListener::from_std(listener) {
-                                    Ok(listener) => serve(listener, proxy, stop).await,
+                                let listeners =
+                                    TcpListener::from_std(listener.plain).and_then(|plain| {
+                                        Ok(Listeners {
+                                            plain,
+                                            tls: listener
+                                                .tls
+                                                .map(TcpListener::from_std)
+                                                .transpose()?,
+                                        })
+                                    });
+                                match listeners {
+                                    Ok(listeners) => serve(listeners, proxy, stop).await,
                                     Err(error) => {
                                         tracing::error!(%error, "proxy worker cannot listen")
                                     }

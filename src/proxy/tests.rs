@@ -51,6 +51,7 @@ async fn requests_refused_while_draining_are_counted_as_shutting_down() {
     let shared = Arc::new(Shared::new(
         snapshot,
         drain_timeout,
+        None,
         watch::channel(crate::config::Limits::default()).1,
     ));
     // Draining, as between the drain's start and a connection's end.
@@ -59,7 +60,10 @@ async fn requests_refused_while_draining_are_counted_as_shutting_down() {
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     let server = tokio::spawn(server::serve(
-        listener,
+        server::Listeners {
+            plain: listener,
+            tls: None,
+        },
         Proxy::for_worker(shared.clone()),
         stop.clone(),
     ));

@@ -147,8 +147,8 @@ pub async fn run(
                         from = desired,
                         to = decision.desired,
                         ready,
-                        stable = decision.stable,
-                        panic = decision.panic,
+                        stable = rounded(decision.stable),
+                        panic = rounded(decision.panic),
                         panicking = decision.panicking,
                         idle = decision.idle,
                         metric = ?settings.metric,
@@ -174,4 +174,9 @@ fn new_ticker(every: Duration) -> tokio::time::Interval {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     ticker
+}
+
+/// A metric average as a log line shows it: three decimals are plenty for a person.
+fn rounded(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
 }

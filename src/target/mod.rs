@@ -46,8 +46,46 @@ pub struct Status {
     /// fail at once instead of waiting for their timeout.
     pub start_failures: u64,
     pub last_failure: Option<Arc<str>>,
+    /// After starts that failed (or instances that crashed soon after starting), no start is
+    /// tried before its end; requests meanwhile fail at once.
+    pub backoff: Option<Backoff>,
     /// Set once the target is taken out of service; requests held for it go where it says.
     pub retired: Option<Successor>,
+}
+
+/// A crash back-off in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// Failed starts and early crashes in a row.
+    pub failures: u32,
+    /// No start is tried before this.
+    pub until: Instant,
+}
+
+impl Backoff {
+    /// The longest wait (unless the first one is longer).
+    pub const MAX: Duration = Duration::from_secs(60);
+    /// An instance that stays up this long after becoming ready was a healthy run: the count
+    /// of failures in a row starts again.
+    pub const HEALTHY_RUN: Duration = Duration::from_secs(30);
+
+    /// The back-off after `failures` in a row, from `now`: `first`, doubled with each further
+    /// failure, at most [`Backoff::MAX`] (or `first`, if longer).
+    pub fn after(failures: u32, first: Duration, now: Instant) -> Self {
+        let doublings = failures.saturating_sub(1).min(16);
+        let wait = first
+            .saturating_mul(1 << doublings)
+            .min(Self::MAX.max(first));
+        Self {
+            failures,
+            until: now + wait,
+        }
+    }
+
+    /// How long until the next start may be tried, if that is still ahead.
+    pub fn remaining(&self, now: Instant) -> Option<Duration> {
+        Some(self.until.checked_duration_since(now)?).filter(|d| !d.is_zero())
+    }
 }
 
 /// What became of a retired target.
@@ -154,6 +192,7 @@ impl Target {
             phase: Phase::Cold,
             start_failures: 0,
             last_failure: None,
+            backoff: None,
             retired: None,
         });
         let TargetConfig {
@@ -250,14 +289,30 @@ impl Target {
         self.status.send_modify(|s| s.retired = Some(successor));
     }
 
-    /// Control plane: a start attempt failed; every request held for it fails now.
-    pub fn start_failed(&self, reason: String) {
+    /// Control plane: a start attempt failed; every request held for it fails now, and those
+    /// arriving before `backoff` (if any) ends fail at once.
+    pub fn start_failed(&self, reason: String, backoff: Option<Backoff>) {
         // The wake ended; the next start is a new one.
         self.waking_since.store(0, Ordering::Relaxed);
         self.status.send_modify(|s| {
             s.start_failures += 1;
             s.last_failure = Some(reason.into());
+            s.backoff = backoff;
         });
+    }
+
+    /// Control plane: an instance crashed soon after it started; no start before `backoff`
+    /// ends.
+    pub fn crashed(&self, reason: String, backoff: Backoff) {
+        self.status.send_modify(|s| {
+            s.last_failure = Some(reason.into());
+            s.backoff = Some(backoff);
+        });
+    }
+
+    /// Control plane: the back-off is over (a healthy run, or an instance is ready).
+    pub fn backoff_cleared(&self) {
+        self.status.send_if_modified(|s| s.backoff.take().is_some());
     }
 
     pub fn status(&self) -> Status {
@@ -328,6 +383,22 @@ mod tests {
     use super::*;
     use crate::config::File;
     use crate::config::route::HostPattern;
+
+    #[test]
+    fn the_crash_backoff_doubles_with_each_failure_in_a_row_up_to_a_minute() {
+        let now = Instant::now();
+        let wait = |failures, first| Backoff::after(failures, first, now).until - now;
+        let second = Duration::from_secs(1);
+        let waits: Vec<u64> = (1..=9).map(|n| wait(n, second).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(wait(u32::MAX, second), Backoff::MAX, "no overflow");
+        assert_eq!(wait(1, Duration::from_secs(90)), Duration::from_secs(90));
+        assert_eq!(wait(3, Duration::from_secs(90)), Duration::from_secs(90));
+        assert_eq!(wait(5, Duration::ZERO), Duration::ZERO, "0s: no back-off");
+        let backoff = Backoff::after(1, second, now);
+        assert_eq!(backoff.remaining(now), Some(second));
+        assert_eq!(backoff.remaining(now + second), None);
+    }
 
     #[test]
     fn a_target_runs_a_config_whatever_its_route() {

@@ -41,10 +41,12 @@ pub enum Reject {
     Deadline,
     /// The client's request body was malformed (a bad chunk) or broke off while forwarded.
     BadBody,
+    /// The target's crash back-off was in force: no start was tried.
+    StartBackoff,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 9] = [
+    pub const ALL: [Reject; 10] = [
         Reject::QueueFull,
         Reject::ColdStartTimeout,
         Reject::StartFailed,
@@ -54,6 +56,7 @@ impl Reject {
         Reject::TargetRemoved,
         Reject::Deadline,
         Reject::BadBody,
+        Reject::StartBackoff,
     ];
 
     pub fn label(self) -> &'static str {
@@ -67,6 +70,7 @@ impl Reject {
             Reject::TargetRemoved => "target_removed",
             Reject::Deadline => "deadline_exceeded",
             Reject::BadBody => "bad_body",
+            Reject::StartBackoff => "start_backoff",
         }
     }
 }

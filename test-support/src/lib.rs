@@ -95,6 +95,8 @@ pub struct Wakegate {
     pub child: Child,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTPS listener, when the configuration has `[tls]`.
+    pub https: Option<SocketAddr>,
     pub config_path: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
@@ -138,12 +140,13 @@ impl Wakegate {
                 {
                     let proxy = v["proxy"].as_str().unwrap_or_default().parse().ok();
                     let admin = v["admin"].as_str().unwrap_or_default().parse().ok();
-                    let _ = tx.send((proxy, admin));
+                    let https = v["https"].as_str().unwrap_or_default().parse().ok();
+                    let _ = tx.send((proxy, admin, https));
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let (proxy, admin) = tokio::time::timeout(Duration::from_secs(20), rx)
+        let (proxy, admin, https) = tokio::time::timeout(Duration::from_secs(20), rx)
             .await
             .unwrap_or_else(|_| {
                 panic!(
@@ -158,6 +161,7 @@ impl Wakegate {
             child,
             proxy: proxy.expect("proxy address in log"),
             admin: admin.expect("admin address in log"),
+            https,
             config_path,
             logs,
             _dir: dir,
@@ -408,6 +412,24 @@ pub async fn raw_exchange(addr: SocketAddr, request: &str) -> String {
         String::from_utf8_lossy(&response).into_owned()
     })
     .await
+}
+
+/// Sends each message over `ws` and asserts that the same message comes back.
+pub async fn echoes<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    messages: impl IntoIterator<Item = tokio_tungstenite::tungstenite::Message>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    for message in messages {
+        ws.send(message.clone()).await.expect("sent");
+        let echoed = within(5, "an echo", ws.next())
+            .await
+            .expect("a message")
+            .expect("a valid message");
+        assert_eq!(echoed, message);
+    }
 }
 
 /// The status code of a raw HTTP/1.x response.

@@ -143,7 +143,7 @@ impl Scaler {
                     && self.target.endpoints().is_empty()
                     && self.target.stats.pending() > 0
                 {
-                    self.target.start_failed(failure.reported.clone());
+                    self.target.start_failed(failure.reported.clone(), None);
                 }
                 continue;
             }
@@ -382,7 +382,7 @@ impl Scaler {
             && self.target.endpoints().is_empty()
             && self.target.stats.pending() > 0
         {
-            self.target.start_failed(text.clone());
+            self.target.start_failed(text.clone(), None);
         }
         self.failure = Some(Failure {
             lasting: error.is_lasting(),
