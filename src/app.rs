@@ -113,7 +113,12 @@ pub async fn run(
 
     let (drain_timeout, drain_timeout_rx) = watch::channel(config.drain_timeout);
     let (limits, limits_rx) = watch::channel(config.limits.clone());
-    let shared = Arc::new(Shared::new(snapshot, drain_timeout_rx, tls.clone(), limits_rx));
+    let shared = Arc::new(Shared::new(
+        snapshot,
+        drain_timeout_rx,
+        tls.clone(),
+        limits_rx,
+    ));
     let tls_stop = CancellationToken::new();
     let tls_watch = tls
         .clone()
