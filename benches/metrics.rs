@@ -85,8 +85,17 @@ fn fill(t: &Target) {
 fn encode(c: &mut Criterion) {
     let snapshot = Arc::new(ArcSwap::from_pointee(snapshot(TARGETS)));
     let (_, drain_timeout) = tokio::sync::watch::channel(Duration::from_secs(30));
-    let proxy = Arc::new(Shared::new(snapshot, drain_timeout, None));
-    proxy.unrouted.no_route.fetch_add(7, Ordering::Relaxed);
+    let proxy = Arc::new(Shared::new(
+        snapshot,
+        drain_timeout,
+        None,
+        tokio::sync::watch::channel(wakegate::config::Limits::default()).1,
+    ));
+    for _ in 0..7 {
+        proxy
+            .unrouted
+            .count(wakegate::proxy::edge::Refusal::NoRoute);
+    }
     let metrics = Metrics::new(Registry::default(), proxy);
     let text = metrics.encode();
     assert!(

@@ -112,7 +112,13 @@ pub async fn run(
     control.apply_file(&config);
 
     let (drain_timeout, drain_timeout_rx) = watch::channel(config.drain_timeout);
-    let shared = Arc::new(Shared::new(snapshot, drain_timeout_rx, tls.clone()));
+    let (limits, limits_rx) = watch::channel(config.limits.clone());
+    let shared = Arc::new(Shared::new(
+        snapshot,
+        drain_timeout_rx,
+        tls.clone(),
+        limits_rx,
+    ));
     let tls_stop = CancellationToken::new();
     let tls_watch = tls
         .clone()
@@ -175,6 +181,11 @@ pub async fn run(
                         }
                         control.apply_file(&next);
                         drain_timeout.send_replace(next.drain_timeout);
+                        limits.send_if_modified(|running| {
+                            let changed = *running != next.limits;
+                            *running = next.limits.clone();
+                            changed
+                        });
                         if let (Some(tls), Some(files)) = (&tls, &next.tls) {
                             // A failure is logged, and the certificates in use stay.
                             let _ = tls.reload(&files.certificates);

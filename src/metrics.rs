@@ -10,6 +10,7 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::proxy::Shared;
+use crate::proxy::edge::Refusal;
 use crate::proxy::tls::{HandshakeFailure, Tls};
 use crate::target::Target;
 use crate::target::stats::{Histogram, Reject};
@@ -238,14 +239,43 @@ impl prometheus_client::collector::Collector for TargetCollector {
                     .encode_counter::<NoLabelSet, _, f64>(&t.stats.rejected(why), None)?;
             }
         }
-        for (reason, count) in [
-            ("no_route", &self.proxy.unrouted.no_route),
-            ("bad_request", &self.proxy.unrouted.bad_request),
-            ("shutting_down", &self.proxy.unrouted.shutting_down),
-        ] {
-            let labels = [("namespace", ""), ("service", ""), ("reason", reason)];
+        for why in Refusal::ALL {
+            let labels = [("namespace", ""), ("service", ""), ("reason", why.label())];
             family
                 .encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, f64>(&self.proxy.unrouted.get(why), None)?;
+        }
+
+        let clients = &self.proxy.clients;
+        encoder
+            .encode_descriptor(
+                "wakegate_client_connections",
+                "Client connections open on the proxy port.",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&clients.open.load(Ordering::Relaxed))?;
+        encoder
+            .encode_descriptor(
+                "wakegate_client_connections_limited",
+                "Times a worker stopped accepting connections because it had limits.max_connections open.",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, f64>(&clients.limited.load(Ordering::Relaxed), None)?;
+        let mut family = encoder.encode_descriptor(
+            "wakegate_client_connection_timeouts",
+            "Client connections closed for a timeout of [limits]: header (no complete request \
+             head in time) or idle (no request for limits.idle_timeout), by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, count) in [
+            ("header", &clients.header_timeouts),
+            ("idle", &clients.idle_timeouts),
+        ] {
+            family
+                .encode_family(&[("reason", reason)])?
                 .encode_counter::<NoLabelSet, _, f64>(&count.load(Ordering::Relaxed), None)?;
         }
 

@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::limits::{MAX_HEADER_BYTES, MIN_HEADER_BYTES};
 use super::route::{HostPattern, Route, is_valid_prefix, normalize_prefix};
 use super::target::{
     Backend, Local, Protocol, ReadyCheck, Scaling, Serving, TargetConfig, is_object_name,
 };
 use super::{
-    Autoscaler, Config, KubernetesConfig, Listen, MAX_DURATION, Problem, TlsConfig, defaults,
+    Autoscaler, Config, KubernetesConfig, Limits, Listen, MAX_DURATION, Problem, TlsConfig,
+    defaults,
 };
 
 /// The whole configuration file.
@@ -27,6 +29,8 @@ pub struct File {
     pub drain_timeout: Duration,
     #[serde(default)]
     pub autoscaler: Autoscaler,
+    #[serde(default)]
+    pub limits: Limits,
     #[serde(default, rename = "target")]
     pub targets: Vec<FileTarget>,
     /// Discover targets from annotated Services and scale their Deployments.
@@ -139,6 +143,7 @@ impl File {
             self.autoscaler.interval,
             Duration::from_millis(10),
         );
+        self.limits.check(&mut problems);
         if let Some(tls) = &self.tls {
             if tls.certificates.is_empty() {
                 problems.push(
@@ -213,6 +218,7 @@ impl File {
             listen: self.listen.clone(),
             drain_timeout: self.drain_timeout,
             autoscaler: self.autoscaler.clone(),
+            limits: self.limits.clone(),
             targets,
             kubernetes: self.kubernetes.clone(),
             tls: self.tls.clone(),
@@ -432,6 +438,37 @@ fn check_scaling(s: &Scaling, at: &dyn Fn(&str) -> String, problems: &mut Proble
             target.to_string(),
             "a number above zero",
         );
+    }
+}
+
+impl Limits {
+    fn check(&self, problems: &mut Problems) {
+        // A timeout under 100ms would cut clients on an ordinary slow network.
+        let floor = Duration::from_millis(100);
+        problems.duration(
+            "limits.header_read_timeout",
+            self.header_read_timeout,
+            floor,
+        );
+        problems.duration("limits.idle_timeout", self.idle_timeout, floor);
+        if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&self.max_header_bytes) {
+            problems.push(
+                "limits.max_header_bytes",
+                self.max_header_bytes.to_string(),
+                &format!("a size from {MIN_HEADER_BYTES} to {MAX_HEADER_BYTES} bytes"),
+            );
+        }
+        for (field, value) in [
+            ("max_headers", self.max_headers),
+            ("max_concurrent_streams", self.max_concurrent_streams),
+            ("max_pending_reset_streams", self.max_pending_reset_streams),
+            ("max_local_reset_streams", self.max_local_reset_streams),
+            ("max_connections", self.max_connections),
+        ] {
+            if value == 0 {
+                problems.push(format!("limits.{field}"), "0", "at least 1");
+            }
+        }
     }
 }
 

@@ -15,10 +15,12 @@ pub mod annotations;
 mod duration;
 pub mod environment;
 pub mod file;
+pub mod limits;
 pub mod route;
 pub mod target;
 
 pub use file::File;
+pub use limits::Limits;
 pub use target::{
     Backend, KubeTarget, Local, Metric, Protocol, ReadyCheck, Scaling, Serving, TargetConfig,
     Workload,
@@ -36,6 +38,8 @@ pub struct Config {
     /// On SIGTERM/SIGINT, how long in-flight and held requests may take to finish.
     pub drain_timeout: Duration,
     pub autoscaler: Autoscaler,
+    /// What one client connection may cost.
+    pub limits: Limits,
     pub targets: Vec<TargetConfig>,
     /// Discover targets from annotated Services and scale their Deployments.
     pub kubernetes: Option<KubernetesConfig>,

@@ -833,3 +833,55 @@ fn tls_needs_a_certificate_and_a_port_of_its_own() {
     let error = File::parse("[tls]\n[[tls.certificate]]\ncert = \"a.crt\"\n").unwrap_err();
     assert!(error.contains("missing field `key`"), "{error}");
 }
+
+#[test]
+fn limits_have_safe_defaults_and_take_what_the_file_says() {
+    let config = parse("");
+    assert_eq!(config.limits, Limits::default());
+    assert_eq!(config.limits.header_read_timeout, Duration::from_secs(30));
+    assert_eq!(config.limits.idle_timeout, Duration::from_secs(60));
+    assert_eq!(config.limits.max_header_bytes, 64 * 1024);
+    assert_eq!(config.limits.max_connections, 10_000);
+
+    let config = parse(
+        "[limits]\nheader_read_timeout = \"5s\"\nidle_timeout = \"2m\"\nmax_header_bytes = 16384\n\
+         max_concurrent_streams = 50\nmax_connections = 2\n",
+    );
+    assert!(config.validate().is_empty(), "{:?}", config.validate());
+    let limits = config.into_config().unwrap().limits;
+    assert_eq!(limits.header_read_timeout, Duration::from_secs(5));
+    assert_eq!(limits.idle_timeout, Duration::from_secs(120));
+    assert_eq!(limits.max_header_bytes, 16384);
+    assert_eq!(limits.max_concurrent_streams, 50);
+    assert_eq!(limits.max_connections, 2);
+    assert_eq!(limits.max_headers, 100, "the rest keep their defaults");
+}
+
+#[test]
+fn limits_out_of_range_are_problems_naming_field_value_and_expectation() {
+    let problems = parse(
+        "[limits]\nheader_read_timeout = \"10ms\"\nidle_timeout = \"0s\"\nmax_header_bytes = 100\n\
+         max_concurrent_streams = 0\nmax_connections = 0\n",
+    )
+    .validate();
+    assert_problem(
+        &problems,
+        "limits.header_read_timeout",
+        "\"10ms\"",
+        "at least 100ms",
+    );
+    assert_problem(&problems, "limits.idle_timeout", "\"0s\"", "at least 100ms");
+    assert_problem(&problems, "limits.max_header_bytes", "100", "from 8192");
+    assert_problem(
+        &problems,
+        "limits.max_concurrent_streams",
+        "0",
+        "at least 1",
+    );
+    assert_problem(&problems, "limits.max_connections", "0", "at least 1");
+    assert_eq!(problems.len(), 5, "{problems:#?}");
+    assert!(
+        File::parse("[limits]\nmax_body = 1\n").is_err(),
+        "unknown fields are refused"
+    );
+}

@@ -12,6 +12,11 @@ use crate::target::stats::Reject;
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request's framing could be read more than one way (request smuggling).
+    #[error("ambiguous request framing: {0}")]
+    Ambiguous(&'static str),
+    #[error("transfer codings other than chunked are not supported")]
+    UnsupportedCoding,
     #[error("no route for this host and path")]
     NoRoute,
     #[error("target {target} already holds {max} waiting requests; retry shortly")]
@@ -22,6 +27,9 @@ pub enum ProxyError {
     Deadline { target: String, after: Duration },
     #[error("target {target} failed to start: {reason}")]
     StartFailed { target: String, reason: String },
+    /// The client's request body broke off or was malformed while it was being forwarded.
+    #[error("the request body for target {target} is malformed or incomplete")]
+    ClientBody { target: String },
     #[error(
         "target {target} failed to start {failures} time(s) in a row; the next start is tried in {}",
         humantime::format_duration(Duration::from_secs(retry_after_secs(*.retry_in)))
@@ -50,8 +58,12 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ProxyError::NotForwarded { .. } => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::BadRequest(_)
+            | ProxyError::Ambiguous(_)
+            | ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::NotForwarded { .. } | ProxyError::UnsupportedCoding => {
+                StatusCode::NOT_IMPLEMENTED
+            }
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::QueueFull { .. }
             | ProxyError::BackingOff { .. }
@@ -68,9 +80,12 @@ impl ProxyError {
     /// belong to a target.
     pub fn reject(&self) -> Option<Reject> {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::NoRoute | ProxyError::NotForwarded { .. } => {
-                None
-            }
+            ProxyError::BadRequest(_)
+            | ProxyError::Ambiguous(_)
+            | ProxyError::UnsupportedCoding
+            | ProxyError::NoRoute
+            | ProxyError::NotForwarded { .. } => None,
+            ProxyError::ClientBody { .. } => Some(Reject::BadBody),
             ProxyError::QueueFull { .. } => Some(Reject::QueueFull),
             ProxyError::ColdStartTimeout { .. } => Some(Reject::ColdStartTimeout),
             ProxyError::Deadline { .. } => Some(Reject::Deadline),
@@ -89,8 +104,12 @@ impl ProxyError {
     /// which gRPC clients may retry.
     pub fn grpc_status(&self) -> GrpcStatus {
         match self {
-            ProxyError::BadRequest(_) => GrpcStatus::Internal,
-            ProxyError::NoRoute | ProxyError::NotForwarded { .. } => GrpcStatus::Unimplemented,
+            ProxyError::BadRequest(_)
+            | ProxyError::Ambiguous(_)
+            | ProxyError::ClientBody { .. } => GrpcStatus::Internal,
+            ProxyError::NoRoute
+            | ProxyError::NotForwarded { .. }
+            | ProxyError::UnsupportedCoding => GrpcStatus::Unimplemented,
             ProxyError::QueueFull { .. } => GrpcStatus::ResourceExhausted,
             ProxyError::ColdStartTimeout { .. }
             | ProxyError::Deadline { .. }
@@ -146,6 +165,14 @@ impl ProxyError {
         match self {
             ProxyError::QueueFull { .. } | ProxyError::TargetRemoved { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            // What follows the head cannot be trusted to end where the next request begins.
+            ProxyError::Ambiguous(_)
+            | ProxyError::UnsupportedCoding
+            | ProxyError::ClientBody { .. }
+                if version < Version::HTTP_2 =>
+            {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             ProxyError::BackingOff { retry_in, .. } => {
                 headers.insert(

@@ -130,6 +130,9 @@ impl Forwarder {
 
         let authority = &in_flight.endpoint().authority;
         let target = &in_flight.target().name;
+        // An absolute-form request is for the host its target names, whatever its Host says
+        // (RFC 9112 §3.2.2): the upstream gets that one (`downstream.host` is it).
+        let absolute_form = req.uri().authority().is_some() && req.method() != Method::CONNECT;
         match protocol {
             // The request line an upstream expects: origin-form (`/path?query`), as a client
             // sends it to a server, so the usual origin-form request goes through untouched;
@@ -174,6 +177,9 @@ impl Forwarder {
         }
         match protocol {
             // One lookup each: `entry` rather than `contains_key` then `insert`.
+            Protocol::Http1 if absolute_form => {
+                headers.insert(header::HOST, downstream.host.clone());
+            }
             Protocol::Http1 => {
                 headers
                     .entry(header::HOST)
@@ -207,9 +213,17 @@ impl Forwarder {
             })?,
             None => sent.await,
         };
-        let (mut response, connection) = result.map_err(|source| ProxyError::Upstream {
-            target: target.clone(),
-            source,
+        let (mut response, connection) = result.map_err(|source| {
+            if client_body_failed(&source) {
+                ProxyError::ClientBody {
+                    target: target.clone(),
+                }
+            } else {
+                ProxyError::Upstream {
+                    target: target.clone(),
+                    source,
+                }
+            }
         })?;
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -260,6 +274,19 @@ impl Forwarder {
                 Ok((response, Upstream::Http2(stream)))
             }
         }
+    }
+}
+
+/// Whether sending failed because the client's request body did (a malformed chunk, or the
+/// client broke off): hyper reports the body it was given failing as a user error whose cause
+/// is the client connection's own error.
+fn client_body_failed(error: &UpstreamError) -> bool {
+    match error {
+        UpstreamError::Http(error) => {
+            error.is_user()
+                && std::error::Error::source(error).is_some_and(|cause| cause.is::<hyper::Error>())
+        }
+        _ => false,
     }
 }
 
@@ -321,18 +348,21 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// The headers that only concern one connection (RFC 9110 §7.6.1), `Connection` first.
-static HOP_BY_HOP: [&HeaderName; 6] = [
+/// The headers that only concern one connection (RFC 9110 §7.6.1), `Connection` first; and
+/// `Proxy-Authorization`, a client's credentials for a proxy it chose (RFC 9110 §11.7.4),
+/// never for a server behind a gateway.
+static HOP_BY_HOP: [&HeaderName; 7] = [
     &header::CONNECTION,
     &KEEP_ALIVE,
     &PROXY_CONNECTION,
     &header::TE,
     &header::TRANSFER_ENCODING,
     &header::UPGRADE,
+    &header::PROXY_AUTHORIZATION,
 ];
 
 /// Removes the headers that only concern one connection (RFC 9110 §7.6.1), including every
-/// header the `Connection` header names.
+/// header the `Connection` header names, and `Proxy-Authorization`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none, or only `Connection: keep-alive`: one pass over the names says
     // which to remove, cheaper than a lookup for each.
@@ -341,7 +371,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let name = name.as_str();
         // The lengths of the hop-by-hop names: most other headers are told apart without a
         // string comparison.
-        if matches!(name.len(), 2 | 7 | 10 | 16 | 17)
+        if matches!(name.len(), 2 | 7 | 10 | 16 | 17 | 19)
             && let Some(i) = HOP_BY_HOP.iter().position(|h| h.as_str() == name)
         {
             found |= 1 << i;
@@ -418,6 +448,10 @@ mod tests {
             HeaderValue::from_static("chunked"),
         );
         h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic eDp5"),
+        );
         h.insert("x-kept", HeaderValue::from_static("yes"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);

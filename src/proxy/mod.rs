@@ -22,6 +22,7 @@
 
 pub mod balance;
 pub mod body;
+pub mod edge;
 pub mod error;
 pub mod forward;
 pub mod grpc;
@@ -38,7 +39,7 @@ mod wake_page;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -47,9 +48,11 @@ use hyper::body::Incoming;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::config::Limits;
 use crate::target::Target;
 use crate::target::stats::{Reject, method_index};
 use body::ProxyBody;
+use edge::{Refusal, Unrouted};
 use error::ProxyError;
 use forward::{Client, Downstream, Forwarder, Tunnels};
 use hold::Held;
@@ -65,15 +68,6 @@ pub struct Snapshot {
     pub targets: Vec<Arc<Target>>,
 }
 
-/// Requests that never reached a target.
-#[derive(Debug, Default)]
-pub struct Unrouted {
-    pub no_route: AtomicU64,
-    pub bad_request: AtomicU64,
-    /// Refused during a drain before a route was looked up.
-    pub shutting_down: AtomicU64,
-}
-
 /// What every worker's proxy shares: built once by the wiring, then one [`Proxy`] per worker.
 #[derive(Debug)]
 pub struct Shared {
@@ -87,6 +81,9 @@ pub struct Shared {
     pub tls: Option<Arc<tls::Tls>>,
     /// How long a drain may take; a reload may change it.
     pub drain_timeout: watch::Receiver<Duration>,
+    /// `[limits]`; a reload may change them for the connections accepted after it.
+    pub limits: watch::Receiver<Limits>,
+    pub clients: server::ClientStats,
 }
 
 impl Shared {
@@ -94,6 +91,7 @@ impl Shared {
         snapshot: Arc<ArcSwap<Snapshot>>,
         drain_timeout: watch::Receiver<Duration>,
         tls: Option<Arc<tls::Tls>>,
+        limits: watch::Receiver<Limits>,
     ) -> Self {
         Self {
             snapshot,
@@ -102,6 +100,8 @@ impl Shared {
             tunnels: Tunnels::default(),
             tls,
             drain_timeout,
+            limits,
+            clients: server::ClientStats::default(),
         }
     }
 }
@@ -171,6 +171,10 @@ impl Proxy {
         let shared = &*self.inner.shared;
         let version = req.version();
         let grpc = grpc::is_grpc(req.headers());
+        if let Err((why, error)) = edge::check(&req) {
+            shared.unrouted.count(why);
+            return error.into_response(version, grpc);
+        }
         let host = request_host(&req);
         let target = host.as_ref().and_then(|host| {
             host.to_str().ok().and_then(|h| {
@@ -185,21 +189,16 @@ impl Proxy {
         if shared.draining.load(Ordering::Relaxed) {
             match &target {
                 Some(target) => target.stats.reject(Reject::ShuttingDown),
-                None => {
-                    shared
-                        .unrouted
-                        .shutting_down
-                        .fetch_add(1, Ordering::Relaxed);
-                }
+                None => shared.unrouted.count(Refusal::ShuttingDown),
             }
             return ProxyError::ShuttingDown.into_response(version, grpc);
         }
         let Some(host) = host else {
-            shared.unrouted.bad_request.fetch_add(1, Ordering::Relaxed);
+            shared.unrouted.count(Refusal::BadRequest);
             return ProxyError::BadRequest("missing Host header").into_response(version, grpc);
         };
         let Some(mut target) = target else {
-            shared.unrouted.no_route.fetch_add(1, Ordering::Relaxed);
+            shared.unrouted.count(Refusal::NoRoute);
             return ProxyError::NoRoute.into_response(version, grpc);
         };
 

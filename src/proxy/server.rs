@@ -1,36 +1,76 @@
 //! Accepting client connections: HTTP/1.1 and h2c (prior knowledge) on one port, HTTP/1.1 and
-//! HTTP/2 by ALPN on the HTTPS one, upgrades enabled, and a graceful drain on shutdown; one
-//! single-threaded runtime per worker thread, each with its own listening sockets, each of one
-//! `SO_REUSEPORT` group.
+//! HTTP/2 by ALPN on the HTTPS one, upgrades enabled, `[limits]` applied to both protocols, and
+//! a graceful drain on shutdown; one single-threaded runtime per worker thread, each with its
+//! own listening sockets, each of one `SO_REUSEPORT` group.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
+use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::body::ProxyBody;
+use super::edge::Refusal;
 use super::tls::{Negotiated, Tls};
 use super::{Proxy, Shared};
+use crate::config::Limits;
 
 /// What a client that speaks HTTP/2 without an upgrade sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// The longest a new connection may take to send its request head (or HTTP/2 preface).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// hyper's HTTP/1 defaults: its read buffer's bound (8 KiB + 100 × 4 KiB), and header count.
+const HYPER_MAX_BUF_SIZE: usize = 8192 + 4096 * 100;
+const HYPER_MAX_HEADERS: usize = 100;
+/// How long a connection told to close (HTTP/2: GOAWAY) for a timeout may take to do so: h2's
+/// graceful close waits for the client's PING acknowledgement, which a stalled client never
+/// sends.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// How client connections are served: the HTTP/1.1 and HTTP/2 settings, and what a drain
-/// needs to reach every open connection.
+/// Client connections of every worker, for the metrics.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Open now.
+    pub open: AtomicI64,
+    /// Times a worker stopped accepting because it had `limits.max_connections` open.
+    pub limited: AtomicU64,
+    /// Closed because no request head came in time (`limits.header_read_timeout`).
+    pub header_timeouts: AtomicU64,
+    /// Closed after `limits.idle_timeout` without a request.
+    pub idle_timeouts: AtomicU64,
+}
+
+/// The protocol a client connection speaks: told from its first bytes on the cleartext port,
+/// or by ALPN after a TLS handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// How client connections are served: the HTTP/1.1 and HTTP/2 settings and the limits of
+/// `[limits]`, how many are open, and what a drain needs to reach every open connection.
+/// Cleartext and TLS connections of a worker alike.
 struct Connections {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    max_connections: usize,
+    /// Connections this worker serves now, and a wake-up for the accept loop when one closes.
+    open_here: Arc<(AtomicUsize, Notify)>,
     /// Cancelled when the drain begins: each connection then finishes its requests and closes.
     closing: CancellationToken,
     /// Cancelled when the drain time is up: what is still open is dropped.
@@ -40,181 +80,458 @@ struct Connections {
 }
 
 impl Connections {
-    fn new() -> Self {
-        let mut http1 = http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT);
-        let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2.timer(TokioTimer::new());
-        Self {
-            http1,
-            http2,
+    fn new(limits: &Limits) -> Self {
+        let mut connections = Self {
+            http1: http1::Builder::new(),
+            http2: http2::Builder::new(TokioExecutor::new()),
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
+            max_connections: 1,
+            open_here: Arc::default(),
             closing: CancellationToken::new(),
             force_close: CancellationToken::new(),
             open: watch::Sender::new(()),
+        };
+        connections.apply(limits);
+        connections
+    }
+
+    /// Takes `limits` for the connections accepted from now on (open ones keep theirs; the
+    /// connection bound applies at once).
+    fn apply(&mut self, limits: &Limits) {
+        let mut http1 = http1::Builder::new();
+        // hyper's header read timeout also runs while a keep-alive connection waits for its
+        // next request. `max_header_size` bounds the head exactly (431; 414 for a request
+        // line beyond 65,534 bytes); the read buffer (`max_buf_size`) must hold it.
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_header_size(limits.max_header_bytes as usize)
+            .max_buf_size((limits.max_header_bytes as usize).max(HYPER_MAX_BUF_SIZE));
+        if limits.max_headers as usize != HYPER_MAX_HEADERS {
+            // Set only when it differs from hyper's own: hyper then parses every head into a
+            // header array on the heap instead of the stack (a few per cent, says hyper).
+            http1.max_headers(limits.max_headers as usize);
+        }
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        // CONTINUATION floods: h2 bounds the CONTINUATION frames of a header block by
+        // `max_header_list_size` (then GOAWAY) and answers a larger block 431 without keeping
+        // it. SETTINGS and PING floods: h2 acknowledges each before reading the next frame.
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_header_bytes)
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_pending_accept_reset_streams(limits.max_pending_reset_streams as usize)
+            .max_local_error_reset_streams(limits.max_local_reset_streams as usize);
+        self.http1 = http1;
+        self.http2 = http2;
+        self.header_read_timeout = limits.header_read_timeout;
+        self.idle_timeout = limits.idle_timeout;
+        self.max_connections = limits.max_connections as usize;
+    }
+
+    /// Waits until this worker serves fewer than `limits.max_connections`: beyond it the
+    /// worker stops accepting, and new connections wait in the kernel's listen queue
+    /// (HAProxy's `maxconn`) rather than being accepted and dropped.
+    async fn room(&self, stats: &ClientStats) {
+        let (open, closed) = &*self.open_here;
+        let mut counted = false;
+        loop {
+            let notified = closed.notified();
+            if open.load(Ordering::Relaxed) < self.max_connections {
+                return;
+            }
+            if !counted {
+                counted = true;
+                stats.limited.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    max = self.max_connections,
+                    "connection limit reached: not accepting"
+                );
+            }
+            notified.await;
         }
     }
 
-    /// Serves one client connection until it closes, the drain asks it to finish, or the
-    /// drain time is up; `tls`: the connection came to the HTTPS listener.
-    fn spawn(&self, stream: TcpStream, proxy: &Proxy, peer: SocketAddr, tls: Option<Arc<Tls>>) {
-        let service = proxy.connection(peer, tls.is_some());
+    /// Asks every open connection to finish its requests and close, and waits for them and
+    /// the upgraded ones for at most the drain timeout in force; closes what is left then.
+    async fn drain(&self, proxy: &Proxy) {
+        self.closing.cancel();
+        let drain = *proxy.shared().drain_timeout.borrow();
+        let tunnels = &proxy.shared().tunnels;
+        let drained = async {
+            self.open.closed().await;
+            tunnels.closed().await;
+        };
+        tokio::select! {
+            () = drained => tracing::debug!("all client connections closed"),
+            () = tokio::time::sleep(drain) => {
+                tracing::warn!(after = ?drain, "drain timeout: closing remaining client connections");
+                self.force_close.cancel();
+                tunnels.cut();
+            }
+        }
+    }
+
+    /// Serves one TCP client connection: on the cleartext port HTTP/1.1 or HTTP/2 with prior
+    /// knowledge as its first bytes say; on the HTTPS one (`tls`) as ALPN says, once its
+    /// handshake is done within the header read timeout.
+    fn spawn_tcp(&self, stream: TcpStream, proxy: &Proxy, peer: SocketAddr, tls: Option<Arc<Tls>>) {
+        let closing = self.closing.clone();
+        let header_read_timeout = self.header_read_timeout;
+        if let Some(tls) = tls {
+            self.spawn(proxy, peer, true, async move {
+                let accepted = tokio::select! {
+                    accepted = tls.accept(stream, peer, header_read_timeout) => accepted,
+                    () = closing.cancelled() => None,
+                };
+                accepted.map(|(stream, negotiated)| {
+                    let protocol = match negotiated {
+                        Negotiated::Http2 => Protocol::Http2,
+                        Negotiated::Http1 => Protocol::Http1,
+                    };
+                    (stream, protocol)
+                })
+            });
+            return;
+        }
+        let shared = proxy.inner.shared.clone();
+        self.spawn(proxy, peer, false, async move {
+            let protocol = tokio::select! {
+                protocol = tokio::time::timeout(header_read_timeout, protocol(&stream)) => {
+                    protocol.unwrap_or_else(|_| {
+                        // Not a byte in time: the header read timeout too.
+                        shared.clients.header_timeouts.fetch_add(1, Ordering::Relaxed);
+                        None
+                    })
+                }
+                () = closing.cancelled() => None,
+            };
+            protocol.map(|protocol| (stream, protocol))
+        });
+    }
+
+    /// Serves the connection `accepted` gives (`None`: nothing to serve) until it closes, a
+    /// timeout cuts it, the drain asks it to finish, or the drain time is up. `accepted`
+    /// finishes accepting it (peeking at its first bytes, a TLS handshake) in the
+    /// connection's own task, counted among the open connections; `tls`: it came to the
+    /// HTTPS listener.
+    fn spawn<I>(
+        &self,
+        proxy: &Proxy,
+        peer: SocketAddr,
+        tls: bool,
+        accepted: impl Future<Output = Option<(I, Protocol)>> + Send + 'static,
+    ) where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = Arc::new(Activity::new());
+        let service = tracked(proxy.connection(peer, tls), activity.clone());
         let http1 = self.http1.clone();
         let http2 = self.http2.clone();
+        let timeouts = Timeouts {
+            header: self.header_read_timeout,
+            idle: self.idle_timeout,
+        };
         let closing = self.closing.clone();
         let force_close = self.force_close.clone();
         let open = self.open.subscribe();
+        let open_here = OpenGuard::new(self.open_here.clone(), proxy.inner.shared.clone());
         tokio::spawn(async move {
             let served = async {
                 // hyper's own connections rather than hyper-util's auto-detecting one: that
                 // one reads the first bytes itself and hands them back through a wrapper, so
                 // hyper's first read sees a few bytes, and its second read then doubles the
                 // 8 KiB read buffer of every connection (16 KiB each).
-                let result = match tls {
-                    None => match protocol(&stream, &closing).await {
-                        Some(protocol) => {
-                            serve_http(stream, protocol, service, &http1, &http2, &closing).await
-                        }
-                        None => Ok(()),
-                    },
-                    Some(tls) => {
-                        let accepted = tokio::select! {
-                            accepted = tls.accept(stream, peer, HEADER_READ_TIMEOUT) => accepted,
-                            () = closing.cancelled() => None,
-                        };
-                        match accepted {
-                            Some((stream, negotiated)) => {
-                                let protocol = match negotiated {
-                                    Negotiated::Http2 => Protocol::Http2,
-                                    Negotiated::Http1 => Protocol::Http1,
-                                };
-                                serve_http(stream, protocol, service, &http1, &http2, &closing)
-                                    .await
-                            }
-                            None => Ok(()),
-                        }
-                    }
+                let Some((io, protocol)) = accepted.await else {
+                    return Ok(());
                 };
-                if let Err(error) = result {
-                    tracing::debug!(%peer, %error, "client connection ended with an error");
+                let watch = Watch {
+                    closing: &closing,
+                    activity: &activity,
+                    timeouts,
+                    stats: &open_here.stats,
+                };
+                match protocol {
+                    Protocol::Http2 => {
+                        let connection = http2.serve_connection(TokioIo::new(io), service);
+                        watch
+                            .serve(connection, http2::Connection::graceful_shutdown)
+                            .await
+                    }
+                    Protocol::Http1 => {
+                        let connection = http1
+                            .serve_connection(TokioIo::new(io), service)
+                            .with_upgrades();
+                        watch
+                            .serve(connection, http1::UpgradeableConnection::graceful_shutdown)
+                            .await
+                    }
                 }
             };
             tokio::select! {
-                () = served => {}
+                result = served => {
+                    if let Err(error) = result {
+                        count_error(&error, &open_here.stats);
+                        tracing::debug!(%peer, %error, "client connection ended with an error");
+                    }
+                }
                 // Dropping the connection drops its requests, and with them their in-flight
                 // counts and endpoint leases.
                 () = force_close.cancelled() => {}
             }
             drop(open);
+            drop(open_here);
         });
     }
 }
 
-/// Serves HTTP on one client connection, cleartext or TLS, in the protocol it speaks.
-async fn serve_http<I, S>(
-    stream: I,
-    protocol: Protocol,
+/// Counts what a connection's error says of it: a head hyper refused (it answered 400, 414 or
+/// 431 itself and never called wakegate), or hyper's HTTP/1 header read timeout.
+fn count_error(error: &hyper::Error, stats: &Stats) {
+    if let Some(why) = Refusal::of_connection_error(error) {
+        stats.unrouted.count(why);
+    } else if error.is_timeout() {
+        stats
+            .clients
+            .header_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What a connection's task counts in.
+type Stats = Arc<Shared>;
+
+/// Counts a connection as open in its worker and in the gauge, until dropped.
+struct OpenGuard {
+    here: Arc<(AtomicUsize, Notify)>,
+    stats: Stats,
+}
+
+impl OpenGuard {
+    fn new(here: Arc<(AtomicUsize, Notify)>, stats: Stats) -> Self {
+        here.0.fetch_add(1, Ordering::Relaxed);
+        stats.clients.open.fetch_add(1, Ordering::Relaxed);
+        Self { here, stats }
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.here.0.fetch_sub(1, Ordering::Relaxed);
+        self.here.1.notify_one();
+        self.stats.clients.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Timeouts {
+    header: Duration,
+    idle: Duration,
+}
+
+/// When a connection last had a request in progress: hyper has no idle timeout of its own
+/// (and no header read timeout for HTTP/2), so each connection's requests are counted here
+/// and [`Watch`] closes it once it has none for too long.
+struct Activity {
+    born: Instant,
+    /// Requests between hyper's call and their response head.
+    active: AtomicUsize,
+    /// Microseconds after `born` a request last began or got its response head; `u64::MAX`
+    /// before the first request.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            born: Instant::now(),
+            active: AtomicUsize::new(0),
+            last: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn touch(&self) {
+        let micros = self.born.elapsed().as_micros() as u64;
+        self.last.store(micros, Ordering::Relaxed);
+    }
+
+    /// When the connection times out if nothing happens meanwhile: `header` after it opened
+    /// until its first request, then `idle` after its last request, never while one is in
+    /// progress.
+    fn deadline(&self, timeouts: Timeouts, now: Instant) -> (Instant, Timeout) {
+        if self.active.load(Ordering::Relaxed) > 0 {
+            return (now + timeouts.idle, Timeout::Idle);
+        }
+        match self.last.load(Ordering::Relaxed) {
+            u64::MAX => (self.born + timeouts.header, Timeout::Header),
+            last => (
+                self.born + Duration::from_micros(last) + timeouts.idle,
+                Timeout::Idle,
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Timeout {
+    Header,
+    Idle,
+}
+
+/// Marks a request of the connection as in progress until its response head is ready.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.active.fetch_add(1, Ordering::Relaxed);
+        activity.touch();
+        Self(activity)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `service`, with each request recorded in `activity`.
+fn tracked<S>(
     service: S,
-    http1: &http1::Builder,
-    http2: &http2::Builder<TokioExecutor>,
-    closing: &CancellationToken,
-) -> hyper::Result<()>
+    activity: Arc<Activity>,
+) -> impl Service<
+    hyper::Request<Incoming>,
+    Response = hyper::Response<ProxyBody>,
+    Error = Infallible,
+    Future: Send + 'static,
+> + Clone
++ Send
++ 'static
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = ProxyBody>,
-    S::Future: Send + 'static,
+    S: Service<
+            hyper::Request<Incoming>,
+            Response = hyper::Response<ProxyBody>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static,
 {
-    match protocol {
-        Protocol::Http2 => {
-            let connection = http2.serve_connection(TokioIo::new(stream), service);
-            until_closed(connection, closing, http2::Connection::graceful_shutdown).await
+    hyper::service::service_fn(move |req| {
+        let busy = Busy::new(activity.clone());
+        let response = service.call(req);
+        async move {
+            let response = response.await;
+            drop(busy);
+            response
         }
-        Protocol::Http1 => {
-            let connection = http1
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            until_closed(
-                connection,
-                closing,
-                http1::UpgradeableConnection::graceful_shutdown,
-            )
-            .await
-        }
-    }
+    })
 }
 
-/// Serves `connection` to its end; once `closing` is cancelled, asks it to finish the requests
-/// it has and close (`graceful_shutdown`), and serves it until then.
-async fn until_closed<C>(
-    connection: C,
-    closing: &CancellationToken,
-    graceful_shutdown: fn(Pin<&mut C>),
-) -> hyper::Result<()>
-where
-    C: Future<Output = hyper::Result<()>>,
-{
-    let mut connection = pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => result,
-        () = closing.cancelled() => {
-            graceful_shutdown(connection.as_mut());
-            connection.await
-        }
-    }
+/// What watches one connection while hyper serves it: the drain, and its timeouts.
+struct Watch<'a> {
+    closing: &'a CancellationToken,
+    activity: &'a Activity,
+    timeouts: Timeouts,
+    stats: &'a Stats,
 }
 
-enum Protocol {
-    Http1,
-    Http2,
+impl Watch<'_> {
+    /// Serves `connection` to its end. Once `closing` is cancelled, asks it to finish the
+    /// requests it has and close (`graceful_shutdown`), and serves it until then. Once it
+    /// times out, asks the same, and drops it if it has not closed [`CLOSE_GRACE`] later.
+    async fn serve<C>(self, connection: C, graceful_shutdown: fn(Pin<&mut C>)) -> hyper::Result<()>
+    where
+        C: Future<Output = hyper::Result<()>>,
+    {
+        let mut connection = pin!(connection);
+        // A deadline only moves later, except when the first request comes before the header
+        // deadline and the idle one falls earlier: look again at the earlier of the two.
+        let Timeouts { header, idle } = self.timeouts;
+        let mut deadline = self.activity.born + header.min(idle);
+        let kind = loop {
+            tokio::select! {
+                result = connection.as_mut() => return result,
+                () = self.closing.cancelled() => {
+                    graceful_shutdown(connection.as_mut());
+                    return connection.await;
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    let now = Instant::now();
+                    let kind;
+                    (deadline, kind) = self.activity.deadline(self.timeouts, now);
+                    if deadline <= now {
+                        break kind;
+                    }
+                }
+            }
+        };
+        let counter = match kind {
+            Timeout::Header => &self.stats.clients.header_timeouts,
+            Timeout::Idle => &self.stats.clients.idle_timeouts,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(?kind, "client connection timed out: closing it");
+        graceful_shutdown(connection.as_mut());
+        // Its error now (hyper's own header timeout) would count the timeout twice.
+        let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
+        Ok(())
+    }
 }
 
 /// Tells HTTP/2 with prior knowledge from HTTP/1 by peeking at the first bytes, which stay in
-/// the socket for hyper to read. `None`: the client closed, sent nothing in time, or the drain
-/// began before it sent anything.
-async fn protocol(stream: &TcpStream, closing: &CancellationToken) -> Option<Protocol> {
-    let decide = async {
-        let mut first = [0u8; H2_PREFACE.len()];
-        loop {
-            let n = stream.peek(&mut first).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            if first[..n] != H2_PREFACE[..n] {
-                return Some(Protocol::Http1);
-            }
-            if n == H2_PREFACE.len() {
-                return Some(Protocol::Http2);
-            }
-            // A prefix of the preface so far (clients send it whole, so this is rare): the
-            // socket stays readable while the bytes sit unread, so wait a little, not for
-            // readiness, before peeking again.
-            tokio::time::sleep(Duration::from_millis(1)).await;
+/// the socket for hyper to read. `None`: the client closed before sending anything.
+async fn protocol(stream: &TcpStream) -> Option<Protocol> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await.ok()?;
+        if n == 0 {
+            return None;
         }
-    };
-    tokio::select! {
-        protocol = tokio::time::timeout(HEADER_READ_TIMEOUT, decide) => protocol.ok().flatten(),
-        () = closing.cancelled() => None,
+        if first[..n] != H2_PREFACE[..n] {
+            return Some(Protocol::Http1);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(Protocol::Http2);
+        }
+        // A prefix of the preface so far (clients send it whole, so this is rare): the
+        // socket stays readable while the bytes sit unread, so wait a little, not for
+        // readiness, before peeking again.
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
 /// Serves the worker's listeners until `shutdown`, then stops accepting and lets open
 /// connections (and the upgraded ones, such as WebSockets) finish their requests for at most
-/// the drain timeout in force then; whatever is still open after it is closed.
+/// the drain timeout in force then; whatever is still open after it is closed. A reload's
+/// `[limits]` apply to the connections accepted after it.
 pub async fn serve(listeners: Listeners<TcpListener>, proxy: Proxy, shutdown: CancellationToken) {
-    let connections = Connections::new();
+    let mut limits = proxy.shared().limits.clone();
+    let mut connections = Connections::new(&limits.borrow_and_update());
+    let stats = &proxy.shared().clients;
     let Listeners { plain, tls } = listeners;
     let https = proxy.shared().tls.clone();
     let tls = tls.zip(https);
     loop {
+        if limits.has_changed().unwrap_or(false) {
+            connections.apply(&limits.borrow_and_update());
+        }
         let (accepted, tls) = tokio::select! {
-            accepted = plain.accept() => (accepted, None),
-            accepted = async {
-                match &tls {
-                    Some((listener, _)) => listener.accept().await,
-                    None => std::future::pending().await,
+            (accepted, tls) = async {
+                // Both listeners wait while the worker serves `max_connections`.
+                connections.room(stats).await;
+                tokio::select! {
+                    accepted = plain.accept() => (accepted, None),
+                    accepted = async {
+                        match &tls {
+                            Some((listener, _)) => listener.accept().await,
+                            None => std::future::pending().await,
+                        }
+                    } => (accepted, tls.as_ref().map(|(_, tls)| tls.clone())),
                 }
-            } => (accepted, tls.as_ref().map(|(_, tls)| tls.clone())),
+            } => (accepted, tls),
             () = shutdown.cancelled() => break,
         };
         let (stream, peer) = match accepted {
@@ -227,25 +544,11 @@ pub async fn serve(listeners: Listeners<TcpListener>, proxy: Proxy, shutdown: Ca
             }
         };
         let _ = stream.set_nodelay(true);
-        connections.spawn(stream, &proxy, peer, tls);
+        connections.spawn_tcp(stream, &proxy, peer, tls);
     }
     drop(plain);
     drop(tls);
-    connections.closing.cancel();
-    let drain = *proxy.shared().drain_timeout.borrow();
-    let tunnels = &proxy.shared().tunnels;
-    let drained = async {
-        connections.open.closed().await;
-        tunnels.closed().await;
-    };
-    tokio::select! {
-        () = drained => tracing::debug!("all client connections closed"),
-        () = tokio::time::sleep(drain) => {
-            tracing::warn!(after = ?drain, "drain timeout: closing remaining client connections");
-            connections.force_close.cancel();
-            tunnels.cut();
-        }
-    }
+    connections.drain(&proxy).await;
 }
 
 /// Binds `count` listening sockets to `addr` as one `SO_REUSEPORT` group: the kernel spreads
@@ -356,5 +659,43 @@ impl Workers {
             // An error means the worker is gone too (it panicked).
             let _ = finished.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUTS: Timeouts = Timeouts {
+        header: Duration::from_secs(10),
+        idle: Duration::from_secs(3),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_times_out_for_its_head_then_for_idleness_never_while_busy() {
+        let activity = Arc::new(Activity::new());
+        let born = activity.born;
+        let (at, kind) = activity.deadline(TIMEOUTS, Instant::now());
+        assert_eq!(at, born + TIMEOUTS.header);
+        assert!(matches!(kind, Timeout::Header));
+
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let busy = Busy::new(activity.clone());
+        tokio::time::advance(Duration::from_secs(20)).await;
+        let now = Instant::now();
+        let (at, kind) = activity.deadline(TIMEOUTS, now);
+        assert_eq!(
+            at,
+            now + TIMEOUTS.idle,
+            "a request in progress keeps it open"
+        );
+        assert!(matches!(kind, Timeout::Idle));
+
+        drop(busy);
+        let ended = Instant::now();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (at, kind) = activity.deadline(TIMEOUTS, Instant::now());
+        assert_eq!(at, ended + TIMEOUTS.idle, "idle from the request's end");
+        assert!(matches!(kind, Timeout::Idle));
     }
 }

@@ -48,7 +48,12 @@ async fn requests_refused_while_draining_are_counted_as_shutting_down() {
         targets: vec![target.clone()],
     }));
     let (_, drain_timeout) = watch::channel(Duration::from_secs(1));
-    let shared = Arc::new(Shared::new(snapshot, drain_timeout, None));
+    let shared = Arc::new(Shared::new(
+        snapshot,
+        drain_timeout,
+        None,
+        watch::channel(crate::config::Limits::default()).1,
+    ));
     // Draining, as between the drain's start and a connection's end.
     shared.draining.store(true, Ordering::Relaxed);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -39,12 +39,14 @@ pub enum Reject {
     TargetRemoved,
     /// A gRPC request's own deadline (`grpc-timeout`) passed while it was held.
     Deadline,
+    /// The client's request body was malformed (a bad chunk) or broke off while forwarded.
+    BadBody,
     /// The target's crash back-off was in force: no start was tried.
     StartBackoff,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 9] = [
+    pub const ALL: [Reject; 10] = [
         Reject::QueueFull,
         Reject::ColdStartTimeout,
         Reject::StartFailed,
@@ -53,6 +55,7 @@ impl Reject {
         Reject::ShuttingDown,
         Reject::TargetRemoved,
         Reject::Deadline,
+        Reject::BadBody,
         Reject::StartBackoff,
     ];
 
@@ -66,6 +69,7 @@ impl Reject {
             Reject::ShuttingDown => "shutting_down",
             Reject::TargetRemoved => "target_removed",
             Reject::Deadline => "deadline_exceeded",
+            Reject::BadBody => "bad_body",
             Reject::StartBackoff => "start_backoff",
         }
     }

@@ -5,8 +5,12 @@
 //! The harness runs the `wakegate` binary that cargo builds for wakegate's integration tests
 //! (see [`bin`]), so it is meant for those tests, as a dev-dependency of wakegate.
 
+pub mod h2_raw;
 pub mod kube_api;
 pub mod kube_fixtures;
+mod recording;
+
+pub use recording::{Recorded, RecordingUpstream};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -346,9 +350,14 @@ fn config_text(head: &str, targets: &str) -> String {
     } else {
         "drain_timeout = \"10s\"\n"
     };
-    format!(
-        "{drain}{head}\n[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n{targets}\n"
-    )
+    let addresses = "proxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n";
+    // `head` may have a `[listen]` table of its own (`workers = 1`): the addresses go in it.
+    match head.split_once("[listen]\n") {
+        Some((before, after)) => {
+            format!("{drain}{before}[listen]\n{addresses}{after}\n\n{targets}\n")
+        }
+        None => format!("{drain}{head}\n[listen]\n{addresses}\n{targets}\n"),
+    }
 }
 
 /// The value of one sample in metrics text, e.g. `metric(&text, "wakegate_cold_starts_total", "service=\"hello\"")`.
