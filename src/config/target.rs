@@ -116,7 +116,7 @@ pub struct Local {
     /// Between SIGTERM and SIGKILL when an instance is stopped, and the longest its
     /// in-flight requests may take to finish before that.
     pub stop_grace: Duration,
-    /// The first crash back-off (see [`crate::target::Backoff`]); zero: none.
+    /// The first crash back-off (doubled with each failure in a row, see README); zero: none.
     pub start_backoff: Duration,
 }
 
