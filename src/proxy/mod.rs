@@ -17,8 +17,9 @@
 //!   upstreams (`GOAWAY`), where tower's `Retry` is to be weighed against a request body that
 //!   streams and cannot be cloned.
 //!
-//! From pingora, `pingora-limits` is the candidate for per-client rate limits when they come;
-//! its timer crate would replace tokio timers that are not on the warm path.
+//! - Per-client rate limits are one compare-and-swap in the target's table
+//!   ([`crate::target::rate_limit`], which says why not `pingora-limits`), checked right after
+//!   routing so that a limited request is never counted as demand nor wakes a target.
 
 pub mod balance;
 pub mod body;
@@ -35,7 +36,7 @@ pub mod track;
 mod wake_page;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -137,7 +138,7 @@ impl Proxy {
     > + Clone
     + Send
     + 'static {
-        let connection = Arc::new((self.clone(), forward::forwarded_for(peer)));
+        let connection = Arc::new((self.clone(), peer.ip(), forward::forwarded_for(peer)));
         // A closure, not a tower service: hyper keeps the request's future in place rather
         // than in a new box per request.
         hyper::service::service_fn(move |req| {
@@ -147,17 +148,18 @@ impl Proxy {
             // each held or in-flight request's future (a pointer is stored instead).
             let req = Box::new(req);
             async move {
-                let (proxy, forwarded_for) = &*connection;
-                Ok(proxy.handle(req, forwarded_for).await)
+                let (proxy, client, forwarded_for) = &*connection;
+                Ok(proxy.handle(req, *client, forwarded_for).await)
             }
         })
     }
 
-    /// Answers one request; `forwarded_for` is the client's address (see
-    /// [`forward::forwarded_for`]).
+    /// Answers one request of the TCP peer `client`; `forwarded_for` is its address as a
+    /// header value (see [`forward::forwarded_for`]).
     pub async fn handle(
         &self,
         req: Box<Request<Incoming>>,
+        client: IpAddr,
         forwarded_for: &HeaderValue,
     ) -> Response<ProxyBody> {
         let shared = &*self.inner.shared;
@@ -194,6 +196,19 @@ impl Proxy {
             shared.unrouted.no_route.fetch_add(1, Ordering::Relaxed);
             return ProxyError::NoRoute.into_response(version, grpc);
         };
+        // Before the request is counted anywhere: a limited request is no demand, and never
+        // wakes a cold target. The client is the TCP peer; `X-Forwarded-For` is not trusted,
+        // as anyone can write it.
+        if let Some(limiter) = &target.rate_limiter
+            && let Err(retry_after) = limiter.check(client)
+        {
+            target.stats.reject(Reject::RateLimited);
+            let error = ProxyError::RateLimited {
+                target: target.name().to_owned(),
+                retry_after,
+            };
+            return error.into_response(version, grpc);
+        }
 
         let started = Instant::now();
         let method = method_index(req.method());

@@ -39,10 +39,12 @@ pub enum Reject {
     TargetRemoved,
     /// A gRPC request's own deadline (`grpc-timeout`) passed while it was held.
     Deadline,
+    /// Its client was over the target's per-client rate limit.
+    RateLimited,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 8] = [
+    pub const ALL: [Reject; 9] = [
         Reject::QueueFull,
         Reject::ColdStartTimeout,
         Reject::StartFailed,
@@ -51,6 +53,7 @@ impl Reject {
         Reject::ShuttingDown,
         Reject::TargetRemoved,
         Reject::Deadline,
+        Reject::RateLimited,
     ];
 
     pub fn label(self) -> &'static str {
@@ -63,6 +66,7 @@ impl Reject {
             Reject::ShuttingDown => "shutting_down",
             Reject::TargetRemoved => "target_removed",
             Reject::Deadline => "deadline_exceeded",
+            Reject::RateLimited => "rate_limited",
         }
     }
 }
