@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Proxy, Shared};
 
 /// What a client that speaks HTTP/2 without an upgrade sends first (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The longest a new connection may take to send its request head (or HTTP/2 preface).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -125,6 +125,31 @@ where
 enum Protocol {
     Http1,
     Http2,
+}
+
+/// Serves one client connection on any byte stream with the listener's HTTP/1.1 and HTTP/2
+/// settings, as if `peer` had connected: HTTP/2 when the stream begins with the HTTP/2 preface
+/// (`http2`), HTTP/1.1 otherwise. There is no drain: it ends when the connection does. For
+/// driving the proxy from bytes in memory (the fuzzer of the HTTP edge, tests), where no
+/// socket is there to peek at.
+pub async fn serve_io<I>(io: I, proxy: &Proxy, peer: SocketAddr, http2: bool) -> hyper::Result<()>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let connections = Connections::new();
+    let service = proxy.connection(peer);
+    if http2 {
+        connections
+            .http2
+            .serve_connection(TokioIo::new(io), service)
+            .await
+    } else {
+        connections
+            .http1
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+            .await
+    }
 }
 
 /// Tells HTTP/2 with prior knowledge from HTTP/1 by peeking at the first bytes, which stay in
