@@ -9,14 +9,15 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::route::{HostPattern, Route, is_valid_prefix};
 use super::target::{
-    Backend, KubeTarget, Metric, Protocol, Scaling, Serving, TargetConfig, Workload, is_object_name,
+    Backend, KubeTarget, Metric, Protocol, RateLimit, Scaling, Serving, TargetConfig, Workload,
+    is_object_name,
 };
 use super::{MAX_DURATION, Problem, defaults};
 
 pub const PREFIX: &str = "wakegate.io/";
 
 /// Every annotation wakegate reads; anything else under the prefix is reported as unknown.
-pub const KNOWN: [&str; 16] = [
+pub const KNOWN: [&str; 18] = [
     "enabled",
     "deployment",
     "workload",
@@ -33,6 +34,8 @@ pub const KNOWN: [&str; 16] = [
     "max-pending",
     "wake-page",
     "protocol",
+    "rate-limit",
+    "rate-limit-burst",
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -313,6 +316,49 @@ pub fn from_service(service: &Service) -> Outcome {
             false
         }
     };
+    // A bad limit is reported and not applied, as every tuning value falls back to its
+    // default (none); the Event and the log say so.
+    let rate_limit = match get("rate-limit") {
+        None => None,
+        Some(v) => match v.parse::<f64>() {
+            Ok(per_second) if RateLimit::valid_per_second(per_second) => {
+                Some(RateLimit::new(per_second))
+            }
+            _ => {
+                problem(
+                    "rate-limit",
+                    v,
+                    &format!("{}; using no rate limit", RateLimit::EXPECTED_PER_SECOND),
+                );
+                None
+            }
+        },
+    };
+    let rate_limit = match (rate_limit, get("rate-limit-burst")) {
+        (limit, None) => limit,
+        (Some(limit), Some(v)) => match v.parse::<u32>() {
+            Ok(burst) if burst >= 1 => Some(RateLimit { burst, ..limit }),
+            _ => {
+                problem(
+                    "rate-limit-burst",
+                    v,
+                    &format!(
+                        "a whole number of at least 1; using {} (one second's worth)",
+                        limit.burst
+                    ),
+                );
+                Some(limit)
+            }
+        },
+        (None, Some(v)) => {
+            problem(
+                "rate-limit-burst",
+                v,
+                "a valid wakegate.io/rate-limit beside it (requests per second)",
+            );
+            None
+        }
+    };
 
     let target = TargetConfig {
         name: name.clone(),
@@ -328,6 +374,7 @@ pub fn from_service(service: &Service) -> Outcome {
             response_timeout: None,
             wake_page,
             protocol,
+            rate_limit,
         },
         scaling: Scaling {
             min,

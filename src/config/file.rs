@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::limits::{MAX_HEADER_BYTES, MIN_HEADER_BYTES};
 use super::route::{HostPattern, Route, is_valid_prefix, normalize_prefix};
 use super::target::{
-    Backend, Local, Protocol, ReadyCheck, Scaling, Serving, TargetConfig, is_object_name,
+    Backend, Local, Protocol, RateLimit, ReadyCheck, Scaling, Serving, TargetConfig, is_object_name,
 };
 use super::{
     Autoscaler, Config, KubernetesConfig, Limits, Listen, MAX_DURATION, Problem, TlsConfig,
@@ -80,6 +80,17 @@ pub struct FileTarget {
     /// `http1` (the default) or `h2c`: HTTP/2 with prior knowledge, as gRPC servers speak it.
     #[serde(default)]
     pub protocol: Protocol,
+    /// Requests per second per client address, with a burst; none by default.
+    pub rate_limit: Option<FileRateLimit>,
+}
+
+/// `rate_limit = { per_second = 50, burst = 100 }`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileRateLimit {
+    pub per_second: f64,
+    /// One second's worth of requests by default.
+    pub burst: Option<u32>,
 }
 
 /// Collects problems.
@@ -300,6 +311,25 @@ impl FileTarget {
             problems.push(at("max_pending"), "0", "at least 1");
         }
         check_scaling(&self.scaling, &at, problems);
+        let rate_limit = self.rate_limit.map(|limit| {
+            if !RateLimit::valid_per_second(limit.per_second) {
+                problems.push(
+                    at("rate_limit.per_second"),
+                    limit.per_second.to_string(),
+                    RateLimit::EXPECTED_PER_SECOND,
+                );
+            }
+            if limit.burst == Some(0) {
+                problems.push(at("rate_limit.burst"), "0", "at least 1");
+            }
+            match limit.burst {
+                Some(burst) => RateLimit {
+                    per_second: limit.per_second,
+                    burst,
+                },
+                None => RateLimit::new(limit.per_second),
+            }
+        });
         if problems.0.len() > before {
             return None;
         }
@@ -317,6 +347,7 @@ impl FileTarget {
                 response_timeout: self.response_timeout,
                 wake_page: self.wake_page,
                 protocol: self.protocol,
+                rate_limit,
             },
             scaling: self.scaling.clone(),
             backend: backend?,

@@ -22,8 +22,8 @@ pub mod target;
 pub use file::File;
 pub use limits::Limits;
 pub use target::{
-    Backend, KubeTarget, Local, Metric, Protocol, ReadyCheck, Scaling, Serving, TargetConfig,
-    Workload,
+    Backend, KubeTarget, Local, Metric, Protocol, RateLimit, ReadyCheck, Scaling, Serving,
+    TargetConfig, Workload,
 };
 
 /// The longest any duration setting may be: longer is surely a mistake, and a deadline that far

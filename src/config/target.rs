@@ -37,6 +37,41 @@ pub struct Serving {
     pub wake_page: bool,
     /// How wakegate speaks to the target's instances.
     pub protocol: Protocol,
+    /// Requests per second per client address; none by default.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A per-client rate limit: a client (a TCP peer address) may send `burst` requests at once,
+/// then `per_second` on average; beyond that it gets 429.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// The most a limit may allow: a million requests per second per client.
+    pub const MAX_PER_SECOND: f64 = 1e6;
+    /// What `per_second` must be, for problems.
+    pub const EXPECTED_PER_SECOND: &'static str =
+        "a number of requests per second above zero and at most 1000000";
+
+    pub fn valid_per_second(per_second: f64) -> bool {
+        per_second.is_finite() && per_second > 0.0 && per_second <= Self::MAX_PER_SECOND
+    }
+
+    /// `per_second` with its default burst.
+    pub fn new(per_second: f64) -> Self {
+        Self {
+            per_second,
+            burst: Self::default_burst(per_second),
+        }
+    }
+
+    /// The burst when none is given: one second's worth of requests, at least 1.
+    pub fn default_burst(per_second: f64) -> u32 {
+        (per_second.ceil() as u32).max(1)
+    }
 }
 
 /// The protocol of a target's instances, as the user declares it: never guessed from requests.
@@ -79,6 +114,7 @@ impl Default for Serving {
             response_timeout: None,
             wake_page: false,
             protocol: Protocol::default(),
+            rate_limit: None,
         }
     }
 }

@@ -885,3 +885,53 @@ fn limits_out_of_range_are_problems_naming_field_value_and_expectation() {
         "unknown fields are refused"
     );
 }
+
+#[test]
+fn a_rate_limit_is_optional_and_its_burst_defaults_to_one_second_s_worth() {
+    let config = parse(&format!("[[target]]\n{UPSTREAM}"))
+        .into_config()
+        .unwrap();
+    assert_eq!(config.targets[0].serving.rate_limit, None);
+    for (written, per_second, burst) in [
+        ("{ per_second = 50, burst = 100 }", 50.0, 100),
+        ("{ per_second = 20 }", 20.0, 20),
+        ("{ per_second = 0.5 }", 0.5, 1),
+    ] {
+        let text = format!("[[target]]\n{UPSTREAM}rate_limit = {written}\n");
+        let config = parse(&text).into_config().unwrap();
+        assert_eq!(
+            config.targets[0].serving.rate_limit,
+            Some(RateLimit { per_second, burst }),
+            "{written}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_rate_limit_names_its_field_value_and_expectation() {
+    for (written, field, value, expected) in [
+        ("{ per_second = 0 }", "per_second", "0", "above zero"),
+        ("{ per_second = -3 }", "per_second", "-3", "above zero"),
+        ("{ per_second = nan }", "per_second", "NaN", "above zero"),
+        (
+            "{ per_second = 2e6 }",
+            "per_second",
+            "2000000",
+            "at most 1000000",
+        ),
+        ("{ per_second = 5, burst = 0 }", "burst", "0", "at least 1"),
+    ] {
+        let problems = problems_of_target(UPSTREAM, &format!("rate_limit = {written}"));
+        assert_problem(
+            &problems,
+            &format!("target[0] (api).rate_limit.{field}"),
+            value,
+            expected,
+        );
+    }
+    let unknown = File::parse(&format!(
+        "[[target]]\n{UPSTREAM}rate_limit = {{ per_second = 5, per_minute = 3 }}\n"
+    ))
+    .unwrap_err();
+    assert!(unknown.contains("per_minute"), "{unknown}");
+}

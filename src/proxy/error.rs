@@ -53,6 +53,17 @@ pub enum ProxyError {
     ShuttingDown,
     #[error("target {target} was removed from the configuration")]
     TargetRemoved { target: String },
+    #[error("too many requests from this client for target {target}; retry in {}s", retry_after_secs(*.retry_after))]
+    RateLimited {
+        target: String,
+        retry_after: Duration,
+    },
+}
+
+/// `Retry-After` in whole seconds (RFC 9110 §10.2.3), rounded up so that a client that waits
+/// that long is allowed; at least 1.
+fn retry_after_secs(after: Duration) -> u64 {
+    (after.as_secs() + u64::from(after.subsec_nanos() > 0)).max(1)
 }
 
 impl ProxyError {
@@ -65,6 +76,7 @@ impl ProxyError {
                 StatusCode::NOT_IMPLEMENTED
             }
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::QueueFull { .. }
             | ProxyError::BackingOff { .. }
             | ProxyError::ShuttingDown
@@ -95,12 +107,13 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => Some(Reject::UpstreamTimeout),
             ProxyError::ShuttingDown => Some(Reject::ShuttingDown),
             ProxyError::TargetRemoved { .. } => Some(Reject::TargetRemoved),
+            ProxyError::RateLimited { .. } => Some(Reject::RateLimited),
         }
     }
 
     /// The gRPC status code a gRPC client gets for this failure (see `grpc/doc/statuscodes.md`
     /// of the gRPC project): what is missing is UNIMPLEMENTED, a full hold RESOURCE_EXHAUSTED,
-    /// a wait that ran out DEADLINE_EXCEEDED, an instance that is not there (yet) UNAVAILABLE,
+    /// a wait that ran out DEADLINE_EXCEEDED, a client over its rate limit RESOURCE_EXHAUSTED, an instance that is not there (yet) UNAVAILABLE,
     /// which gRPC clients may retry.
     pub fn grpc_status(&self) -> GrpcStatus {
         match self {
@@ -110,7 +123,9 @@ impl ProxyError {
             ProxyError::NoRoute
             | ProxyError::NotForwarded { .. }
             | ProxyError::UnsupportedCoding => GrpcStatus::Unimplemented,
-            ProxyError::QueueFull { .. } => GrpcStatus::ResourceExhausted,
+            ProxyError::QueueFull { .. } | ProxyError::RateLimited { .. } => {
+                GrpcStatus::ResourceExhausted
+            }
             ProxyError::ColdStartTimeout { .. }
             | ProxyError::Deadline { .. }
             | ProxyError::UpstreamTimeout { .. } => GrpcStatus::DeadlineExceeded,
@@ -163,6 +178,12 @@ impl ProxyError {
         };
         let headers = response.headers_mut();
         match self {
+            ProxyError::RateLimited { retry_after, .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(retry_after)),
+                );
+            }
             ProxyError::QueueFull { .. } | ProxyError::TargetRemoved { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
@@ -191,11 +212,6 @@ impl ProxyError {
         }
         response
     }
-}
-
-/// Whole seconds, rounded up, as `Retry-After` counts them.
-fn retry_after_secs(after: Duration) -> u64 {
-    after.as_secs() + u64::from(after.subsec_nanos() > 0)
 }
 
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -274,6 +290,20 @@ mod tests {
                 response.headers()
             );
             assert_eq!(response.headers()[header::RETRY_AFTER], "1", "{version:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds_and_is_at_least_one() {
+        for (after, secs) in [
+            (Duration::ZERO, 1),
+            (Duration::from_nanos(1), 1),
+            (Duration::from_millis(999), 1),
+            (Duration::from_secs(1), 1),
+            (Duration::from_millis(1001), 2),
+            (Duration::from_secs(30), 30),
+        ] {
+            assert_eq!(retry_after_secs(after), secs, "{after:?}");
         }
     }
 

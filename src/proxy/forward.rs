@@ -3,7 +3,7 @@
 //! (see [`super::pool`]) or multiplexed HTTP/2 (see [`super::multiplex`]), as the target's
 //! protocol says, and HTTP/1.1 upgrades (WebSocket) tunnelled in both directions.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
@@ -88,6 +88,8 @@ pub struct Downstream<'a> {
 /// One client connection, as the upstream is told of it.
 #[derive(Debug)]
 pub struct Client {
+    /// The TCP peer's address: what per-client rate limits count.
+    pub ip: IpAddr,
     /// The client's IP address as an `X-Forwarded-For` entry: formatted once per connection
     /// rather than once per request.
     pub forwarded_for: HeaderValue,
@@ -98,6 +100,7 @@ pub struct Client {
 impl Client {
     pub fn new(peer: SocketAddr, tls: bool) -> Self {
         Self {
+            ip: peer.ip(),
             forwarded_for: forwarded_for(peer),
             tls,
         }

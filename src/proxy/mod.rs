@@ -17,8 +17,9 @@
 //!   upstreams (`GOAWAY`), where tower's `Retry` is to be weighed against a request body that
 //!   streams and cannot be cloned.
 //!
-//! From pingora, `pingora-limits` is the candidate for per-client rate limits when they come;
-//! its timer crate would replace tokio timers that are not on the warm path.
+//! - Per-client rate limits are one compare-and-swap in the target's table
+//!   ([`crate::target::rate_limit`], which says why not `pingora-limits`), checked right after
+//!   routing so that a limited request is never counted as demand nor wakes a target.
 
 pub mod balance;
 pub mod body;
@@ -201,6 +202,19 @@ impl Proxy {
             shared.unrouted.count(Refusal::NoRoute);
             return ProxyError::NoRoute.into_response(version, grpc);
         };
+        // Before the request is counted anywhere: a limited request is no demand, and never
+        // wakes a cold target. The client is the TCP peer; `X-Forwarded-For` is not trusted,
+        // as anyone can write it.
+        if let Some(limiter) = &target.rate_limiter
+            && let Err(retry_after) = limiter.check(client.ip)
+        {
+            target.stats.reject(Reject::RateLimited);
+            let error = ProxyError::RateLimited {
+                target: target.name().to_owned(),
+                retry_after,
+            };
+            return error.into_response(version, grpc);
+        }
 
         let started = Instant::now();
         let method = method_index(req.method());

@@ -30,7 +30,7 @@ use super::{Proxy, Shared};
 use crate::config::Limits;
 
 /// What a client that speaks HTTP/2 without an upgrade sends first (RFC 9113 §3.4).
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// hyper's HTTP/1 defaults: its read buffer's bound (8 KiB + 100 × 4 KiB), and header count.
 const HYPER_MAX_BUF_SIZE: usize = 8192 + 4096 * 100;
 const HYPER_MAX_HEADERS: usize = 100;
@@ -478,6 +478,31 @@ impl Watch<'_> {
         // Its error now (hyper's own header timeout) would count the timeout twice.
         let _ = tokio::time::timeout(CLOSE_GRACE, connection).await;
         Ok(())
+    }
+}
+
+/// Serves one client connection on any byte stream with the default limits' HTTP/1.1 and
+/// HTTP/2 settings, as if `peer` had connected in cleartext: HTTP/2 when the stream begins with the HTTP/2 preface
+/// (`http2`), HTTP/1.1 otherwise. There is no drain: it ends when the connection does. For
+/// driving the proxy from bytes in memory (the fuzzer of the HTTP edge, tests), where no
+/// socket is there to peek at.
+pub async fn serve_io<I>(io: I, proxy: &Proxy, peer: SocketAddr, http2: bool) -> hyper::Result<()>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let connections = Connections::new(&Limits::default());
+    let service = proxy.connection(peer, false);
+    if http2 {
+        connections
+            .http2
+            .serve_connection(TokioIo::new(io), service)
+            .await
+    } else {
+        connections
+            .http1
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
+            .await
     }
 }
 

@@ -95,3 +95,30 @@ async fn requests_refused_while_draining_are_counted_as_shutting_down() {
     stop.cancel();
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn serve_io_answers_requests_from_bytes_in_memory_as_the_listener_does() {
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let (_, drain_timeout) = watch::channel(Duration::from_secs(1));
+    let proxy = Proxy::for_worker(Arc::new(Shared::new(
+        snapshot,
+        drain_timeout,
+        None,
+        watch::channel(crate::config::Limits::default()).1,
+    )));
+    let (mut client, io) = tokio::io::duplex(4096);
+    let peer = "192.0.2.1:1234".parse().unwrap();
+    let served = tokio::spawn(async move { server::serve_io(io, &proxy, peer, false).await });
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: nowhere\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    client.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+    assert!(
+        response.contains("no route for this host and path"),
+        "{response}"
+    );
+    served.await.unwrap().unwrap();
+}

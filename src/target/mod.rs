@@ -3,6 +3,7 @@
 //! state, and listens for wake requests). The lowest runtime layer: it knows the
 //! configuration and nothing above it.
 
+pub mod rate_limit;
 pub mod stats;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::config::route::Refusal;
 use crate::config::{Backend, Scaling, Serving, TargetConfig};
+use rate_limit::RateLimiter;
 use stats::Stats;
 
 /// Lifecycle of a target as users see it in `/targets`.
@@ -170,6 +172,9 @@ pub struct Target {
     pub scaling: Scaling,
     pub backend: Backend,
     pub stats: Stats,
+    /// The state of `serving.rate_limit`, one table for every worker: the limit holds per
+    /// process, whichever worker a client's connections land on.
+    pub rate_limiter: Option<RateLimiter>,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     status: watch::Sender<Status>,
     wake: Notify,
@@ -203,9 +208,11 @@ impl Target {
             scaling,
             backend,
         } = config;
+        let rate_limiter = serving.rate_limit.as_ref().map(RateLimiter::new);
         Arc::new(Self {
             name,
             namespace,
+            rate_limiter,
             serving,
             scaling,
             backend,

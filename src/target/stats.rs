@@ -43,10 +43,12 @@ pub enum Reject {
     BadBody,
     /// The target's crash back-off was in force: no start was tried.
     StartBackoff,
+    /// Its client was over the target's per-client rate limit.
+    RateLimited,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 10] = [
+    pub const ALL: [Reject; 11] = [
         Reject::QueueFull,
         Reject::ColdStartTimeout,
         Reject::StartFailed,
@@ -57,6 +59,7 @@ impl Reject {
         Reject::Deadline,
         Reject::BadBody,
         Reject::StartBackoff,
+        Reject::RateLimited,
     ];
 
     pub fn label(self) -> &'static str {
@@ -71,6 +74,7 @@ impl Reject {
             Reject::Deadline => "deadline_exceeded",
             Reject::BadBody => "bad_body",
             Reject::StartBackoff => "start_backoff",
+            Reject::RateLimited => "rate_limited",
         }
     }
 }

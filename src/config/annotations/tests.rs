@@ -363,3 +363,74 @@ fn the_routed_port_s_app_protocol_chooses_http2_and_the_annotation_overrides_it(
         problems[0].expected
     );
 }
+
+#[test]
+fn the_rate_limit_annotations_set_a_per_client_limit() {
+    let (t, problems) = target(from_service(&service(
+        &[("enabled", "true")],
+        &[("http", 80)],
+    )));
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(t.serving.rate_limit, None);
+    for (annotations, limit) in [
+        (&[("rate-limit", "50")][..], RateLimit::new(50.0)),
+        (
+            &[("rate-limit", "2.5"), ("rate-limit-burst", "10")][..],
+            RateLimit {
+                per_second: 2.5,
+                burst: 10,
+            },
+        ),
+    ] {
+        let mut all = vec![("enabled", "true")];
+        all.extend_from_slice(annotations);
+        let (t, problems) = target(from_service(&service(&all, &[("http", 80)])));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(t.serving.rate_limit, Some(limit), "{annotations:?}");
+    }
+}
+
+#[test]
+fn a_bad_rate_limit_annotation_is_reported_with_what_was_expected() {
+    for (annotations, field, value, expected, limit) in [
+        (
+            &[("rate-limit", "fast")][..],
+            "rate-limit",
+            "\"fast\"",
+            "above zero",
+            None,
+        ),
+        (
+            &[("rate-limit", "0")][..],
+            "rate-limit",
+            "\"0\"",
+            "using no rate limit",
+            None,
+        ),
+        (
+            &[("rate-limit", "10"), ("rate-limit-burst", "-1")][..],
+            "rate-limit-burst",
+            "\"-1\"",
+            "using 10",
+            Some(RateLimit::new(10.0)),
+        ),
+        (
+            &[("rate-limit-burst", "5")][..],
+            "rate-limit-burst",
+            "\"5\"",
+            "wakegate.io/rate-limit beside it",
+            None,
+        ),
+    ] {
+        let mut all = vec![("enabled", "true")];
+        all.extend_from_slice(annotations);
+        let (t, problems) = target(from_service(&service(&all, &[("http", 80)])));
+        let problem = problems
+            .iter()
+            .find(|p| p.field == format!("wakegate.io/{field}"))
+            .unwrap_or_else(|| panic!("a problem for {field} in {problems:?}"));
+        assert_eq!(problem.value, value);
+        assert!(problem.expected.contains(expected), "{problem}");
+        assert_eq!(t.serving.rate_limit, limit, "{annotations:?}");
+    }
+}
