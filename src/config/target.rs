@@ -368,8 +368,14 @@ impl Workload {
                     return Err(Self::EXPECTED);
                 }
                 // The plural as Kubernetes derives it from the kind, as kubectl guesses it.
-                let gvk = kube::core::GroupVersionKind::gvk(group, version, kind);
-                let plural = kube::core::ApiResource::from_gvk(&gvk).plural;
+                // kube-core's guess underflows on a one-letter kind ending in 'y' (found by
+                // fuzzing): a one-letter kind just takes an 's'.
+                let plural = if kind.len() < 2 {
+                    format!("{}s", kind.to_ascii_lowercase())
+                } else {
+                    let gvk = kube::core::GroupVersionKind::gvk(group, version, kind);
+                    kube::core::ApiResource::from_gvk(&gvk).plural
+                };
                 Ok(Workload::known(group, version, kind, &plural, name))
             }
         }

@@ -434,3 +434,18 @@ fn a_bad_rate_limit_annotation_is_reported_with_what_was_expected() {
         assert_eq!(t.serving.rate_limit, limit, "{annotations:?}");
     }
 }
+
+#[test]
+fn a_one_letter_workload_kind_is_read_without_panicking() {
+    // Found by the annotations fuzz target: kube-core's plural of "Y" underflowed.
+    let (t, problems) = target(from_service(&service(
+        &[("enabled", "true"), ("workload", "Y.v1.example.io/web")],
+        &[("http", 80)],
+    )));
+    assert!(problems.is_empty(), "{problems:?}");
+    let workload = &kube(&t).workload;
+    assert_eq!(
+        (workload.kind.as_str(), workload.plural.as_str()),
+        ("Y", "ys")
+    );
+}
