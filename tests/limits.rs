@@ -46,15 +46,8 @@ async fn timeouts(wg: &Wakegate, kind: &str) -> f64 {
 
 /// Polls the metrics until `check` holds on them, or fails after a few seconds.
 async fn wait_metrics(wg: &Wakegate, what: &str, check: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let metrics = wg.metrics().await;
-        if check(&metrics) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: {metrics}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wg.wait_for_metrics(what, Duration::from_secs(3), check)
+        .await;
 }
 
 async fn wait_timeouts(wg: &Wakegate, kind: &str, count: f64) {

@@ -257,18 +257,11 @@ impl Http1 {
 /// Waits until the metric reads `value` (15 s at most: a file change is seen within 2 s), or
 /// fails saying what it read.
 async fn wait_for_metric(wg: &Wakegate, name: &str, labels: &str, value: f64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let read = metric(&wg.metrics().await, name, labels);
-        if read == Some(value) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name}{{{labels}}} is {read:?}, expected {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("{name}{{{labels}}} never read {value}");
+    wg.wait_for_metrics(&what, Duration::from_secs(15), |text| {
+        metric(text, name, labels) == Some(value)
+    })
+    .await;
 }
 
 async fn tls_metric(wg: &Wakegate, name: &str, labels: &str) -> f64 {

@@ -276,6 +276,25 @@ impl Wakegate {
     }
 
     /// The `/targets` entry of one target.
+    /// Polls `/metrics` until `check` holds on its text, or fails after `limit` naming `what`
+    /// and showing the last text.
+    pub async fn wait_for_metrics(
+        &self,
+        what: &str,
+        limit: Duration,
+        check: impl Fn(&str) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let metrics = self.metrics().await;
+            if check(&metrics) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{what}: {metrics}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn target(&self, name: &str) -> serde_json::Value {
         let all: serde_json::Value =
             serde_json::from_str(&self.admin_get("/targets").await.body).unwrap();
