@@ -1,7 +1,7 @@
 //! The Kubernetes material in deploy/ as a user gets it: every kustomization rendered by
 //! `kubectl kustomize` and every object parsed into its Kubernetes type, then the settings a
 //! user relies on checked (RBAC, probes, drain, peers, annotations, KEDA, TLS, the
-//! NetworkPolicy, the dashboard).
+//! NetworkPolicy, the migration example, the dashboard).
 //! Nothing is applied to a cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,7 +26,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use wakegate::config::annotations::{self, Outcome};
 use wakegate::config::route::HostPattern;
-use wakegate::config::{AutoscalerMode, Backend, Config, File, KubernetesConfig, TargetConfig};
+use wakegate::config::{
+    AutoscalerMode, Backend, Config, File, KubernetesConfig, Metric, TargetConfig,
+};
 
 const BASE: &str = "deploy/base";
 const MONITORING: &str = "deploy/monitoring";
@@ -34,7 +36,16 @@ const HELLO: &str = "deploy/examples/hello";
 const KEDA: &str = "deploy/examples/keda";
 const TLS: &str = "deploy/examples/tls";
 const NETWORK_POLICY: &str = "deploy/networkpolicy";
-const KUSTOMIZATIONS: [&str; 6] = [BASE, MONITORING, HELLO, KEDA, TLS, NETWORK_POLICY];
+const FROM_KEDA_HTTP: &str = "deploy/examples/from-keda-http";
+const KUSTOMIZATIONS: [&str; 7] = [
+    BASE,
+    MONITORING,
+    HELLO,
+    KEDA,
+    TLS,
+    NETWORK_POLICY,
+    FROM_KEDA_HTTP,
+];
 
 /// wakegate's own namespace, where its Lease, peers and Role live.
 const NAMESPACE: &str = "wakegate";
@@ -1592,4 +1603,105 @@ fn network_policy_opens_the_proxy_ports_and_keeps_the_admin_port_to_monitoring_a
             port.port
         );
     }
+}
+
+#[test]
+fn keda_http_migration_example_says_what_its_httpscaledobject_said() {
+    let rendered = render(FROM_KEDA_HTTP);
+    let path = format!("{FROM_KEDA_HTTP}/httpscaledobject.yaml");
+    let text = std::fs::read_to_string(repo(&path)).expect("the HTTPScaledObject it replaces");
+    let before: Value = serde_norway::from_str(&text).expect("valid YAML");
+    assert_eq!(before["apiVersion"], "http.keda.sh/v1alpha1");
+    assert_eq!(before["kind"], "HTTPScaledObject");
+    assert!(
+        !rendered
+            .objects
+            .iter()
+            .any(|o| o["kind"] == "HTTPScaledObject"),
+        "the example replaces the HTTPScaledObject, it does not apply it"
+    );
+    let spec = &before["spec"];
+    let target_ref = &spec["scaleTargetRef"];
+    let str_of = |v: &Value| v.as_str().expect("a string").to_owned();
+    let strings =
+        |v: &Value| -> Vec<String> { v.as_array().expect("a list").iter().map(str_of).collect() };
+
+    // The annotations sit on the Service that scaleTargetRef.service named.
+    let service: Service = rendered.one(&str_of(&target_ref["service"]));
+    assert_eq!(
+        service.metadata.namespace.as_deref(),
+        before["metadata"]["namespace"].as_str()
+    );
+    let target = target_of(&service);
+    let hosts: Vec<HostPattern> = strings(&spec["hosts"])
+        .iter()
+        .map(|h| HostPattern::parse(h).unwrap())
+        .collect();
+    assert_eq!(target.route.hosts, hosts);
+    assert_eq!(target.route.path_prefixes, strings(&spec["pathPrefixes"]));
+    let replicas = |key: &str| spec["replicas"][key].as_u64().expect("a count") as u32;
+    assert_eq!(
+        (target.scaling.min, target.scaling.max),
+        (replicas("min"), replicas("max"))
+    );
+    let scaledown = spec["scaledownPeriod"].as_u64().expect("seconds");
+    assert_eq!(target.serving.idle_timeout, Duration::from_secs(scaledown));
+    let rate = &spec["scalingMetric"]["requestRate"];
+    assert_eq!(target.scaling.metric, Metric::Rps);
+    assert_eq!(target.scaling.target, rate["targetValue"].as_f64());
+
+    let Backend::Kubernetes(kube) = target.backend else {
+        panic!("not a Kubernetes target: {:?}", target.backend);
+    };
+    assert_eq!(kube.workload.name, str_of(&target_ref["name"]));
+    assert_eq!(kube.workload.kind, str_of(&target_ref["kind"]));
+    assert_eq!(
+        format!("{}/{}", kube.workload.group, kube.workload.version),
+        str_of(&target_ref["apiVersion"])
+    );
+    // scaleTargetRef.port is the Service port's number; wakegate routes to the endpoints of
+    // that port, found by its name.
+    let spec_ports = service
+        .spec
+        .clone()
+        .and_then(|s| s.ports)
+        .unwrap_or_default();
+    let port = spec_ports
+        .iter()
+        .find(|p| i64::from(p.port) == target_ref["port"].as_i64().expect("a port number"))
+        .expect("the Service has scaleTargetRef.port");
+    assert_eq!(port.name.as_deref(), Some(kube.port_name.as_str()));
+
+    // The workload exists beside it, selected by the Service, and leaves the count to wakegate.
+    let deployment: Deployment = rendered.one(&kube.workload.name);
+    assert_eq!(deployment.metadata.namespace, service.metadata.namespace);
+    assert_eq!(deployment.spec.as_ref().unwrap().replicas, None);
+    let selector = service.spec.and_then(|s| s.selector).unwrap_or_default();
+    assert!(selects(&selector, &pod_labels(&deployment)));
+
+    // Its host and path now lead to wakegate's Service.
+    let ingress: Ingress = rendered.one("shop-api");
+    assert_eq!(ingress.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let rules = ingress.spec.and_then(|s| s.rules).unwrap_or_default();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0]
+            .host
+            .as_deref()
+            .map(|h| HostPattern::parse(h).unwrap()),
+        Some(hosts[0].clone())
+    );
+    let paths = &rules[0].http.as_ref().expect("http rule").paths;
+    assert_eq!(paths.len(), 1);
+    assert_eq!(paths[0].path.as_deref(), Some("/api"));
+    assert_eq!(paths[0].path_type, "Prefix");
+    let backend = paths[0]
+        .backend
+        .service
+        .as_ref()
+        .expect("a Service backend");
+    let wakegate: Service = render(BASE).one(&backend.name);
+    let port_name = backend.port.as_ref().and_then(|p| p.name.clone());
+    let ports = wakegate.spec.and_then(|s| s.ports).unwrap_or_default();
+    assert!(ports.iter().any(|p| p.name == port_name), "{port_name:?}");
 }
