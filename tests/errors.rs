@@ -29,12 +29,17 @@ fn plain_reason(r: &Response) -> &str {
         "{:?}",
         r.headers
     );
-    let body = r.body.trim_end();
+    let id = r.headers["x-request-id"].to_str().unwrap();
+    let (reason, rest) = r
+        .body
+        .split_once('\n')
+        .unwrap_or_else(|| panic!("a reason, then the request id: {:?}", r.body));
+    assert_eq!(rest, format!("request id: {id}\n"), "{:?}", r.body);
     assert!(
-        !body.is_empty() && body.len() < 200 && !body.contains('\n'),
-        "a short one-line reason: {body:?}"
+        !reason.is_empty() && reason.len() < 200,
+        "a short one-line reason: {reason:?}"
     );
-    body
+    reason
 }
 
 fn rejected(metrics: &str, reason: &str) -> Option<f64> {
@@ -199,12 +204,23 @@ async fn a_target_that_keeps_failing_to_start_is_backed_off_and_requests_meanwhi
         began.elapsed() < Duration::from_secs(5),
         "not held until the timeout"
     );
-    let reason = plain_reason(&r);
+    // The client gets a short reason and a request id; the cause is in the log, under that id.
+    assert_eq!(plain_reason(&r), "target hello failed to start");
+    let id = r.headers["x-request-id"].to_str().unwrap();
+    let logged = wg
+        .wait_for_log(
+            &format!("with request id {id}"),
+            Duration::from_secs(5),
+            |line| line["request_id"] == id,
+        )
+        .await;
+    assert_eq!(logged["message"], "request failed", "{logged}");
+    assert_eq!(logged["status"], 502, "{logged}");
     assert!(
-        reason.contains("hello")
-            && reason.contains("failed to start")
-            && reason.contains("exit status: 3"),
-        "{reason}"
+        logged["error"].as_str().is_some_and(
+            |e| e.starts_with("target hello failed to start: ") && e.contains("exit status: 3")
+        ),
+        "{logged}"
     );
 
     // Then no start for a minute: twenty requests get 503 at once, saying so.
