@@ -173,7 +173,7 @@ fn failing(name: &str, first: &str) -> String {
 [[target]]
 name = "{name}"
 hosts = ["{name}.localhost"]
-command = ["sh", "-c", "sleep 0.2; exit 3"]
+command = ["sh", "-c", "echo starting {name}; echo 'fatal: no such file: app.conf' >&2; sleep 0.2; exit 3"]
 cold_start_timeout = "20s"
 start_backoff = "{first}"
 "#
@@ -266,10 +266,12 @@ async fn a_target_that_keeps_failing_to_start_is_backed_off_and_requests_meanwhi
         "{waiting:?}"
     );
     let target = wg.target("hello").await;
+    // The instance's last output lines say why it exited.
+    let why = target["last_start_failure"].as_str().unwrap();
     assert!(
-        target["last_start_failure"]
-            .as_str()
-            .is_some_and(|why| why.contains("exit status: 3")),
+        why.contains("exit status: 3")
+            && why.contains("\"starting hello\"")
+            && why.contains("\"fatal: no such file: app.conf\""),
         "{target}"
     );
     assert_eq!(target["backoff"]["failures"], 1, "{target}");
@@ -357,6 +359,11 @@ cold_start_timeout = "1s"
         let why = target["last_start_failure"].as_str().unwrap_or_default();
         assert!(
             why.contains("not ready within 1s") && why.contains(saw),
+            "{name}: {why}"
+        );
+        // And what the instance wrote, which names the address it listens on.
+        assert!(
+            why.contains("its last output: \"demo-backend listening on 127.0.0.1:"),
             "{name}: {why}"
         );
     }
