@@ -279,6 +279,18 @@ impl prometheus_client::collector::Collector for TargetCollector {
                 .encode_counter::<NoLabelSet, _, f64>(&count.load(Ordering::Relaxed), None)?;
         }
 
+        encoder
+            .encode_descriptor(
+                "wakegate_access_log_dropped",
+                "Access log lines dropped because the log's writer fell behind (a slow disk).",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, f64>(
+                &self.proxy.access_log_dropped.load(Ordering::Relaxed),
+                None,
+            )?;
+
         let mut family = encoder.encode_descriptor(
             "wakegate_refused_routes",
             "Host and path-prefix pairs a target asked for and does not route, by reason \

@@ -16,8 +16,8 @@ use super::target::{
     Backend, Local, Protocol, RateLimit, ReadyCheck, Scaling, Serving, TargetConfig, is_object_name,
 };
 use super::{
-    Autoscaler, Config, KubernetesConfig, Limits, Listen, MAX_DURATION, Problem, TlsConfig,
-    defaults,
+    AccessLogConfig, Autoscaler, Config, KubernetesConfig, Limits, Listen, MAX_DURATION, Problem,
+    TlsConfig, defaults,
 };
 
 /// The whole configuration file.
@@ -39,6 +39,8 @@ pub struct File {
     pub kubernetes: Option<KubernetesConfig>,
     /// An HTTPS listener beside the cleartext one.
     pub tls: Option<TlsConfig>,
+    /// One line per request, off when absent.
+    pub access_log: Option<AccessLogConfig>,
 }
 
 /// One `[[target]]` as written: where its traffic comes from (hosts, path prefixes), what
@@ -335,6 +337,7 @@ impl File {
             targets,
             kubernetes: self.kubernetes.clone(),
             tls: self.tls.clone(),
+            access_log: self.access_log.clone(),
         });
         (config, problems.0)
     }
