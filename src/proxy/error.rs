@@ -1,6 +1,7 @@
 //! Every way a request can fail inside wakegate, and the one place that turns such a failure
 //! into the HTTP response a client sees.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Response, StatusCode, Version, header};
@@ -45,6 +46,20 @@ pub enum ProxyError {
         #[source]
         source: super::pool::UpstreamError,
     },
+    /// Every endpoint of the target is unhealthy: the request was not sent.
+    #[error(
+        "upstream of target {target} has been unhealthy for {}; retry in {}s",
+        humantime::format_duration(Duration::from_secs(unhealthy_for.as_secs())),
+        retry_after_secs(*.retry_in)
+    )]
+    Unhealthy {
+        target: String,
+        unhealthy_for: Duration,
+        /// When an endpoint is tried (or checked) again.
+        retry_in: Duration,
+        #[source]
+        last: LastFailure,
+    },
     #[error("upstream of target {target} did not respond within {}", humantime::format_duration(*.after))]
     UpstreamTimeout { target: String, after: Duration },
     #[error("target {target} cannot take a {what}")]
@@ -59,6 +74,12 @@ pub enum ProxyError {
         retry_after: Duration,
     },
 }
+
+/// Why an endpoint is unhealthy, in full: for the log, never for clients (it may name local
+/// addresses and OS errors).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LastFailure(pub Arc<String>);
 
 /// `Retry-After` in whole seconds (RFC 9110 §10.2.3), rounded up so that a client that waits
 /// that long is allowed; at least 1.
@@ -79,6 +100,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::QueueFull { .. }
             | ProxyError::BackingOff { .. }
+            | ProxyError::Unhealthy { .. }
             | ProxyError::ShuttingDown
             | ProxyError::TargetRemoved { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ColdStartTimeout { .. }
@@ -104,6 +126,7 @@ impl ProxyError {
             ProxyError::StartFailed { .. } => Some(Reject::StartFailed),
             ProxyError::BackingOff { .. } => Some(Reject::StartBackoff),
             ProxyError::Upstream { .. } => Some(Reject::Upstream),
+            ProxyError::Unhealthy { .. } => Some(Reject::UpstreamUnhealthy),
             ProxyError::UpstreamTimeout { .. } => Some(Reject::UpstreamTimeout),
             ProxyError::ShuttingDown => Some(Reject::ShuttingDown),
             ProxyError::TargetRemoved { .. } => Some(Reject::TargetRemoved),
@@ -132,25 +155,15 @@ impl ProxyError {
             ProxyError::StartFailed { .. }
             | ProxyError::BackingOff { .. }
             | ProxyError::Upstream { .. }
+            | ProxyError::Unhealthy { .. }
             | ProxyError::ShuttingDown
             | ProxyError::TargetRemoved { .. } => GrpcStatus::Unavailable,
         }
     }
 
-    /// The error chain in one line, for logs. A cause that an error already quotes at its end
-    /// (as hyper's and io's errors often do) is not written twice.
+    /// The error chain in one line, for logs (see [`chain`]).
     pub fn chain(&self) -> String {
-        let mut text = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(cause) = source {
-            let cause_text = cause.to_string();
-            if !text.ends_with(&cause_text) {
-                text.push_str(": ");
-                text.push_str(&cause_text);
-            }
-            source = cause.source();
-        }
-        text
+        chain(self)
     }
 
     /// The response for a request of `version`; `grpc` for a gRPC request, which gets a
@@ -195,7 +208,7 @@ impl ProxyError {
             {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            ProxyError::BackingOff { retry_in, .. } => {
+            ProxyError::BackingOff { retry_in, .. } | ProxyError::Unhealthy { retry_in, .. } => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs(retry_in)),
@@ -212,6 +225,22 @@ impl ProxyError {
         }
         response
     }
+}
+
+/// An error and its causes in one line, for logs. A cause that an error already quotes at its
+/// end (as hyper's and io's errors often do) is not written twice.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");

@@ -72,7 +72,7 @@ pub async fn wait_ready(
                 }
                 None => {}
             }
-            if let Some(lease) = balance::pick(target) {
+            if let Some(lease) = balance::pick(target)? {
                 return Ok(Ok(lease));
             }
             if status.changed().await.is_err() {
