@@ -29,12 +29,17 @@ fn plain_reason(r: &Response) -> &str {
         "{:?}",
         r.headers
     );
-    let body = r.body.trim_end();
+    let id = r.headers["x-request-id"].to_str().unwrap();
+    let (reason, rest) = r
+        .body
+        .split_once('\n')
+        .unwrap_or_else(|| panic!("a reason, then the request id: {:?}", r.body));
+    assert_eq!(rest, format!("request id: {id}\n"), "{:?}", r.body);
     assert!(
-        !body.is_empty() && body.len() < 200 && !body.contains('\n'),
-        "a short one-line reason: {body:?}"
+        !reason.is_empty() && reason.len() < 200,
+        "a short one-line reason: {reason:?}"
     );
-    body
+    reason
 }
 
 fn rejected(metrics: &str, reason: &str) -> Option<f64> {
@@ -168,7 +173,7 @@ fn failing(name: &str, first: &str) -> String {
 [[target]]
 name = "{name}"
 hosts = ["{name}.localhost"]
-command = ["sh", "-c", "sleep 0.2; exit 3"]
+command = ["sh", "-c", "echo starting {name}; echo 'fatal: no such file: app.conf' >&2; sleep 0.2; exit 3"]
 cold_start_timeout = "20s"
 start_backoff = "{first}"
 "#
@@ -199,12 +204,23 @@ async fn a_target_that_keeps_failing_to_start_is_backed_off_and_requests_meanwhi
         began.elapsed() < Duration::from_secs(5),
         "not held until the timeout"
     );
-    let reason = plain_reason(&r);
+    // The client gets a short reason and a request id; the cause is in the log, under that id.
+    assert_eq!(plain_reason(&r), "target hello failed to start");
+    let id = r.headers["x-request-id"].to_str().unwrap();
+    let logged = wg
+        .wait_for_log(
+            &format!("with request id {id}"),
+            Duration::from_secs(5),
+            |line| line["request_id"] == id,
+        )
+        .await;
+    assert_eq!(logged["message"], "request failed", "{logged}");
+    assert_eq!(logged["status"], 502, "{logged}");
     assert!(
-        reason.contains("hello")
-            && reason.contains("failed to start")
-            && reason.contains("exit status: 3"),
-        "{reason}"
+        logged["error"].as_str().is_some_and(
+            |e| e.starts_with("target hello failed to start: ") && e.contains("exit status: 3")
+        ),
+        "{logged}"
     );
 
     // Then no start for a minute: twenty requests get 503 at once, saying so.
@@ -250,10 +266,12 @@ async fn a_target_that_keeps_failing_to_start_is_backed_off_and_requests_meanwhi
         "{waiting:?}"
     );
     let target = wg.target("hello").await;
+    // The instance's last output lines say why it exited.
+    let why = target["last_start_failure"].as_str().unwrap();
     assert!(
-        target["last_start_failure"]
-            .as_str()
-            .is_some_and(|why| why.contains("exit status: 3")),
+        why.contains("exit status: 3")
+            && why.contains("\"starting hello\"")
+            && why.contains("\"fatal: no such file: app.conf\""),
         "{target}"
     );
     assert_eq!(target["backoff"]["failures"], 1, "{target}");
@@ -341,6 +359,11 @@ cold_start_timeout = "1s"
         let why = target["last_start_failure"].as_str().unwrap_or_default();
         assert!(
             why.contains("not ready within 1s") && why.contains(saw),
+            "{name}: {why}"
+        );
+        // And what the instance wrote, which names the address it listens on.
+        assert!(
+            why.contains("its last output: \"demo-backend listening on 127.0.0.1:"),
             "{name}: {why}"
         );
     }

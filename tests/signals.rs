@@ -263,15 +263,12 @@ async fn sigterm_lets_an_open_websocket_work_until_the_drain_timeout_then_closes
 
 /// Waits until wakegate logs `message` (its JSON `message` field contains it).
 async fn logged(wg: &Wakegate, message: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !wg.logs().contains(message) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no log line {message:?}:\n{}",
-            wg.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wg.wait_for_log(&format!("{message:?}"), Duration::from_secs(10), |line| {
+        line["message"]
+            .as_str()
+            .is_some_and(|text| text.contains(message))
+    })
+    .await;
 }
 
 #[tokio::test]

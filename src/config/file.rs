@@ -3,10 +3,12 @@
 //! reporting every problem with its field, its value and what was expected.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+use toml::de::{DeArray, DeTable, DeValue};
 
 use super::limits::{MAX_HEADER_BYTES, MIN_HEADER_BYTES};
 use super::route::{HostPattern, Route, is_valid_prefix, normalize_prefix};
@@ -43,7 +45,10 @@ pub struct File {
 /// One `[[target]]` as written: where its traffic comes from (hosts, path prefixes), what
 /// serves it (a local `command` that wakegate starts and stops, or a fixed `upstream`) and how.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a `[[target]]` table with `name`, `hosts` and a `command` or an `upstream`"
+)]
 pub struct FileTarget {
     pub name: String,
     #[serde(default = "defaults::namespace")]
@@ -108,7 +113,10 @@ impl Default for FileHealth {
 
 /// `rate_limit = { per_second = 50, burst = 100 }`.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table such as `{ per_second = 50, burst = 100 }`"
+)]
 pub struct FileRateLimit {
     pub per_second: f64,
     /// One second's worth of requests by default.
@@ -142,14 +150,108 @@ impl Problems {
     }
 }
 
+/// serde's names of Rust's number types, in the words of the file's reader.
+fn in_user_terms(error: String) -> String {
+    const NUMBERS: [(&str, &str); 7] = [
+        ("expected u16", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected usize", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+    ];
+    NUMBERS
+        .iter()
+        .fold(error, |text, (rust, words)| text.replace(rust, words))
+}
+
+/// Format errors reported at most, of one file.
+const MAX_FORMAT_ERRORS: usize = 20;
+
+/// Takes out of `table` the entry that `span` of the source points into, at the deepest level
+/// that holds it: the field with a bad value or an unknown name, the item of an array, or the
+/// `[[target]]` that lacks a field. False when nothing holds it. (A table written as a
+/// `[header]` spans its header only, so every table is searched.)
+fn leave_out(table: &mut DeTable<'_>, span: &Range<usize>) -> bool {
+    let keys: Vec<_> = table.keys().cloned().collect();
+    for key in keys {
+        let value = table.get_mut(&key).expect("a key of this table");
+        if !covers(key.span(), span) && leave_out_within(value.get_mut(), span) {
+            return true;
+        }
+        if covers(key.span(), span) || covers(value.span(), span) {
+            table.remove(&key);
+            return true;
+        }
+    }
+    false
+}
+
+/// As [`leave_out`], inside a table or an array.
+fn leave_out_within(value: &mut DeValue<'_>, span: &Range<usize>) -> bool {
+    match value {
+        DeValue::Table(table) => leave_out(table, span),
+        DeValue::Array(items) => {
+            for at in 0..items.len() {
+                let item = &mut items.as_mut()[at];
+                if leave_out_within(item.get_mut(), span) {
+                    return true;
+                }
+                if covers(item.span(), span) {
+                    let kept = std::mem::replace(items, DeArray::new());
+                    for (i, item) in kept.into_iter().enumerate() {
+                        if i != at {
+                            items.push(item);
+                        }
+                    }
+                    return true;
+                }
+            }
+            false
+        }
+        _ => false,
+    }
+}
+
+fn covers(outer: Range<usize>, inner: &Range<usize>) -> bool {
+    outer.start <= inner.start && inner.end <= outer.end
+}
+
 fn quoted(d: Duration) -> String {
     format!("{:?}", humantime::format_duration(d).to_string())
 }
 
 impl File {
-    /// Parses TOML text without checking it.
+    /// Parses TOML text without checking it. A value of the wrong type or an unknown field
+    /// does not hide the next one: each is reported (with its line), then left out so that the
+    /// rest of the file is read, up to [`MAX_FORMAT_ERRORS`].
     pub fn parse(text: &str) -> Result<File, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let mut root = DeTable::parse(text).map_err(|e| e.to_string())?;
+        // (where in the text, what)
+        let mut errors: Vec<(usize, String)> = Vec::new();
+        while errors.len() < MAX_FORMAT_ERRORS {
+            match File::deserialize(toml::de::Deserializer::from(root.clone())) {
+                Ok(file) if errors.is_empty() => return Ok(file),
+                Ok(_) => break,
+                Err(mut error) => {
+                    error.set_input(Some(text));
+                    let span = error.span();
+                    let at = span.as_ref().map_or(usize::MAX, |span| span.start);
+                    errors.push((at, in_user_terms(error.to_string())));
+                    if !span.is_some_and(|span| leave_out(root.get_mut(), &span)) {
+                        break;
+                    }
+                }
+            }
+        }
+        // In the order of the file, not of the fields' declarations.
+        errors.sort_by_key(|(at, _)| *at);
+        let errors: Vec<String> = errors.into_iter().map(|(_, error)| error).collect();
+        Err(match errors.as_slice() {
+            [one] => one.clone(),
+            many => format!("{} problems:\n{}", many.len(), many.join("\n")),
+        })
     }
 
     /// Every problem of this file; empty when it is valid.

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 /// `[limits]` as written, with safe defaults for a port that faces the internet.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a `[limits]` table")]
 pub struct Limits {
     /// A new connection must send a complete request head (or, on HTTP/2, its first
     /// request's HEADERS) within this long; HTTP/1 also waits at most this long for the head

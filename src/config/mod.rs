@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use route::{HostPattern, RefusalReason};
 
+mod address;
 pub mod annotations;
 mod duration;
 pub mod environment;
@@ -49,10 +50,13 @@ pub struct Config {
 
 /// `[tls]`: where HTTPS clients connect and the certificates they are given.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a `[tls]` table with `listen` and `[[tls.certificate]]` entries"
+)]
 pub struct TlsConfig {
     /// HTTP/1.1 and HTTP/2, chosen by ALPN.
-    #[serde(default = "defaults::tls_addr")]
+    #[serde(default = "defaults::tls_addr", with = "address")]
     pub listen: SocketAddr,
     /// `[[tls.certificate]]`: each serves the DNS names of its certificate's subjectAltName,
     /// chosen by SNI (exact names before `*.` wildcards); the first also serves clients that
@@ -64,7 +68,10 @@ pub struct TlsConfig {
 /// A certificate chain and its private key, PEM files (relative paths: to wakegate's working
 /// directory).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a `[[tls.certificate]]` table such as `{ cert = \"tls.crt\", key = \"tls.key\" }`"
+)]
 pub struct CertificateFiles {
     /// The server's certificate first, then its intermediates.
     pub cert: PathBuf,
@@ -74,7 +81,7 @@ pub struct CertificateFiles {
 
 /// `[kubernetes]`: where to find the API server and what to watch.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a `[kubernetes]` table")]
 pub struct KubernetesConfig {
     /// Watch these namespaces; empty means all.
     #[serde(default)]
@@ -133,7 +140,7 @@ impl KubernetesConfig {
 
 /// Who makes N→M decisions for Kubernetes targets. Waking from zero is always wakegate's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", expecting = "\"internal\" or \"external\"")]
 pub enum AutoscalerMode {
     #[default]
     Internal,
@@ -142,7 +149,10 @@ pub enum AutoscalerMode {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table such as `{ namespace = \"wakegate\", name = \"wakegate\" }`"
+)]
 pub struct LeaseConfig {
     pub namespace: String,
     pub name: String,
@@ -155,7 +165,10 @@ pub struct LeaseConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table such as `{ namespace = \"wakegate\", service = \"wakegate-peers\" }`"
+)]
 pub struct PeersConfig {
     pub namespace: String,
     pub service: String,
@@ -168,13 +181,16 @@ pub struct PeersConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a `[listen]` table such as `{ proxy = \"0.0.0.0:8080\", admin = \"127.0.0.1:9090\" }`"
+)]
 pub struct Listen {
     /// Where clients connect (HTTP/1.1 and h2c on the same port).
-    #[serde(default = "defaults::proxy_addr")]
+    #[serde(default = "defaults::proxy_addr", with = "address")]
     pub proxy: SocketAddr,
     /// `/metrics`, `/healthz`, `/readyz`, `/targets`.
-    #[serde(default = "defaults::admin_addr")]
+    #[serde(default = "defaults::admin_addr", with = "address")]
     pub admin: SocketAddr,
     /// Proxy worker threads, each with its own runtime, listening socket and upstream
     /// connections; default: one per CPU the process may use.
@@ -201,7 +217,10 @@ impl Listen {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an `[autoscaler]` table such as `{ interval = \"1s\" }`"
+)]
 pub struct Autoscaler {
     /// How often each target's scaling decision is taken (waking from zero never waits for it).
     #[serde(default = "defaults::interval", with = "duration")]

@@ -97,7 +97,7 @@ impl RateLimit {
 
 /// The protocol of a target's instances, as the user declares it: never guessed from requests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", expecting = "\"http1\" or \"h2c\"")]
 pub enum Protocol {
     /// HTTP/1.1, pooled keep-alive connections.
     #[default]
@@ -217,7 +217,10 @@ pub enum ReadyCheck {
 impl<'de> Deserialize<'de> for ReadyCheck {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
+        #[serde(
+            deny_unknown_fields,
+            expecting = "a table such as `{ http_get = \"/healthz\" }`, `{ tcp = true }`, `{ notify = true }` or `{ grpc = true }`"
+        )]
         struct Raw {
             tcp: Option<bool>,
             http_get: Option<String>,
@@ -270,7 +273,7 @@ impl<'de> Deserialize<'de> for ReadyCheck {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", expecting = "\"concurrency\" or \"rps\"")]
 pub enum Metric {
     Concurrency,
     Rps,
@@ -278,7 +281,10 @@ pub enum Metric {
 
 /// How a target follows its load between `min` and `max` instances.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table such as `{ min = 0, max = 3, metric = \"concurrency\", target = 10 }`"
+)]
 pub struct Scaling {
     #[serde(default)]
     pub min: u32,

@@ -141,6 +141,52 @@ fn unknown_fields_are_rejected_by_name_at_every_level() {
 }
 
 #[test]
+fn every_format_error_of_a_file_is_reported_in_its_order_with_the_right_form() {
+    let text = format!(
+        "[listen]\nproxy = \":8080\"\n\
+         [[target]]\n{LOCAL}idle_timeout = 30\nready = \"/healthz\"\nmaximum = 3\n\
+         [[target]]\nhosts = [\"b.localhost\"]\nupstream = \"127.0.0.1:80\"\n\
+         [[target]]\n{UPSTREAM}rate_limit = 5\nscaling = {{ max = \"3\" }}\n"
+    );
+    let error = File::parse(&text).expect_err("eight problems");
+    let expected = [
+        (
+            "line 2",
+            "got \":8080\", expected an address and port such as \"0.0.0.0:8080\"",
+        ),
+        ("line 2", "for every interface write \"0.0.0.0:8080\""),
+        (
+            "line 7",
+            "got 30, expected a duration with its unit, such as \"30s\"",
+        ),
+        (
+            "line 8",
+            "invalid type: string \"/healthz\", expected a table such as `{ http_get = \"/healthz\" }`",
+        ),
+        ("line 9", "unknown field `maximum`"),
+        ("line 10", "missing field `name`"),
+        (
+            "line 17",
+            "invalid type: integer `5`, expected a table such as `{ per_second = 50, burst = 100 }`",
+        ),
+        (
+            "line 18",
+            "invalid type: string \"3\", expected a whole number",
+        ),
+    ];
+    assert!(error.starts_with("7 problems:\n"), "{error}");
+    let mut rest = error.as_str();
+    for (line, says) in expected {
+        let at = rest
+            .find(&format!("{line},"))
+            .unwrap_or_else(|| panic!("{line} after the earlier ones in:\n{error}"));
+        rest = &rest[at..];
+        assert!(rest.contains(says), "{line}: {says}\nin:\n{error}");
+    }
+    assert!(!error.contains("struct"), "no Rust type names: {error}");
+}
+
+#[test]
 fn a_bad_duration_names_the_value_and_the_expected_form() {
     let error = File::parse(&format!("[[target]]\n{UPSTREAM}idle_timeout = \"soon\""))
         .expect_err("not a duration");

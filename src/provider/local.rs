@@ -3,13 +3,13 @@
 //! SIGKILL after `stop_grace`) when scaled to zero. Children never outlive wakegate.
 
 mod notify;
+mod output;
 
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::uri::Authority;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::notify::NotifySocket;
+use self::output::OutputTail;
 use super::probe::probe;
 use super::{Desired, Managed, Provider, Scale};
 use crate::config::{Local, Protocol, ReadyCheck};
@@ -57,6 +58,7 @@ struct Instance {
     ready_at: Instant,
     /// The socket it notified its readiness on, until the instance is published.
     notify: Option<NotifySocket>,
+    output: Arc<OutputTail>,
 }
 
 /// Converges the target's instances to what is desired, until `stop`.
@@ -138,13 +140,11 @@ async fn supervise(
                 if ran < Backoff::HEALTHY_RUN {
                     let backoff = next_backoff(&mut failures, &ready, local.start_backoff);
                     retry_at = Some(backoff.until);
-                    target.crashed(
-                        format!(
-                            "an instance exited ({status}) {} after it became ready",
-                            humantime::format_duration(Duration::from_millis(ran.as_millis() as u64))
-                        ),
-                        backoff,
+                    let reason = format!(
+                        "an instance exited ({status}) {} after it became ready",
+                        humantime::format_duration(Duration::from_millis(ran.as_millis() as u64))
                     );
+                    target.crashed(gone.output.explain(reason).await, backoff);
                 } else {
                     failures = 0;
                 }
@@ -294,7 +294,8 @@ async fn start_on(
         }
         _ => None,
     };
-    let mut child = spawn(target, local, port, notify.as_ref())?;
+    let mut child = spawn(local, port, notify.as_ref())?;
+    let output = OutputTail::capture(&mut child, target.name());
     let pid = child.id().unwrap_or_default();
     tracing::info!(target = %target.name(), pid, port, "starting instance");
     let authority: Authority = format!("127.0.0.1:{port}")
@@ -314,7 +315,13 @@ async fn start_on(
     };
     if let Err(failed) = outcome {
         terminate(&mut child, pid, local.stop_grace).await;
-        return Err(failed);
+        if stop.is_cancelled() {
+            return Err(failed);
+        }
+        return Err(match failed {
+            Failed::PortTaken(reason) => Failed::PortTaken(output.explain(reason).await),
+            Failed::Other(reason) => Failed::Other(output.explain(reason).await),
+        });
     }
     Ok(Instance {
         child,
@@ -322,6 +329,7 @@ async fn start_on(
         endpoint: Endpoint::new(authority),
         ready_at: Instant::now(),
         notify,
+        output,
     })
 }
 
@@ -424,12 +432,7 @@ fn port_in_use(port: u16) -> bool {
     )
 }
 
-fn spawn(
-    target: &Target,
-    config: &Local,
-    port: u16,
-    notify: Option<&NotifySocket>,
-) -> Result<Child, String> {
+fn spawn(config: &Local, port: u16, notify: Option<&NotifySocket>) -> Result<Child, String> {
     let argv: Vec<String> = config
         .command
         .iter()
@@ -473,70 +476,9 @@ fn spawn(
             Ok(())
         });
     }
-    let mut child = command
+    command
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
-    let name: Arc<str> = target.name().into();
-    if let Some(out) = child.stdout.take() {
-        tokio::spawn(log_lines(out, name.clone(), "stdout"));
-    }
-    if let Some(err) = child.stderr.take() {
-        tokio::spawn(log_lines(err, name, "stderr"));
-    }
-    Ok(child)
-}
-
-async fn log_lines(stream: impl AsyncRead + Unpin, target: Arc<str>, stream_name: &'static str) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let line = without_escapes(&line);
-        tracing::info!(target: "wakegate::process", target = %target, stream = stream_name, "{line}");
-    }
-}
-
-/// An instance's output line without its terminal escape sequences (colours, cursor moves,
-/// titles), which would reach JSON logs and files as literal escapes.
-fn without_escapes(line: &str) -> std::borrow::Cow<'_, str> {
-    if !line.contains('\x1b') {
-        return line.into();
-    }
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != '\x1b' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            // CSI: parameters and intermediates up to a final byte in @..~.
-            Some('[') => {
-                for c in chars.by_ref() {
-                    if ('@'..='~').contains(&c) {
-                        break;
-                    }
-                }
-            }
-            // OSC (a window title, a hyperlink): up to BEL or ESC \.
-            Some(']') => {
-                while let Some(c) = chars.next() {
-                    if c == '\x07' || (c == '\x1b' && chars.next_if_eq(&'\\').is_some()) {
-                        break;
-                    }
-                }
-            }
-            // nF escapes (a character set: ESC ( B): intermediates, then one final character.
-            Some(c) if (' '..='/').contains(&c) => {
-                for c in chars.by_ref() {
-                    if !(' '..='/').contains(&c) {
-                        break;
-                    }
-                }
-            }
-            // Any other escape is two characters long.
-            _ => {}
-        }
-    }
-    out.into()
+        .map_err(|e| format!("cannot run {}: {e}", program.display()))
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -611,29 +553,5 @@ async fn terminate(child: &mut Child, pid: u32, grace: Duration) {
         // SAFETY: as above.
         unsafe { libc::kill(group, libc::SIGKILL) };
         let _ = child.wait().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::without_escapes;
-
-    #[test]
-    fn terminal_escapes_are_taken_out_of_instance_output() {
-        for (line, expected) in [
-            ("plain text", "plain text"),
-            ("\x1b[1;31merror\x1b[0m: failed", "error: failed"),
-            ("\x1b[2K\x1b[1Gprogress 50%", "progress 50%"),
-            ("\x1b]0;a title\x07after", "after"),
-            (
-                "\x1b]8;;https://example.com\x1b\\link\x1b]8;;\x1b\\",
-                "link",
-            ),
-            ("a\x1b(Bb", "ab"),
-            ("unfinished \x1b[31", "unfinished "),
-            ("ünïcode \x1b[32mgrün\x1b[m", "ünïcode grün"),
-        ] {
-            assert_eq!(without_escapes(line), expected, "{line:?}");
-        }
     }
 }

@@ -2,7 +2,7 @@
 
 use tokio::time::Instant;
 
-use super::error::{LastFailure, ProxyError};
+use super::error::{Cause, ProxyError};
 use crate::target::{Endpoint, Lease, Target};
 
 /// Leases a ready endpoint: of two picked at random the healthy one, else the one with fewer
@@ -47,7 +47,7 @@ pub fn pick(target: &Target) -> Result<Option<Lease>, ProxyError> {
             target: target.name.clone(),
             unhealthy_for: Instant::now().saturating_duration_since(unhealthy.since),
             retry_in: target.serving.health.interval,
-            last: LastFailure(unhealthy.last_error),
+            last: Cause(unhealthy.last_error.to_string()),
         }),
     }
 }

@@ -1,7 +1,6 @@
 //! Every way a request can fail inside wakegate, and the one place that turns such a failure
 //! into the HTTP response a client sees.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Response, StatusCode, Version, header};
@@ -26,8 +25,13 @@ pub enum ProxyError {
     ColdStartTimeout { target: String, after: Duration },
     #[error("the request's deadline ({} after it arrived) passed while target {target} was waking", humantime::format_duration(*.after))]
     Deadline { target: String, after: Duration },
-    #[error("target {target} failed to start: {reason}")]
-    StartFailed { target: String, reason: String },
+    /// What the start met (a path, an OS error, the instance's output) is for the log only.
+    #[error("target {target} failed to start")]
+    StartFailed {
+        target: String,
+        #[source]
+        reason: Cause,
+    },
     /// The client's request body broke off or was malformed while it was being forwarded.
     #[error("the request body for target {target} is malformed or incomplete")]
     ClientBody { target: String },
@@ -58,7 +62,7 @@ pub enum ProxyError {
         /// When an endpoint is tried (or checked) again.
         retry_in: Duration,
         #[source]
-        last: LastFailure,
+        last: Cause,
     },
     #[error("upstream of target {target} did not respond within {}", humantime::format_duration(*.after))]
     UpstreamTimeout { target: String, after: Duration },
@@ -75,11 +79,67 @@ pub enum ProxyError {
     },
 }
 
-/// Why an endpoint is unhealthy, in full: for the log, never for clients (it may name local
-/// addresses and OS errors).
+/// What a failure met, in full (a path, an OS error, an instance's output): the cause of
+/// [`ProxyError::StartFailed`] and [`ProxyError::Unhealthy`], written to the log and never to
+/// the client.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct LastFailure(pub Arc<String>);
+pub struct Cause(pub String);
+
+/// The id a failure that wakegate answers itself is logged under, and that its client gets in
+/// `X-Request-Id` and in the body: the client's own `X-Request-Id` when it is a plain token
+/// (as a front proxy such as nginx or Envoy sets it), else one of wakegate's.
+#[derive(Debug, Clone)]
+pub struct RequestId(HeaderValue);
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+impl RequestId {
+    /// The longest client id taken over.
+    const MAX_LEN: usize = 128;
+
+    pub fn new(from_client: Option<&HeaderValue>) -> Self {
+        match from_client {
+            Some(id) if Self::plain(id.as_bytes()) => RequestId(id.clone()),
+            _ => RequestId::generate(),
+        }
+    }
+
+    /// Letters, digits and `-_.:+/=` only: an id that cannot forge a log line or a field.
+    fn plain(id: &[u8]) -> bool {
+        (1..=Self::MAX_LEN).contains(&id.len())
+            && id
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:+/=".contains(b))
+    }
+
+    /// Sixteen hex digits: a per-process random prefix and a counter, unique within a run
+    /// and unlikely to repeat across restarts and replicas.
+    fn generate() -> Self {
+        use std::hash::BuildHasher;
+        use std::sync::OnceLock;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static PREFIX: OnceLock<u32> = OnceLock::new();
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let prefix = *PREFIX.get_or_init(|| {
+            // std's hasher keys are random per process.
+            std::collections::hash_map::RandomState::new().hash_one(std::process::id()) as u32
+        });
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{prefix:08x}{n:08x}");
+        RequestId(HeaderValue::try_from(id).expect("hex digits are a valid header value"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().expect("checked to be plain ASCII")
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// `Retry-After` in whole seconds (RFC 9110 §10.2.3), rounded up so that a client that waits
 /// that long is allowed; at least 1.
@@ -168,8 +228,14 @@ impl ProxyError {
 
     /// The response for a request of `version`; `grpc` for a gRPC request, which gets a
     /// gRPC status (HTTP 200, no body, `grpc-status` and `grpc-message`) as gRPC clients
-    /// expect of a server.
-    pub fn into_response(self, version: Version, grpc: bool) -> Response<ProxyBody> {
+    /// expect of a server. It says why in a few words and carries `id`; causes (paths, OS
+    /// errors) are the log's.
+    pub fn into_response(
+        self,
+        version: Version,
+        grpc: bool,
+        id: &RequestId,
+    ) -> Response<ProxyBody> {
         let mut response = if grpc {
             let mut response = Response::new(ProxyBody::empty());
             let headers = response.headers_mut();
@@ -178,10 +244,14 @@ impl ProxyError {
                 HeaderValue::from_static("application/grpc"),
             );
             headers.insert(GRPC_STATUS.clone(), self.grpc_status().header_value());
-            headers.insert(GRPC_MESSAGE.clone(), grpc_message(&self.to_string()));
+            headers.insert(
+                GRPC_MESSAGE.clone(),
+                grpc_message(&format!("{self} (request id {id})")),
+            );
             response
         } else {
-            let mut response = Response::new(ProxyBody::text(format!("{self}\n")));
+            let mut response =
+                Response::new(ProxyBody::text(format!("{self}\nrequest id: {id}\n")));
             *response.status_mut() = self.status();
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -190,6 +260,7 @@ impl ProxyError {
             response
         };
         let headers = response.headers_mut();
+        headers.insert(X_REQUEST_ID.clone(), id.0.clone());
         match self {
             ProxyError::RateLimited { retry_after, .. } => {
                 headers.insert(
@@ -298,10 +369,57 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_failed_start_tells_the_client_a_short_reason_and_the_log_its_cause() {
+        let error = ProxyError::StartFailed {
+            target: "api".into(),
+            reason: Cause("cannot run /opt/api/bin/server: No such file".into()),
+        };
+        assert_eq!(
+            error.chain(),
+            "target api failed to start: cannot run /opt/api/bin/server: No such file"
+        );
+        let id = RequestId::new(None);
+        let response = error.into_response(Version::HTTP_11, false, &id);
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(response.headers()["x-request-id"], id.as_str());
+        let body = body_text(response).await;
+        assert_eq!(
+            body,
+            format!("target api failed to start\nrequest id: {id}\n")
+        );
+    }
+
+    #[test]
+    fn a_plain_client_request_id_is_kept_and_anything_else_replaced() {
+        for kept in ["abc", "7f3e-11ef.a:b+c/d=", &"x".repeat(128)] {
+            let id = RequestId::new(Some(&HeaderValue::from_str(kept).unwrap()));
+            assert_eq!(id.as_str(), kept);
+        }
+        for replaced in ["", "a b", "a\"b", "caf\u{e9}", "x=1;y", &"x".repeat(129)] {
+            let Ok(value) = HeaderValue::from_bytes(replaced.as_bytes()) else {
+                continue;
+            };
+            let id = RequestId::new(Some(&value));
+            assert_ne!(id.as_str(), replaced);
+            assert_eq!(id.as_str().len(), 16, "{id}");
+            assert!(id.as_str().bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        }
+        let (a, b) = (RequestId::new(None), RequestId::new(None));
+        assert_ne!(a.as_str(), b.as_str());
+    }
+
+    async fn body_text(response: Response<ProxyBody>) -> String {
+        use http_body_util::BodyExt;
+        let collected = response.into_body().collect().await;
+        String::from_utf8(collected.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
     #[test]
     fn shutting_down_asks_http1_clients_to_close_the_connection_and_http2_clients_nothing() {
         for version in [Version::HTTP_10, Version::HTTP_11] {
-            let response = ProxyError::ShuttingDown.into_response(version, false);
+            let response =
+                ProxyError::ShuttingDown.into_response(version, false, &RequestId::new(None));
             assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert_eq!(
                 response.headers()[header::CONNECTION],
@@ -311,7 +429,8 @@ mod tests {
             assert_eq!(response.headers()[header::RETRY_AFTER], "1", "{version:?}");
         }
         for version in [Version::HTTP_2, Version::HTTP_3] {
-            let response = ProxyError::ShuttingDown.into_response(version, false);
+            let response =
+                ProxyError::ShuttingDown.into_response(version, false, &RequestId::new(None));
             assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
             assert!(
                 !response.headers().contains_key(header::CONNECTION),
@@ -342,15 +461,17 @@ mod tests {
             target: "échos".into(),
             max: 3,
         };
-        let response = error.into_response(Version::HTTP_2, true);
+        let id = RequestId::new(Some(&HeaderValue::from_static("req-1")));
+        let response = error.into_response(Version::HTTP_2, true, &id);
         assert_eq!(response.status(), StatusCode::OK);
         let headers = response.headers();
         assert_eq!(headers[header::CONTENT_TYPE], "application/grpc");
         assert_eq!(headers["grpc-status"], "8");
         assert_eq!(
             headers["grpc-message"],
-            "target %C3%A9chos already holds 3 waiting requests; retry shortly"
+            "target %C3%A9chos already holds 3 waiting requests; retry shortly (request id req-1)"
         );
+        assert_eq!(headers["x-request-id"], "req-1");
         assert_eq!(headers[header::RETRY_AFTER], "1");
         assert!(http_body::Body::is_end_stream(response.body()));
     }

@@ -11,7 +11,7 @@ use crate::target::{Lease, Phase, Successor, Target};
 
 use super::Deadline;
 use super::balance;
-use super::error::ProxyError;
+use super::error::{Cause, ProxyError};
 
 /// How a hold ended, short of an error.
 pub enum Held<'a> {
@@ -90,11 +90,12 @@ pub async fn wait_ready(
             if now.start_failures > failures_seen {
                 return Err(ProxyError::StartFailed {
                     target: target.name.clone(),
-                    reason: now
-                        .last_failure
-                        .as_deref()
-                        .unwrap_or("unknown reason")
-                        .to_owned(),
+                    reason: Cause(
+                        now.last_failure
+                            .as_deref()
+                            .unwrap_or("unknown reason")
+                            .to_owned(),
+                    ),
                 });
             }
             if now.phase == Phase::Cold {

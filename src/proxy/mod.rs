@@ -54,7 +54,7 @@ use crate::target::Target;
 use crate::target::stats::{Reject, method_index};
 use body::ProxyBody;
 use edge::{Refusal, Unrouted};
-use error::ProxyError;
+use error::{ProxyError, RequestId};
 use forward::{Client, Downstream, Forwarder, Tunnels};
 use hold::Held;
 use route::RouteTable;
@@ -170,11 +170,14 @@ impl Proxy {
         client: &Client,
     ) -> Response<ProxyBody> {
         let shared = &*self.inner.shared;
-        let version = req.version();
-        let grpc = grpc::is_grpc(req.headers());
+        let answer = Answer {
+            version: req.version(),
+            grpc: grpc::is_grpc(req.headers()),
+            client_id: req.headers().get(&error::X_REQUEST_ID).cloned(),
+        };
         if let Err((why, error)) = edge::check(&req) {
             shared.unrouted.count(why);
-            return error.into_response(version, grpc);
+            return answer.refused(error);
         }
         let host = request_host(&req);
         let target = host.as_ref().and_then(|host| {
@@ -192,15 +195,15 @@ impl Proxy {
                 Some(target) => target.stats.reject(Reject::ShuttingDown),
                 None => shared.unrouted.count(Refusal::ShuttingDown),
             }
-            return ProxyError::ShuttingDown.into_response(version, grpc);
+            return answer.refused(ProxyError::ShuttingDown);
         }
         let Some(host) = host else {
             shared.unrouted.count(Refusal::BadRequest);
-            return ProxyError::BadRequest("missing Host header").into_response(version, grpc);
+            return answer.refused(ProxyError::BadRequest("missing Host header"));
         };
         let Some(mut target) = target else {
             shared.unrouted.count(Refusal::NoRoute);
-            return ProxyError::NoRoute.into_response(version, grpc);
+            return answer.refused(ProxyError::NoRoute);
         };
         // Before the request is counted anywhere: a limited request is no demand, and never
         // wakes a cold target. The client is the TCP peer; `X-Forwarded-For` is not trusted,
@@ -209,17 +212,16 @@ impl Proxy {
             && let Err(retry_after) = limiter.check(client.ip)
         {
             target.stats.reject(Reject::RateLimited);
-            let error = ProxyError::RateLimited {
+            return answer.refused(ProxyError::RateLimited {
                 target: target.name().to_owned(),
                 retry_after,
-            };
-            return error.into_response(version, grpc);
+            });
         }
 
         let started = Instant::now();
         let method = method_index(req.method());
         // A gRPC call's own deadline: it is not held past it.
-        let deadline = if grpc {
+        let deadline = if answer.grpc {
             grpc::timeout(req.headers()).map(|after| Deadline {
                 at: started + after,
                 after,
@@ -245,8 +247,7 @@ impl Proxy {
                     if let Some(why) = error.reject() {
                         target.stats.reject(why);
                     }
-                    tracing::warn!(target = %target.name(), status = error.status().as_u16(), error = %error.chain(), "request failed");
-                    break error.into_response(version, grpc);
+                    break answer.failed(error, target.name());
                 }
             }
         };
@@ -304,6 +305,31 @@ impl Proxy {
                 .insert(COLD_START_HEADER.clone(), HeaderValue::from_static("true"));
         }
         Ok(Served::Response(response))
+    }
+}
+
+/// How wakegate answers a request it does not forward: in the request's protocol (gRPC or
+/// plain HTTP), under a request id that the log line carries too.
+struct Answer {
+    version: Version,
+    grpc: bool,
+    client_id: Option<HeaderValue>,
+}
+
+impl Answer {
+    /// A request refused before it reached a target's hold or upstream (malformed, no route,
+    /// rate-limited, shutting down): expected traffic, so logged at debug level only.
+    fn refused(&self, error: ProxyError) -> Response<ProxyBody> {
+        let id = RequestId::new(self.client_id.as_ref());
+        tracing::debug!(request_id = %id, status = error.status().as_u16(), error = %error, "request refused");
+        error.into_response(self.version, self.grpc, &id)
+    }
+
+    /// A request that failed on its way through `target`: the log gets the whole cause.
+    fn failed(&self, error: ProxyError, target: &str) -> Response<ProxyBody> {
+        let id = RequestId::new(self.client_id.as_ref());
+        tracing::warn!(target = %target, request_id = %id, status = error.status().as_u16(), error = %error.chain(), "request failed");
+        error.into_response(self.version, self.grpc, &id)
     }
 }
 

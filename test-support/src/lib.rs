@@ -178,6 +178,35 @@ impl Wakegate {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// Waits up to `limit` for a JSON log line that passes `check`, and returns it; panics with
+    /// the log, saying `what` was missing, when none comes.
+    pub async fn wait_for_log(
+        &self,
+        what: &str,
+        limit: Duration,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let found = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+                .find(&check);
+            if let Some(line) = found {
+                return line;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no log line {what} within {limit:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The pids of the instances wakegate started, in order, from its `starting instance` log.
     pub fn started_pids(&self) -> Vec<i32> {
         self.logs
