@@ -135,10 +135,13 @@ impl Proxy {
     }
 
     /// The proxy bound to one client connection: what hyper calls for each of its requests.
+    /// Each request is marked in `activity` (the connection's timeouts) until its response
+    /// head is ready.
     pub fn connection(
         &self,
         peer: SocketAddr,
         tls: bool,
+        activity: Option<Arc<server::Activity>>,
     ) -> impl hyper::service::Service<
         Request<Incoming>,
         Response = Response<ProxyBody>,
@@ -147,7 +150,7 @@ impl Proxy {
     > + Clone
     + Send
     + 'static {
-        let connection = Arc::new((self.clone(), Client::new(peer, tls)));
+        let connection = Arc::new((self.clone(), Client::new(peer, tls), activity));
         // A closure, not a tower service: hyper keeps the request's future in place rather
         // than in a new box per request.
         hyper::service::service_fn(move |req| {
@@ -157,7 +160,8 @@ impl Proxy {
             // each held or in-flight request's future (a pointer is stored instead).
             let req = Box::new(req);
             async move {
-                let (proxy, client) = &*connection;
+                let (proxy, client, activity) = &*connection;
+                let _busy = activity.as_deref().map(server::Busy::new);
                 Ok(proxy.handle(req, client).await)
             }
         })

@@ -3,7 +3,6 @@
 //! a graceful drain on shutdown; one single-threaded runtime per worker thread, each with its
 //! own listening sockets, each of one `SO_REUSEPORT` group.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -12,9 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
-use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -23,7 +20,6 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::body::ProxyBody;
 use super::edge::Refusal;
 use super::tls::{Negotiated, Tls};
 use super::{Proxy, Shared};
@@ -226,7 +222,7 @@ impl Connections {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity::new());
-        let service = tracked(proxy.connection(peer, tls), activity.clone());
+        let service = proxy.connection(peer, tls, Some(activity.clone()));
         let http1 = self.http1.clone();
         let http2 = self.http2.clone();
         let timeouts = Timeouts {
@@ -333,7 +329,7 @@ struct Timeouts {
 /// When a connection last had a request in progress: hyper has no idle timeout of its own
 /// (and no header read timeout for HTTP/2), so each connection's requests are counted here
 /// and [`Watch`] closes it once it has none for too long.
-struct Activity {
+pub struct Activity {
     born: Instant,
     /// Requests between hyper's call and their response head.
     active: AtomicUsize,
@@ -379,55 +375,22 @@ enum Timeout {
     Idle,
 }
 
-/// Marks a request of the connection as in progress until its response head is ready.
-struct Busy(Arc<Activity>);
+/// Marks a request of the connection as in progress until its response head is ready. Only
+/// its end reads the clock: while it is in progress the connection cannot time out anyway.
+pub struct Busy<'a>(&'a Activity);
 
-impl Busy {
-    fn new(activity: Arc<Activity>) -> Self {
+impl<'a> Busy<'a> {
+    pub fn new(activity: &'a Activity) -> Self {
         activity.active.fetch_add(1, Ordering::Relaxed);
-        activity.touch();
         Self(activity)
     }
 }
 
-impl Drop for Busy {
+impl Drop for Busy<'_> {
     fn drop(&mut self) {
         self.0.touch();
         self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// `service`, with each request recorded in `activity`.
-fn tracked<S>(
-    service: S,
-    activity: Arc<Activity>,
-) -> impl Service<
-    hyper::Request<Incoming>,
-    Response = hyper::Response<ProxyBody>,
-    Error = Infallible,
-    Future: Send + 'static,
-> + Clone
-+ Send
-+ 'static
-where
-    S: Service<
-            hyper::Request<Incoming>,
-            Response = hyper::Response<ProxyBody>,
-            Error = Infallible,
-            Future: Send + 'static,
-        > + Clone
-        + Send
-        + 'static,
-{
-    hyper::service::service_fn(move |req| {
-        let busy = Busy::new(activity.clone());
-        let response = service.call(req);
-        async move {
-            let response = response.await;
-            drop(busy);
-            response
-        }
-    })
 }
 
 /// What watches one connection while hyper serves it: the drain, and its timeouts.
@@ -491,7 +454,7 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let connections = Connections::new(&Limits::default());
-    let service = proxy.connection(peer, false);
+    let service = proxy.connection(peer, false, None);
     if http2 {
         connections
             .http2
@@ -705,7 +668,7 @@ mod tests {
         assert!(matches!(kind, Timeout::Header));
 
         tokio::time::advance(Duration::from_secs(2)).await;
-        let busy = Busy::new(activity.clone());
+        let busy = Busy::new(&activity);
         tokio::time::advance(Duration::from_secs(20)).await;
         let now = Instant::now();
         let (at, kind) = activity.deadline(TIMEOUTS, now);
