@@ -1,6 +1,7 @@
 //! The Kubernetes material in deploy/ as a user gets it: every kustomization rendered by
 //! `kubectl kustomize` and every object parsed into its Kubernetes type, then the settings a
-//! user relies on checked (RBAC, probes, drain, peers, annotations, KEDA, TLS, the dashboard).
+//! user relies on checked (RBAC, probes, drain, peers, annotations, KEDA, TLS, the
+//! NetworkPolicy, the migration example, the dashboard).
 //! Nothing is applied to a cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,8 +11,12 @@ use std::time::Duration;
 
 use k8s_openapi::Resource;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::Ingress;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, ContainerPort, Namespace, Service, ServiceAccount,
+};
+use k8s_openapi::api::networking::v1::{
+    Ingress, NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort,
+};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -21,14 +26,26 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use wakegate::config::annotations::{self, Outcome};
 use wakegate::config::route::HostPattern;
-use wakegate::config::{AutoscalerMode, Backend, Config, File, KubernetesConfig, TargetConfig};
+use wakegate::config::{
+    AutoscalerMode, Backend, Config, File, KubernetesConfig, Metric, TargetConfig,
+};
 
 const BASE: &str = "deploy/base";
 const MONITORING: &str = "deploy/monitoring";
 const HELLO: &str = "deploy/examples/hello";
 const KEDA: &str = "deploy/examples/keda";
 const TLS: &str = "deploy/examples/tls";
-const KUSTOMIZATIONS: [&str; 5] = [BASE, MONITORING, HELLO, KEDA, TLS];
+const NETWORK_POLICY: &str = "deploy/networkpolicy";
+const FROM_KEDA_HTTP: &str = "deploy/examples/from-keda-http";
+const KUSTOMIZATIONS: [&str; 7] = [
+    BASE,
+    MONITORING,
+    HELLO,
+    KEDA,
+    TLS,
+    NETWORK_POLICY,
+    FROM_KEDA_HTTP,
+];
 
 /// wakegate's own namespace, where its Lease, peers and Role live.
 const NAMESPACE: &str = "wakegate";
@@ -142,6 +159,7 @@ fn check_object(object: &Value) -> Result<(), String> {
             round_trip::<PodDisruptionBudget>(object)
         }
         (Ingress::API_VERSION, Ingress::KIND) => round_trip::<Ingress>(object),
+        (NetworkPolicy::API_VERSION, NetworkPolicy::KIND) => round_trip::<NetworkPolicy>(object),
         ("monitoring.coreos.com/v1", "ServiceMonitor") => check_service_monitor(object),
         ("keda.sh/v1alpha1", "ScaledObject") => check_scaled_object(object),
         _ => Err(format!(
@@ -1455,4 +1473,235 @@ fn every_query_in_the_readmes_selects_wakegates_series_only() {
         }
     }
     assert!(checked >= 2, "the KEDA queries of both READMEs");
+}
+
+/// The namespace whose pods (Prometheus) may reach wakegate's admin port, besides wakegate's own.
+const MONITORING_NAMESPACE: &str = "monitoring";
+
+/// Whether a NetworkPolicy rule's `ports` (none: every port) let TCP traffic reach `port`.
+fn admits(rule: &NetworkPolicyIngressRule, port: &ContainerPort) -> bool {
+    let Some(ports) = rule.ports.as_deref().filter(|p| !p.is_empty()) else {
+        return true;
+    };
+    let matches = |p: &NetworkPolicyPort| {
+        p.protocol.as_deref().unwrap_or("TCP") == port.protocol.as_deref().unwrap_or("TCP")
+            && match &p.port {
+                None => true,
+                Some(IntOrString::String(name)) => port.name.as_deref() == Some(name.as_str()),
+                Some(IntOrString::Int(first)) => {
+                    (*first..=p.end_port.unwrap_or(*first)).contains(&port.container_port)
+                }
+            }
+    };
+    ports.iter().any(matches)
+}
+
+#[test]
+fn network_policy_opens_the_proxy_ports_and_keeps_the_admin_port_to_monitoring_and_peers() {
+    let policy: NetworkPolicy = render(NETWORK_POLICY).one("wakegate");
+    assert_eq!(policy.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let spec = policy.spec.expect("spec");
+    // Egress stays open: wakegate calls the API server, its targets' pods and its peers.
+    assert_eq!(spec.policy_types, Some(vec!["Ingress".to_owned()]));
+    assert!(spec.egress.is_none());
+    let pod_selector = spec.pod_selector.clone().expect("a pod selector");
+    assert!(pod_selector.match_expressions.is_none());
+    let selector = pod_selector.match_labels.unwrap_or_default();
+    let rules = spec.ingress.unwrap_or_default();
+
+    let mut container_ports = BTreeSet::new();
+    for dir in [BASE, MONITORING, KEDA, TLS] {
+        let rendered = render(dir);
+        let (deployment, container) = rendered.wakegate();
+        let labels = pod_labels(&deployment);
+        assert!(
+            selects(&selector, &labels),
+            "{dir}: the policy selects wakegate's pods"
+        );
+        let (text, _) = rendered.mounted_config();
+        let admin_port = i32::from(parse_config(&text).0.listen.admin.port());
+        let mut admin_seen = false;
+        for port in container.ports.iter().flatten() {
+            container_ports.insert((port.name.clone(), port.container_port));
+            let admitting: Vec<&NetworkPolicyIngressRule> =
+                rules.iter().filter(|r| admits(r, port)).collect();
+            let name = port.name.as_deref().unwrap_or_default();
+            assert!(!admitting.is_empty(), "{dir}: nothing reaches port {name}");
+            if port.container_port != admin_port {
+                assert!(
+                    admitting
+                        .iter()
+                        .any(|r| r.from.as_deref().unwrap_or_default().is_empty()),
+                    "{dir}: port {name} carries client traffic and must be open to every source"
+                );
+                continue;
+            }
+            admin_seen = true;
+            let (mut monitoring, mut peers) = (false, false);
+            for rule in admitting {
+                let from = rule.from.as_deref().unwrap_or_default();
+                assert!(
+                    !from.is_empty(),
+                    "{dir}: the admin port is open to every source"
+                );
+                for source in from {
+                    assert!(source.ip_block.is_none(), "{dir}: {source:?}");
+                    match (&source.namespace_selector, &source.pod_selector) {
+                        (Some(namespaces), None) => {
+                            assert!(namespaces.match_expressions.is_none());
+                            assert_eq!(
+                                namespaces.match_labels,
+                                Some(BTreeMap::from([(
+                                    "kubernetes.io/metadata.name".to_owned(),
+                                    MONITORING_NAMESPACE.to_owned()
+                                )])),
+                                "{dir}: only the monitoring namespace"
+                            );
+                            monitoring = true;
+                        }
+                        // No namespace selector: pods of the policy's own namespace.
+                        (None, Some(pods)) => {
+                            assert!(pods.match_expressions.is_none());
+                            let pods = pods.match_labels.clone().unwrap_or_default();
+                            assert!(
+                                selects(&pods, &labels),
+                                "{dir}: the peers are wakegate's pods"
+                            );
+                            assert_eq!(pods, selector, "{dir}: wakegate's pods and no others");
+                            peers = true;
+                        }
+                        other => {
+                            panic!("{dir}: an unexpected source for the admin port: {other:?}")
+                        }
+                    }
+                }
+            }
+            assert!(monitoring, "{dir}: Prometheus cannot scrape the admin port");
+            assert!(
+                peers,
+                "{dir}: the leader cannot scrape its peers' admin port"
+            );
+        }
+        assert!(
+            admin_seen,
+            "{dir}: no container port {admin_port} (listen.admin)"
+        );
+    }
+    // Every port the policy names is a port of wakegate's container, in base/ or the TLS
+    // example: a port renamed on one side only would silently close it.
+    for port in rules.iter().flat_map(|r| r.ports.iter().flatten()) {
+        let known = container_ports
+            .iter()
+            .any(|(name, number)| match &port.port {
+                Some(IntOrString::String(p)) => name.as_deref() == Some(p.as_str()),
+                Some(IntOrString::Int(p)) => number == p,
+                None => true,
+            });
+        assert!(
+            known,
+            "the policy names {:?}, which no container port is",
+            port.port
+        );
+    }
+}
+
+#[test]
+fn keda_http_migration_example_says_what_its_httpscaledobject_said() {
+    let rendered = render(FROM_KEDA_HTTP);
+    let path = format!("{FROM_KEDA_HTTP}/httpscaledobject.yaml");
+    let text = std::fs::read_to_string(repo(&path)).expect("the HTTPScaledObject it replaces");
+    let before: Value = serde_norway::from_str(&text).expect("valid YAML");
+    assert_eq!(before["apiVersion"], "http.keda.sh/v1alpha1");
+    assert_eq!(before["kind"], "HTTPScaledObject");
+    assert!(
+        !rendered
+            .objects
+            .iter()
+            .any(|o| o["kind"] == "HTTPScaledObject"),
+        "the example replaces the HTTPScaledObject, it does not apply it"
+    );
+    let spec = &before["spec"];
+    let target_ref = &spec["scaleTargetRef"];
+    let str_of = |v: &Value| v.as_str().expect("a string").to_owned();
+    let strings =
+        |v: &Value| -> Vec<String> { v.as_array().expect("a list").iter().map(str_of).collect() };
+
+    // The annotations sit on the Service that scaleTargetRef.service named.
+    let service: Service = rendered.one(&str_of(&target_ref["service"]));
+    assert_eq!(
+        service.metadata.namespace.as_deref(),
+        before["metadata"]["namespace"].as_str()
+    );
+    let target = target_of(&service);
+    let hosts: Vec<HostPattern> = strings(&spec["hosts"])
+        .iter()
+        .map(|h| HostPattern::parse(h).unwrap())
+        .collect();
+    assert_eq!(target.route.hosts, hosts);
+    assert_eq!(target.route.path_prefixes, strings(&spec["pathPrefixes"]));
+    let replicas = |key: &str| spec["replicas"][key].as_u64().expect("a count") as u32;
+    assert_eq!(
+        (target.scaling.min, target.scaling.max),
+        (replicas("min"), replicas("max"))
+    );
+    let scaledown = spec["scaledownPeriod"].as_u64().expect("seconds");
+    assert_eq!(target.serving.idle_timeout, Duration::from_secs(scaledown));
+    let rate = &spec["scalingMetric"]["requestRate"];
+    assert_eq!(target.scaling.metric, Metric::Rps);
+    assert_eq!(target.scaling.target, rate["targetValue"].as_f64());
+
+    let Backend::Kubernetes(kube) = target.backend else {
+        panic!("not a Kubernetes target: {:?}", target.backend);
+    };
+    assert_eq!(kube.workload.name, str_of(&target_ref["name"]));
+    assert_eq!(kube.workload.kind, str_of(&target_ref["kind"]));
+    assert_eq!(
+        format!("{}/{}", kube.workload.group, kube.workload.version),
+        str_of(&target_ref["apiVersion"])
+    );
+    // scaleTargetRef.port is the Service port's number; wakegate routes to the endpoints of
+    // that port, found by its name.
+    let spec_ports = service
+        .spec
+        .clone()
+        .and_then(|s| s.ports)
+        .unwrap_or_default();
+    let port = spec_ports
+        .iter()
+        .find(|p| i64::from(p.port) == target_ref["port"].as_i64().expect("a port number"))
+        .expect("the Service has scaleTargetRef.port");
+    assert_eq!(port.name.as_deref(), Some(kube.port_name.as_str()));
+
+    // The workload exists beside it, selected by the Service, and leaves the count to wakegate.
+    let deployment: Deployment = rendered.one(&kube.workload.name);
+    assert_eq!(deployment.metadata.namespace, service.metadata.namespace);
+    assert_eq!(deployment.spec.as_ref().unwrap().replicas, None);
+    let selector = service.spec.and_then(|s| s.selector).unwrap_or_default();
+    assert!(selects(&selector, &pod_labels(&deployment)));
+
+    // Its host and path now lead to wakegate's Service.
+    let ingress: Ingress = rendered.one("shop-api");
+    assert_eq!(ingress.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let rules = ingress.spec.and_then(|s| s.rules).unwrap_or_default();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0]
+            .host
+            .as_deref()
+            .map(|h| HostPattern::parse(h).unwrap()),
+        Some(hosts[0].clone())
+    );
+    let paths = &rules[0].http.as_ref().expect("http rule").paths;
+    assert_eq!(paths.len(), 1);
+    assert_eq!(paths[0].path.as_deref(), Some("/api"));
+    assert_eq!(paths[0].path_type, "Prefix");
+    let backend = paths[0]
+        .backend
+        .service
+        .as_ref()
+        .expect("a Service backend");
+    let wakegate: Service = render(BASE).one(&backend.name);
+    let port_name = backend.port.as_ref().and_then(|p| p.name.clone());
+    let ports = wakegate.spec.and_then(|s| s.ports).unwrap_or_default();
+    assert!(ports.iter().any(|p| p.name == port_name), "{port_name:?}");
 }

@@ -1,6 +1,6 @@
 //! The documentation as a reader follows it: every relative link of every Markdown file leads
-//! to a file of the repository, and every `*.md` file a README, manifest or example names
-//! exists.
+//! to a file of the repository, every repository path a README, manifest, example or document
+//! names exists, and README leads to every document under `docs/`.
 
 use std::path::{Path, PathBuf};
 
@@ -114,4 +114,23 @@ fn every_repository_path_named_in_readmes_manifests_and_examples_exists() {
         missing.join("\n")
     );
     assert!(checked > 20, "only {checked} paths found");
+}
+
+#[test]
+fn readme_links_every_document_under_docs() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let documents: Vec<PathBuf> = files(&[".md"])
+        .into_iter()
+        .filter(|f| f.starts_with(repo().join("docs")))
+        .collect();
+    assert!(!documents.is_empty(), "no document under docs/");
+    let unlinked: Vec<String> = documents
+        .iter()
+        .map(|f| f.strip_prefix(repo()).unwrap().display().to_string())
+        .filter(|path| !readme.contains(&format!("]({path})")))
+        .collect();
+    assert!(
+        unlinked.is_empty(),
+        "README.md links none of these, so readers will not find them: {unlinked:?}"
+    );
 }

@@ -476,9 +476,14 @@ fn spawn(config: &Local, port: u16, notify: Option<&NotifySocket>) -> Result<Chi
             Ok(())
         });
     }
-    command
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", program.display()))
+    command.spawn().map_err(|e| match &config.cwd {
+        // The OS reports a missing working directory as the program's own error.
+        Some(cwd) if !cwd.is_dir() => format!(
+            "cannot start in {}: the target's cwd is not an existing directory",
+            cwd.display()
+        ),
+        _ => format!("cannot run {}: {e}", program.display()),
+    })
 }
 
 fn free_port() -> std::io::Result<u16> {
