@@ -182,6 +182,17 @@ impl prometheus_client::collector::Collector for TargetCollector {
         )?;
         Self::gauge(
             &mut encoder,
+            "wakegate_unhealthy_endpoints",
+            "Ready endpoints marked unhealthy by failed requests or their active check; they get \
+             no requests until they recover, but a trial per health.interval without an active check.",
+            targets,
+            |t| {
+                let endpoints = t.endpoints();
+                endpoints.iter().filter(|e| !e.health.is_healthy()).count() as i64
+            },
+        )?;
+        Self::gauge(
+            &mut encoder,
             "wakegate_replicas_desired",
             "Instances the autoscaler asks for.",
             targets,

@@ -23,8 +23,8 @@ pub mod target;
 pub use file::File;
 pub use limits::Limits;
 pub use target::{
-    Backend, KubeTarget, Local, Metric, Protocol, RateLimit, ReadyCheck, Scaling, Serving,
-    TargetConfig, Workload,
+    Backend, Fixed, HealthPolicy, KubeTarget, Local, Metric, Protocol, RateLimit, ReadyCheck,
+    Scaling, Serving, TargetConfig, Workload,
 };
 
 /// The longest any duration setting may be: longer is surely a mistake, and a deadline that far
@@ -326,6 +326,12 @@ mod defaults {
     }
     pub fn start_backoff() -> Duration {
         Duration::from_secs(1)
+    }
+    pub fn health_failures() -> u32 {
+        3
+    }
+    pub fn health_interval() -> Duration {
+        Duration::from_secs(5)
     }
     pub fn max_instances() -> u32 {
         10

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::body::{ProxyBody, Upstream};
-use super::error::ProxyError;
+use super::error::{self, ProxyError};
 use super::grpc;
 use super::multiplex::{self, Multiplex};
 use super::pool::{self, Pool, UpstreamError};
@@ -220,6 +220,7 @@ impl Forwarder {
             })?,
             None => sent.await,
         };
+        record_health(&in_flight, &result);
         let (mut response, connection) = result.map_err(|source| {
             if client_body_failed(&source) {
                 ProxyError::ClientBody {
@@ -281,6 +282,33 @@ impl Forwarder {
                 Ok((response, Upstream::Http2(stream)))
             }
         }
+    }
+}
+
+/// Passive health: a response, whatever its status, is a success; a request that got none
+/// (a connect included) is a failure, unless the client's own body broke it off.
+fn record_health<T>(in_flight: &InFlight, result: &Result<T, UpstreamError>) {
+    let (target, endpoint) = (in_flight.target(), in_flight.endpoint());
+    match result {
+        Ok(_) => {
+            if endpoint.health.succeeded(target.trials().is_some()) {
+                tracing::info!(target = %target.name, upstream = %endpoint.authority, "upstream healthy again: a trial request got a response");
+            }
+        }
+        Err(error) if !client_body_failed(error) => {
+            let policy = &target.serving.health;
+            let error = error::chain(error);
+            if endpoint.health.failed(&error, policy) {
+                tracing::warn!(
+                    target = %target.name,
+                    upstream = %endpoint.authority,
+                    %error,
+                    failures = policy.failures,
+                    "upstream unhealthy: requests in a row got no response"
+                );
+            }
+        }
+        Err(_) => {}
     }
 }
 

@@ -318,7 +318,7 @@ impl Proxy {
             host,
             deadline,
         } = request;
-        let (in_flight, held) = match balance::pick(target) {
+        let (in_flight, held) = match balance::pick(target)? {
             Some(lease) => (InFlight::new(demand, lease), false),
             None if target.serving.wake_page && wake_page::accepts_html(&req) => {
                 target.request_wake();
