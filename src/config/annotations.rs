@@ -9,15 +9,15 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::route::{HostPattern, Route, is_valid_prefix};
 use super::target::{
-    Backend, HealthPolicy, KubeTarget, Metric, Protocol, RateLimit, Scaling, Serving, TargetConfig,
-    Workload, is_object_name,
+    Backend, HealthPolicy, KubeTarget, Metric, PrometheusSource, Protocol, RateLimit, Scaling,
+    Serving, TargetConfig, Workload, is_object_name,
 };
 use super::{MAX_DURATION, Problem, defaults};
 
 pub const PREFIX: &str = "wakegate.io/";
 
 /// Every annotation wakegate reads; anything else under the prefix is reported as unknown.
-pub const KNOWN: [&str; 18] = [
+pub const KNOWN: [&str; 21] = [
     "enabled",
     "deployment",
     "workload",
@@ -36,6 +36,9 @@ pub const KNOWN: [&str; 18] = [
     "protocol",
     "rate-limit",
     "rate-limit-burst",
+    "prometheus-url",
+    "prometheus-query",
+    "prometheus-interval",
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -308,6 +311,7 @@ pub fn from_service(service: &Service) -> Outcome {
     let scale_down_delay = duration("scale-down-delay", defaults::scale_down_delay());
     let idle_timeout = duration("idle-timeout", defaults::idle_timeout());
     let cold_start_timeout = duration("cold-start-timeout", defaults::cold_start_timeout());
+    let every = duration("prometheus-interval", PrometheusSource::default_every());
     let wake_page = match get("wake-page") {
         None | Some("false") => false,
         Some("true") => true,
@@ -360,6 +364,52 @@ pub fn from_service(service: &Service) -> Outcome {
         }
     };
 
+    // A bad URL or query leaves the target on its in-process counters: scaling on a query
+    // that cannot run would never decide anything.
+    let source = match get("prometheus-url") {
+        None => {
+            for key in ["prometheus-query", "prometheus-interval"] {
+                if let Some(v) = get(key) {
+                    problem(
+                        key,
+                        v,
+                        "a wakegate.io/prometheus-url beside it; scaling on in-process counters",
+                    );
+                }
+            }
+            None
+        }
+        Some(url) if !PrometheusSource::valid_url(url) => {
+            problem(
+                "prometheus-url",
+                url,
+                &format!(
+                    "{}; scaling on in-process counters",
+                    PrometheusSource::EXPECTED_URL
+                ),
+            );
+            None
+        }
+        Some(url) => match get("prometheus-query") {
+            Some("") => {
+                problem(
+                    "prometheus-query",
+                    "",
+                    &format!(
+                        "{}; scaling on in-process counters",
+                        PrometheusSource::EXPECTED_QUERY
+                    ),
+                );
+                None
+            }
+            query => Some(PrometheusSource {
+                url: url.to_owned(),
+                query: query.map(str::to_owned),
+                every,
+            }),
+        },
+    };
+
     let target = TargetConfig {
         name: name.clone(),
         namespace: namespace.clone(),
@@ -383,6 +433,7 @@ pub fn from_service(service: &Service) -> Outcome {
             metric,
             target,
             scale_down_delay,
+            source,
             ..Scaling::default()
         },
         backend: Backend::Kubernetes(KubeTarget {

@@ -13,8 +13,8 @@ use toml::de::{DeArray, DeTable, DeValue};
 use super::limits::{MAX_HEADER_BYTES, MIN_HEADER_BYTES};
 use super::route::{HostPattern, Route, is_valid_prefix, normalize_prefix};
 use super::target::{
-    Backend, Fixed, HealthPolicy, Local, Protocol, RateLimit, ReadyCheck, Scaling, Serving,
-    TargetConfig, is_object_name,
+    Backend, Fixed, HealthPolicy, Local, PrometheusSource, Protocol, RateLimit, ReadyCheck,
+    Scaling, Serving, TargetConfig, is_object_name,
 };
 use super::{
     AccessLogConfig, Autoscaler, Config, KubernetesConfig, Limits, Listen, MAX_DURATION, Problem,
@@ -649,6 +649,30 @@ fn check_scaling(s: &Scaling, at: &dyn Fn(&str) -> String, problems: &mut Proble
             at("scaling.target"),
             target.to_string(),
             "a number above zero",
+        );
+    }
+    if let Some(source) = &s.source {
+        if !PrometheusSource::valid_url(&source.url) {
+            problems.push(
+                at("scaling.source.prometheus"),
+                format!("{:?}", source.url),
+                PrometheusSource::EXPECTED_URL,
+            );
+        }
+        if let Some(query) = &source.query
+            && query.trim().is_empty()
+        {
+            problems.push(
+                at("scaling.source.query"),
+                format!("{query:?}"),
+                PrometheusSource::EXPECTED_QUERY,
+            );
+        }
+        // Prometheus scrapes every few seconds at best: a faster query only loads it.
+        problems.duration(
+            at("scaling.source.every"),
+            source.every,
+            Duration::from_millis(100),
         );
     }
 }

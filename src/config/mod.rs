@@ -23,8 +23,8 @@ pub mod target;
 pub use file::File;
 pub use limits::Limits;
 pub use target::{
-    Backend, Fixed, HealthPolicy, KubeTarget, Local, Metric, Protocol, RateLimit, ReadyCheck,
-    Scaling, Serving, TargetConfig, Workload,
+    Backend, Fixed, HealthPolicy, KubeTarget, Local, Metric, PrometheusSource, Protocol, RateLimit,
+    ReadyCheck, Scaling, Serving, TargetConfig, Workload,
 };
 
 /// The longest any duration setting may be: longer is surely a mistake, and a deadline that far

@@ -312,15 +312,80 @@ pub struct Scaling {
     /// A lower count is applied only once every recommendation of this long agrees.
     #[serde(default = "defaults::scale_down_delay", with = "super::duration")]
     pub scale_down_delay: Duration,
+    /// Where the signal comes from instead of the in-process counters; none by default.
+    #[serde(default)]
+    pub source: Option<PrometheusSource>,
 }
 
 impl Scaling {
-    /// The per-instance target of the metric, as the user wrote it or its default.
+    /// The per-instance target of the metric (or of the query's value), as the user wrote it
+    /// or its default.
     pub fn target_value(&self) -> f64 {
-        self.target.unwrap_or(match self.metric {
-            Metric::Concurrency => 10.0,
-            Metric::Rps => 50.0,
+        self.target.unwrap_or(match (&self.source, self.metric) {
+            (Some(_), _) => PrometheusSource::DEFAULT_TARGET,
+            (None, Metric::Concurrency) => 10.0,
+            (None, Metric::Rps) => 50.0,
         })
+    }
+}
+
+/// A PromQL query whose value, per instance, is the target's signal: desired =
+/// ceil(value / target). `query` absent: [`PrometheusSource::default_query`].
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table such as `{ prometheus = \"http://prometheus:9090\", query = \"...\", every = \"15s\" }`"
+)]
+pub struct PrometheusSource {
+    /// The server's base URL; `/api/v1/query` is appended.
+    #[serde(rename = "prometheus")]
+    pub url: String,
+    pub query: Option<String>,
+    /// How often the query runs.
+    #[serde(default = "PrometheusSource::default_every", with = "super::duration")]
+    pub every: Duration,
+}
+
+impl PrometheusSource {
+    /// The per-instance target of the query's value when none is given.
+    pub const DEFAULT_TARGET: f64 = 100.0;
+    /// What `prometheus` and `wakegate.io/prometheus-url` accept, for problems.
+    pub const EXPECTED_URL: &'static str =
+        "an http:// URL of a Prometheus server such as \"http://prometheus.monitoring:9090\"";
+    /// What `query` and `wakegate.io/prometheus-query` accept, for problems.
+    pub const EXPECTED_QUERY: &'static str =
+        "a non-empty PromQL expression such as \"sum(rate(http_requests_total[2m]))\"";
+
+    pub fn default_every() -> Duration {
+        Duration::from_secs(15)
+    }
+
+    /// The request rate of the target through wakegate, as Prometheus scraped it from every
+    /// wakegate replica.
+    pub fn default_query(namespace: &str, service: &str) -> String {
+        format!("sum(rate(http_requests_total{{namespace={namespace:?},service={service:?}}}[2m]))")
+    }
+
+    /// The query to run for the target `namespace`/`service`.
+    pub fn query_for(&self, namespace: &str, service: &str) -> String {
+        match &self.query {
+            Some(query) => query.clone(),
+            None => Self::default_query(namespace, service),
+        }
+    }
+
+    /// An `http://host[:port][/path]` URL without query or fragment: wakegate speaks plain
+    /// HTTP to Prometheus (a TLS-terminating sidecar or the in-cluster Service covers HTTPS).
+    pub fn valid_url(url: &str) -> bool {
+        match url.parse::<http::Uri>() {
+            Ok(uri) => {
+                uri.scheme_str() == Some("http")
+                    && uri.authority().is_some_and(|a| !a.host().is_empty())
+                    && uri.query().is_none()
+                    && !url.contains('#')
+            }
+            Err(_) => false,
+        }
     }
 }
 
