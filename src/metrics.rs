@@ -13,7 +13,7 @@ use crate::proxy::Shared;
 use crate::proxy::edge::Refusal;
 use crate::proxy::tls::{HandshakeFailure, Tls};
 use crate::target::Target;
-use crate::target::stats::{Histogram, Reject};
+use crate::target::stats::{Histogram, QueryFailure, Reject};
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -205,6 +205,43 @@ impl prometheus_client::collector::Collector for TargetCollector {
             targets,
             |t| t.endpoints().len() as i64,
         )?;
+
+        // Only targets that scale on a Prometheus query have these.
+        let queried: Vec<Arc<Target>> = targets
+            .iter()
+            .filter(|t| t.scaling.source.is_some())
+            .cloned()
+            .collect();
+        let mut family = encoder.encode_descriptor(
+            "wakegate_prometheus_query_value",
+            "The last value the target's Prometheus query gave (none before the first).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for t in &queried {
+            if let Some(value) = t.stats.query.value() {
+                family.encode_family(&labels(t))?.encode_gauge(&value)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "wakegate_prometheus_query_failures",
+            "Queries of the target's Prometheus source that gave no usable value, by reason; \
+             the last scaling decision stands meanwhile.",
+            None,
+            MetricType::Counter,
+        )?;
+        for t in &queried {
+            for why in QueryFailure::ALL {
+                let labels = [
+                    ("namespace", t.namespace.as_str()),
+                    ("service", t.name.as_str()),
+                    ("reason", why.label()),
+                ];
+                family
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, f64>(&t.stats.query.failures(why), None)?;
+            }
+        }
 
         Self::counter(
             &mut encoder,

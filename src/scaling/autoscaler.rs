@@ -11,6 +11,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::policy::{Now, Policy, Sample, Settings, Window};
+use super::prometheus::{self, Reading};
 use crate::provider::{Remote, RemoteSignal, Scale};
 use crate::target::Target;
 
@@ -61,7 +62,7 @@ impl Sampler {
 
 /// Scales `target` through `scale` until `stop`: at once when a request asks for a wake, and
 /// on every tick of `interval` (which a reload may change) from the signal, to which `remote`
-/// adds the other replicas' share.
+/// adds the other replicas' share; or, for a target with a Prometheus source, from its query.
 pub async fn run(
     target: Arc<Target>,
     scale: Scale,
@@ -84,6 +85,16 @@ pub async fn run(
     // started) are adopted as the current count, until the loop asks for something itself.
     let mut asked = desired > 0;
     let mut last_observed: Option<u32> = None;
+    let query = target.scaling.source.clone().map(|source| {
+        let (readings, latest) = watch::channel(Reading::Pending);
+        tokio::spawn(prometheus::poll(
+            target.clone(),
+            source,
+            readings,
+            stop.clone(),
+        ));
+        latest
+    });
     let mut ticker = new_ticker(*interval.borrow_and_update());
     loop {
         tokio::select! {
@@ -110,9 +121,28 @@ pub async fn run(
             _ = ticker.tick() => {
                 let now = Instant::now();
                 let remote = remote.as_ref().map(|r| r.take(&target)).unwrap_or_default();
-                let sample = sampler.sample(&target, now, remote);
+                let mut demand = target.stats.in_flight() + target.stats.pending() + remote.demand;
+                let sample = match &query {
+                    None => sampler.sample(&target, now, remote),
+                    Some(latest) => match prometheus::signal(*latest.borrow(), now) {
+                        Some((sample, from_query)) => {
+                            demand += from_query;
+                            sample
+                        }
+                        // No fresh value: the last decision stands (a held request still
+                        // wakes the target at once, above); only a lost instance is asked
+                        // for again.
+                        None => {
+                            if target.endpoints().len() < desired as usize
+                                && (demand > 0 || settings.min > 0)
+                            {
+                                scale.to(desired);
+                            }
+                            continue;
+                        }
+                    },
+                };
                 window.push(sample, settings.keep());
-                let demand = target.stats.in_flight() + target.stats.pending() + remote.demand;
                 if demand > 0 || sample.rps > 0.0 {
                     last_active = Some(now);
                 }

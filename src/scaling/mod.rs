@@ -3,4 +3,5 @@
 
 pub mod autoscaler;
 pub mod policy;
+pub mod prometheus;
 pub mod simulate;

@@ -259,6 +259,8 @@ pub struct Stats {
     pub scaled_down: AtomicU64,
     /// Milliseconds since the target's epoch at the last request's arrival, plus one (0 = never).
     last_request: AtomicU64,
+    /// The Prometheus query of a target that scales on one.
+    pub query: QueryStats,
 }
 
 impl Default for Stats {
@@ -275,6 +277,7 @@ impl Default for Stats {
             scaled_up: AtomicU64::new(0),
             scaled_down: AtomicU64::new(0),
             last_request: AtomicU64::new(0),
+            query: QueryStats::default(),
         }
     }
 }
@@ -334,6 +337,81 @@ impl<'a> CountGuard<'a> {
 impl Drop for CountGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Why a Prometheus query gave no usable value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryFailure {
+    /// No connection, or no complete answer within the query's time limit.
+    Unreachable,
+    /// An HTTP status other than 2xx, without a Prometheus error in the body.
+    HttpStatus,
+    /// Not the JSON of Prometheus's query API.
+    BadResponse,
+    /// Prometheus answered `"status": "error"` (a bad query, a timeout on its side).
+    QueryError,
+    /// An empty vector: no series matched.
+    Empty,
+    /// NaN or ±Inf.
+    NotFinite,
+}
+
+impl QueryFailure {
+    pub const ALL: [QueryFailure; 6] = [
+        QueryFailure::Unreachable,
+        QueryFailure::HttpStatus,
+        QueryFailure::BadResponse,
+        QueryFailure::QueryError,
+        QueryFailure::Empty,
+        QueryFailure::NotFinite,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            QueryFailure::Unreachable => "unreachable",
+            QueryFailure::HttpStatus => "http_status",
+            QueryFailure::BadResponse => "bad_response",
+            QueryFailure::QueryError => "query_error",
+            QueryFailure::Empty => "empty_result",
+            QueryFailure::NotFinite => "not_finite",
+        }
+    }
+}
+
+/// The last value of a target's Prometheus query and its failures, by reason.
+#[derive(Debug)]
+pub struct QueryStats {
+    /// The bits of the last good value; NaN until there is one.
+    value: AtomicU64,
+    failures: [AtomicU64; QueryFailure::ALL.len()],
+}
+
+impl Default for QueryStats {
+    fn default() -> Self {
+        Self {
+            value: AtomicU64::new(f64::NAN.to_bits()),
+            failures: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl QueryStats {
+    pub fn set_value(&self, value: f64) {
+        self.value.store(value.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The last good value, if a query has given one.
+    pub fn value(&self) -> Option<f64> {
+        Some(f64::from_bits(self.value.load(Ordering::Relaxed))).filter(|v| !v.is_nan())
+    }
+
+    pub fn fail(&self, why: QueryFailure) {
+        self.failures[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn failures(&self, why: QueryFailure) -> u64 {
+        self.failures[why as usize].load(Ordering::Relaxed)
     }
 }
 
