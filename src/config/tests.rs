@@ -1084,3 +1084,45 @@ fn a_bad_rate_limit_names_its_field_value_and_expectation() {
     .unwrap_err();
     assert!(unknown.contains("per_minute"), "{unknown}");
 }
+
+#[test]
+fn a_prometheus_source_is_read_with_its_defaults() {
+    let file = parse(&format!(
+        "[[target]]\n{LOCAL}scaling = {{ source = {{ prometheus = \"http://prometheus:9090\" }} }}\n"
+    ));
+    let scaling = &file.targets[0].scaling;
+    let source = scaling.source.as_ref().expect("a source");
+    assert_eq!(source.url, "http://prometheus:9090");
+    assert_eq!(source.every, Duration::from_secs(15));
+    assert_eq!(
+        source.query_for("demo", "hello"),
+        r#"sum(rate(http_requests_total{namespace="demo",service="hello"}[2m]))"#
+    );
+    assert_eq!(scaling.target_value(), 100.0);
+}
+
+#[test]
+fn a_prometheus_source_is_validated() {
+    let problems = problems_of_target(
+        LOCAL,
+        "scaling = { source = { prometheus = \"https://prom:9090\", query = \" \", every = \"0s\" } }",
+    );
+    assert_problem(
+        &problems,
+        "target[0] (hello).scaling.source.prometheus",
+        "\"https://prom:9090\"",
+        "an http:// URL",
+    );
+    assert_problem(
+        &problems,
+        "target[0] (hello).scaling.source.query",
+        "\" \"",
+        "a non-empty PromQL expression",
+    );
+    assert_problem(
+        &problems,
+        "target[0] (hello).scaling.source.every",
+        "\"0s\"",
+        "a duration",
+    );
+}

@@ -449,3 +449,55 @@ fn a_one_letter_workload_kind_is_read_without_panicking() {
         ("Y", "ys")
     );
 }
+
+#[test]
+fn prometheus_annotations_make_a_query_source() {
+    let (t, problems) = target(from_service(&service(
+        &[
+            ("enabled", "true"),
+            ("prometheus-url", "http://prometheus.monitoring:9090"),
+            ("prometheus-interval", "30s"),
+        ],
+        &[("http", 80)],
+    )));
+    assert!(problems.is_empty(), "{problems:?}");
+    let source = t.scaling.source.as_ref().expect("a source");
+    assert_eq!(source.url, "http://prometheus.monitoring:9090");
+    assert_eq!(source.every, Duration::from_secs(30));
+    assert_eq!(
+        source.query_for(&t.namespace, &t.name),
+        r#"sum(rate(http_requests_total{namespace="demo",service="hello"}[2m]))"#
+    );
+    assert_eq!(t.scaling.target_value(), 100.0);
+}
+
+#[test]
+fn a_bad_prometheus_annotation_is_reported_and_the_counters_used() {
+    for (annotations, field) in [
+        (
+            vec![("prometheus-url", "prometheus:9090")],
+            "prometheus-url",
+        ),
+        (
+            vec![
+                ("prometheus-url", "http://prometheus:9090"),
+                ("prometheus-query", ""),
+            ],
+            "prometheus-query",
+        ),
+        (vec![("prometheus-query", "up")], "prometheus-query"),
+    ] {
+        let mut all = vec![("enabled", "true")];
+        all.extend(annotations);
+        let (t, problems) = target(from_service(&service(&all, &[("http", 80)])));
+        assert_eq!(t.scaling.source, None, "{field}");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, format!("wakegate.io/{field}"));
+        assert!(
+            problems[0]
+                .expected
+                .contains("scaling on in-process counters"),
+            "{problems:?}"
+        );
+    }
+}
