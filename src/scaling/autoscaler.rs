@@ -130,12 +130,10 @@ pub async fn run(
                             sample
                         }
                         // No fresh value: the last decision stands (a held request still
-                        // wakes the target at once, above); only a lost instance is asked
-                        // for again.
+                        // wakes the target at once, above), lost instances included: with
+                        // no signal there is no telling they are not needed.
                         None => {
-                            if target.endpoints().len() < desired as usize
-                                && (demand > 0 || settings.min > 0)
-                            {
+                            if target.endpoints().len() < desired as usize {
                                 scale.to(desired);
                             }
                             continue;
