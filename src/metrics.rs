@@ -70,6 +70,32 @@ impl TargetCollector {
         Ok(())
     }
 
+    /// A counter per target and per value of one more label: `value(target, i)` for the
+    /// `i`th of `values`.
+    fn counter_by(
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        targets: &[Arc<Target>],
+        (label, values): (&'static str, &[&str]),
+        value: impl Fn(&Target, usize) -> u64,
+    ) -> Result {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for t in targets {
+            for (i, v) in values.iter().enumerate() {
+                let labels = [
+                    ("namespace", t.namespace.as_str()),
+                    ("service", t.name.as_str()),
+                    (label, v),
+                ];
+                family
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, f64>(&value(t, i), None)?;
+            }
+        }
+        Ok(())
+    }
+
     fn gauge(
         encoder: &mut DescriptorEncoder,
         name: &str,
@@ -223,25 +249,16 @@ impl prometheus_client::collector::Collector for TargetCollector {
                 family.encode_family(&labels(t))?.encode_gauge(&value)?;
             }
         }
-        let mut family = encoder.encode_descriptor(
+        let reasons = QueryFailure::ALL.map(|why| why.label());
+        Self::counter_by(
+            &mut encoder,
             "wakegate_prometheus_query_failures",
             "Queries of the target's Prometheus source that gave no usable value, by reason; \
              the last scaling decision stands meanwhile.",
-            None,
-            MetricType::Counter,
+            &queried,
+            ("reason", &reasons),
+            |t, i| t.stats.query.failures(QueryFailure::ALL[i]),
         )?;
-        for t in &queried {
-            for why in QueryFailure::ALL {
-                let labels = [
-                    ("namespace", t.namespace.as_str()),
-                    ("service", t.name.as_str()),
-                    ("reason", why.label()),
-                ];
-                family
-                    .encode_family(&labels)?
-                    .encode_counter::<NoLabelSet, _, f64>(&t.stats.query.failures(why), None)?;
-            }
-        }
 
         Self::counter(
             &mut encoder,
@@ -250,24 +267,14 @@ impl prometheus_client::collector::Collector for TargetCollector {
             targets,
             |t| t.stats.concurrency.integral(t.micros(Instant::now())),
         )?;
-        let mut family = encoder.encode_descriptor(
+        Self::counter_by(
+            &mut encoder,
             "wakegate_scale_events",
             "Changes of the desired instance count, by direction.",
-            None,
-            MetricType::Counter,
+            targets,
+            ("direction", &["up", "down"]),
+            |t, i| [&t.stats.scaled_up, &t.stats.scaled_down][i].load(Ordering::Relaxed),
         )?;
-        for t in targets.iter() {
-            for (direction, count) in [("up", &t.stats.scaled_up), ("down", &t.stats.scaled_down)] {
-                let labels = [
-                    ("namespace", t.namespace.as_str()),
-                    ("service", t.name.as_str()),
-                    ("direction", direction),
-                ];
-                family
-                    .encode_family(&labels)?
-                    .encode_counter::<NoLabelSet, _, f64>(&count.load(Ordering::Relaxed), None)?;
-            }
-        }
 
         let mut family = encoder.encode_descriptor(
             "wakegate_rejected_requests",

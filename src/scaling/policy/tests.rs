@@ -342,3 +342,60 @@ fn window_average_covers_only_its_span() {
     );
     assert_eq!(w.average(Metric::Rps, Duration::from_secs(2), now), 0.0);
 }
+
+/// A target scaling on a Prometheus query: each second the query's value is the sample and,
+/// above zero, demand (as `prometheus::signal` makes them); threshold and windows as a user
+/// would set them.
+fn on_a_query(current: u32) -> Sim {
+    let scaling = crate::config::Scaling {
+        max: 5,
+        stable_window: Duration::from_secs(2),
+        panic_window: Duration::from_secs(1),
+        scale_down_delay: Duration::ZERO,
+        source: Some(crate::config::PrometheusSource {
+            url: "http://prometheus:9090".into(),
+            query: None,
+            every: Duration::from_secs(1),
+        }),
+        ..Default::default()
+    };
+    let settings = Settings::new(&scaling, Duration::from_secs(3));
+    assert_eq!(settings.target, 100.0, "the documented default threshold");
+    Sim::new(settings, current)
+}
+
+fn query_value(sim: &mut Sim, value: f64) -> u32 {
+    sim.second(value, u64::from(value > 0.0)).desired
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_query_value_asks_for_ceil_of_value_over_threshold_within_min_and_max() {
+    let mut sim = on_a_query(1);
+    for _ in 0..3 {
+        query_value(&mut sim, 250.0);
+    }
+    assert_eq!(sim.current, 3, "ceil(250 / 100)");
+    for _ in 0..3 {
+        query_value(&mut sim, 10_000.0);
+    }
+    assert_eq!(sim.current, 5, "bounded by max");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_query_value_above_zero_wakes_a_target_at_zero() {
+    let mut sim = on_a_query(0);
+    assert_eq!(query_value(&mut sim, 0.0), 0);
+    assert_eq!(query_value(&mut sim, 0.2), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_query_value_of_zero_scales_to_zero_after_the_idle_timeout() {
+    let mut sim = on_a_query(1);
+    query_value(&mut sim, 50.0);
+    let mut seconds = 0;
+    while query_value(&mut sim, 0.0) > 0 {
+        seconds += 1;
+        assert!(seconds < 10, "never went to zero");
+    }
+    assert!(seconds >= 2, "not before the idle timeout: {seconds}s");
+}

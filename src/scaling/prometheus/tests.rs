@@ -1,7 +1,4 @@
-use std::time::Duration;
-
 use super::*;
-use crate::scaling::policy::{Decision, Now, Policy, Settings, Window};
 
 fn ok(body: &str) -> Result<f64, QueryError> {
     parse_answer(StatusCode::OK, body.as_bytes())
@@ -90,110 +87,23 @@ fn the_query_is_percent_encoded_after_the_base_url() {
     );
 }
 
-/// The autoscaler's rule on a paused clock: each second, a reading of the query, and the
-/// decision (or `None` where the last decision stands).
-struct Ticks {
-    policy: Policy,
-    window: Window,
-    settings: Settings,
-    now: Instant,
-    current: u32,
-    last_active: Option<Instant>,
-}
-
-impl Ticks {
-    fn new(current: u32) -> Self {
-        let mut scaling = crate::config::Scaling {
-            min: 0,
-            max: 5,
-            stable_window: Duration::from_secs(2),
-            panic_window: Duration::from_secs(1),
-            scale_down_delay: Duration::ZERO,
-            ..Default::default()
-        };
-        scaling.source = Some(PrometheusSource {
-            url: "http://prometheus:9090".into(),
-            query: None,
-            every: Duration::from_secs(1),
-        });
-        let settings = Settings::new(&scaling, Duration::from_secs(3));
-        assert_eq!(settings.target, 100.0, "the documented default threshold");
-        Self {
-            policy: Policy::default(),
-            window: Window::default(),
-            settings,
-            now: Instant::now(),
-            current,
-            last_active: None,
-        }
-    }
-
-    fn second(&mut self, reading: Reading) -> Option<Decision> {
-        self.now += Duration::from_secs(1);
-        let (sample, demand) = signal(reading, self.now)?;
-        if demand > 0 {
-            self.last_active = Some(self.now);
-        }
-        self.window.push(sample, self.settings.keep());
-        let decision = self.policy.decide(
-            &self.window,
-            &self.settings,
-            self.current,
-            Now {
-                at: self.now,
-                ready: self.current,
-                demand,
-                last_active: self.last_active,
-            },
-        );
-        self.current = decision.desired;
-        Some(decision)
-    }
+#[tokio::test(start_paused = true)]
+async fn a_value_is_the_sample_and_above_zero_it_is_demand() {
+    let at = Instant::now();
+    let (sample, demand) = signal(Reading::Value(250.0), at).unwrap();
+    assert_eq!(
+        (sample.concurrency, sample.rps, sample.at),
+        (250.0, 250.0, at)
+    );
+    assert_eq!(demand, 1, "a value above zero wakes a target at zero");
+    assert_eq!(signal(Reading::Value(0.0), at).unwrap().1, 0);
 }
 
 #[tokio::test(start_paused = true)]
-async fn desired_is_the_value_over_the_threshold_within_min_and_max() {
-    let mut t = Ticks::new(1);
-    for _ in 0..3 {
-        t.second(Reading::Value(250.0));
+async fn without_a_fresh_value_there_is_nothing_to_decide_from() {
+    let at = Instant::now();
+    assert_eq!(signal(Reading::Pending, at), None);
+    for why in QueryFailure::ALL {
+        assert_eq!(signal(Reading::Failed(why), at), None, "{why:?}");
     }
-    assert_eq!(t.current, 3, "ceil(250 / 100)");
-    for _ in 0..3 {
-        t.second(Reading::Value(10_000.0));
-    }
-    assert_eq!(t.current, 5, "bounded by max");
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_value_above_zero_wakes_a_target_at_zero() {
-    let mut t = Ticks::new(0);
-    assert_eq!(t.second(Reading::Value(0.0)).unwrap().desired, 0);
-    assert_eq!(t.second(Reading::Value(0.2)).unwrap().desired, 1);
-}
-
-#[tokio::test(start_paused = true)]
-async fn missing_data_keeps_the_last_decision_and_never_reaches_zero() {
-    let mut t = Ticks::new(1);
-    for _ in 0..3 {
-        t.second(Reading::Value(420.0));
-    }
-    assert_eq!(t.current, 5);
-    // Far past the idle timeout and every window: no decision is taken without a value.
-    for why in QueryFailure::ALL.into_iter().cycle().take(60) {
-        assert_eq!(t.second(Reading::Failed(why)), None);
-    }
-    assert_eq!(t.second(Reading::Pending), None);
-    assert_eq!(t.current, 5);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_value_of_zero_scales_to_zero_after_the_idle_timeout() {
-    let mut t = Ticks::new(1);
-    t.second(Reading::Value(50.0));
-    let mut seconds = 0;
-    while t.second(Reading::Value(0.0)).unwrap().desired > 0 {
-        seconds += 1;
-        assert!(seconds < 10, "never went to zero");
-    }
-    assert!(seconds >= 2, "not before the idle timeout: {seconds}s");
 }
