@@ -361,9 +361,12 @@ impl PrometheusSource {
     }
 
     /// The request rate of the target through wakegate, as Prometheus scraped it from every
-    /// wakegate replica.
+    /// wakegate replica under the job deploy/monitoring sets (another application's series of
+    /// the same name are not wakegate's).
     pub fn default_query(namespace: &str, service: &str) -> String {
-        format!("sum(rate(http_requests_total{{namespace={namespace:?},service={service:?}}}[2m]))")
+        format!(
+            "sum(rate(http_requests_total{{job=\"wakegate\",namespace={namespace:?},service={service:?}}}[2m]))"
+        )
     }
 
     /// The query to run for the target `namespace`/`service`.

@@ -1096,7 +1096,7 @@ fn a_prometheus_source_is_read_with_its_defaults() {
     assert_eq!(source.every, Duration::from_secs(15));
     assert_eq!(
         source.query_for("demo", "hello"),
-        r#"sum(rate(http_requests_total{namespace="demo",service="hello"}[2m]))"#
+        r#"sum(rate(http_requests_total{job="wakegate",namespace="demo",service="hello"}[2m]))"#
     );
     assert_eq!(scaling.target_value(), 100.0);
 }

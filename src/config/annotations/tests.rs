@@ -466,7 +466,7 @@ fn prometheus_annotations_make_a_query_source() {
     assert_eq!(source.every, Duration::from_secs(30));
     assert_eq!(
         source.query_for(&t.namespace, &t.name),
-        r#"sum(rate(http_requests_total{namespace="demo",service="hello"}[2m]))"#
+        r#"sum(rate(http_requests_total{job="wakegate",namespace="demo",service="hello"}[2m]))"#
     );
     assert_eq!(t.scaling.target_value(), 100.0);
 }
