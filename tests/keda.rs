@@ -1,17 +1,24 @@
 //! KEDA's external scaler, with a tonic client playing KEDA: the push through a cold start and
-//! an idle period, the metric values and specs, and the statuses of questions about targets
-//! wakegate does not have.
+//! an idle period, the metric values and specs, the statuses of questions about targets
+//! wakegate does not have, and two wakegate replicas on Kubernetes (the API double) answering
+//! with the same cluster-wide values.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use serde_json::json;
 use tonic::Code;
 use tonic::transport::Channel;
 use wakegate::keda::pb::external_scaler_client::ExternalScalerClient;
 use wakegate::keda::pb::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef};
-use wakegate_test_support::{Wakegate, demo_target, within};
+use wakegate_test_support::kube_fixtures::{
+    FAST, NS, api_with_kubelet, deployment, kubernetes_section, service, wait_ready,
+};
+use wakegate_test_support::{Wakegate, demo_target, metric, within};
 
-/// Samples often, so metric values follow the load within a fraction of a second.
+/// Samples often, so the activity and metric values follow the load closely.
 const HEAD: &str =
     "[autoscaler]\ninterval = \"100ms\"\n[listen]\nexternal_scaler = \"127.0.0.1:0\"\n";
 
@@ -138,7 +145,12 @@ async fn stream_is_active_pushes_true_while_a_cold_start_is_held_and_false_once_
 
 #[tokio::test]
 async fn get_metrics_reports_the_concurrency_of_requests_in_flight_then_zero() {
-    let wakegate = Wakegate::start(HEAD, &demo_target("hello", "hello.localhost", "0ms")).await;
+    // GetMetrics answers the panic window's average: a short one follows the test's load.
+    let target = format!(
+        "{}scaling = {{ panic_window = \"1s\" }}\n",
+        demo_target("hello", "hello.localhost", "0ms")
+    );
+    let wakegate = Wakegate::start(HEAD, &target).await;
     let mut client = keda(&wakegate).await;
     let specs = client
         .get_metric_spec(hello())
@@ -164,7 +176,7 @@ async fn get_metrics_reports_the_concurrency_of_requests_in_flight_then_zero() {
             })
         })
         .collect();
-    // Four requests held, then in flight, for 2.5 s: a whole 100 ms sample sees all four.
+    // Four requests held, then in flight, for 2.5 s: a whole panic window sees all four.
     let value = wait_for_metric(&mut client, hello(), "four requests open", |v| v > 3.9).await;
     assert!(value <= 4.0 + 1e-6, "{value}");
     let rps = scaled_object(&[("service", "hello"), ("metric", "rps")]);
@@ -287,4 +299,134 @@ async fn questions_about_an_unknown_target_get_not_found_naming_it() {
         "{}",
         unnamed.message()
     );
+}
+
+/// The peers Service's EndpointSlice for one wakegate replica.
+fn peer_slice(replica: &str, admin: std::net::SocketAddr) -> serde_json::Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("wakegate-peers-{replica}"),
+            "namespace": "wakegate",
+            "labels": { "kubernetes.io/service-name": "wakegate-peers" }
+        },
+        "addressType": "IPv4",
+        "ports": [{ "name": "admin", "port": admin.port(), "protocol": "TCP" }],
+        "endpoints": [{
+            "addresses": [admin.ip().to_string()],
+            "conditions": { "ready": true },
+            "targetRef": { "kind": "Pod", "namespace": "wakegate", "name": replica }
+        }]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_answer_keda_with_the_cluster_wide_signal_whichever_is_asked() {
+    let api = api_with_kubelet().await;
+    api.apply(deployment("busy", 0));
+    api.apply(service(
+        "busy",
+        json!({
+            "wakegate.io/enabled": "true",
+            "wakegate.io/hosts": "busy.example.com",
+        }),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let section = kubernetes_section(
+        &api,
+        dir.path(),
+        "autoscaler = \"external\"\n\
+         lease = { namespace = \"wakegate\", name = \"wakegate\", duration = \"3s\", renew = \"500ms\" }\n\
+         peers = { namespace = \"wakegate\", service = \"wakegate-peers\" }",
+    );
+    let head = format!("{FAST}\n[listen]\nexternal_scaler = \"127.0.0.1:0\"\n");
+    let a =
+        Arc::new(Wakegate::start_with_env(&head, &section, &[("POD_NAME", "wakegate-a")]).await);
+    let b =
+        Arc::new(Wakegate::start_with_env(&head, &section, &[("POD_NAME", "wakegate-b")]).await);
+    api.apply(peer_slice("wakegate-a", a.admin));
+    api.apply(peer_slice("wakegate-b", b.admin));
+    for replica in [&a, &b] {
+        wait_ready(replica).await;
+        replica
+            .wait_for_target("busy", Duration::from_secs(10), |t| {
+                t["kind"] == "kubernetes"
+            })
+            .await;
+    }
+    // Whichever leads: the follower must answer as well as the leader.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (leader, follower) = loop {
+        let la = metric(&a.metrics().await, "wakegate_leader", "").unwrap_or(0.0);
+        let lb = metric(&b.metrics().await, "wakegate_leader", "").unwrap_or(0.0);
+        match (la, lb) {
+            (1.0, 0.0) => break (a.clone(), b.clone()),
+            (0.0, 1.0) => break (b.clone(), a.clone()),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "exactly one leader: {la} {lb}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let busy = ScaledObjectRef {
+        name: "busy".into(),
+        namespace: NS.into(),
+        scaler_metadata: [("service".to_owned(), "busy".to_owned())].into(),
+    };
+    let mut keda_on_leader = keda(&leader).await;
+    let mut keda_on_follower = keda(&follower).await;
+    for client in [&mut keda_on_leader, &mut keda_on_follower] {
+        let active = client.is_active(busy.clone()).await.expect("IsActive");
+        assert!(!active.into_inner().result, "busy sleeps at zero");
+    }
+    // KEDA's stream is open on the leader; the requests all go through the follower.
+    let mut stream = keda_on_leader
+        .stream_is_active(busy.clone())
+        .await
+        .expect("StreamIsActive")
+        .into_inner();
+    let first = within(10, "the first push", stream.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!first.result);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (follower, stop) = (follower.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = follower.get("busy.example.com", "/sleep?ms=200").await;
+                    assert_eq!(r.status, 200, "{}", r.body);
+                }
+            })
+        })
+        .collect();
+    // The leader hears of it from its scrape of the follower, not from a request of its own.
+    let pushed = within(20, "the leader's push", stream.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(pushed.result, "active from the follower's requests");
+    // Four clients in a loop: a concurrency of about 4, summed the same on both replicas.
+    for (who, client) in [
+        ("leader", &mut keda_on_leader),
+        ("follower", &mut keda_on_follower),
+    ] {
+        let value = wait_for_metric(client, busy.clone(), who, |v| v > 3.0).await;
+        assert!(value < 6.0, "{who}: {value}");
+        let active = client.is_active(busy.clone()).await.expect("IsActive");
+        assert!(active.into_inner().result, "{who}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.expect("every request answered 200");
+    }
+    for (who, client) in [
+        ("leader", &mut keda_on_leader),
+        ("follower", &mut keda_on_follower),
+    ] {
+        wait_for_metric(client, busy.clone(), who, |v| v == 0.0).await;
+    }
 }

@@ -11,6 +11,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::policy::{Now, Policy, Sample, Settings, Window};
+use crate::config::Metric;
 use crate::provider::{Remote, RemoteSignal, Scale};
 use crate::target::{Signal, Target};
 
@@ -119,9 +120,12 @@ pub async fn run(
                     last_active = Some(now);
                     last_seen_active = Some(now);
                 }
+                // The panic window's average: it follows a burst within seconds, and smooths
+                // the peers' share, which arrives once per scrape rather than every tick.
+                let span = settings.panic_window;
                 target.publish_signal(Signal {
-                    concurrency: sample.concurrency,
-                    rps: sample.rps,
+                    concurrency: window.average(Metric::Concurrency, span, now),
+                    rps: window.average(Metric::Rps, span, now),
                     demand,
                     last_active: last_seen_active,
                 });

@@ -94,9 +94,9 @@ impl Backoff {
 /// wakegate replicas counted (on the leader, or wherever peers are scraped).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Signal {
-    /// Time-weighted average of the requests in flight or held over the last interval.
+    /// Time-weighted average of the requests in flight or held, over the panic window.
     pub concurrency: f64,
-    /// Requests answered per second over the last interval.
+    /// Requests answered per second, over the panic window.
     pub rps: f64,
     /// Requests in flight or held at the sample, other replicas' included.
     pub demand: u64,
