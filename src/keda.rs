@@ -211,40 +211,28 @@ impl Activity {
             self.held.borrow_and_update();
             let signal = *self.signal.borrow_and_update();
             let retired = self.status.borrow_and_update().retired.clone();
-            match retired {
-                None => {}
-                Some(Successor::Replaced(next)) => {
-                    *self = Self {
-                        sent: self.sent,
-                        ..Self::new(
-                            next,
-                            self.snapshot.clone(),
-                            self.query.clone(),
-                            self.stop.clone(),
-                        )
-                    };
-                    continue;
-                }
-                Some(Successor::Removed) => {
-                    // It may be back under a new handle (a Service changed kind of workload).
-                    let found = find(&self.snapshot.load(), &self.query);
-                    match found {
-                        Ok(next) if !Arc::ptr_eq(&next, &self.target) => {
-                            *self = Self {
-                                sent: self.sent,
-                                ..Self::new(
-                                    next,
-                                    self.snapshot.clone(),
-                                    self.query.clone(),
-                                    self.stop.clone(),
-                                )
-                            };
-                            continue;
-                        }
-                        Ok(_) => {}
-                        Err(error) => return Some(Err(error)),
-                    }
-                }
+            let successor = match retired {
+                None => None,
+                Some(Successor::Replaced(next)) => Some(next),
+                // It may be back under a new handle (a Service changed kind of workload).
+                Some(Successor::Removed) => match find(&self.snapshot.load(), &self.query) {
+                    Ok(next) if !Arc::ptr_eq(&next, &self.target) => Some(next),
+                    Ok(_) => None,
+                    Err(error) => return Some(Err(error)),
+                },
+            };
+            if let Some(next) = successor {
+                // What was sent stays sent: the new handle's answer goes out only if it differs.
+                *self = Self {
+                    sent: self.sent,
+                    ..Self::new(
+                        next,
+                        self.snapshot.clone(),
+                        self.query.clone(),
+                        self.stop.clone(),
+                    )
+                };
+                continue;
             }
             let now = Instant::now();
             let active = active(&self.target, &signal, now);

@@ -14,9 +14,10 @@ use tonic::transport::Channel;
 use wakegate::keda::pb::external_scaler_client::ExternalScalerClient;
 use wakegate::keda::pb::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef};
 use wakegate_test_support::kube_fixtures::{
-    FAST, NS, api_with_kubelet, deployment, kubernetes_section, service, wait_ready,
+    FAST, NS, api_with_kubelet, deployment, kubernetes_section, leader_and_follower, peer_slice,
+    service, wait_ready,
 };
-use wakegate_test_support::{Wakegate, demo_target, metric, within};
+use wakegate_test_support::{Wakegate, demo_target, within};
 
 /// Samples often, so the activity and metric values follow the load closely.
 const HEAD: &str =
@@ -301,26 +302,6 @@ async fn questions_about_an_unknown_target_get_not_found_naming_it() {
     );
 }
 
-/// The peers Service's EndpointSlice for one wakegate replica.
-fn peer_slice(replica: &str, admin: std::net::SocketAddr) -> serde_json::Value {
-    json!({
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": format!("wakegate-peers-{replica}"),
-            "namespace": "wakegate",
-            "labels": { "kubernetes.io/service-name": "wakegate-peers" }
-        },
-        "addressType": "IPv4",
-        "ports": [{ "name": "admin", "port": admin.port(), "protocol": "TCP" }],
-        "endpoints": [{
-            "addresses": [admin.ip().to_string()],
-            "conditions": { "ready": true },
-            "targetRef": { "kind": "Pod", "namespace": "wakegate", "name": replica }
-        }]
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_answer_keda_with_the_cluster_wide_signal_whichever_is_asked() {
     let api = api_with_kubelet().await;
@@ -356,18 +337,7 @@ async fn two_replicas_answer_keda_with_the_cluster_wide_signal_whichever_is_aske
             .await;
     }
     // Whichever leads: the follower must answer as well as the leader.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (leader, follower) = loop {
-        let la = metric(&a.metrics().await, "wakegate_leader", "").unwrap_or(0.0);
-        let lb = metric(&b.metrics().await, "wakegate_leader", "").unwrap_or(0.0);
-        match (la, lb) {
-            (1.0, 0.0) => break (a.clone(), b.clone()),
-            (0.0, 1.0) => break (b.clone(), a.clone()),
-            _ => {}
-        }
-        assert!(Instant::now() < deadline, "exactly one leader: {la} {lb}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (leader, follower) = leader_and_follower(&a, &b).await;
     let busy = ScaledObjectRef {
         name: "busy".into(),
         namespace: NS.into(),

@@ -179,3 +179,47 @@ pub fn events_about(api: &FakeApi, kind: &str, name: &str, reason: &str) -> Vec<
         })
         .collect()
 }
+
+/// The peers Service's EndpointSlice for one wakegate replica.
+pub fn peer_slice(replica: &str, admin: std::net::SocketAddr) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("wakegate-peers-{replica}"),
+            "namespace": "wakegate",
+            "labels": { "kubernetes.io/service-name": "wakegate-peers" }
+        },
+        "addressType": "IPv4",
+        "ports": [{ "name": "admin", "port": admin.port(), "protocol": "TCP" }],
+        "endpoints": [{
+            "addresses": [admin.ip().to_string()],
+            "conditions": { "ready": true },
+            "targetRef": { "kind": "Pod", "namespace": "wakegate", "name": replica }
+        }]
+    })
+}
+
+/// Of two replicas, (the leader, the follower), once exactly one says it leads
+/// (`wakegate_leader`); panics after 10 s.
+pub async fn leader_and_follower(
+    a: &std::sync::Arc<Wakegate>,
+    b: &std::sync::Arc<Wakegate>,
+) -> (std::sync::Arc<Wakegate>, std::sync::Arc<Wakegate>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let la = crate::metric(&a.metrics().await, "wakegate_leader", "").unwrap_or(0.0);
+        let lb = crate::metric(&b.metrics().await, "wakegate_leader", "").unwrap_or(0.0);
+        match (la, lb) {
+            (1.0, 0.0) => return (a.clone(), b.clone()),
+            (0.0, 1.0) => return (b.clone(), a.clone()),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "exactly one leader: {la} {lb}; log of a:\n{}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
