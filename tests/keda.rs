@@ -14,8 +14,8 @@ use tonic::transport::Channel;
 use wakegate::keda::pb::external_scaler_client::ExternalScalerClient;
 use wakegate::keda::pb::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef};
 use wakegate_test_support::kube_fixtures::{
-    FAST, NS, api_with_kubelet, deployment, kubernetes_section, leader_and_follower, peer_slice,
-    service, wait_ready,
+    FAST, LEASE_AND_PEERS, NS, api_with_kubelet, deployment, kubernetes_section,
+    leader_and_follower, service, two_replicas,
 };
 use wakegate_test_support::{Wakegate, demo_target, within};
 
@@ -317,25 +317,10 @@ async fn two_replicas_answer_keda_with_the_cluster_wide_signal_whichever_is_aske
     let section = kubernetes_section(
         &api,
         dir.path(),
-        "autoscaler = \"external\"\n\
-         lease = { namespace = \"wakegate\", name = \"wakegate\", duration = \"3s\", renew = \"500ms\" }\n\
-         peers = { namespace = \"wakegate\", service = \"wakegate-peers\" }",
+        &format!("autoscaler = \"external\"\n{LEASE_AND_PEERS}"),
     );
     let head = format!("{FAST}\n[listen]\nexternal_scaler = \"127.0.0.1:0\"\n");
-    let a =
-        Arc::new(Wakegate::start_with_env(&head, &section, &[("POD_NAME", "wakegate-a")]).await);
-    let b =
-        Arc::new(Wakegate::start_with_env(&head, &section, &[("POD_NAME", "wakegate-b")]).await);
-    api.apply(peer_slice("wakegate-a", a.admin));
-    api.apply(peer_slice("wakegate-b", b.admin));
-    for replica in [&a, &b] {
-        wait_ready(replica).await;
-        replica
-            .wait_for_target("busy", Duration::from_secs(10), |t| {
-                t["kind"] == "kubernetes"
-            })
-            .await;
-    }
+    let (a, b) = two_replicas(&api, &head, &section, "busy").await;
     // Whichever leads: the follower must answer as well as the leader.
     let (leader, follower) = leader_and_follower(&a, &b).await;
     let busy = ScaledObjectRef {

@@ -232,24 +232,8 @@ async fn two_replicas_elect_one_leader_which_scales_from_the_summed_signal_and_h
         }),
     ));
     let dir = tempfile::tempdir().unwrap();
-    let section = kubernetes_section(
-        &api,
-        dir.path(),
-        "lease = { namespace = \"wakegate\", name = \"wakegate\", duration = \"3s\", renew = \"500ms\" }\n\
-         peers = { namespace = \"wakegate\", service = \"wakegate-peers\" }",
-    );
-    let a = Arc::new(Wakegate::start_with_env(FAST, &section, &[("POD_NAME", "wakegate-a")]).await);
-    let b = Arc::new(Wakegate::start_with_env(FAST, &section, &[("POD_NAME", "wakegate-b")]).await);
-    api.apply(peer_slice("wakegate-a", a.admin));
-    api.apply(peer_slice("wakegate-b", b.admin));
-    for replica in [&a, &b] {
-        wait_ready(replica).await;
-        replica
-            .wait_for_target("busy", Duration::from_secs(10), |t| {
-                t["kind"] == "kubernetes"
-            })
-            .await;
-    }
+    let section = kubernetes_section(&api, dir.path(), LEASE_AND_PEERS);
+    let (a, b) = two_replicas(&api, FAST, &section, "busy").await;
 
     let (leader, follower) = leader_and_follower(&a, &b).await;
 

@@ -52,6 +52,12 @@ pub async fn cluster() -> Cluster {
 /// The namespace the tests' workloads live in.
 pub const NS: &str = "demo";
 
+/// The `[kubernetes]` lines of a replicated wakegate: a short Lease, and the peers Service
+/// that [`two_replicas`] fills in.
+pub const LEASE_AND_PEERS: &str = "lease = { namespace = \"wakegate\", name = \"wakegate\", \
+    duration = \"3s\", renew = \"500ms\" }\n\
+    peers = { namespace = \"wakegate\", service = \"wakegate-peers\" }";
+
 /// An autoscaler tick short enough for tests.
 pub const FAST: &str = "[autoscaler]\ninterval = \"200ms\"";
 
@@ -181,7 +187,7 @@ pub fn events_about(api: &FakeApi, kind: &str, name: &str, reason: &str) -> Vec<
 }
 
 /// The peers Service's EndpointSlice for one wakegate replica.
-pub fn peer_slice(replica: &str, admin: std::net::SocketAddr) -> Value {
+fn peer_slice(replica: &str, admin: std::net::SocketAddr) -> Value {
     json!({
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -198,6 +204,32 @@ pub fn peer_slice(replica: &str, admin: std::net::SocketAddr) -> Value {
             "targetRef": { "kind": "Pod", "namespace": "wakegate", "name": replica }
         }]
     })
+}
+
+/// Two wakegate replicas, `wakegate-a` and `wakegate-b` (their `POD_NAME`), each listed in the
+/// peers Service, ready, and routing the Service `service` of [`NS`].
+pub async fn two_replicas(
+    api: &FakeApi,
+    head: &str,
+    section: &str,
+    service: &str,
+) -> (std::sync::Arc<Wakegate>, std::sync::Arc<Wakegate>) {
+    let mut replicas = Vec::new();
+    for name in ["wakegate-a", "wakegate-b"] {
+        let replica = Wakegate::start_with_env(head, section, &[("POD_NAME", name)]).await;
+        api.apply(peer_slice(name, replica.admin));
+        replicas.push(std::sync::Arc::new(replica));
+    }
+    for replica in &replicas {
+        wait_ready(replica).await;
+        replica
+            .wait_for_target(service, Duration::from_secs(10), |t| {
+                t["kind"] == "kubernetes"
+            })
+            .await;
+    }
+    let b = replicas.pop().expect("two");
+    (replicas.pop().expect("two"), b)
 }
 
 /// Of two replicas, (the leader, the follower), once exactly one says it leads
