@@ -110,14 +110,34 @@ impl Admin {
 /// One target's entry in `/targets`; `clock` is now, monotonic and wall, read once per answer.
 fn target_json(t: &Target, (now, wall): (Instant, SystemTime)) -> serde_json::Value {
     let status = t.status();
-    let last_request = t.last_request_at().map(|at| {
-        humantime::format_rfc3339_millis(wall - now.saturating_duration_since(at)).to_string()
-    });
+    let rfc3339 =
+        |at| humantime::format_rfc3339_millis(wall - now.saturating_duration_since(at)).to_string();
+    let last_request = t.last_request_at().map(rfc3339);
+    // Ready endpoints that all failed take no requests: the target is not ready, whatever
+    // its provider published.
+    let state = if t.unhealthy() {
+        "unhealthy"
+    } else {
+        status.phase.as_str()
+    };
+    let unhealthy: Vec<serde_json::Value> = t
+        .endpoints()
+        .iter()
+        .filter_map(|e| {
+            let unhealthy = e.health.unhealthy()?;
+            Some(serde_json::json!({
+                "address": e.authority.as_str(),
+                "since": rfc3339(unhealthy.since),
+                "last_error": unhealthy.last_error.as_str(),
+            }))
+        })
+        .collect();
     serde_json::json!({
         "name": t.name,
         "namespace": t.namespace,
         "kind": t.backend.kind(),
-        "state": status.phase.as_str(),
+        "state": state,
+        "unhealthy_endpoints": unhealthy,
         "instances": t.endpoints().len(),
         "desired": t.desired(),
         "in_flight": t.stats.in_flight(),

@@ -14,11 +14,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin};
-use crate::config::Config;
+use crate::config::{AccessLogConfig, Config};
 use crate::control::Control;
 use crate::keda;
 use crate::metrics::Metrics;
 use crate::provider::kubernetes::{self, KubeError, KubernetesProvider};
+use crate::proxy::access_log::AccessLog;
 use crate::proxy::server::Listeners;
 use crate::proxy::tls::{CertificateErrors, Tls};
 use crate::proxy::{self, Shared, Snapshot};
@@ -39,6 +40,28 @@ pub enum AppError {
     Kubernetes(#[from] KubeError),
     #[error("TLS certificates cannot be used:\n{0}")]
     Tls(#[from] CertificateErrors),
+    #[error("cannot open the access log {path}: {source}")]
+    AccessLog {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Opens (or reopens) the access log `config` asks for, or none.
+fn open_access_log(
+    config: Option<&AccessLogConfig>,
+    shared: &Shared,
+) -> Result<Option<Arc<AccessLog>>, AppError> {
+    config
+        .map(|config| {
+            AccessLog::open(config, shared.access_log_dropped.clone())
+                .map(Arc::new)
+                .map_err(|source| AppError::AccessLog {
+                    path: config.path.clone(),
+                    source,
+                })
+        })
+        .transpose()
 }
 
 /// Runs wakegate until `shutdown` is cancelled, then drains and returns.
@@ -140,6 +163,9 @@ pub async fn run(
         tls.clone(),
         limits_rx,
     ));
+    shared
+        .access_log
+        .store(open_access_log(config.access_log.as_ref(), &shared)?);
     let tls_stop = CancellationToken::new();
     let tls_watch = tls
         .clone()
@@ -217,6 +243,12 @@ pub async fn run(
                             *running = next.limits.clone();
                             changed
                         });
+                        // Reopened even when unchanged, for logrotate; a log that cannot be
+                        // opened leaves the running one.
+                        match open_access_log(next.access_log.as_ref(), &shared) {
+                            Ok(log) => shared.access_log.store(log),
+                            Err(error) => tracing::error!(%error, "access log not reopened; keeping the running one"),
+                        }
                         if let (Some(tls), Some(files)) = (&tls, &next.tls) {
                             // A failure is logged, and the certificates in use stay.
                             let _ = tls.reload(&files.certificates);
@@ -235,6 +267,10 @@ pub async fn run(
     shared.draining.store(true, Ordering::Relaxed);
     accept_stop.cancel();
     proxy_workers.join().await;
+    // Every request is answered: what their log lines say is written out.
+    if let Some(log) = shared.access_log.swap(None).and_then(Arc::into_inner) {
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
+    }
     control.shutdown().await;
     kube_stop.cancel();
     tls_stop.cancel();

@@ -182,6 +182,17 @@ impl prometheus_client::collector::Collector for TargetCollector {
         )?;
         Self::gauge(
             &mut encoder,
+            "wakegate_unhealthy_endpoints",
+            "Ready endpoints marked unhealthy by failed requests or their active check; they get \
+             no requests until they recover, but a trial per health.interval without an active check.",
+            targets,
+            |t| {
+                let endpoints = t.endpoints();
+                endpoints.iter().filter(|e| !e.health.is_healthy()).count() as i64
+            },
+        )?;
+        Self::gauge(
+            &mut encoder,
             "wakegate_replicas_desired",
             "Instances the autoscaler asks for.",
             targets,
@@ -278,6 +289,18 @@ impl prometheus_client::collector::Collector for TargetCollector {
                 .encode_family(&[("reason", reason)])?
                 .encode_counter::<NoLabelSet, _, f64>(&count.load(Ordering::Relaxed), None)?;
         }
+
+        encoder
+            .encode_descriptor(
+                "wakegate_access_log_dropped",
+                "Access log lines dropped because the log's writer fell behind (a slow disk).",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, f64>(
+                &self.proxy.access_log_dropped.load(Ordering::Relaxed),
+                None,
+            )?;
 
         let mut family = encoder.encode_descriptor(
             "wakegate_refused_routes",

@@ -217,6 +217,9 @@ fn check_finds_what_would_fail_at_run_time_programs_directories_and_kubeconfig()
 [kubernetes]
 kubeconfig = "{dir}/no-such-kubeconfig"
 
+[access_log]
+path = "{dir}/no-such-directory/access.log"
+
 [[target]]
 name = "missing"
 hosts = ["missing.localhost"]
@@ -244,13 +247,15 @@ command = ["sh", "-c", "exec server --listen 127.0.0.1:8000"]
     let (code, stdout, stderr) = check(&text);
     assert_eq!(code, Some(2), "stdout: {stdout}\nstderr: {stderr}");
     for expected in [
-        "4 problem(s)",
+        "5 problem(s)",
         "target[0] (missing).command[0]: got \"no-such-program-anywhere\", expected a program on PATH",
         "target[1] (relative).command[0]: got \"./server.sh\", expected an executable program (not executable: chmod +x",
         "target[2] (nowhere).cwd: got",
         "expected an existing directory",
         "kubernetes.kubeconfig: got",
         "expected a readable kubeconfig file",
+        "access_log.path: got",
+        "expected a file wakegate can create or append to, or \"-\" (no directory",
         // Valid, but each instance must listen where wakegate says: a warning, not a problem.
         "warning: target[3] (fine).command: neither `{port}` nor `PORT` appears in it",
     ] {
@@ -272,6 +277,6 @@ command = ["sh", "-c", "exec server --listen 127.0.0.1:8000"]
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o755)).unwrap();
     let (_, _, stderr) = check(&text);
-    assert!(stderr.contains("3 problem(s)"), "{stderr}");
+    assert!(stderr.contains("4 problem(s)"), "{stderr}");
     assert!(!stderr.contains("(relative)"), "{stderr}");
 }

@@ -420,3 +420,49 @@ async fn unrouted_hosts_get_404_requests_without_host_get_400_and_nothing_is_pro
         "no target was woken"
     );
 }
+
+#[tokio::test]
+async fn a_missing_program_or_working_directory_is_named_as_such_and_not_sent_to_the_client() {
+    let missing_dir =
+        std::env::temp_dir().join(format!("wakegate-no-such-dir-{}", std::process::id()));
+    let targets = format!(
+        r#"
+[[target]]
+name = "noprogram"
+hosts = ["noprogram.localhost"]
+command = ["wakegate-no-such-program", "{{port}}"]
+
+[[target]]
+name = "nocwd"
+hosts = ["nocwd.localhost"]
+command = ["sh", "-c", "exec sleep 60"]
+cwd = "{}"
+"#,
+        missing_dir.display()
+    );
+    let wg = Wakegate::start("", &targets).await;
+    for (name, why) in [
+        (
+            "noprogram",
+            "cannot run wakegate-no-such-program: No such file or directory".to_owned(),
+        ),
+        (
+            "nocwd",
+            format!(
+                "cannot start in {}: the target's cwd is not an existing directory",
+                missing_dir.display()
+            ),
+        ),
+    ] {
+        let r = within(10, "request", wg.get(&format!("{name}.localhost"), "/")).await;
+        assert_eq!(r.status, 502, "{name}: {}", r.body);
+        assert_eq!(plain_reason(&r), format!("target {name} failed to start"));
+        let target = wg
+            .wait_for_target(name, Duration::from_secs(5), |t| {
+                !t["last_start_failure"].is_null()
+            })
+            .await;
+        let failure = target["last_start_failure"].as_str().unwrap();
+        assert!(failure.starts_with(&why), "{name}: {failure}");
+    }
+}

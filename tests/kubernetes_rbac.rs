@@ -65,7 +65,7 @@ async fn wakegate_uses_every_grant_of_deploy_base_and_needs_no_other() {
 }
 
 #[tokio::test]
-async fn a_grant_missing_from_the_manifests_is_an_error_the_client_and_the_log_name() {
+async fn a_grant_missing_from_the_manifests_fails_the_start_and_targets_says_which() {
     let api = FakeApi::start().await;
     // deploy/base without `patch` on deployments/scale.
     let mut objects = render_kustomization("deploy/base");
@@ -94,8 +94,23 @@ async fn a_grant_missing_from_the_manifests_is_an_error_the_client_and_the_log_n
     wg.wait_until_listed("web", Duration::from_secs(10)).await;
     let r = wg.get("web.example.com", "/").await;
     assert_eq!(r.status, 502, "{}", r.body);
-    assert!(r.body.contains("forbidden"), "{}", r.body);
-    assert!(r.body.contains("deployments/scale"), "{}", r.body);
+    assert!(
+        r.body.starts_with("target web failed to start\n"),
+        "{}",
+        r.body
+    );
+    // Why is for the operator, not the client: in /targets (and the log).
+    let target = wg
+        .wait_for_target("web", Duration::from_secs(5), |t| {
+            !t["last_start_failure"].is_null()
+        })
+        .await;
+    let why = target["last_start_failure"].as_str().unwrap();
+    assert!(
+        why.contains("forbidden") && why.contains("deployments/scale"),
+        "{why}"
+    );
+    assert!(!r.body.contains("forbidden"), "{}", r.body);
     let report = api.rbac_report();
     assert!(
         report

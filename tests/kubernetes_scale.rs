@@ -126,10 +126,15 @@ async fn a_service_whose_deployment_is_missing_fails_its_requests_at_once_and_ba
         let r = wg.get("ghost.example.com", "/").await;
         assert_eq!(r.status, 502, "{}", r.body);
         assert!(
-            r.body
-                .contains("deployment/ghost not found in namespace demo"),
+            r.body.starts_with("target ghost failed to start\n"),
             "{}",
             r.body
+        );
+        let why = wg.target("ghost").await["last_start_failure"].clone();
+        assert!(
+            why.as_str()
+                .is_some_and(|why| why.contains("deployment/ghost not found in namespace demo")),
+            "{why}"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

@@ -410,8 +410,15 @@ async fn a_request_arriving_during_a_drain_gets_503_which_says_connection_close_
         "a connection-specific header on HTTP/2: {:?}",
         during.headers()
     );
+    let id = during.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let body = during.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(&body[..], b"wakegate is shutting down\n");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        format!("wakegate is shutting down\nrequest id: {id}\n")
+    );
 }
 
 #[tokio::test]

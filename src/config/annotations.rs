@@ -9,8 +9,8 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::route::{HostPattern, Route, is_valid_prefix};
 use super::target::{
-    Backend, KubeTarget, Metric, Protocol, RateLimit, Scaling, Serving, TargetConfig, Workload,
-    is_object_name,
+    Backend, HealthPolicy, KubeTarget, Metric, Protocol, RateLimit, Scaling, Serving, TargetConfig,
+    Workload, is_object_name,
 };
 use super::{MAX_DURATION, Problem, defaults};
 
@@ -375,6 +375,7 @@ pub fn from_service(service: &Service) -> Outcome {
             wake_page,
             protocol,
             rate_limit,
+            health: HealthPolicy::default(),
         },
         scaling: Scaling {
             min,

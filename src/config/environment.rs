@@ -73,7 +73,31 @@ impl Config {
                 expected: format!("a readable kubeconfig file ({error})"),
             });
         }
+        if let Some(log) = self.access_log.as_ref().filter(|log| !log.to_stdout())
+            && let Err(why) = appendable(&log.path)
+        {
+            problems.push(Problem {
+                field: "access_log.path".into(),
+                value: format!("{:?}", log.path.display().to_string()),
+                expected: format!("a file wakegate can create or append to, or \"-\" ({why})"),
+            });
+        }
         (problems, warnings)
+    }
+}
+
+/// Whether wakegate could append to the file at `path`, or create it, without creating it.
+fn appendable(path: &Path) -> Result<(), String> {
+    if path.exists() {
+        return std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop)
+            .map_err(|e| e.to_string());
+    }
+    match path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => Err(format!("no directory {}", dir.display())),
+        _ => Ok(()),
     }
 }
 

@@ -13,11 +13,12 @@ use toml::de::{DeArray, DeTable, DeValue};
 use super::limits::{MAX_HEADER_BYTES, MIN_HEADER_BYTES};
 use super::route::{HostPattern, Route, is_valid_prefix, normalize_prefix};
 use super::target::{
-    Backend, Local, Protocol, RateLimit, ReadyCheck, Scaling, Serving, TargetConfig, is_object_name,
+    Backend, Fixed, HealthPolicy, Local, Protocol, RateLimit, ReadyCheck, Scaling, Serving,
+    TargetConfig, is_object_name,
 };
 use super::{
-    Autoscaler, Config, KubernetesConfig, Limits, Listen, MAX_DURATION, Problem, TlsConfig,
-    defaults,
+    AccessLogConfig, Autoscaler, Config, KubernetesConfig, Limits, Listen, MAX_DURATION, Problem,
+    TlsConfig, defaults,
 };
 
 /// The whole configuration file.
@@ -39,6 +40,8 @@ pub struct File {
     pub kubernetes: Option<KubernetesConfig>,
     /// An HTTPS listener beside the cleartext one.
     pub tls: Option<TlsConfig>,
+    /// One line per request, off when absent.
+    pub access_log: Option<AccessLogConfig>,
 }
 
 /// One `[[target]]` as written: where its traffic comes from (hosts, path prefixes), what
@@ -87,6 +90,27 @@ pub struct FileTarget {
     pub protocol: Protocol,
     /// Requests per second per client address, with a burst; none by default.
     pub rate_limit: Option<FileRateLimit>,
+    /// When an endpoint is unhealthy, and an upstream's active check.
+    #[serde(default)]
+    pub health: FileHealth,
+}
+
+/// `health = { failures = 3, interval = "5s", check = { http_get = "/healthz" } }`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealth {
+    #[serde(default = "defaults::health_failures")]
+    pub failures: u32,
+    #[serde(default = "defaults::health_interval", with = "super::duration")]
+    pub interval: Duration,
+    /// An `upstream`'s active check, in the forms of `ready`; none by default.
+    pub check: Option<ReadyCheck>,
+}
+
+impl Default for FileHealth {
+    fn default() -> Self {
+        toml::from_str("").expect("every health field has a default")
+    }
 }
 
 /// `rate_limit = { per_second = 50, burst = 100 }`.
@@ -352,6 +376,7 @@ impl File {
             targets,
             kubernetes: self.kubernetes.clone(),
             tls: self.tls.clone(),
+            access_log: self.access_log.clone(),
         });
         (config, problems.0)
     }
@@ -394,24 +419,18 @@ impl FileTarget {
             }
         }
         let backend = self.backend(&at, problems);
-        if let ReadyCheck::HttpGet(path) = &self.ready
-            && !path.starts_with('/')
-        {
-            problems.push(
-                at("ready.http_get"),
-                format!("{path:?}"),
-                "a path starting with '/'",
-            );
+        check_probe(&self.ready, "ready", self.protocol, &at, problems);
+        if let Some(check) = &self.health.check {
+            check_probe(check, "health.check", self.protocol, &at, problems);
         }
-        if let ReadyCheck::Grpc(service) = &self.ready
-            && self.protocol != Protocol::H2c
-        {
-            problems.push(
-                at("ready.grpc"),
-                format!("{service:?} with protocol = {:?}", self.protocol.as_str()),
-                "protocol = \"h2c\" beside it: a gRPC server speaks HTTP/2",
-            );
+        if self.health.failures == 0 {
+            problems.push(at("health.failures"), "0", "at least 1");
         }
+        problems.duration(
+            at("health.interval"),
+            self.health.interval,
+            Duration::from_millis(10),
+        );
         for (field, value) in [
             ("cold_start_timeout", Some(self.cold_start_timeout)),
             ("idle_timeout", Some(self.idle_timeout)),
@@ -467,6 +486,10 @@ impl FileTarget {
                 wake_page: self.wake_page,
                 protocol: self.protocol,
                 rate_limit,
+                health: HealthPolicy {
+                    failures: self.health.failures,
+                    interval: self.health.interval,
+                },
             },
             scaling: self.scaling.clone(),
             backend: backend?,
@@ -501,6 +524,14 @@ impl FileTarget {
                     );
                     return None;
                 }
+                if let Some(check) = &self.health.check {
+                    problems.push(
+                        at("health.check"),
+                        describe_check(check),
+                        "an `upstream` to check: a local instance is checked by `ready` as it \
+                         starts, and by its requests",
+                    );
+                }
                 Some(Backend::Local(Local {
                     command: command.clone(),
                     env: self.env.clone(),
@@ -511,16 +542,29 @@ impl FileTarget {
                 }))
             }
             (None, Some(up)) => {
-                if self.ready == ReadyCheck::Notify {
+                if self.ready != ReadyCheck::Tcp {
                     problems.push(
-                        at("ready.notify"),
+                        at("ready"),
+                        describe_check(&self.ready),
+                        "a local `command` to check as it starts: wakegate never starts an \
+                         `upstream`; check one with `health.check`, e.g. \
+                         health = { check = { http_get = \"/healthz\" } }",
+                    );
+                }
+                if self.health.check == Some(ReadyCheck::Notify) {
+                    problems.push(
+                        at("health.check.notify"),
                         "true",
-                        "a local `command` to notify: wakegate never starts an `upstream`",
+                        "`{ tcp = true }`, `{ http_get = \"/path\" }` or `{ grpc = true }`: an \
+                         upstream wakegate does not start cannot notify",
                     );
                 }
                 match up.parse::<http::uri::Authority>() {
                     Ok(upstream) if upstream.port_u16().is_some() && !up.contains('/') => {
-                        Some(Backend::Fixed { upstream })
+                        Some(Backend::Fixed(Fixed {
+                            upstream,
+                            check: self.health.check.clone(),
+                        }))
                     }
                     _ => {
                         problems.push(
@@ -533,6 +577,41 @@ impl FileTarget {
                 }
             }
         }
+    }
+}
+
+/// A readiness or health check (`field`: `ready` or `health.check`) that can run with the
+/// target's protocol.
+fn check_probe(
+    check: &ReadyCheck,
+    field: &str,
+    protocol: Protocol,
+    at: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) {
+    match check {
+        ReadyCheck::HttpGet(path) if !path.starts_with('/') => problems.push(
+            at(&format!("{field}.http_get")),
+            format!("{path:?}"),
+            "a path starting with '/'",
+        ),
+        ReadyCheck::Grpc(service) if protocol != Protocol::H2c => problems.push(
+            at(&format!("{field}.grpc")),
+            format!("{service:?} with protocol = {:?}", protocol.as_str()),
+            "protocol = \"h2c\" beside it: a gRPC server speaks HTTP/2",
+        ),
+        _ => {}
+    }
+}
+
+/// A check as the file writes it.
+fn describe_check(check: &ReadyCheck) -> String {
+    match check {
+        ReadyCheck::Tcp => "{ tcp = true }".to_owned(),
+        ReadyCheck::HttpGet(path) => format!("{{ http_get = {path:?} }}"),
+        ReadyCheck::Notify => "{ notify = true }".to_owned(),
+        ReadyCheck::Grpc(service) if service.is_empty() => "{ grpc = true }".to_owned(),
+        ReadyCheck::Grpc(service) => format!("{{ grpc = {service:?} }}"),
     }
 }
 

@@ -23,8 +23,8 @@ pub mod target;
 pub use file::File;
 pub use limits::Limits;
 pub use target::{
-    Backend, KubeTarget, Local, Metric, Protocol, RateLimit, ReadyCheck, Scaling, Serving,
-    TargetConfig, Workload,
+    Backend, Fixed, HealthPolicy, KubeTarget, Local, Metric, Protocol, RateLimit, ReadyCheck,
+    Scaling, Serving, TargetConfig, Workload,
 };
 
 /// The longest any duration setting may be: longer is surely a mistake, and a deadline that far
@@ -46,6 +46,41 @@ pub struct Config {
     pub kubernetes: Option<KubernetesConfig>,
     /// An HTTPS listener beside the cleartext one.
     pub tls: Option<TlsConfig>,
+    /// One line per request, off when absent.
+    pub access_log: Option<AccessLogConfig>,
+}
+
+/// `[access_log]`: one structured line per request, to standard output or a file.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an `[access_log]` table such as `{ path = \"-\", format = \"json\" }`"
+)]
+pub struct AccessLogConfig {
+    /// `-` for standard output (the default), else a file, appended to and reopened on SIGHUP
+    /// (for logrotate).
+    #[serde(default = "defaults::access_log_path")]
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: AccessLogFormat,
+    /// Whether the path is logged with its query string, which may carry tokens.
+    #[serde(default)]
+    pub query: bool,
+}
+
+impl AccessLogConfig {
+    /// Standard output rather than a file.
+    pub fn to_stdout(&self) -> bool {
+        self.path.as_os_str() == "-"
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase", expecting = "\"json\" or \"logfmt\"")]
+pub enum AccessLogFormat {
+    #[default]
+    Json,
+    Logfmt,
 }
 
 /// `[tls]`: where HTTPS clients connect and the certificates they are given.
@@ -240,6 +275,10 @@ impl Default for Autoscaler {
 }
 
 mod defaults {
+    pub fn access_log_path() -> std::path::PathBuf {
+        "-".into()
+    }
+
     use super::*;
     use crate::config::target::Metric;
 
@@ -291,6 +330,12 @@ mod defaults {
     }
     pub fn start_backoff() -> Duration {
         Duration::from_secs(1)
+    }
+    pub fn health_failures() -> u32 {
+        3
+    }
+    pub fn health_interval() -> Duration {
+        Duration::from_secs(5)
     }
     pub fn max_instances() -> u32 {
         10

@@ -39,6 +39,27 @@ pub struct Serving {
     pub protocol: Protocol,
     /// Requests per second per client address; none by default.
     pub rate_limit: Option<RateLimit>,
+    /// When an endpoint counts as unhealthy, and when it is tried again.
+    pub health: HealthPolicy,
+}
+
+/// Passive health: an endpoint that fails `failures` times in a row (a connect, or a request
+/// that got no response) is unhealthy and gets no requests but a trial, or the active check
+/// of a fixed upstream, every `interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthPolicy {
+    pub failures: u32,
+    /// How often an unhealthy endpoint is tried again, and how often an active check runs.
+    pub interval: Duration,
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        Self {
+            failures: defaults::health_failures(),
+            interval: defaults::health_interval(),
+        }
+    }
 }
 
 /// A per-client rate limit: a client (a TCP peer address) may send `burst` requests at once,
@@ -115,6 +136,7 @@ impl Default for Serving {
             wake_page: false,
             protocol: Protocol::default(),
             rate_limit: None,
+            health: HealthPolicy::default(),
         }
     }
 }
@@ -125,7 +147,7 @@ pub enum Backend {
     /// Processes that wakegate starts and stops.
     Local(Local),
     /// An always-on `host:port`: proxied and counted, never started, stopped or scaled.
-    Fixed { upstream: Authority },
+    Fixed(Fixed),
     /// A Service's ready pods; its workload is scaled through the API server.
     Kubernetes(KubeTarget),
 }
@@ -135,7 +157,7 @@ impl Backend {
     pub fn kind(&self) -> &'static str {
         match self {
             Backend::Local(_) => "local",
-            Backend::Fixed { .. } => "upstream",
+            Backend::Fixed(_) => "upstream",
             Backend::Kubernetes(_) => "kubernetes",
         }
     }
@@ -154,6 +176,14 @@ pub struct Local {
     pub stop_grace: Duration,
     /// The first crash back-off (doubled with each failure in a row, see README); zero: none.
     pub start_backoff: Duration,
+}
+
+/// An always-on upstream that wakegate fronts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fixed {
+    pub upstream: Authority,
+    /// The active health check, run every `health.interval`; none by default.
+    pub check: Option<ReadyCheck>,
 }
 
 /// Where a target discovered from a Kubernetes Service sends traffic and what it scales.

@@ -261,13 +261,114 @@ fn a_ready_check_must_be_exactly_one_kind() {
 }
 
 #[test]
-fn only_a_local_command_can_notify_its_readiness() {
-    let problems = problems_of_target(UPSTREAM, "ready = { notify = true }");
+fn ready_is_for_local_commands_and_an_upstream_is_checked_by_health_check() {
+    for (ready, shown) in [
+        ("{ notify = true }", "{ notify = true }"),
+        ("{ http_get = \"/healthz\" }", "{ http_get = \"/healthz\" }"),
+    ] {
+        let problems = problems_of_target(UPSTREAM, &format!("ready = {ready}"));
+        assert_problem(
+            &problems,
+            "target[0] (api).ready",
+            shown,
+            "health = { check = { http_get = \"/healthz\" } }",
+        );
+    }
+    let problems = problems_of_target(LOCAL, "health = { check = { tcp = true } }");
     assert_problem(
         &problems,
-        "target[0] (api).ready.notify",
+        "target[0] (hello).health.check",
+        "{ tcp = true }",
+        "an `upstream` to check",
+    );
+    let problems = problems_of_target(UPSTREAM, "health = { check = { notify = true } }");
+    assert_problem(
+        &problems,
+        "target[0] (api).health.check.notify",
         "true",
-        "a local `command`",
+        "cannot notify",
+    );
+}
+
+#[test]
+fn health_gets_its_defaults_and_an_upstream_its_active_check() {
+    let config = parse(&format!("[[target]]\n{UPSTREAM}"))
+        .into_config()
+        .unwrap();
+    let target = &config.targets[0];
+    assert_eq!(target.serving.health, HealthPolicy::default());
+    assert_eq!(target.serving.health.failures, 3);
+    assert_eq!(target.serving.health.interval, Duration::from_secs(5));
+    assert!(matches!(
+        &target.backend,
+        Backend::Fixed(Fixed { check: None, .. })
+    ));
+
+    let config = parse(&format!(
+        "[[target]]\n{UPSTREAM}health = {{ failures = 1, interval = \"250ms\", check = {{ http_get = \"/healthz\" }} }}"
+    ))
+    .into_config()
+    .unwrap();
+    let target = &config.targets[0];
+    assert_eq!(
+        target.serving.health,
+        HealthPolicy {
+            failures: 1,
+            interval: Duration::from_millis(250)
+        }
+    );
+    match &target.backend {
+        Backend::Fixed(fixed) => {
+            assert_eq!(fixed.check, Some(ReadyCheck::HttpGet("/healthz".into())))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn health_settings_out_of_range_are_problems_naming_field_value_and_expectation() {
+    let problems = problems_of_target(UPSTREAM, "health = { failures = 0, interval = \"1ms\" }");
+    assert_problem(
+        &problems,
+        "target[0] (api).health.failures",
+        "0",
+        "at least 1",
+    );
+    assert_problem(
+        &problems,
+        "target[0] (api).health.interval",
+        "\"1ms\"",
+        "at least 10ms",
+    );
+    let problems = problems_of_target(UPSTREAM, "health = { check = { http_get = \"healthz\" } }");
+    assert_problem(
+        &problems,
+        "target[0] (api).health.check.http_get",
+        "\"healthz\"",
+        "a path starting with '/'",
+    );
+    let problems = problems_of_target(UPSTREAM, "health = { check = { grpc = true } }");
+    assert_problem(
+        &problems,
+        "target[0] (api).health.check.grpc",
+        "\"\" with protocol = \"http1\"",
+        "protocol = \"h2c\"",
+    );
+    let error = File::parse(&format!(
+        "[[target]]\n{UPSTREAM}health = {{ interval = \"often\" }}"
+    ))
+    .expect_err("not a duration");
+    assert!(
+        error.contains("\"often\"") && error.contains("\"30s\""),
+        "{error}"
+    );
+    let error = File::parse(&format!(
+        "[[target]]\n{UPSTREAM}health = {{ checks = {{}} }}"
+    ))
+    .expect_err("unknown field");
+    assert!(
+        error.contains("checks") && error.contains("check"),
+        "{error}"
     );
 }
 
@@ -660,7 +761,7 @@ fn a_target_is_built_with_exactly_one_backend() {
         other => panic!("hello: {other:?}"),
     }
     match &config.targets[1].backend {
-        Backend::Fixed { upstream } => assert_eq!(upstream.as_str(), "127.0.0.1:9000"),
+        Backend::Fixed(fixed) => assert_eq!(fixed.upstream.as_str(), "127.0.0.1:9000"),
         other => panic!("api: {other:?}"),
     }
     let both = parse(&format!("[[target]]\n{LOCAL}upstream = \"127.0.0.1:1\"\n"));
@@ -792,12 +893,14 @@ fn every_readme_toml_snippet_is_a_valid_configuration() {
             let config = parse(&block)
                 .into_config()
                 .unwrap_or_else(|problems| panic!("{path}:\n{block}\n{problems:#?}"));
-            for target in &config.targets {
-                // The reference snippet shows a local command, with `upstream` as a comment.
-                assert!(
-                    matches!(target.backend, Backend::Local(_)),
-                    "{path}: {target:?}"
-                );
+            // The reference snippet shows a local command, with `upstream` as a comment.
+            if block.contains("drain_timeout") {
+                for target in &config.targets {
+                    assert!(
+                        matches!(target.backend, Backend::Local(_)),
+                        "{path}: {target:?}"
+                    );
+                }
             }
             checked += 1;
         }

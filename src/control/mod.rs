@@ -188,9 +188,7 @@ impl Control {
         let stop = CancellationToken::new();
         let managed = match &config.backend {
             Backend::Local(local) => self.local.manage(target.clone(), local, stop.clone()),
-            Backend::Fixed { upstream } => {
-                self.fixed.manage(target.clone(), upstream, stop.clone())
-            }
+            Backend::Fixed(fixed) => self.fixed.manage(target.clone(), fixed, stop.clone()),
             Backend::Kubernetes(workload) => match &self.kube {
                 Some(kube) => kube.manage(target.clone(), workload, stop.clone()),
                 None => {

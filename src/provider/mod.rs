@@ -6,6 +6,7 @@
 pub mod fixed;
 pub mod kubernetes;
 pub mod local;
+pub mod probe;
 
 use std::sync::Arc;
 

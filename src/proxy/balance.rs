@@ -1,25 +1,55 @@
 //! Balancing: which ready endpoint of a target takes the next request.
 
-use crate::target::{Lease, Target};
+use tokio::time::Instant;
 
-/// Leases a ready endpoint: of two picked at random, the one with fewer requests in
-/// flight (power of two choices), falling back to any endpoint that is not draining.
-pub fn pick(target: &Target) -> Option<Lease> {
+use super::error::{Cause, ProxyError};
+use crate::target::{Endpoint, Lease, Target};
+
+/// Leases a ready endpoint: of two picked at random the healthy one, else the one with fewer
+/// requests in flight (power of two choices); failing that, any endpoint that is not draining
+/// and is healthy or due a trial request. `None` when no endpoint is ready (the request waits
+/// for one); an error when every ready endpoint is unhealthy and none is due a trial.
+pub fn pick(target: &Target) -> Result<Option<Lease>, ProxyError> {
     let endpoints = target.endpoints();
-    let chosen = match endpoints.len() {
-        0 => return None,
+    let trials = target.trials();
+    let n = endpoints.len();
+    let chosen = match n {
+        0 => return Ok(None),
         1 => &endpoints[0],
         n => {
             let r = random();
             let a = (r % n as u64) as usize;
             let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
             let (a, b) = (&endpoints[a], &endpoints[b]);
-            if b.in_flight() < a.in_flight() { b } else { a }
+            let rank = |e: &Endpoint| (!e.health.is_healthy(), e.in_flight());
+            if rank(b) < rank(a) { b } else { a }
         }
     };
-    chosen
-        .lease()
-        .or_else(|| endpoints.iter().find_map(|e| e.lease()))
+    if chosen.health.admits(trials)
+        && let Some(lease) = chosen.lease()
+    {
+        return Ok(Some(lease));
+    }
+    // From a random place, so that the endpoints after an unhealthy one share its load.
+    let start = if n > 1 { random() as usize % n } else { 0 };
+    let mut unhealthy = None;
+    for endpoint in endpoints.iter().cycle().skip(start).take(n) {
+        if !endpoint.health.admits(trials) {
+            unhealthy = Some(endpoint);
+        } else if let Some(lease) = endpoint.lease() {
+            return Ok(Some(lease));
+        }
+    }
+    match unhealthy.and_then(|e| e.health.unhealthy()) {
+        // Only draining endpoints: as good as none ready.
+        None => Ok(None),
+        Some(unhealthy) => Err(ProxyError::Unhealthy {
+            target: target.name.clone(),
+            unhealthy_for: Instant::now().saturating_duration_since(unhealthy.since),
+            retry_in: target.serving.health.interval,
+            last: Cause(unhealthy.last_error.to_string()),
+        }),
+    }
 }
 
 /// A fast, non-cryptographic random number for load balancing choices.

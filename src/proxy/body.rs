@@ -17,6 +17,8 @@ use super::pool::Pooled;
 pub enum ProxyBody {
     Upstream(UpstreamBody),
     Full(Option<Bytes>),
+    /// A body whose request is written to the access log when it ends.
+    Logged(Box<super::access_log::Logged>),
 }
 
 #[derive(Debug)]
@@ -81,6 +83,7 @@ impl Body for ProxyBody {
                 polled
             }
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Logged(logged) => Pin::new(&mut **logged).poll_frame(cx),
         }
     }
 
@@ -88,6 +91,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Upstream(upstream) => upstream.body.is_end_stream(),
             ProxyBody::Full(data) => data.is_none(),
+            ProxyBody::Logged(logged) => logged.is_end_stream(),
         }
     }
 
@@ -96,6 +100,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(upstream) => upstream.body.size_hint(),
             ProxyBody::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
+            ProxyBody::Logged(logged) => logged.size_hint(),
         }
     }
 }

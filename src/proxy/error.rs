@@ -30,7 +30,7 @@ pub enum ProxyError {
     StartFailed {
         target: String,
         #[source]
-        reason: StartFailure,
+        reason: Cause,
     },
     /// The client's request body broke off or was malformed while it was being forwarded.
     #[error("the request body for target {target} is malformed or incomplete")]
@@ -50,6 +50,20 @@ pub enum ProxyError {
         #[source]
         source: super::pool::UpstreamError,
     },
+    /// Every endpoint of the target is unhealthy: the request was not sent.
+    #[error(
+        "upstream of target {target} has been unhealthy for {}; retry in {}s",
+        humantime::format_duration(Duration::from_secs(unhealthy_for.as_secs())),
+        retry_after_secs(*.retry_in)
+    )]
+    Unhealthy {
+        target: String,
+        unhealthy_for: Duration,
+        /// When an endpoint is tried (or checked) again.
+        retry_in: Duration,
+        #[source]
+        last: Cause,
+    },
     #[error("upstream of target {target} did not respond within {}", humantime::format_duration(*.after))]
     UpstreamTimeout { target: String, after: Duration },
     #[error("target {target} cannot take a {what}")]
@@ -65,11 +79,12 @@ pub enum ProxyError {
     },
 }
 
-/// Why a start failed, as the supervisor recorded it: the cause of [`ProxyError::StartFailed`],
-/// written to the log and never to the client.
+/// What a failure met, in full (a path, an OS error, an instance's output): the cause of
+/// [`ProxyError::StartFailed`] and [`ProxyError::Unhealthy`], written to the log and never to
+/// the client.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct StartFailure(pub String);
+pub struct Cause(pub String);
 
 /// The id a failure that wakegate answers itself is logged under, and that its client gets in
 /// `X-Request-Id` and in the body: the client's own `X-Request-Id` when it is a plain token
@@ -145,6 +160,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::QueueFull { .. }
             | ProxyError::BackingOff { .. }
+            | ProxyError::Unhealthy { .. }
             | ProxyError::ShuttingDown
             | ProxyError::TargetRemoved { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::ColdStartTimeout { .. }
@@ -170,6 +186,7 @@ impl ProxyError {
             ProxyError::StartFailed { .. } => Some(Reject::StartFailed),
             ProxyError::BackingOff { .. } => Some(Reject::StartBackoff),
             ProxyError::Upstream { .. } => Some(Reject::Upstream),
+            ProxyError::Unhealthy { .. } => Some(Reject::UpstreamUnhealthy),
             ProxyError::UpstreamTimeout { .. } => Some(Reject::UpstreamTimeout),
             ProxyError::ShuttingDown => Some(Reject::ShuttingDown),
             ProxyError::TargetRemoved { .. } => Some(Reject::TargetRemoved),
@@ -198,25 +215,15 @@ impl ProxyError {
             ProxyError::StartFailed { .. }
             | ProxyError::BackingOff { .. }
             | ProxyError::Upstream { .. }
+            | ProxyError::Unhealthy { .. }
             | ProxyError::ShuttingDown
             | ProxyError::TargetRemoved { .. } => GrpcStatus::Unavailable,
         }
     }
 
-    /// The error chain in one line, for logs. A cause that an error already quotes at its end
-    /// (as hyper's and io's errors often do) is not written twice.
+    /// The error chain in one line, for logs (see [`chain`]).
     pub fn chain(&self) -> String {
-        let mut text = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(cause) = source {
-            let cause_text = cause.to_string();
-            if !text.ends_with(&cause_text) {
-                text.push_str(": ");
-                text.push_str(&cause_text);
-            }
-            source = cause.source();
-        }
-        text
+        chain(self)
     }
 
     /// The response for a request of `version`; `grpc` for a gRPC request, which gets a
@@ -272,7 +279,7 @@ impl ProxyError {
             {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            ProxyError::BackingOff { retry_in, .. } => {
+            ProxyError::BackingOff { retry_in, .. } | ProxyError::Unhealthy { retry_in, .. } => {
                 headers.insert(
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs(retry_in)),
@@ -289,6 +296,22 @@ impl ProxyError {
         }
         response
     }
+}
+
+/// An error and its causes in one line, for logs. A cause that an error already quotes at its
+/// end (as hyper's and io's errors often do) is not written twice.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -350,7 +373,7 @@ mod tests {
     async fn a_failed_start_tells_the_client_a_short_reason_and_the_log_its_cause() {
         let error = ProxyError::StartFailed {
             target: "api".into(),
-            reason: StartFailure("cannot run /opt/api/bin/server: No such file".into()),
+            reason: Cause("cannot run /opt/api/bin/server: No such file".into()),
         };
         assert_eq!(
             error.chain(),

@@ -4,6 +4,8 @@
 //! protocol says, and HTTP/1.1 upgrades (WebSocket) tunnelled in both directions.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
@@ -14,13 +16,13 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::InFlight;
 use super::body::{ProxyBody, Upstream};
-use super::error::ProxyError;
+use super::error::{self, ProxyError};
 use super::grpc;
 use super::multiplex::{self, Multiplex};
 use super::pool::{self, Pool, UpstreamError};
 use super::replay::Replayable;
+use super::{InFlight, RequestBody};
 use crate::config::Protocol;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -118,6 +120,7 @@ impl Forwarder {
         downstream: Downstream<'_>,
         in_flight: InFlight,
         response_timeout: Option<Duration>,
+        bytes_in: Option<Arc<AtomicU64>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let protocol = in_flight.target().serving.protocol;
         // An HTTP/1.1 upgrade (WebSocket) needs an HTTP/1.1 upstream; HTTP/2 upstreams get
@@ -206,6 +209,7 @@ impl Forwarder {
             .entry(&X_FORWARDED_HOST)
             .or_insert_with(|| downstream.host.clone());
 
+        let req = (*req).map(|body| RequestBody::new(body, bytes_in));
         let sent = self.send(protocol, authority, req);
         let result = match response_timeout {
             Some(after) => tokio::time::timeout(after, sent).await.map_err(|_| {
@@ -216,6 +220,7 @@ impl Forwarder {
             })?,
             None => sent.await,
         };
+        record_health(&in_flight, &result);
         let (mut response, connection) = result.map_err(|source| {
             if client_body_failed(&source) {
                 ProxyError::ClientBody {
@@ -264,11 +269,11 @@ impl Forwarder {
         &self,
         protocol: Protocol,
         authority: &Authority,
-        req: Box<Request<Incoming>>,
+        req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Upstream), UpstreamError> {
         match protocol {
             Protocol::Http1 => {
-                let (response, connection) = self.pool.send(authority, *req).await?;
+                let (response, connection) = self.pool.send(authority, req).await?;
                 Ok((response, Upstream::Http1(connection)))
             }
             Protocol::H2c => {
@@ -277,6 +282,33 @@ impl Forwarder {
                 Ok((response, Upstream::Http2(stream)))
             }
         }
+    }
+}
+
+/// Passive health: a response, whatever its status, is a success; a request that got none
+/// (a connect included) is a failure, unless the client's own body broke it off.
+fn record_health<T>(in_flight: &InFlight, result: &Result<T, UpstreamError>) {
+    let (target, endpoint) = (in_flight.target(), in_flight.endpoint());
+    match result {
+        Ok(_) => {
+            if endpoint.health.succeeded(target.trials().is_some()) {
+                tracing::info!(target = %target.name, upstream = %endpoint.authority, "upstream healthy again: a trial request got a response");
+            }
+        }
+        Err(error) if !client_body_failed(error) => {
+            let policy = &target.serving.health;
+            let error = error::chain(error);
+            if endpoint.health.failed(&error, policy) {
+                tracing::warn!(
+                    target = %target.name,
+                    upstream = %endpoint.authority,
+                    %error,
+                    failures = policy.failures,
+                    "upstream unhealthy: requests in a row got no response"
+                );
+            }
+        }
+        Err(_) => {}
     }
 }
 

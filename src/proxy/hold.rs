@@ -11,7 +11,7 @@ use crate::target::{Lease, Phase, Successor, Target};
 
 use super::Deadline;
 use super::balance;
-use super::error::{ProxyError, StartFailure};
+use super::error::{Cause, ProxyError};
 
 /// How a hold ended, short of an error.
 pub enum Held<'a> {
@@ -72,7 +72,7 @@ pub async fn wait_ready(
                 }
                 None => {}
             }
-            if let Some(lease) = balance::pick(target) {
+            if let Some(lease) = balance::pick(target)? {
                 return Ok(Ok(lease));
             }
             if status.changed().await.is_err() {
@@ -90,7 +90,7 @@ pub async fn wait_ready(
             if now.start_failures > failures_seen {
                 return Err(ProxyError::StartFailed {
                     target: target.name.clone(),
-                    reason: StartFailure(
+                    reason: Cause(
                         now.last_failure
                             .as_deref()
                             .unwrap_or("unknown reason")

@@ -21,6 +21,7 @@
 //!   ([`crate::target::rate_limit`], which says why not `pingora-limits`), checked right after
 //!   routing so that a limited request is never counted as demand nor wakes a target.
 
+pub mod access_log;
 pub mod balance;
 pub mod body;
 pub mod edge;
@@ -40,10 +41,10 @@ mod wake_page;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
 use tokio::sync::watch;
@@ -85,6 +86,10 @@ pub struct Shared {
     /// `[limits]`; a reload may change them for the connections accepted after it.
     pub limits: watch::Receiver<Limits>,
     pub clients: server::ClientStats,
+    /// The access log, when one is on; a reload replaces (and so reopens) it.
+    pub access_log: ArcSwapOption<access_log::AccessLog>,
+    /// Access log lines dropped because its writer fell behind.
+    pub access_log_dropped: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -103,6 +108,8 @@ impl Shared {
             drain_timeout,
             limits,
             clients: server::ClientStats::default(),
+            access_log: ArcSwapOption::empty(),
+            access_log_dropped: Arc::default(),
         }
     }
 }
@@ -167,11 +174,33 @@ impl Proxy {
         })
     }
 
-    /// Answers one request of `client`'s connection.
+    /// Answers one request of `client`'s connection, and logs it when an access log is on.
     pub async fn handle(
         &self,
         req: Box<Request<Incoming>>,
         client: &Client,
+    ) -> Response<ProxyBody> {
+        let Some(log) = self.inner.shared.access_log.load_full() else {
+            return self.respond(req, client, None).await;
+        };
+        let arrived = access_log::Arrived::of(&req, client.ip, log.query);
+        let started = Instant::now();
+        let mut noted = access_log::Noted::default();
+        let response = self.respond(req, client, Some(&mut noted)).await;
+        let status = response.status().as_u16();
+        response.map(|body| {
+            ProxyBody::Logged(Box::new(access_log::Logged::new(
+                body, log, arrived, started, status, noted,
+            )))
+        })
+    }
+
+    /// Answers one request; `noted` gathers what its access log line tells.
+    async fn respond(
+        &self,
+        req: Box<Request<Incoming>>,
+        client: &Client,
+        mut noted: Option<&mut access_log::Noted>,
     ) -> Response<ProxyBody> {
         let shared = &*self.inner.shared;
         let answer = Answer {
@@ -181,7 +210,7 @@ impl Proxy {
         };
         if let Err((why, error)) = edge::check(&req) {
             shared.unrouted.count(why);
-            return answer.refused(error);
+            return answer.refused(error, noted);
         }
         let host = request_host(&req);
         let target = host.as_ref().and_then(|host| {
@@ -199,15 +228,15 @@ impl Proxy {
                 Some(target) => target.stats.reject(Reject::ShuttingDown),
                 None => shared.unrouted.count(Refusal::ShuttingDown),
             }
-            return answer.refused(ProxyError::ShuttingDown);
+            return answer.refused(ProxyError::ShuttingDown, noted);
         }
         let Some(host) = host else {
             shared.unrouted.count(Refusal::BadRequest);
-            return answer.refused(ProxyError::BadRequest("missing Host header"));
+            return answer.refused(ProxyError::BadRequest("missing Host header"), noted);
         };
         let Some(mut target) = target else {
             shared.unrouted.count(Refusal::NoRoute);
-            return answer.refused(ProxyError::NoRoute);
+            return answer.refused(ProxyError::NoRoute, noted);
         };
         // Before the request is counted anywhere: a limited request is no demand, and never
         // wakes a cold target. The client is the TCP peer; `X-Forwarded-For` is not trusted,
@@ -216,10 +245,16 @@ impl Proxy {
             && let Err(retry_after) = limiter.check(client.ip)
         {
             target.stats.reject(Reject::RateLimited);
-            return answer.refused(ProxyError::RateLimited {
-                target: target.name().to_owned(),
-                retry_after,
-            });
+            if let Some(noted) = noted.as_deref_mut() {
+                noted.target = Some(target.clone());
+            }
+            return answer.refused(
+                ProxyError::RateLimited {
+                    target: target.name().to_owned(),
+                    retry_after,
+                },
+                noted,
+            );
         }
 
         let started = Instant::now();
@@ -242,7 +277,13 @@ impl Proxy {
                 host: &host,
                 deadline,
             };
-            match self.serve(&target, demand, request).await {
+            if let Some(noted) = noted.as_deref_mut() {
+                noted.target = Some(target.clone());
+            }
+            match self
+                .serve(&target, demand, request, noted.as_deref_mut())
+                .await
+            {
                 Ok(Served::Response(response)) => break response,
                 // A reload replaced the target while the request was held: it waits for the
                 // new one instead, counted there.
@@ -251,7 +292,7 @@ impl Proxy {
                     if let Some(why) = error.reject() {
                         target.stats.reject(why);
                     }
-                    break answer.failed(error, target.name());
+                    break answer.failed(error, target.name(), noted);
                 }
             }
         };
@@ -269,6 +310,7 @@ impl Proxy {
         target: &Arc<Target>,
         demand: Demand,
         request: Arrival<'_>,
+        mut noted: Option<&mut access_log::Noted>,
     ) -> Result<Served, ProxyError> {
         let Arrival {
             mut req,
@@ -276,33 +318,54 @@ impl Proxy {
             host,
             deadline,
         } = request;
-        let (in_flight, held) = match balance::pick(target) {
+        let (in_flight, held) = match balance::pick(target)? {
             Some(lease) => (InFlight::new(demand, lease), false),
             None if target.serving.wake_page && wake_page::accepts_html(&req) => {
                 target.request_wake();
                 return Ok(Served::Response(wake_page::response(target)));
             }
-            None => match hold::wait_ready(target, deadline).await? {
-                Held::Ready(lease, pending) => {
-                    let in_flight = InFlight::new(demand, lease);
-                    drop(pending);
-                    if let Some(deadline) = deadline {
-                        // The upstream gets what is left of the call's time.
-                        let left = deadline.at.saturating_duration_since(Instant::now());
-                        req.headers_mut()
-                            .insert(grpc::GRPC_TIMEOUT.clone(), grpc::timeout_value(left));
-                    }
-                    (in_flight, true)
+            None => {
+                let waiting_since = noted.is_some().then(Instant::now);
+                let held = hold::wait_ready(target, deadline).await;
+                if let (Some(noted), Some(since)) = (noted.as_deref_mut(), waiting_since) {
+                    // Across a move to a replacing target too.
+                    noted.held = Some(noted.held.unwrap_or_default() + since.elapsed());
                 }
-                Held::Moved(next) => return Ok(Served::Moved(next, req)),
-            },
+                match held? {
+                    Held::Ready(lease, pending) => {
+                        let in_flight = InFlight::new(demand, lease);
+                        drop(pending);
+                        if let Some(deadline) = deadline {
+                            // The upstream gets what is left of the call's time.
+                            let left = deadline.at.saturating_duration_since(Instant::now());
+                            req.headers_mut()
+                                .insert(grpc::GRPC_TIMEOUT.clone(), grpc::timeout_value(left));
+                        }
+                        (in_flight, true)
+                    }
+                    Held::Moved(next) => return Ok(Served::Moved(next, req)),
+                }
+            }
         };
         let downstream = Downstream { client, host };
+        let bytes_in = noted.as_mut().map(|noted| {
+            noted.upstream = Some(in_flight.endpoint().authority.clone());
+            noted.bytes_in.clone()
+        });
         let mut response = self
             .inner
             .forwarder
-            .forward(req, downstream, in_flight, target.serving.response_timeout)
+            .forward(
+                req,
+                downstream,
+                in_flight,
+                target.serving.response_timeout,
+                bytes_in,
+            )
             .await?;
+        if let Some(noted) = noted {
+            noted.by = access_log::By::Upstream;
+        }
         if held {
             response
                 .headers_mut()
@@ -323,19 +386,39 @@ struct Answer {
 impl Answer {
     /// A request refused before it reached a target's hold or upstream (malformed, no route,
     /// rate-limited, shutting down): expected traffic, so logged at debug level only.
-    fn refused(&self, error: ProxyError) -> Response<ProxyBody> {
+    fn refused(
+        &self,
+        error: ProxyError,
+        noted: Option<&mut access_log::Noted>,
+    ) -> Response<ProxyBody> {
         let id = RequestId::new(self.client_id.as_ref());
+        if let Some(noted) = noted {
+            noted.request_id = Some(id.to_string());
+        }
         tracing::debug!(request_id = %id, status = error.status().as_u16(), error = %error, "request refused");
         error.into_response(self.version, self.grpc, &id)
     }
 
     /// A request that failed on its way through `target`: the log gets the whole cause.
-    fn failed(&self, error: ProxyError, target: &str) -> Response<ProxyBody> {
+    fn failed(
+        &self,
+        error: ProxyError,
+        target: &str,
+        noted: Option<&mut access_log::Noted>,
+    ) -> Response<ProxyBody> {
         let id = RequestId::new(self.client_id.as_ref());
+        if let Some(noted) = noted {
+            noted.request_id = Some(id.to_string());
+            // The upstream may have been tried, but the status is wakegate's.
+            noted.by = access_log::By::Wakegate;
+        }
         tracing::warn!(target = %target, request_id = %id, status = error.status().as_u16(), error = %error.chain(), "request failed");
         error.into_response(self.version, self.grpc, &id)
     }
 }
+
+/// A client's request body as it goes upstream: counted for the access log when one is on.
+pub type RequestBody = access_log::Counted<Incoming>;
 
 /// A request on its way to a target, with what the client connection says of it.
 struct Arrival<'a> {

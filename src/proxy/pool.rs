@@ -13,6 +13,8 @@ use crossbeam_queue::ArrayQueue;
 use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::{Body, Incoming};
+
+use super::RequestBody;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -56,7 +58,7 @@ impl Default for Settings {
 
 /// The upstream connections of one worker, for requests with bodies of type `B`.
 #[derive(Debug)]
-pub struct Pool<B = Incoming> {
+pub struct Pool<B = RequestBody> {
     inner: Arc<Inner<B>>,
 }
 
@@ -97,7 +99,7 @@ struct IdleConnection<B> {
 /// A connection a request was sent on. Dropped, it is closed; [released](Pooled::release) once
 /// its response has ended, it waits in the pool for the next request.
 #[derive(Debug)]
-pub struct Pooled<B = Incoming> {
+pub struct Pooled<B = RequestBody> {
     sender: SendRequest<B>,
     home: Arc<Idle<B>>,
 }

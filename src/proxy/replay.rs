@@ -10,10 +10,10 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
+use super::RequestBody;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 /// The most request body bytes kept for a retry; Envoy's default retry buffer is 64 KiB too.
 pub const KEEP_LIMIT: usize = 64 * 1024;
@@ -22,7 +22,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One attempt at sending a request body (the client's, `B`).
 #[derive(Debug)]
-pub struct Replayable<B = Incoming> {
+pub struct Replayable<B = RequestBody> {
     shared: Arc<Mutex<Shared<B>>>,
     attempt: u32,
 }
@@ -76,7 +76,7 @@ impl<B> Replayable<B> {
 
 /// Starts a body over, if everything read of it so far was kept.
 #[derive(Debug)]
-pub struct Restart<B = Incoming>(Arc<Mutex<Shared<B>>>);
+pub struct Restart<B = RequestBody>(Arc<Mutex<Shared<B>>>);
 
 impl<B> Restart<B> {
     /// The body from its start, for a new attempt; `None` if what was read of it is gone.

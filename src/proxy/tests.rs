@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::config::route::{HostPattern, Route};
-use crate::config::{Backend, Scaling, Serving, TargetConfig};
+use crate::config::{Backend, Fixed, Scaling, Serving, TargetConfig};
 
 fn fixed_target(name: &str) -> Arc<Target> {
     Target::new(TargetConfig {
@@ -19,9 +19,10 @@ fn fixed_target(name: &str) -> Arc<Target> {
         serving: Serving::default(),
         scaling: Scaling::default(),
         // Nothing listens there: no request may get that far.
-        backend: Backend::Fixed {
+        backend: Backend::Fixed(Fixed {
             upstream: "127.0.0.1:9".parse().unwrap(),
-        },
+            check: None,
+        }),
     })
 }
 
@@ -121,4 +122,46 @@ async fn serve_io_answers_requests_from_bytes_in_memory_as_the_listener_does() {
         "{response}"
     );
     served.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_balancer_steers_around_an_unhealthy_endpoint_and_fails_fast_once_none_is_left() {
+    use crate::target::{Endpoint, Phase};
+    let target = fixed_target("a");
+    let sick = Endpoint::new("127.0.0.1:1".parse().unwrap());
+    let well = Endpoint::new("127.0.0.1:2".parse().unwrap());
+    target.publish(vec![sick.clone(), well.clone()], Phase::Ready);
+    let interval = target.serving.health.interval;
+    sick.health.mark_unhealthy("refused", interval);
+    for _ in 0..100 {
+        let lease = balance::pick(&target).unwrap().expect("a lease");
+        assert_eq!(lease.endpoint().authority, well.authority);
+    }
+    assert!(!target.unhealthy(), "one endpoint is healthy");
+
+    well.health.mark_unhealthy("reset", interval);
+    assert!(target.unhealthy());
+    let error = balance::pick(&target).expect_err("none is healthy");
+    assert_eq!(error.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error.reject(), Some(Reject::UpstreamUnhealthy));
+    assert!(
+        error.chain().ends_with("retry in 5s: reset")
+            || error.chain().ends_with("retry in 5s: refused")
+    );
+
+    // An interval later each gets one trial request, and then none until the next.
+    tokio::time::advance(interval).await;
+    let mut tried: Vec<_> = (0..2)
+        .map(|_| {
+            balance::pick(&target)
+                .unwrap()
+                .expect("a trial")
+                .endpoint()
+                .authority
+                .to_string()
+        })
+        .collect();
+    tried.sort();
+    assert_eq!(tried, ["127.0.0.1:1", "127.0.0.1:2"]);
+    assert!(balance::pick(&target).is_err());
 }

@@ -3,6 +3,7 @@
 //! state, and listens for wake requests). The lowest runtime layer: it knows the
 //! configuration and nothing above it.
 
+pub mod health;
 pub mod rate_limit;
 pub mod stats;
 
@@ -16,7 +17,8 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::config::route::Refusal;
-use crate::config::{Backend, Scaling, Serving, TargetConfig};
+use crate::config::{Backend, Fixed, Scaling, Serving, TargetConfig};
+use health::Health;
 use rate_limit::RateLimiter;
 use stats::Stats;
 
@@ -117,6 +119,8 @@ pub enum Successor {
 #[derive(Debug)]
 pub struct Endpoint {
     pub authority: Authority,
+    /// As its requests (and a fixed upstream's active check) found it.
+    pub health: Health,
     in_flight: AtomicI64,
     draining: AtomicBool,
 }
@@ -125,6 +129,7 @@ impl Endpoint {
     pub fn new(authority: Authority) -> Arc<Self> {
         Arc::new(Self {
             authority,
+            health: Health::default(),
             in_flight: AtomicI64::new(0),
             draining: AtomicBool::new(false),
         })
@@ -260,6 +265,22 @@ impl Target {
             && self.serving == config.serving
             && self.scaling == config.scaling
             && self.backend == config.backend
+    }
+
+    /// How often an unhealthy endpoint gets a trial request: never when an active check
+    /// decides whether it is healthy.
+    pub fn trials(&self) -> Option<Duration> {
+        match &self.backend {
+            Backend::Fixed(Fixed { check: Some(_), .. }) => None,
+            _ => Some(self.serving.health.interval),
+        }
+    }
+
+    /// Whether the target has ready endpoints and every one of them is unhealthy: it takes
+    /// no requests but trials.
+    pub fn unhealthy(&self) -> bool {
+        let endpoints = self.endpoints();
+        !endpoints.is_empty() && endpoints.iter().all(|e| !e.health.is_healthy())
     }
 
     /// The ready endpoints, as last published (a cheap guard, not a copy).

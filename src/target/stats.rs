@@ -45,10 +45,12 @@ pub enum Reject {
     StartBackoff,
     /// Its client was over the target's per-client rate limit.
     RateLimited,
+    /// Every endpoint of the target was unhealthy: none was tried.
+    UpstreamUnhealthy,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 11] = [
+    pub const ALL: [Reject; 12] = [
         Reject::QueueFull,
         Reject::ColdStartTimeout,
         Reject::StartFailed,
@@ -60,6 +62,7 @@ impl Reject {
         Reject::BadBody,
         Reject::StartBackoff,
         Reject::RateLimited,
+        Reject::UpstreamUnhealthy,
     ];
 
     pub fn label(self) -> &'static str {
@@ -75,6 +78,7 @@ impl Reject {
             Reject::BadBody => "bad_body",
             Reject::StartBackoff => "start_backoff",
             Reject::RateLimited => "rate_limited",
+            Reject::UpstreamUnhealthy => "upstream_unhealthy",
         }
     }
 }
