@@ -386,6 +386,51 @@ mod tests {
     }
 
     #[test]
+    fn a_target_is_active_while_requests_are_held_or_open_or_within_its_idle_timeout() {
+        use std::sync::atomic::Ordering::SeqCst;
+        use std::time::Duration;
+
+        let config = crate::config::File::parse(
+            "[[target]]\nname = \"hello\"\nhosts = [\"h\"]\ncommand = [\"demo\"]\n\
+             idle_timeout = \"30s\"\n",
+        )
+        .unwrap()
+        .into_config()
+        .unwrap()
+        .targets
+        .remove(0);
+        let target = Target::new(config);
+        let (now, quiet) = (Instant::now(), Signal::default());
+        let secs = Duration::from_secs;
+        assert!(!active(&target, &quiet, now), "never used");
+        for counter in [&target.stats.pending, &target.stats.in_flight] {
+            counter.fetch_add(1, SeqCst);
+            assert!(active(&target, &quiet, now + secs(3600)));
+            counter.fetch_sub(1, SeqCst);
+        }
+        let elsewhere = Signal { demand: 2, ..quiet };
+        assert!(
+            active(&target, &elsewhere, now),
+            "another replica's requests"
+        );
+        target.touch(now);
+        assert!(active(&target, &quiet, now + secs(29)));
+        assert!(
+            !active(&target, &quiet, now + secs(30)),
+            "idle from arrival"
+        );
+        let seen = Signal {
+            last_active: Some(now + secs(40)),
+            ..quiet
+        };
+        assert!(
+            active(&target, &seen, now + secs(69)),
+            "the last sample's activity"
+        );
+        assert!(!active(&target, &seen, now + secs(70)));
+    }
+
+    #[test]
     fn bad_metadata_is_refused_naming_the_key_and_what_was_expected() {
         let refused = |meta: &[(&str, &str)]| {
             let status = Query::of(&object("demo", meta)).unwrap_err();
