@@ -4,6 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures_util::Stream;
@@ -217,7 +218,14 @@ impl Activity {
                 // It may be back under a new handle (a Service changed kind of workload).
                 Some(Successor::Removed) => match find(&self.snapshot.load(), &self.query) {
                     Ok(next) if !Arc::ptr_eq(&next, &self.target) => Some(next),
-                    Ok(_) => None,
+                    Ok(_) => {
+                        // Retired just before the route table without it is published: look
+                        // again in a moment (a target is seldom removed; nothing to watch).
+                        tokio::select! {
+                            () = self.stop.cancelled() => return None,
+                            () = tokio::time::sleep(Duration::from_millis(10)) => continue,
+                        }
+                    }
                     Err(error) => return Some(Err(error)),
                 },
             };
@@ -388,7 +396,6 @@ mod tests {
     #[test]
     fn a_target_is_active_while_requests_are_held_or_open_or_within_its_idle_timeout() {
         use std::sync::atomic::Ordering::SeqCst;
-        use std::time::Duration;
 
         let config = crate::config::File::parse(
             "[[target]]\nname = \"hello\"\nhosts = [\"h\"]\ncommand = [\"demo\"]\n\

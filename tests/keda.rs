@@ -145,6 +145,64 @@ async fn stream_is_active_pushes_true_while_a_cold_start_is_held_and_false_once_
 }
 
 #[tokio::test]
+async fn a_stream_follows_its_target_through_a_reload_and_ends_with_not_found_once_it_is_gone() {
+    let wakegate = Wakegate::start(HEAD, &demo_target("hello", "hello.localhost", "1500ms")).await;
+    let mut client = keda(&wakegate).await;
+    let mut stream = client
+        .stream_is_active(hello())
+        .await
+        .expect("StreamIsActive")
+        .into_inner();
+    let first = within(10, "the first push", stream.next()).await.unwrap();
+    assert!(!first.expect("no error").result);
+
+    // A changed setting replaces the target's handle; the stream moves to the new one.
+    let changed = format!(
+        "{}idle_timeout = \"2m\"\n",
+        demo_target("hello", "hello.localhost", "1500ms")
+    );
+    wakegate.rewrite_config(HEAD, &changed);
+    wakegate.signal(libc::SIGHUP);
+    wakegate
+        .wait_for_log("of the reload", Duration::from_secs(10), |line| {
+            line["message"] == "configuration reloaded"
+        })
+        .await;
+    let request = {
+        let proxy = wakegate.proxy;
+        tokio::spawn(async move {
+            wakegate_test_support::raw_exchange(
+                proxy,
+                "GET / HTTP/1.1\r\nHost: hello.localhost\r\nConnection: close\r\n\r\n",
+            )
+            .await
+        })
+    };
+    let pushed = within(10, "the push", stream.next()).await.unwrap();
+    assert!(pushed.expect("no error").result, "held for the new handle");
+    let response = within(20, "the held request", request).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    // Gone from the file: the stream ends, saying so.
+    wakegate.rewrite_config(HEAD, &demo_target("other", "other.localhost", "0ms"));
+    wakegate.signal(libc::SIGHUP);
+    let ended = within(10, "the end of the stream", stream.next()).await;
+    let status = ended.expect("a last message").expect_err("NOT_FOUND");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(
+        status.message().contains("\"hello\""),
+        "{}",
+        status.message()
+    );
+    assert!(
+        within(10, "nothing after it", stream.next())
+            .await
+            .is_none(),
+        "the stream is over"
+    );
+}
+
+#[tokio::test]
 async fn get_metrics_reports_the_concurrency_of_requests_in_flight_then_zero() {
     // GetMetrics answers the panic window's average: a short one follows the test's load.
     let target = format!(
