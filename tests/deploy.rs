@@ -1473,6 +1473,13 @@ fn grafana_dashboard_queries_only_documented_metrics() {
         "wakegate_rejected_requests_total",
         "wakegate_leader",
         "wakegate_invalid_annotations_total",
+        "wakegate_unhealthy_endpoints",
+        "wakegate_start_backoff_seconds",
+        "wakegate_client_connections",
+        "wakegate_client_connection_timeouts_total",
+        "wakegate_tls_handshake_failures_total",
+        "wakegate_tls_certificate_expiry_timestamp_seconds",
+        "wakegate_access_log_dropped_total",
     ] {
         assert!(used.contains(needed), "no panel shows {needed}");
     }

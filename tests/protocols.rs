@@ -421,6 +421,9 @@ async fn a_request_arriving_during_a_drain_gets_503_which_says_connection_close_
     );
 }
 
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+const TRACESTATE: &str = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7";
+
 #[tokio::test]
 async fn backend_sees_forwarding_headers_and_original_host_but_no_hop_by_hop_headers() {
     let wg = Wakegate::start("", &demo_target("headers", "headers.localhost", "0s")).await;
@@ -430,6 +433,8 @@ async fn backend_sees_forwarding_headers_and_original_host_but_no_hop_by_hop_hea
         .header("keep-alive", "timeout=5")
         .header(header::TE, "trailers")
         .header("x-end-to-end", "kept")
+        .header("traceparent", TRACEPARENT)
+        .header("tracestate", TRACESTATE)
         .body(Full::default())
         .unwrap();
     let response = within(
@@ -450,6 +455,9 @@ async fn backend_sees_forwarding_headers_and_original_host_but_no_hop_by_hop_hea
     assert_eq!(seen["x-forwarded-proto"], "http", "{seen}");
     assert_eq!(seen["x-forwarded-host"], "headers.localhost", "{seen}");
     assert_eq!(seen["x-end-to-end"], "kept", "{seen}");
+    // W3C trace context passes through unchanged: the upstream continues the client's trace.
+    assert_eq!(seen["traceparent"], TRACEPARENT, "{seen}");
+    assert_eq!(seen["tracestate"], TRACESTATE, "{seen}");
     for hop_by_hop in ["connection", "x-custom", "keep-alive", "te"] {
         assert!(
             seen.get(hop_by_hop).is_none(),
