@@ -52,3 +52,51 @@ ready = {{ http_get = "/healthz" }}
     assert_eq!(value["target"], "colourful");
     assert_eq!(value["stream"], "stdout");
 }
+
+#[tokio::test]
+async fn with_debug_logs_a_cold_request_shows_its_hold_wake_and_forward_spans() {
+    let wg = Wakegate::start_with_env(
+        "",
+        &demo_target("hello", "hello.localhost", "100ms"),
+        &[("RUST_LOG", "info,wakegate=debug")],
+    )
+    .await;
+    let r = within(20, "cold request", wg.get("hello.localhost", "/")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Each stage's lines carry its span, named, with the target's name.
+    let in_span = |message: &'static str, span: &'static str| {
+        move |line: &serde_json::Value| {
+            line["message"] == message
+                && line["span"]["name"] == span
+                && line["span"]["target"] == "hello"
+        }
+    };
+    let limit = Duration::from_secs(10);
+    wg.wait_for_log(
+        "held in a hold span",
+        limit,
+        in_span("held for a cold start", "hold"),
+    )
+    .await;
+    wg.wait_for_log(
+        "ready in a wake span",
+        limit,
+        in_span("instance ready", "wake"),
+    )
+    .await;
+    let answered = wg
+        .wait_for_log(
+            "answered in a forward span",
+            limit,
+            in_span("upstream answered", "forward"),
+        )
+        .await;
+    assert_eq!(answered["status"], 200, "{answered}");
+    assert!(
+        answered["span"]["upstream"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("127.0.0.1:")),
+        "{answered}"
+    );
+}

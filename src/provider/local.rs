@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use self::notify::NotifySocket;
 use self::output::OutputTail;
@@ -83,7 +84,9 @@ async fn supervise(
         let backing_off = retry_at.is_some_and(|at| at > Instant::now());
         if wanted > ready.len() + starting.len() && failed_at != Some(want.asked) && !backing_off {
             for _ in ready.len() + starting.len()..wanted {
-                starting.spawn(start(target.clone(), local.clone(), stop.clone()));
+                // A span for the start, for traces and `RUST_LOG=debug` logs.
+                let span = tracing::debug_span!("wake", target = %target.name());
+                starting.spawn(start(target.clone(), local.clone(), stop.clone()).instrument(span));
             }
         }
         while ready.len() > wanted {

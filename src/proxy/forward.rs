@@ -233,6 +233,7 @@ impl Forwarder {
                 }
             }
         })?;
+        tracing::debug!(status = response.status().as_u16(), "upstream answered");
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(downstream_upgrade) = downstream_upgrade

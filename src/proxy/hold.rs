@@ -58,6 +58,7 @@ pub async fn wait_ready(
         now.start_failures
     };
     target.request_wake();
+    tracing::debug!("held for a cold start");
 
     // Ok(lease), or Err(the successor).
     let wait = async {

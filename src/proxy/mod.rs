@@ -49,6 +49,7 @@ use http::{HeaderValue, Request, Response, Version, header};
 use hyper::body::Incoming;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::config::Limits;
 use crate::target::Target;
@@ -326,7 +327,9 @@ impl Proxy {
             }
             None => {
                 let waiting_since = noted.is_some().then(Instant::now);
-                let held = hold::wait_ready(target, deadline).await;
+                let held = hold::wait_ready(target, deadline)
+                    .instrument(tracing::debug_span!("hold", target = %target.name()))
+                    .await;
                 if let (Some(noted), Some(since)) = (noted.as_deref_mut(), waiting_since) {
                     // Across a move to a replacing target too.
                     noted.held = Some(noted.held.unwrap_or_default() + since.elapsed());
@@ -352,6 +355,11 @@ impl Proxy {
             noted.upstream = Some(in_flight.endpoint().authority.clone());
             noted.bytes_in.clone()
         });
+        let span = tracing::debug_span!(
+            "forward",
+            target = %target.name(),
+            upstream = %in_flight.endpoint().authority
+        );
         let mut response = self
             .inner
             .forwarder
@@ -362,6 +370,7 @@ impl Proxy {
                 target.serving.response_timeout,
                 bytes_in,
             )
+            .instrument(span)
             .await?;
         if let Some(noted) = noted {
             noted.by = access_log::By::Upstream;
