@@ -62,6 +62,16 @@ async fn metric_value(client: &mut ExternalScalerClient<Channel>, object: Scaled
     values[0].metric_value_float
 }
 
+/// Sends `GET path` for `hello.localhost` in a task of its own; the task ends with the raw
+/// response.
+fn spawn_get(wakegate: &Wakegate, path: &str) -> tokio::task::JoinHandle<String> {
+    let (proxy, request) = (
+        wakegate.proxy,
+        format!("GET {path} HTTP/1.1\r\nHost: hello.localhost\r\nConnection: close\r\n\r\n"),
+    );
+    tokio::spawn(async move { wakegate_test_support::raw_exchange(proxy, &request).await })
+}
+
 /// Asks GetMetrics until `ok` holds of the value (the signal is sampled every 100 ms).
 async fn wait_for_metric(
     client: &mut ExternalScalerClient<Channel>,
@@ -107,16 +117,7 @@ async fn stream_is_active_pushes_true_while_a_cold_start_is_held_and_false_once_
     assert!(!unary.into_inner().result);
 
     let sent = Instant::now();
-    let request = {
-        let proxy = wakegate.proxy;
-        tokio::spawn(async move {
-            wakegate_test_support::raw_exchange(
-                proxy,
-                "GET / HTTP/1.1\r\nHost: hello.localhost\r\nConnection: close\r\n\r\n",
-            )
-            .await
-        })
-    };
+    let request = spawn_get(&wakegate, "/");
     let pushed = next().await;
     let latency = sent.elapsed();
     assert!(pushed.result, "the held request makes the target active");
@@ -168,16 +169,7 @@ async fn a_stream_follows_its_target_through_a_reload_and_ends_with_not_found_on
             line["message"] == "configuration reloaded"
         })
         .await;
-    let request = {
-        let proxy = wakegate.proxy;
-        tokio::spawn(async move {
-            wakegate_test_support::raw_exchange(
-                proxy,
-                "GET / HTTP/1.1\r\nHost: hello.localhost\r\nConnection: close\r\n\r\n",
-            )
-            .await
-        })
-    };
+    let request = spawn_get(&wakegate, "/");
     let pushed = within(10, "the push", stream.next()).await.unwrap();
     assert!(pushed.expect("no error").result, "held for the new handle");
     let response = within(20, "the held request", request).await.unwrap();
@@ -224,16 +216,7 @@ async fn get_metrics_reports_the_concurrency_of_requests_in_flight_then_zero() {
     assert_eq!(metric_value(&mut client, hello()).await, 0.0);
 
     let requests: Vec<_> = (0..4)
-        .map(|_| {
-            let proxy = wakegate.proxy;
-            tokio::spawn(async move {
-                wakegate_test_support::raw_exchange(
-                    proxy,
-                    "GET /sleep?ms=2500 HTTP/1.1\r\nHost: hello.localhost\r\nConnection: close\r\n\r\n",
-                )
-                .await
-            })
-        })
+        .map(|_| spawn_get(&wakegate, "/sleep?ms=2500"))
         .collect();
     // Four requests held, then in flight, for 2.5 s: a whole panic window sees all four.
     let value = wait_for_metric(&mut client, hello(), "four requests open", |v| v > 3.9).await;
