@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, Admin};
 use crate::config::{AccessLogConfig, Config};
 use crate::control::Control;
+use crate::keda;
 use crate::metrics::Metrics;
 use crate::provider::kubernetes::{self, KubeError, KubernetesProvider};
 use crate::proxy::access_log::AccessLog;
@@ -111,6 +112,19 @@ pub async fn run(
                 addr: listen.admin,
                 source,
             })?;
+    let scaler_listener = match listen.external_scaler {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| AppError::Bind {
+                    what: "KEDA's external scaler",
+                    addr,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let scaler_addr = scaler_listener.as_ref().and_then(|l| l.local_addr().ok());
     let proxy_addr = proxy_listeners
         .first()
         .and_then(|l| l.plain.local_addr().ok());
@@ -121,8 +135,15 @@ pub async fn run(
     let (kube, mut discovered, kube_tasks) = match &config.kubernetes {
         Some(k) => {
             let client = kubernetes::client(k).await?;
-            let started =
-                KubernetesProvider::start(client, k.clone(), &mut registry, kube_stop.clone());
+            // KEDA may ask any replica for the cluster-wide signal.
+            let sum_on_every_replica = listen.external_scaler.is_some();
+            let started = KubernetesProvider::start(
+                client,
+                k.clone(),
+                &mut registry,
+                sum_on_every_replica,
+                kube_stop.clone(),
+            );
             (Some(started.provider), Some(started.targets), started.tasks)
         }
         None => (None, None, Vec::new()),
@@ -157,6 +178,15 @@ pub async fn run(
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, admin_stop.clone()));
 
+    let scaler_stop = CancellationToken::new();
+    let scaler_task = scaler_listener.map(|listener| {
+        tokio::spawn(keda::serve(
+            listener,
+            shared.snapshot.clone(),
+            scaler_stop.clone(),
+        ))
+    });
+
     let accept_stop = CancellationToken::new();
     let proxy_workers = proxy::server::Workers::spawn(proxy_listeners, &shared, &accept_stop)
         .map_err(AppError::Workers)?;
@@ -167,6 +197,7 @@ pub async fn run(
         proxy = %proxy_addr.map(|a| a.to_string()).unwrap_or_default(),
         https = %tls_addr.map(|a| a.to_string()).unwrap_or_default(),
         admin = %admin_addr.map(|a| a.to_string()).unwrap_or_default(),
+        external_scaler = %scaler_addr.map(|a| a.to_string()).unwrap_or_default(),
         targets = config.targets.len(),
         "listening"
     );
@@ -247,6 +278,10 @@ pub async fn run(
         let _ = task.await;
     }
     for task in kube_tasks {
+        let _ = task.await;
+    }
+    scaler_stop.cancel();
+    if let Some(task) = scaler_task {
         let _ = task.await;
     }
     admin_stop.cancel();

@@ -16,7 +16,7 @@
 //! 4. the data plane, [`proxy`] (route, track, hold, balance, forward), and the providers,
 //!    [`provider`] (local processes, fixed upstreams, Kubernetes), side by side;
 //! 5. [`scaling`]: the pure policy, the per-target autoscaler loop, the simulator;
-//! 6. [`metrics`], then [`admin`], which serves them;
+//! 6. [`metrics`], then [`admin`], which serves them, and [`keda`], KEDA's external scaler;
 //! 7. [`control`]: the reconciler from configured and discovered targets to running ones and
 //!    the route table;
 //! 8. [`app`]: wiring only; `main.rs` only parses arguments.
@@ -26,6 +26,7 @@ pub mod app;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod keda;
 pub mod metrics;
 pub mod plot;
 pub mod provider;

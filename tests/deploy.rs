@@ -19,6 +19,7 @@ use k8s_openapi::api::networking::v1::{
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 use serde::Serialize;
@@ -34,14 +35,16 @@ const BASE: &str = "deploy/base";
 const MONITORING: &str = "deploy/monitoring";
 const HELLO: &str = "deploy/examples/hello";
 const KEDA: &str = "deploy/examples/keda";
+const KEDA_PUSH: &str = "deploy/examples/keda/external-push";
 const TLS: &str = "deploy/examples/tls";
 const NETWORK_POLICY: &str = "deploy/networkpolicy";
 const FROM_KEDA_HTTP: &str = "deploy/examples/from-keda-http";
-const KUSTOMIZATIONS: [&str; 7] = [
+const KUSTOMIZATIONS: [&str; 8] = [
     BASE,
     MONITORING,
     HELLO,
     KEDA,
+    KEDA_PUSH,
     TLS,
     NETWORK_POLICY,
     FROM_KEDA_HTTP,
@@ -1191,6 +1194,91 @@ fn keda_example_runs_wakegate_external_and_scales_hello_on_its_metrics() {
     assert_eq!(rate["threshold"], "50");
 }
 
+#[test]
+fn keda_push_example_points_keda_at_wakegates_scaler_port_for_hello() {
+    let push = render(KEDA_PUSH);
+    let (text, _) = push.mounted_config();
+    let (config, kubernetes) = parse_config(&text);
+    assert_eq!(kubernetes.autoscaler, AutoscalerMode::External);
+    let scaler_port = config
+        .listen
+        .external_scaler
+        .expect("listen.external_scaler is set")
+        .port();
+
+    // The same settings as the base's otherwise, so the two do not drift apart.
+    let (base_text, _) = render(BASE).mounted_config();
+    let mut as_base = config.clone();
+    as_base.kubernetes.as_mut().unwrap().autoscaler = AutoscalerMode::Internal;
+    as_base.listen.external_scaler = None;
+    assert_eq!(
+        as_base,
+        parse_config(&base_text).0,
+        "{KEDA_PUSH}/wakegate.toml differs from {BASE}/wakegate.toml in more than `autoscaler` \
+         and `listen.external_scaler`"
+    );
+
+    // scalerAddress → the wakegate Service's port → the container port the scaler listens on.
+    let (_, container) = push.wakegate();
+    let container_port = container
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("scaler"))
+        .expect("a container port named scaler");
+    assert_eq!(container_port.container_port, i32::from(scaler_port));
+    let service: Service = push.one("wakegate");
+    let service_port = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .into_iter()
+        .flatten()
+        .find(|p| p.target_port == Some(IntOrString::String("scaler".into())))
+        .expect("a Service port to the scaler");
+
+    let objects = push.custom("ScaledObject");
+    assert_eq!(objects.len(), 1);
+    let scaled = objects[0];
+    let spec = &scaled["spec"];
+    let triggers = spec["triggers"].as_array().unwrap();
+    assert_eq!(triggers.len(), 1);
+    let trigger = &triggers[0];
+    assert_eq!(trigger["type"], "external-push");
+    let metadata = &trigger["metadata"];
+    assert_eq!(
+        metadata["scalerAddress"],
+        format!("wakegate.{NAMESPACE}.svc:{}", service_port.port)
+    );
+    assert_eq!(spec["minReplicaCount"], 0, "KEDA takes hello to zero");
+
+    // The trigger names a Service wakegate routes, in the ScaledObject's namespace.
+    let hello: Service = push.one(metadata["service"].as_str().unwrap());
+    assert!(metadata.get("namespace").is_none());
+    assert_eq!(
+        hello.metadata.namespace.as_deref(),
+        scaled["metadata"]["namespace"].as_str()
+    );
+    let target = target_of(&hello);
+    assert_eq!(
+        spec["maxReplicaCount"].as_u64(),
+        Some(u64::from(target.scaling.max)),
+        "KEDA's bound and the annotation's agree"
+    );
+    assert_eq!(metadata["metric"], "concurrency");
+    let value: f64 = metadata["targetValue"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        value,
+        target.scaling.target_value(),
+        "the annotation's target"
+    );
+    let deployment: Deployment = push.one(spec["scaleTargetRef"]["name"].as_str().unwrap());
+    assert_eq!(
+        deployment.metadata.namespace, hello.metadata.namespace,
+        "the ScaledObject scales hello's Deployment"
+    );
+}
+
 /// Every series name README's Metrics table documents (a histogram's `_bucket`, `_sum` and
 /// `_count`), and whether it has the per-target labels `namespace` and `service`.
 fn documented_metrics() -> BTreeMap<String, bool> {
@@ -1484,6 +1572,8 @@ fn every_query_in_the_readmes_selects_wakegates_series_only() {
 
 /// The namespace whose pods (Prometheus) may reach wakegate's admin port, besides wakegate's own.
 const MONITORING_NAMESPACE: &str = "monitoring";
+/// Where KEDA's operator runs, as KEDA installs itself.
+const KEDA_NAMESPACE: &str = "keda";
 
 /// Whether a NetworkPolicy rule's `ports` (none: every port) let TCP traffic reach `port`.
 fn admits(rule: &NetworkPolicyIngressRule, port: &ContainerPort) -> bool {
@@ -1517,7 +1607,7 @@ fn network_policy_opens_the_proxy_ports_and_keeps_the_admin_port_to_monitoring_a
     let rules = spec.ingress.unwrap_or_default();
 
     let mut container_ports = BTreeSet::new();
-    for dir in [BASE, MONITORING, KEDA, TLS] {
+    for dir in [BASE, MONITORING, KEDA, KEDA_PUSH, TLS] {
         let rendered = render(dir);
         let (deployment, container) = rendered.wakegate();
         let labels = pod_labels(&deployment);
@@ -1534,6 +1624,25 @@ fn network_policy_opens_the_proxy_ports_and_keeps_the_admin_port_to_monitoring_a
                 rules.iter().filter(|r| admits(r, port)).collect();
             let name = port.name.as_deref().unwrap_or_default();
             assert!(!admitting.is_empty(), "{dir}: nothing reaches port {name}");
+            if name == "scaler" {
+                let sources: Vec<_> = admitting
+                    .iter()
+                    .flat_map(|r| r.from.iter().flatten())
+                    .map(|source| source.namespace_selector.clone())
+                    .collect();
+                assert_eq!(
+                    sources,
+                    [Some(LabelSelector {
+                        match_labels: Some(BTreeMap::from([(
+                            "kubernetes.io/metadata.name".to_owned(),
+                            KEDA_NAMESPACE.to_owned()
+                        )])),
+                        match_expressions: None,
+                    })],
+                    "{dir}: KEDA's external scaler is for KEDA's namespace only"
+                );
+                continue;
+            }
             if port.container_port != admin_port {
                 assert!(
                     admitting

@@ -218,26 +218,6 @@ async fn readiness_waits_for_the_first_sync() {
     }
 }
 
-/// The peers Service's EndpointSlice for one wakegate replica.
-fn peer_slice(replica: &str, admin: std::net::SocketAddr) -> serde_json::Value {
-    json!({
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": format!("wakegate-peers-{replica}"),
-            "namespace": "wakegate",
-            "labels": { "kubernetes.io/service-name": "wakegate-peers" }
-        },
-        "addressType": "IPv4",
-        "ports": [{ "name": "admin", "port": admin.port(), "protocol": "TCP" }],
-        "endpoints": [{
-            "addresses": [admin.ip().to_string()],
-            "conditions": { "ready": true },
-            "targetRef": { "kind": "Pod", "namespace": "wakegate", "name": replica }
-        }]
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_elect_one_leader_which_scales_from_the_summed_signal_and_hands_over() {
     let api = api_with_kubelet().await;
@@ -252,41 +232,10 @@ async fn two_replicas_elect_one_leader_which_scales_from_the_summed_signal_and_h
         }),
     ));
     let dir = tempfile::tempdir().unwrap();
-    let section = kubernetes_section(
-        &api,
-        dir.path(),
-        "lease = { namespace = \"wakegate\", name = \"wakegate\", duration = \"3s\", renew = \"500ms\" }\n\
-         peers = { namespace = \"wakegate\", service = \"wakegate-peers\" }",
-    );
-    let a = Arc::new(Wakegate::start_with_env(FAST, &section, &[("POD_NAME", "wakegate-a")]).await);
-    let b = Arc::new(Wakegate::start_with_env(FAST, &section, &[("POD_NAME", "wakegate-b")]).await);
-    api.apply(peer_slice("wakegate-a", a.admin));
-    api.apply(peer_slice("wakegate-b", b.admin));
-    for replica in [&a, &b] {
-        wait_ready(replica).await;
-        replica
-            .wait_for_target("busy", Duration::from_secs(10), |t| {
-                t["kind"] == "kubernetes"
-            })
-            .await;
-    }
+    let section = kubernetes_section(&api, dir.path(), LEASE_AND_PEERS);
+    let (a, b) = two_replicas(&api, FAST, &section, "busy").await;
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (leader, follower) = loop {
-        let la = metric(&a.metrics().await, "wakegate_leader", "").unwrap_or(0.0);
-        let lb = metric(&b.metrics().await, "wakegate_leader", "").unwrap_or(0.0);
-        match (la, lb) {
-            (1.0, 0.0) => break (a.clone(), b.clone()),
-            (0.0, 1.0) => break (b.clone(), a.clone()),
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "exactly one leader: {la} {lb}; log of a:\n{}",
-            a.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (leader, follower) = leader_and_follower(&a, &b).await;
 
     // A Service with a bad annotation: both replicas log it, only the leader records the Event.
     api.apply(service(

@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["proxy", "provider"],
     &["scaling"],
     &["metrics"],
-    &["admin"],
+    &["admin", "keda"],
     &["control"],
     &["app"],
 ];

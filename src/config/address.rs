@@ -36,3 +36,14 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Err
     }
     d.deserialize_any(Text)
 }
+
+/// An address that may be left out (the listener is then off).
+pub mod optional {
+    use std::net::SocketAddr;
+
+    use serde::Deserializer;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        super::deserialize(d).map(Some)
+    }
+}

@@ -348,6 +348,23 @@ impl File {
                 "an address other than listen.proxy",
             );
         }
+        if let Some(scaler) = self.listen.external_scaler {
+            let tls = self.tls.as_ref().map(|t| ("tls.listen", t.listen));
+            let taken = [
+                ("listen.proxy", self.listen.proxy),
+                ("listen.admin", self.listen.admin),
+            ]
+            .into_iter()
+            .chain(tls)
+            .find(|(_, addr)| *addr == scaler && scaler.port() != 0);
+            if let Some((field, _)) = taken {
+                problems.push(
+                    "listen.external_scaler",
+                    scaler.to_string(),
+                    &format!("an address other than {field}'s"),
+                );
+            }
+        }
         if let Some(k) = &self.kubernetes {
             k.check(&mut problems);
         }

@@ -230,6 +230,9 @@ pub struct Listen {
     /// Proxy worker threads, each with its own runtime, listening socket and upstream
     /// connections; default: one per CPU the process may use.
     pub workers: Option<usize>,
+    /// KEDA's external-scaler gRPC service; off when absent.
+    #[serde(default, with = "address::optional")]
+    pub external_scaler: Option<SocketAddr>,
 }
 
 impl Default for Listen {
@@ -238,6 +241,7 @@ impl Default for Listen {
             proxy: defaults::proxy_addr(),
             admin: defaults::admin_addr(),
             workers: None,
+            external_scaler: None,
         }
     }
 }
@@ -430,6 +434,9 @@ impl Config {
         }
         if new.workers != old.workers {
             fields.push("listen.workers");
+        }
+        if new.external_scaler != old.external_scaler {
+            fields.push("listen.external_scaler");
         }
         if self.kubernetes != running.kubernetes {
             fields.push("kubernetes");

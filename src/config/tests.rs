@@ -409,6 +409,32 @@ fn the_admin_listener_cannot_share_the_proxy_address() {
 }
 
 #[test]
+fn the_external_scaler_listener_is_off_unless_given_and_needs_its_own_address() {
+    assert_eq!(parse("").listen.external_scaler, None);
+    let on = parse("[listen]\nexternal_scaler = \"0.0.0.0:9091\"");
+    assert_eq!(
+        on.listen.external_scaler,
+        Some("0.0.0.0:9091".parse().unwrap())
+    );
+    assert!(on.validate().is_empty());
+    let shared =
+        parse("[listen]\nadmin = \"127.0.0.1:9090\"\nexternal_scaler = \"127.0.0.1:9090\"");
+    assert_problem(
+        &shared.validate(),
+        "listen.external_scaler",
+        "127.0.0.1:9090",
+        "other than listen.admin's",
+    );
+    let error = File::parse("[listen]\nexternal_scaler = \":9091\"\n").expect_err("bad address");
+    let error = error.to_string();
+    assert!(error.contains("line 2"), "{error}");
+    assert!(
+        error.contains("for every interface write \"0.0.0.0:9091\""),
+        "{error}"
+    );
+}
+
+#[test]
 fn proxy_workers_default_to_the_cpus_and_must_be_at_least_one() {
     let cpus = std::thread::available_parallelism().unwrap().get();
     assert_eq!(parse("").listen.workers(), cpus);

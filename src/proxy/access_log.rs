@@ -1,40 +1,54 @@
 //! Access logs (`[access_log]`): one structured line per request, written when its response
-//! has been sent (or the client went away), by a thread of its own so that a slow disk never
-//! holds a request up. Lines that find the writer's queue full are dropped and counted.
+//! has been sent (or the client went away).
+//!
+//! The worker that served a request writes its line into a buffer of its own (one uncontended
+//! lock, no allocation); a thread of the log's own takes the buffers every [`WRITE_EVERY`] and
+//! writes them out, so a slow disk never holds a request up and no request wakes a thread.
+//! Lines that find their buffer full (the disk has fallen that far behind) are dropped and
+//! counted.
 
+use std::cell::RefCell;
 use std::fmt::Write as _;
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::fs::OpenOptions;
+use std::io::{self, Write};
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::uri::Authority;
-use http::{Method, Version};
+use http::{Method, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use serde::Serialize;
 
 use super::body::ProxyBody;
 use crate::config::{AccessLogConfig, AccessLogFormat};
 use crate::target::Target;
 
-/// Lines waiting for the writer at most; beyond, new ones are dropped (and counted).
-const QUEUE: usize = 64 * 1024;
-/// How long written lines may sit in the writer's buffer while no new line comes.
-const FLUSH_AFTER: Duration = Duration::from_millis(200);
+/// How often the writer takes the buffered lines, writes and flushes them.
+const WRITE_EVERY: Duration = Duration::from_millis(50);
+/// Buffers, each used by the threads whose number falls on it (one per worker, usually).
+const SHARDS: usize = 8;
+/// Bytes one buffer holds at most; a line that finds it full is dropped.
+const SHARD_BYTES: usize = 4 << 20;
 
 /// An open access log: where lines go, and how they are written.
 #[derive(Debug)]
 pub struct AccessLog {
-    lines: SyncSender<Line>,
+    shared: Arc<Buffers>,
     pub query: bool,
+    format: AccessLogFormat,
     dropped: Arc<AtomicU64>,
-    writer: std::thread::JoinHandle<()>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Buffers {
+    shards: [Mutex<String>; SHARDS],
+    /// Set when the log is closed or replaced: the writer writes what is left and ends.
+    closed: AtomicBool,
 }
 
 impl AccessLog {
@@ -44,168 +58,212 @@ impl AccessLog {
         let out: Box<dyn Write + Send> = if config.to_stdout() {
             Box::new(io::stdout())
         } else {
-            Box::new(open_file(&config.path)?)
+            Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&config.path)?,
+            )
         };
-        let (lines, queue) = std::sync::mpsc::sync_channel(QUEUE);
-        let format = config.format;
+        let shared = Arc::new(Buffers {
+            shards: std::array::from_fn(|_| Mutex::new(String::new())),
+            closed: AtomicBool::new(false),
+        });
+        let buffers = shared.clone();
         let writer = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(queue, BufWriter::new(out), format))?;
+            .spawn(move || write_out(&buffers, out))?;
         Ok(AccessLog {
-            lines,
+            shared,
             query: config.query,
+            format: config.format,
             dropped,
-            writer,
+            writer: Some(writer),
         })
     }
 
-    /// Writes out what is queued and closes the log.
-    pub fn close(self) {
-        drop(self.lines);
-        let _ = self.writer.join();
-    }
-
-    fn send(&self, line: Line) {
-        match self.lines.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+    /// Writes out what is buffered and closes the log.
+    pub fn close(mut self) {
+        self.shared.closed.store(true, Ordering::Relaxed);
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
         }
     }
+
+    fn write(&self, line: &Line) {
+        let mut buffer = lock(&self.shared.shards[shard()]);
+        if buffer.len() >= SHARD_BYTES {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        line.write(self.format, &mut buffer);
+    }
 }
 
-fn open_file(path: &std::path::Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        // A replaced log's writer writes out the last lines, then ends.
+        self.shared.closed.store(true, Ordering::Relaxed);
+    }
 }
 
-/// Writes lines until every sender is gone (a reload reopened the log, or wakegate stops),
-/// flushing whenever the queue is empty for a moment.
-fn write_lines(
-    queue: Receiver<Line>,
-    mut out: BufWriter<Box<dyn Write + Send>>,
-    format: AccessLogFormat,
-) {
-    let mut text = String::with_capacity(512);
+fn lock(buffer: &Mutex<String>) -> std::sync::MutexGuard<'_, String> {
+    buffer.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// This thread's buffer.
+fn shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|shard| *shard)
+}
+
+/// Every [`WRITE_EVERY`], takes each buffer's lines and writes them, until the log is closed
+/// (and then once more).
+fn write_out(buffers: &Buffers, mut out: Box<dyn Write + Send>) {
+    let mut taken = String::new();
     loop {
-        let line = match queue.recv_timeout(FLUSH_AFTER) {
-            Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => {
-                let _ = out.flush();
-                continue;
+        let last = buffers.closed.load(Ordering::Relaxed);
+        for shard in &buffers.shards {
+            std::mem::swap(&mut *lock(shard), &mut taken);
+            if !taken.is_empty() {
+                // A full disk or a closed pipe loses the lines; the proxy goes on.
+                let _ = out.write_all(taken.as_bytes());
+                taken.clear();
             }
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        text.clear();
-        line.write(format, &mut text);
-        if out.write_all(text.as_bytes()).is_err() {
-            // A full disk or a closed pipe: the line is lost, the proxy goes on.
-            continue;
         }
+        let _ = out.flush();
+        if last {
+            return;
+        }
+        std::thread::sleep(WRITE_EVERY);
     }
-    let _ = out.flush();
 }
 
 /// Who produced a response's status.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, Default)]
 pub enum By {
     Upstream,
     #[default]
     Wakegate,
 }
 
+impl By {
+    fn as_str(self) -> &'static str {
+        match self {
+            By::Upstream => "upstream",
+            By::Wakegate => "wakegate",
+        }
+    }
+}
+
 /// One request, as its log line tells it.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 struct Line {
-    #[serde(serialize_with = "rfc3339")]
     time: SystemTime,
-    #[serde(serialize_with = "target_name")]
     target: Option<Arc<Target>>,
-    method: Method2,
-    path: String,
-    protocol: &'static str,
+    method: Method,
+    uri: Uri,
+    query: bool,
+    version: Version,
     status: u16,
-    /// From the request's arrival to the end of its response, in milliseconds.
-    duration_ms: f64,
-    upstream: Option<String>,
-    /// How long it was held for a cold start, in milliseconds.
-    held_ms: Option<f64>,
+    /// From the request's arrival to the end of its response.
+    duration: Duration,
+    upstream: Option<Authority>,
+    /// How long it was held for a cold start.
+    held: Option<Duration>,
     bytes_in: u64,
     bytes_out: u64,
     client: IpAddr,
     by: By,
     request_id: Option<String>,
     /// The response body did not end: the client went away, or the upstream broke off.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     incomplete: bool,
 }
 
-/// A method as its name.
-#[derive(Debug)]
-struct Method2(Method);
-
-impl Serialize for Method2 {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.0.as_str())
-    }
-}
-
-fn target_name<S: serde::Serializer>(
-    target: &Option<Arc<Target>>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match target {
-        Some(target) => s.serialize_str(target.name()),
-        None => s.serialize_none(),
-    }
-}
-
-fn rfc3339<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(&humantime::format_rfc3339_millis(*time))
-}
-
-fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
-}
-
 impl Line {
+    fn path(&self) -> &str {
+        match (self.query, self.uri.path_and_query()) {
+            (true, Some(pq)) => pq.as_str(),
+            _ => self.uri.path(),
+        }
+    }
+
     fn write(&self, format: AccessLogFormat, out: &mut String) {
         match format {
-            AccessLogFormat::Json => {
-                // Serializing plain fields into a String cannot fail.
-                let json = serde_json::to_string(self).unwrap_or_default();
-                out.push_str(&json);
-            }
+            AccessLogFormat::Json => self.json(out),
             AccessLogFormat::Logfmt => self.logfmt(out),
         }
         out.push('\n');
     }
 
-    fn logfmt(&self, out: &mut String) {
-        let _ = write!(out, "time={}", humantime::format_rfc3339_millis(self.time));
-        logfmt_value(out, "target", self.target.as_ref().map_or("", |t| t.name()));
-        logfmt_value(out, "method", self.method.0.as_str());
-        logfmt_value(out, "path", &self.path);
+    fn json(&self, out: &mut String) {
+        out.push_str("{\"time\":\"");
+        write_time(out, self.time);
+        out.push_str("\",\"target\":");
+        json_str_or_null(out, self.target.as_ref().map(|t| t.name()));
+        out.push_str(",\"method\":");
+        json_str(out, self.method.as_str());
+        out.push_str(",\"path\":");
+        json_str(out, self.path());
         let _ = write!(
             out,
-            " protocol={} status={} duration_ms={}",
-            self.protocol, self.status, self.duration_ms
+            ",\"protocol\":\"{}\",\"status\":{},\"duration_ms\":",
+            protocol(self.version),
+            self.status
         );
-        if let Some(upstream) = &self.upstream {
-            logfmt_value(out, "upstream", upstream);
+        write_millis(out, self.duration);
+        out.push_str(",\"upstream\":");
+        json_str_or_null(out, self.upstream.as_ref().map(Authority::as_str));
+        out.push_str(",\"held_ms\":");
+        match self.held {
+            Some(held) => write_millis(out, held),
+            None => out.push_str("null"),
         }
-        if let Some(held) = self.held_ms {
-            let _ = write!(out, " held_ms={held}");
-        }
-        let by = match self.by {
-            By::Upstream => "upstream",
-            By::Wakegate => "wakegate",
-        };
         let _ = write!(
             out,
-            " bytes_in={} bytes_out={} client={} by={by}",
-            self.bytes_in, self.bytes_out, self.client
+            ",\"bytes_in\":{},\"bytes_out\":{},\"client\":\"{}\",\"by\":\"{}\",\"request_id\":",
+            self.bytes_in,
+            self.bytes_out,
+            self.client,
+            self.by.as_str()
+        );
+        json_str_or_null(out, self.request_id.as_deref());
+        if self.incomplete {
+            out.push_str(",\"incomplete\":true");
+        }
+        out.push('}');
+    }
+
+    fn logfmt(&self, out: &mut String) {
+        out.push_str("time=");
+        write_time(out, self.time);
+        logfmt_value(out, "target", self.target.as_ref().map_or("", |t| t.name()));
+        logfmt_value(out, "method", self.method.as_str());
+        logfmt_value(out, "path", self.path());
+        let _ = write!(
+            out,
+            " protocol={} status={} duration_ms=",
+            protocol(self.version),
+            self.status
+        );
+        write_millis(out, self.duration);
+        if let Some(upstream) = &self.upstream {
+            logfmt_value(out, "upstream", upstream.as_str());
+        }
+        if let Some(held) = self.held {
+            out.push_str(" held_ms=");
+            write_millis(out, held);
+        }
+        let _ = write!(
+            out,
+            " bytes_in={} bytes_out={} client={} by={}",
+            self.bytes_in,
+            self.bytes_out,
+            self.client,
+            self.by.as_str()
         );
         if let Some(id) = &self.request_id {
             logfmt_value(out, "request_id", id);
@@ -213,6 +271,59 @@ impl Line {
         if self.incomplete {
             out.push_str(" incomplete=true");
         }
+    }
+}
+
+/// `time` as RFC 3339 in UTC with milliseconds; the part up to the second is formatted once
+/// per second and thread.
+fn write_time(out: &mut String, time: SystemTime) {
+    thread_local! {
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    SECOND.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != since.as_secs() {
+            let whole = UNIX_EPOCH + Duration::from_secs(since.as_secs());
+            cached.0 = since.as_secs();
+            cached.1 = humantime::format_rfc3339_seconds(whole).to_string();
+            cached.1.pop(); // its `Z`
+        }
+        out.push_str(&cached.1);
+    });
+    let _ = write!(out, ".{:03}Z", since.subsec_millis());
+}
+
+/// Milliseconds with three decimals (microseconds), as a JSON or logfmt number.
+fn write_millis(out: &mut String, d: Duration) {
+    let micros = d.as_micros();
+    let _ = write!(out, "{}.{:03}", micros / 1000, micros % 1000);
+}
+
+/// A JSON string: quoted, with `"`, `\` and control characters escaped.
+fn json_str(out: &mut String, value: &str) {
+    out.push('"');
+    if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push_str(value);
+    } else {
+        for c in value.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if (c as u32) < 0x20 => {
+                    let _ = write!(out, "\\u{:04x}", c as u32);
+                }
+                c => out.push(c),
+            }
+        }
+    }
+    out.push('"');
+}
+
+fn json_str_or_null(out: &mut String, value: Option<&str>) {
+    match value {
+        Some(value) => json_str(out, value),
+        None => out.push_str("null"),
     }
 }
 
@@ -233,24 +344,20 @@ fn logfmt_value(out: &mut String, key: &str, value: &str) {
 /// What is known of a request when it arrives.
 #[derive(Debug)]
 pub struct Arrived {
-    pub time: SystemTime,
-    pub method: Method,
-    pub path: String,
-    pub version: Version,
-    pub client: IpAddr,
+    time: SystemTime,
+    method: Method,
+    /// Shares the request's own bytes: no copy.
+    uri: Uri,
+    version: Version,
+    client: IpAddr,
 }
 
 impl Arrived {
-    pub fn of<B>(req: &http::Request<B>, client: IpAddr, query: bool) -> Self {
-        let uri = req.uri();
-        let path = match (query, uri.path_and_query()) {
-            (true, Some(pq)) => pq.as_str().to_owned(),
-            _ => uri.path().to_owned(),
-        };
+    pub fn of<B>(req: &http::Request<B>, client: IpAddr) -> Self {
         Arrived {
             time: SystemTime::now(),
             method: req.method().clone(),
-            path,
+            uri: req.uri().clone(),
             version: req.version(),
             client,
         }
@@ -295,13 +402,14 @@ impl Logged {
         let line = Line {
             time: arrived.time,
             target: noted.target,
-            method: Method2(arrived.method),
-            path: arrived.path,
-            protocol: protocol(arrived.version),
+            method: arrived.method,
+            uri: arrived.uri,
+            query: log.query,
+            version: arrived.version,
             status,
-            duration_ms: 0.0,
-            upstream: noted.upstream.map(|a| a.to_string()),
-            held_ms: noted.held.map(millis),
+            duration: Duration::ZERO,
+            upstream: noted.upstream,
+            held: noted.held,
             bytes_in: 0,
             bytes_out: 0,
             client: arrived.client,
@@ -320,10 +428,10 @@ impl Logged {
 
     fn finish(&mut self, complete: bool) {
         if let Some(mut line) = self.line.take() {
-            line.duration_ms = millis(self.started.elapsed());
+            line.duration = self.started.elapsed();
             line.bytes_in = self.bytes_in.load(Ordering::Relaxed);
             line.incomplete = !complete;
-            self.log.send(line);
+            self.log.write(&line);
         }
     }
 }
@@ -417,5 +525,93 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(uri: &str) -> Line {
+        Line {
+            // 2026-11-30T03:43:21.629Z
+            time: UNIX_EPOCH + Duration::from_millis(1_796_010_201_629),
+            target: None,
+            method: Method::POST,
+            uri: uri.parse().unwrap(),
+            query: false,
+            version: Version::HTTP_2,
+            status: 502,
+            duration: Duration::from_micros(1_430),
+            upstream: Some("127.0.0.1:8081".parse().unwrap()),
+            held: Some(Duration::from_micros(250_004)),
+            bytes_in: 10,
+            bytes_out: 61,
+            client: "::1".parse().unwrap(),
+            by: By::Wakegate,
+            request_id: Some("abc".into()),
+            incomplete: true,
+        }
+    }
+
+    #[test]
+    fn a_json_line_is_one_object_with_every_field() {
+        let mut text = String::new();
+        line("/a%22b?token=x").write(AccessLogFormat::Json, &mut text);
+        assert!(
+            text.ends_with("}\n") && text.matches('\n').count() == 1,
+            "{text}"
+        );
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({
+                "time": "2026-11-30T03:43:21.629Z",
+                "target": null,
+                "method": "POST",
+                "path": "/a%22b",
+                "protocol": "HTTP/2",
+                "status": 502,
+                "duration_ms": 1.43,
+                "upstream": "127.0.0.1:8081",
+                "held_ms": 250.004,
+                "bytes_in": 10,
+                "bytes_out": 61,
+                "client": "::1",
+                "by": "wakegate",
+                "request_id": "abc",
+                "incomplete": true,
+            })
+        );
+    }
+
+    #[test]
+    fn strings_are_escaped_in_json_and_quoted_in_logfmt() {
+        let mut text = String::new();
+        json_str(&mut text, "a\"b\\c\u{1}d é");
+        assert_eq!(text, r#""a\"b\\c\u0001d é""#);
+        let parsed: String = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed, "a\"b\\c\u{1}d é");
+
+        let mut text = String::new();
+        logfmt_value(&mut text, "path", "/plain");
+        logfmt_value(&mut text, "path", "/a b=c");
+        logfmt_value(&mut text, "target", "");
+        assert_eq!(text, r#" path=/plain path="/a b=c" target="""#);
+    }
+
+    #[test]
+    fn a_logfmt_line_has_the_query_when_asked_for() {
+        let mut line = line("/search?q=1");
+        line.query = true;
+        let mut text = String::new();
+        line.write(AccessLogFormat::Logfmt, &mut text);
+        assert_eq!(
+            text,
+            "time=2026-11-30T03:43:21.629Z target=\"\" method=POST path=\"/search?q=1\" \
+             protocol=HTTP/2 status=502 duration_ms=1.430 upstream=127.0.0.1:8081 \
+             held_ms=250.004 bytes_in=10 bytes_out=61 client=::1 by=wakegate request_id=abc \
+             incomplete=true\n"
+        );
     }
 }

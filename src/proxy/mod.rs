@@ -207,7 +207,7 @@ impl Proxy {
         let Some(log) = self.inner.shared.access_log.load_full() else {
             return self.respond(req, client, None).await;
         };
-        let arrived = access_log::Arrived::of(&req, client.ip, log.query);
+        let arrived = access_log::Arrived::of(&req, client.ip);
         let started = Instant::now();
         let mut noted = access_log::Noted::default();
         let response = self.respond(req, client, Some(&mut noted)).await;

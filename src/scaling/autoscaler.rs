@@ -11,8 +11,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::policy::{Now, Policy, Sample, Settings, Window};
+use crate::config::Metric;
 use crate::provider::{Remote, RemoteSignal, Scale};
-use crate::target::Target;
+use crate::target::{Signal, Target};
 
 /// Turns the target's counters into one [`Sample`] per tick.
 #[derive(Debug)]
@@ -84,6 +85,8 @@ pub async fn run(
     // started) are adopted as the current count, until the loop asks for something itself.
     let mut asked = desired > 0;
     let mut last_observed: Option<u32> = None;
+    // Unlike `last_active`, only what was seen: what outside scalers are told.
+    let mut last_seen_active: Option<Instant> = None;
     let mut ticker = new_ticker(*interval.borrow_and_update());
     loop {
         tokio::select! {
@@ -115,7 +118,17 @@ pub async fn run(
                 let demand = target.stats.in_flight() + target.stats.pending() + remote.demand;
                 if demand > 0 || sample.rps > 0.0 {
                     last_active = Some(now);
+                    last_seen_active = Some(now);
                 }
+                // The panic window's average: it follows a burst within seconds, and smooths
+                // the peers' share, which arrives once per scrape rather than every tick.
+                let span = settings.panic_window;
+                target.publish_signal(Signal {
+                    concurrency: window.average(Metric::Concurrency, span, now),
+                    rps: window.average(Metric::Rps, span, now),
+                    demand,
+                    last_active: last_seen_active,
+                });
                 let ready = target.endpoints().len() as u32;
                 // Where the provider reads the workload's count (Kubernetes), a change made by
                 // someone else (`kubectl scale`) becomes the count decisions start from.

@@ -92,6 +92,20 @@ impl Backoff {
     }
 }
 
+/// The scaling signal as the autoscaler last sampled it: cluster-wide where it adds what other
+/// wakegate replicas counted (on the leader, or wherever peers are scraped).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Signal {
+    /// Time-weighted average of the requests in flight or held, over the panic window.
+    pub concurrency: f64,
+    /// Requests answered per second, over the panic window.
+    pub rps: f64,
+    /// Requests in flight or held at the sample, other replicas' included.
+    pub demand: u64,
+    /// The last sample that saw any demand or request, if one did.
+    pub last_active: Option<Instant>,
+}
+
 /// What became of a retired target.
 #[derive(Debug, Clone)]
 pub enum Successor {
@@ -194,6 +208,10 @@ pub struct Target {
     observed: AtomicI64,
     /// The routes this target asked for and did not get, as last published.
     refused: ArcSwap<Vec<Refusal>>,
+    /// Bumped by every request held for want of a ready instance, for those who must know at
+    /// once (the KEDA scaler's stream), not at the next sample.
+    held: watch::Sender<u64>,
+    signal: watch::Sender<Signal>,
 }
 
 impl Target {
@@ -230,6 +248,8 @@ impl Target {
             waking_since: AtomicU64::new(0),
             observed: AtomicI64::new(-1),
             refused: ArcSwap::from_pointee(Vec::new()),
+            held: watch::channel(0).0,
+            signal: watch::channel(Signal::default()).0,
         })
     }
 
@@ -354,6 +374,25 @@ impl Target {
     /// Data plane: ask the control plane to start an instance. Cheap and idempotent.
     pub fn request_wake(&self) {
         self.wake.notify_one();
+        // Only a held request gets here; with nobody watching, not even a lock is taken.
+        if self.held.receiver_count() > 0 {
+            self.held.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Changes each time a request is held for want of a ready instance.
+    pub fn watch_held(&self) -> watch::Receiver<u64> {
+        self.held.subscribe()
+    }
+
+    /// Autoscaler: the signal it sampled.
+    pub fn publish_signal(&self, signal: Signal) {
+        self.signal.send_replace(signal);
+    }
+
+    /// The signal as last sampled, and its changes.
+    pub fn watch_signal(&self) -> watch::Receiver<Signal> {
+        self.signal.subscribe()
     }
 
     /// Control plane: resolves when a request asked for a wake.

@@ -52,6 +52,12 @@ pub async fn cluster() -> Cluster {
 /// The namespace the tests' workloads live in.
 pub const NS: &str = "demo";
 
+/// The `[kubernetes]` lines of a replicated wakegate: a short Lease, and the peers Service
+/// that [`two_replicas`] fills in.
+pub const LEASE_AND_PEERS: &str = "lease = { namespace = \"wakegate\", name = \"wakegate\", \
+    duration = \"3s\", renew = \"500ms\" }\n\
+    peers = { namespace = \"wakegate\", service = \"wakegate-peers\" }";
+
 /// An autoscaler tick short enough for tests.
 pub const FAST: &str = "[autoscaler]\ninterval = \"200ms\"";
 
@@ -178,4 +184,74 @@ pub fn events_about(api: &FakeApi, kind: &str, name: &str, reason: &str) -> Vec<
                 && e["reason"] == reason
         })
         .collect()
+}
+
+/// The peers Service's EndpointSlice for one wakegate replica.
+fn peer_slice(replica: &str, admin: std::net::SocketAddr) -> Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("wakegate-peers-{replica}"),
+            "namespace": "wakegate",
+            "labels": { "kubernetes.io/service-name": "wakegate-peers" }
+        },
+        "addressType": "IPv4",
+        "ports": [{ "name": "admin", "port": admin.port(), "protocol": "TCP" }],
+        "endpoints": [{
+            "addresses": [admin.ip().to_string()],
+            "conditions": { "ready": true },
+            "targetRef": { "kind": "Pod", "namespace": "wakegate", "name": replica }
+        }]
+    })
+}
+
+/// Two wakegate replicas, `wakegate-a` and `wakegate-b` (their `POD_NAME`), each listed in the
+/// peers Service, ready, and routing the Service `service` of [`NS`].
+pub async fn two_replicas(
+    api: &FakeApi,
+    head: &str,
+    section: &str,
+    service: &str,
+) -> (std::sync::Arc<Wakegate>, std::sync::Arc<Wakegate>) {
+    let mut replicas = Vec::new();
+    for name in ["wakegate-a", "wakegate-b"] {
+        let replica = Wakegate::start_with_env(head, section, &[("POD_NAME", name)]).await;
+        api.apply(peer_slice(name, replica.admin));
+        replicas.push(std::sync::Arc::new(replica));
+    }
+    for replica in &replicas {
+        wait_ready(replica).await;
+        replica
+            .wait_for_target(service, Duration::from_secs(10), |t| {
+                t["kind"] == "kubernetes"
+            })
+            .await;
+    }
+    let b = replicas.pop().expect("two");
+    (replicas.pop().expect("two"), b)
+}
+
+/// Of two replicas, (the leader, the follower), once exactly one says it leads
+/// (`wakegate_leader`); panics after 10 s.
+pub async fn leader_and_follower(
+    a: &std::sync::Arc<Wakegate>,
+    b: &std::sync::Arc<Wakegate>,
+) -> (std::sync::Arc<Wakegate>, std::sync::Arc<Wakegate>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let la = crate::metric(&a.metrics().await, "wakegate_leader", "").unwrap_or(0.0);
+        let lb = crate::metric(&b.metrics().await, "wakegate_leader", "").unwrap_or(0.0);
+        match (la, lb) {
+            (1.0, 0.0) => return (a.clone(), b.clone()),
+            (0.0, 1.0) => return (b.clone(), a.clone()),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "exactly one leader: {la} {lb}; log of a:\n{}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

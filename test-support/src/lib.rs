@@ -97,6 +97,8 @@ pub struct Wakegate {
     pub admin: SocketAddr,
     /// The HTTPS listener, when the configuration has `[tls]`.
     pub https: Option<SocketAddr>,
+    /// KEDA's external scaler, when the configuration has `listen.external_scaler`.
+    pub external_scaler: Option<SocketAddr>,
     pub config_path: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
@@ -141,27 +143,34 @@ impl Wakegate {
                     let proxy = v["proxy"].as_str().unwrap_or_default().parse().ok();
                     let admin = v["admin"].as_str().unwrap_or_default().parse().ok();
                     let https = v["https"].as_str().unwrap_or_default().parse().ok();
-                    let _ = tx.send((proxy, admin, https));
+                    let scaler = v["external_scaler"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .parse()
+                        .ok();
+                    let _ = tx.send((proxy, admin, https, scaler));
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let (proxy, admin, https) = tokio::time::timeout(Duration::from_secs(20), rx)
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "wakegate did not start; log:\n{}",
-                    logs.lock().unwrap().join("\n")
-                )
-            })
-            .unwrap_or_else(|_| {
-                panic!("wakegate exited; log:\n{}", logs.lock().unwrap().join("\n"))
-            });
+        let (proxy, admin, https, external_scaler) =
+            tokio::time::timeout(Duration::from_secs(20), rx)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "wakegate did not start; log:\n{}",
+                        logs.lock().unwrap().join("\n")
+                    )
+                })
+                .unwrap_or_else(|_| {
+                    panic!("wakegate exited; log:\n{}", logs.lock().unwrap().join("\n"))
+                });
         Wakegate {
             child,
             proxy: proxy.expect("proxy address in log"),
             admin: admin.expect("admin address in log"),
             https,
+            external_scaler,
             config_path,
             logs,
             _dir: dir,

@@ -160,11 +160,13 @@ pub struct Started {
 
 impl KubernetesProvider {
     /// Starts the watches, the lease and the peer scraping, and registers the provider's own
-    /// metrics in `registry`.
+    /// metrics in `registry`. Peers are scraped by the leader only, or by every replica with
+    /// `sum_on_every_replica`.
     pub fn start(
         client: Client,
         config: KubernetesConfig,
         registry: &mut Registry,
+        sum_on_every_replica: bool,
         stop: CancellationToken,
     ) -> Started {
         let identity = identity();
@@ -223,6 +225,7 @@ impl KubernetesProvider {
                 client.clone(),
                 peers,
                 inner.leader.clone(),
+                sum_on_every_replica,
                 peer_signal,
                 stop.clone(),
             )));

@@ -129,11 +129,13 @@ pub fn parse_metrics(text: &str) -> HashMap<Key, Counters> {
     out
 }
 
-/// Scrapes the peers while this replica leads.
+/// Scrapes the peers while this replica leads, or always when `always` (every replica then
+/// knows the cluster-wide signal, as KEDA's external scaler, asked of any replica, answers it).
 pub async fn run(
     client: kube::Client,
     config: PeersConfig,
     leader: Arc<AtomicBool>,
+    always: bool,
     signal: Arc<PeerSignal>,
     stop: CancellationToken,
 ) {
@@ -169,7 +171,7 @@ pub async fn run(
             () = tokio::time::sleep(SCRAPE_EVERY) => {}
             () = stop.cancelled() => break,
         }
-        if !leader.load(Ordering::Relaxed) {
+        if !always && !leader.load(Ordering::Relaxed) {
             last.clear();
             signal.clear();
             continue;
