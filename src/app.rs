@@ -131,6 +131,11 @@ pub async fn run(
     let admin_addr = admin_listener.local_addr().ok();
 
     let mut registry = Registry::default();
+    // Registered only with the scaler on: no KEDA series where there is no KEDA.
+    let scaler_stats = match &scaler_listener {
+        Some(_) => keda::Stats::register(&mut registry),
+        None => keda::Stats::default(),
+    };
     let kube_stop = CancellationToken::new();
     let (kube, mut discovered, kube_tasks) = match &config.kubernetes {
         Some(k) => {
@@ -183,6 +188,7 @@ pub async fn run(
         tokio::spawn(keda::serve(
             listener,
             shared.snapshot.clone(),
+            scaler_stats.clone(),
             scaler_stop.clone(),
         ))
     });

@@ -7,7 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -34,10 +38,12 @@ use pb::{
 pub async fn serve(
     listener: TcpListener,
     snapshot: Arc<ArcSwap<Snapshot>>,
+    stats: Stats,
     stop: CancellationToken,
 ) {
     let scaler = Scaler {
         snapshot,
+        stats,
         stop: stop.clone(),
     };
     // Without it, a push waits for the client's delayed ACK of the last one (Nagle): 40 ms.
@@ -54,7 +60,73 @@ pub async fn serve(
 /// The service: every answer is read from the targets as they are now.
 pub struct Scaler {
     snapshot: Arc<ArcSwap<Snapshot>>,
+    stats: Stats,
     stop: CancellationToken,
+}
+
+/// What KEDA asked of the scaler and was told, in `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// By method and gRPC status code.
+    calls: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// `StreamIsActive` streams open.
+    streams: Gauge,
+    /// Answers pushed on those streams, by `active` (`true`, `false`).
+    pushes: Family<Vec<(&'static str, &'static str)>, Counter>,
+}
+
+impl Stats {
+    pub fn register(registry: &mut Registry) -> Stats {
+        let stats = Stats::default();
+        registry.register(
+            "wakegate_external_scaler_calls",
+            "Calls of KEDA's external-scaler service, by method and gRPC status code.",
+            stats.calls.clone(),
+        );
+        registry.register(
+            "wakegate_external_scaler_streams",
+            "StreamIsActive streams open (one per ScaledObject that KEDA watches).",
+            stats.streams.clone(),
+        );
+        registry.register(
+            "wakegate_external_scaler_pushes",
+            "Answers pushed on StreamIsActive streams, by active (true: KEDA scales from zero).",
+            stats.pushes.clone(),
+        );
+        stats
+    }
+
+    fn call<T>(&self, method: &'static str, result: &Result<T, Status>) {
+        let code = match result {
+            Ok(_) => "ok",
+            Err(status) => match status.code() {
+                tonic::Code::NotFound => "not_found",
+                tonic::Code::InvalidArgument => "invalid_argument",
+                tonic::Code::Unimplemented => "unimplemented",
+                tonic::Code::Unavailable => "unavailable",
+                _ => "other",
+            },
+        };
+        self.calls
+            .get_or_create(&vec![("method", method), ("code", code)])
+            .inc();
+    }
+}
+
+/// Counts a stream as open until it is dropped.
+struct OpenStream(Gauge);
+
+impl OpenStream {
+    fn new(streams: &Gauge) -> Self {
+        streams.inc();
+        OpenStream(streams.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// What a trigger asks about, from its `metadata`.
@@ -276,12 +348,16 @@ impl ExternalScaler for Scaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
-        let query = Query::of(request.get_ref())?;
-        let target = self.find(&query)?;
-        let signal = *target.watch_signal().borrow();
-        Ok(Response::new(IsActiveResponse {
-            result: active(&target, &signal, Instant::now()),
-        }))
+        let answer = (|| {
+            let query = Query::of(request.get_ref())?;
+            let target = self.find(&query)?;
+            let signal = *target.watch_signal().borrow();
+            Ok(Response::new(IsActiveResponse {
+                result: active(&target, &signal, Instant::now()),
+            }))
+        })();
+        self.stats.call("IsActive", &answer);
+        answer
     }
 
     type StreamIsActiveStream = Answers<IsActiveResponse>;
@@ -290,15 +366,30 @@ impl ExternalScaler for Scaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
-        let query = Query::of(request.get_ref())?;
-        let target = self.find(&query)?;
+        let found = Query::of(request.get_ref()).and_then(|query| Ok((self.find(&query)?, query)));
+        self.stats.call("StreamIsActive", &found);
+        let (target, query) = found?;
         let activity = Activity::new(target, self.snapshot.clone(), query, self.stop.clone());
-        let answers = futures_util::stream::unfold(Some(activity), |activity| async move {
-            let mut activity = activity?;
-            let answer = activity.next().await?;
-            // An error ends the stream after it is sent.
-            let more = answer.is_ok().then_some(activity);
-            Some((answer, more))
+        let open = OpenStream::new(&self.stats.streams);
+        let pushes = self.stats.pushes.clone();
+        let answers = futures_util::stream::unfold(Some(activity), move |activity| {
+            let pushes = pushes.clone();
+            async move {
+                let mut activity = activity?;
+                let answer = activity.next().await?;
+                if let Ok(pushed) = &answer {
+                    let active = if pushed.result { "true" } else { "false" };
+                    pushes.get_or_create(&vec![("active", active)]).inc();
+                }
+                // An error ends the stream after it is sent.
+                let more = answer.is_ok().then_some(activity);
+                Some((answer, more))
+            }
+        });
+        // The count of open streams ends with the stream.
+        let answers = answers.map(move |answer| {
+            let _ = &open;
+            answer
         });
         Ok(Response::new(Box::pin(answers)))
     }
@@ -307,23 +398,49 @@ impl ExternalScaler for Scaler {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<GetMetricSpecResponse>, Status> {
-        let query = Query::of(request.get_ref())?;
-        let target = self.find(&query)?;
-        let (metric, value) = query.metric(&target);
-        Ok(Response::new(GetMetricSpecResponse {
-            metric_specs: vec![MetricSpec {
-                metric_name: query.metric_name(metric),
-                target_size: value.ceil() as i64,
-                target_size_float: value,
-            }],
-        }))
+        let answer = (|| {
+            let query = Query::of(request.get_ref())?;
+            let target = self.find(&query)?;
+            let (metric, value) = query.metric(&target);
+            Ok(Response::new(GetMetricSpecResponse {
+                metric_specs: vec![MetricSpec {
+                    metric_name: query.metric_name(metric),
+                    target_size: value.ceil() as i64,
+                    target_size_float: value,
+                }],
+            }))
+        })();
+        self.stats.call("GetMetricSpec", &answer);
+        answer
     }
 
     async fn get_metrics(
         &self,
         request: Request<GetMetricsRequest>,
     ) -> Result<Response<GetMetricsResponse>, Status> {
-        let request = request.into_inner();
+        let answer = self.metrics(request.into_inner());
+        self.stats.call("GetMetrics", &answer);
+        answer
+    }
+
+    type StreamMetricSpecStream = Answers<GetMetricSpecResponse>;
+
+    async fn stream_metric_spec(
+        &self,
+        _request: Request<ScaledObjectRef>,
+    ) -> Result<Response<Self::StreamMetricSpecStream>, Status> {
+        // Optional in KEDA's protocol: KEDA then asks GetMetricSpec, whose answer changes only
+        // with the configuration.
+        let answer = Err(Status::unimplemented(
+            "wakegate does not push metric specs; ask GetMetricSpec",
+        ));
+        self.stats.call("StreamMetricSpec", &answer);
+        answer
+    }
+}
+
+impl Scaler {
+    fn metrics(&self, request: GetMetricsRequest) -> Result<Response<GetMetricsResponse>, Status> {
         let object = request.scaled_object_ref.unwrap_or_default();
         let query = Query::of(&object)?;
         let target = self.find(&query)?;
@@ -345,19 +462,6 @@ impl ExternalScaler for Scaler {
                 metric_value_float: value,
             }],
         }))
-    }
-
-    type StreamMetricSpecStream = Answers<GetMetricSpecResponse>;
-
-    async fn stream_metric_spec(
-        &self,
-        _request: Request<ScaledObjectRef>,
-    ) -> Result<Response<Self::StreamMetricSpecStream>, Status> {
-        // Optional in KEDA's protocol: KEDA then asks GetMetricSpec, whose answer changes only
-        // with the configuration.
-        Err(Status::unimplemented(
-            "wakegate does not push metric specs; ask GetMetricSpec",
-        ))
     }
 }
 

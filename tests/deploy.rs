@@ -1480,6 +1480,9 @@ fn grafana_dashboard_queries_only_documented_metrics() {
         "wakegate_tls_handshake_failures_total",
         "wakegate_tls_certificate_expiry_timestamp_seconds",
         "wakegate_access_log_dropped_total",
+        "wakegate_external_scaler_calls_total",
+        "wakegate_external_scaler_streams",
+        "wakegate_external_scaler_pushes_total",
     ] {
         assert!(used.contains(needed), "no panel shows {needed}");
     }

@@ -17,7 +17,7 @@ use wakegate_test_support::kube_fixtures::{
     FAST, LEASE_AND_PEERS, NS, api_with_kubelet, deployment, kubernetes_section,
     leader_and_follower, service, two_replicas,
 };
-use wakegate_test_support::{Wakegate, demo_target, within};
+use wakegate_test_support::{Wakegate, demo_target, metric, within};
 
 /// Samples often, so the activity and metric values follow the load closely.
 const HEAD: &str =
@@ -143,6 +143,34 @@ async fn stream_is_active_pushes_true_while_a_cold_start_is_held_and_false_once_
     );
     let unary = client.is_active(hello()).await.expect("IsActive");
     assert!(!unary.into_inner().result);
+
+    // What KEDA did shows in wakegate's metrics: its calls, the open stream, the pushes.
+    let metrics = wakegate.metrics().await;
+    let value = |name: &str, labels: &str| metric(&metrics, name, labels);
+    assert_eq!(
+        value(
+            "wakegate_external_scaler_calls_total",
+            r#"method="StreamIsActive",code="ok""#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        value(
+            "wakegate_external_scaler_calls_total",
+            r#"method="IsActive",code="ok""#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(value("wakegate_external_scaler_streams", ""), Some(1.0));
+    assert_eq!(
+        value("wakegate_external_scaler_pushes_total", r#"active="true""#),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("wakegate_external_scaler_pushes_total", r#"active="false""#),
+        Some(2.0)
+    );
 }
 
 #[tokio::test]
