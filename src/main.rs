@@ -87,7 +87,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -98,7 +97,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    // Spans are exported by the proxy only, not by its tools nor the demo backends it starts
+    // (which inherit its environment).
+    let export = matches!(cli.command, Command::Run { .. });
+    let telemetry = {
+        let _runtime = runtime.enter();
+        telemetry::init(cli.log_format, export)
+    };
+    let code = runtime.block_on(async move {
         match cli.command {
             Command::Run {
                 config,
@@ -138,7 +144,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-    })
+    });
+    // While the runtime still runs the exporter's connection.
+    telemetry.shutdown();
+    code
 }
 
 async fn run(path: PathBuf, proxy: Option<SocketAddr>, admin: Option<SocketAddr>) -> ExitCode {

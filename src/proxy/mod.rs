@@ -175,12 +175,35 @@ impl Proxy {
         })
     }
 
-    /// Answers one request of `client`'s connection, and logs it when an access log is on.
+    /// Answers one request of `client`'s connection, in a `request` span when spans are
+    /// exported (or logged at `debug`).
     pub async fn handle(
         &self,
         req: Box<Request<Incoming>>,
         client: &Client,
     ) -> Response<ProxyBody> {
+        // The parent of a request's hold and forward spans. Without export and at the default
+        // `info` level the span is disabled at its callsite: its fields are never evaluated.
+        let span = tracing::debug_span!(
+            "request",
+            method = %req.method(),
+            host = request_host(&req).as_ref().and_then(|h| h.to_str().ok()),
+            path = req.uri().path(),
+            status = tracing::field::Empty,
+        );
+        if span.is_disabled() {
+            return self.logged(req, client).await;
+        }
+        // The client's trace goes on in wakegate's spans; its `traceparent` still goes to the
+        // upstream unchanged.
+        crate::telemetry::continue_trace(&span, req.headers());
+        let response = self.logged(req, client).instrument(span.clone()).await;
+        span.record("status", response.status().as_u16());
+        response
+    }
+
+    /// Answers one request, and logs it when an access log is on.
+    async fn logged(&self, req: Box<Request<Incoming>>, client: &Client) -> Response<ProxyBody> {
         let Some(log) = self.inner.shared.access_log.load_full() else {
             return self.respond(req, client, None).await;
         };
