@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wakegate::config::route::{HostPattern, Route};
-use wakegate::config::{Backend, Protocol, RateLimit, Scaling, Serving, TargetConfig};
+use wakegate::config::{Backend, Fixed, Protocol, RateLimit, Scaling, Serving, TargetConfig};
 use wakegate::proxy::route::RouteTable;
 use wakegate::proxy::server::{H2_PREFACE, serve_io};
 use wakegate::proxy::{Proxy, Shared, Snapshot};
@@ -35,9 +35,10 @@ fn target(name: &str, upstream: SocketAddr, serving: Serving) -> Arc<Target> {
         },
         serving,
         scaling: Scaling::default(),
-        backend: Backend::Fixed {
+        backend: Backend::Fixed(Fixed {
             upstream: upstream.to_string().parse().unwrap(),
-        },
+            check: None,
+        }),
     })
 }
 
