@@ -19,16 +19,20 @@ use crate::target::{Signal, Target};
 /// Turns the target's counters into one [`Sample`] per tick.
 #[derive(Debug)]
 pub struct Sampler {
-    at: Instant,
-    integral: f64,
+    /// Microseconds since the target's epoch: the clock the concurrency integral is kept in,
+    /// so that an interval's average can never exceed its largest concurrency.
+    at_us: u64,
+    /// Request-microseconds: differences of whole numbers divide without rounding up.
+    integral_us: u64,
     requests: u64,
 }
 
 impl Sampler {
     pub fn new(target: &Target, at: Instant) -> Self {
+        let at_us = target.micros(at);
         Self {
-            at,
-            integral: target.stats.concurrency.integral(target.micros(at)),
+            at_us,
+            integral_us: target.stats.concurrency.integral_us(at_us),
             requests: target.stats.requests.total(),
         }
     }
@@ -36,13 +40,17 @@ impl Sampler {
     /// The time-weighted average concurrency and the request rate since the last call, with
     /// what `remote` replicas added meanwhile.
     pub fn sample(&mut self, target: &Target, at: Instant, remote: Remote) -> Sample {
-        let integral = target.stats.concurrency.integral(target.micros(at));
+        let at_us = target.micros(at);
+        let integral_us = target.stats.concurrency.integral_us(at_us);
         let requests = target.stats.requests.total();
-        let seconds = at.saturating_duration_since(self.at).as_secs_f64();
+        let micros = at_us.saturating_sub(self.at_us);
+        let seconds = micros as f64 / 1e6;
         let sample = if seconds > 0.0 {
             Sample {
                 at,
-                concurrency: ((integral - self.integral + remote.integral) / seconds).max(0.0),
+                concurrency: (integral_us.saturating_sub(self.integral_us) as f64 / micros as f64
+                    + remote.integral / seconds)
+                    .max(0.0),
                 rps: (requests.saturating_sub(self.requests) + remote.requests) as f64 / seconds,
             }
         } else {
@@ -53,8 +61,8 @@ impl Sampler {
             }
         };
         *self = Self {
-            at,
-            integral,
+            at_us,
+            integral_us,
             requests,
         };
         sample
@@ -220,4 +228,44 @@ fn new_ticker(every: Duration) -> tokio::time::Interval {
 /// A metric average as a log line shows it: three decimals are plenty for a person.
 fn rounded(value: f64) -> f64 {
     (value * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::File;
+
+    #[test]
+    fn a_sample_never_averages_more_than_the_requests_open_whatever_the_clock_reads() {
+        let config = File::parse(
+            "[[target]]\nname = \"hello\"\nhosts = [\"hello.localhost\"]\ncommand = [\"demo\"]\n",
+        )
+        .unwrap()
+        .into_config()
+        .unwrap()
+        .targets
+        .remove(0);
+        let target = Target::new(config);
+        let start = Instant::now();
+        let mut sampler = Sampler::new(&target, start);
+        let begun = target.micros(start);
+        for _ in 0..4 {
+            target.stats.concurrency.begin(begun);
+        }
+        // Intervals that end between two microseconds: the integral counts whole ones.
+        for nanos in [1_999, 250_000_999, 500_000_001, 999_999_999] {
+            let at = start + Duration::from_nanos(nanos);
+            let sample = sampler.sample(&target, at, Remote::default());
+            assert!(
+                sample.concurrency <= 4.0,
+                "{} at {nanos} ns",
+                sample.concurrency
+            );
+            assert!(
+                sample.concurrency > 3.99,
+                "{} at {nanos} ns",
+                sample.concurrency
+            );
+        }
+    }
 }

@@ -233,11 +233,16 @@ impl Concurrency {
 
     /// Request-seconds accumulated up to `at_us` (the epoch is zero).
     pub fn integral(&self, at_us: u64) -> f64 {
+        self.integral_us(at_us) as f64 / 1e6
+    }
+
+    /// Request-microseconds accumulated up to `at_us`: exact, for differences.
+    pub fn integral_us(&self, at_us: u64) -> u64 {
         let active = self.active.load(Ordering::Relaxed).max(0) as u64;
         let starts = self.active_starts.load(Ordering::Relaxed);
         let finished = self.finished.load(Ordering::Relaxed);
         let open = (active * at_us).saturating_sub(starts);
-        (finished + open) as f64 / 1e6
+        finished + open
     }
 }
 
