@@ -171,6 +171,13 @@ pub async fn run(
     shared
         .access_log
         .store(open_access_log(config.access_log.as_ref(), &shared)?);
+    let memory_stop = CancellationToken::new();
+    let memory_task = tokio::spawn(
+        shared
+            .memory
+            .clone()
+            .watch(shared.limits.clone(), memory_stop.clone()),
+    );
     let tls_stop = CancellationToken::new();
     let tls_watch = tls
         .clone()
@@ -280,6 +287,8 @@ pub async fn run(
     control.shutdown().await;
     kube_stop.cancel();
     tls_stop.cancel();
+    memory_stop.cancel();
+    let _ = memory_task.await;
     if let Some(task) = tls_watch {
         let _ = task.await;
     }

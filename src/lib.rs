@@ -27,6 +27,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod keda;
+pub mod memory;
 pub mod metrics;
 pub mod plot;
 pub mod provider;

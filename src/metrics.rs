@@ -180,6 +180,14 @@ impl prometheus_client::collector::Collector for TargetCollector {
             targets,
             |t| t.stats.pending() as i64,
         )?;
+        Self::gauge(
+            &mut encoder,
+            "wakegate_pending_bytes",
+            "What the held requests pin: their heads, and the HTTP/2 body bytes their clients \
+             may send before they are forwarded (bounded by max_pending_bytes).",
+            targets,
+            |t| t.stats.pending_bytes.load(Ordering::Relaxed) as i64,
+        )?;
         Self::counter(
             &mut encoder,
             "wakegate_cold_starts",
@@ -334,6 +342,51 @@ impl prometheus_client::collector::Collector for TargetCollector {
                 .encode_counter::<NoLabelSet, _, f64>(&count.load(Ordering::Relaxed), None)?;
         }
 
+        let holds = &self.proxy.holds;
+        for (name, help, value) in [
+            (
+                "wakegate_held_requests",
+                "Requests all targets hold together (bounded by limits.max_held_requests).",
+                &holds.requests,
+            ),
+            (
+                "wakegate_held_bytes",
+                "What all held requests pin together (bounded by limits.max_held_bytes).",
+                &holds.bytes,
+            ),
+            (
+                "wakegate_memory_budget_bytes",
+                "Resident memory at or above which new requests get 503 (limits.memory_budget; \
+                 0: none).",
+                &self.proxy.memory.budget,
+            ),
+        ] {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&(value.load(Ordering::Relaxed) as i64))?;
+        }
+        if let Some(resident) = crate::memory::resident() {
+            // The name Prometheus client libraries give it.
+            encoder
+                .encode_descriptor(
+                    "process_resident_memory_bytes",
+                    "Resident memory size in bytes.",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&(resident as i64))?;
+        }
+        encoder
+            .encode_descriptor(
+                "wakegate_memory_trims",
+                "Times wakegate gave freed heap pages back to the system close to its memory budget.",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, f64>(
+                &self.proxy.memory.trims.load(Ordering::Relaxed),
+                None,
+            )?;
         encoder
             .encode_descriptor(
                 "wakegate_access_log_dropped",

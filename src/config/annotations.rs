@@ -7,17 +7,18 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 
+use super::limits::MIN_HELD_BYTES;
 use super::route::{HostPattern, Route, is_valid_prefix};
 use super::target::{
     Backend, HealthPolicy, KubeTarget, Metric, PrometheusSource, Protocol, RateLimit, Scaling,
     Serving, TargetConfig, Workload, is_object_name,
 };
-use super::{MAX_DURATION, Problem, defaults};
+use super::{MAX_DURATION, Problem, defaults, size};
 
 pub const PREFIX: &str = "wakegate.io/";
 
 /// Every annotation wakegate reads; anything else under the prefix is reported as unknown.
-pub const KNOWN: [&str; 21] = [
+pub const KNOWN: [&str; 22] = [
     "enabled",
     "deployment",
     "workload",
@@ -32,6 +33,7 @@ pub const KNOWN: [&str; 21] = [
     "idle-timeout",
     "cold-start-timeout",
     "max-pending",
+    "max-pending-bytes",
     "wake-page",
     "protocol",
     "rate-limit",
@@ -255,6 +257,25 @@ pub fn from_service(service: &Service) -> Outcome {
     let mut min = number("min-replicas", 0, 0);
     let mut max = number("max-replicas", 10, 1);
     let max_pending = number("max-pending", defaults::max_pending(), 1);
+    let max_pending_bytes = match get("max-pending-bytes") {
+        None => defaults::max_pending_bytes(),
+        Some(v) => match size::parse(v) {
+            Ok(n) if n >= MIN_HELD_BYTES => n,
+            _ => {
+                let default = defaults::max_pending_bytes();
+                problem(
+                    "max-pending-bytes",
+                    v,
+                    &format!(
+                        "a size of at least {} such as \"64MiB\"; using {}",
+                        size::show(MIN_HELD_BYTES),
+                        size::show(default)
+                    ),
+                );
+                default
+            }
+        },
+    };
     if min > max {
         problem(
             "min-replicas",
@@ -421,6 +442,7 @@ pub fn from_service(service: &Service) -> Outcome {
             idle_timeout,
             cold_start_timeout,
             max_pending,
+            max_pending_bytes,
             response_timeout: None,
             wake_page,
             protocol,

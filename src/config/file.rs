@@ -10,8 +10,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::de::{DeArray, DeTable, DeValue};
 
-use super::limits::{MAX_HEADER_BYTES, MIN_HEADER_BYTES};
+use super::limits::{MAX_HEADER_BYTES, MIN_HEADER_BYTES, MIN_HELD_BYTES, MIN_MEMORY_BUDGET};
 use super::route::{HostPattern, Route, is_valid_prefix, normalize_prefix};
+use super::size;
 use super::target::{
     Backend, Fixed, HealthPolicy, Local, PrometheusSource, Protocol, RateLimit, ReadyCheck,
     Scaling, Serving, TargetConfig, is_object_name,
@@ -73,6 +74,8 @@ pub struct FileTarget {
     pub cold_start_timeout: Duration,
     #[serde(default = "defaults::max_pending")]
     pub max_pending: u32,
+    #[serde(default = "defaults::max_pending_bytes", with = "super::size")]
+    pub max_pending_bytes: u64,
     #[serde(default = "defaults::stop_grace", with = "super::duration")]
     pub stop_grace: Duration,
     /// After a failed start (or an instance that crashed soon after it became ready), no
@@ -448,6 +451,13 @@ impl FileTarget {
         if self.max_pending == 0 {
             problems.push(at("max_pending"), "0", "at least 1");
         }
+        if self.max_pending_bytes < MIN_HELD_BYTES {
+            problems.push(
+                at("max_pending_bytes"),
+                size::show(self.max_pending_bytes),
+                &format!("at least {}", size::show(MIN_HELD_BYTES)),
+            );
+        }
         check_scaling(&self.scaling, &at, problems);
         let rate_limit = self.rate_limit.map(|limit| {
             if !RateLimit::valid_per_second(limit.per_second) {
@@ -482,6 +492,7 @@ impl FileTarget {
                 idle_timeout: self.idle_timeout,
                 cold_start_timeout: self.cold_start_timeout,
                 max_pending: self.max_pending,
+                max_pending_bytes: self.max_pending_bytes,
                 response_timeout: self.response_timeout,
                 wake_page: self.wake_page,
                 protocol: self.protocol,
@@ -717,10 +728,30 @@ impl Limits {
             ("max_pending_reset_streams", self.max_pending_reset_streams),
             ("max_local_reset_streams", self.max_local_reset_streams),
             ("max_connections", self.max_connections),
+            ("max_held_requests", self.max_held_requests),
         ] {
             if value == 0 {
                 problems.push(format!("limits.{field}"), "0", "at least 1");
             }
+        }
+        if self.max_held_bytes < MIN_HELD_BYTES {
+            problems.push(
+                "limits.max_held_bytes",
+                size::show(self.max_held_bytes),
+                &format!("at least {}", size::show(MIN_HELD_BYTES)),
+            );
+        }
+        if let Some(budget) = self.memory_budget
+            && budget < MIN_MEMORY_BUDGET
+        {
+            problems.push(
+                "limits.memory_budget",
+                size::show(budget),
+                &format!(
+                    "at least {}, above what wakegate takes at rest",
+                    size::show(MIN_MEMORY_BUDGET)
+                ),
+            );
         }
     }
 }

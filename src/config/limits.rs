@@ -1,7 +1,8 @@
 //! `[limits]`: what one client connection may cost on the proxy port, for HTTP/1.1 and
 //! HTTP/2 alike: how long it may take to send a request head or stay idle, how large a head
 //! may be, how many HTTP/2 streams and resets it may have, and how many connections one
-//! worker serves at once.
+//! worker serves at once; and what the whole process may take: how many requests and bytes
+//! all targets together may hold, and the memory budget past which new requests are shed.
 
 use std::time::Duration;
 
@@ -42,12 +43,30 @@ pub struct Limits {
     /// accepting until one closes, and new connections wait in the kernel's listen queue.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: u32,
+    /// The most requests all targets together may hold while they wake (each target's own
+    /// bound is its `max_pending`); beyond it new ones get 503.
+    #[serde(default = "defaults::max_held_requests")]
+    pub max_held_requests: u32,
+    /// The most bytes all held requests together may pin: their heads, and the HTTP/2 body
+    /// bytes their clients may send before they are forwarded; beyond it new ones get 503.
+    #[serde(default = "defaults::max_held_bytes", with = "super::size")]
+    pub max_held_bytes: u64,
+    /// Resident memory past which wakegate sheds new requests with 503 until it is below
+    /// again; by default 90 % of the memory limit of its container (cgroup), or of the
+    /// machine's memory where there is none.
+    #[serde(default, with = "super::size::option")]
+    pub memory_budget: Option<u64>,
 }
 
 /// hyper's HTTP/1 read buffer cannot be smaller (it asserts so).
 pub const MIN_HEADER_BYTES: u32 = 8 * 1024;
 /// Far more than any real client sends; more would let one connection hold that much memory.
 pub const MAX_HEADER_BYTES: u32 = 16 * 1024 * 1024;
+
+/// Less than one held request with an HTTP/2 body could pin.
+pub const MIN_HELD_BYTES: u64 = 64 * 1024;
+/// Below what wakegate itself takes at rest: every request would be shed.
+pub const MIN_MEMORY_BUDGET: u64 = 4 << 20;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -60,6 +79,9 @@ impl Default for Limits {
             max_pending_reset_streams: defaults::max_pending_reset_streams(),
             max_local_reset_streams: defaults::max_local_reset_streams(),
             max_connections: defaults::max_connections(),
+            max_held_requests: defaults::max_held_requests(),
+            max_held_bytes: defaults::max_held_bytes(),
+            memory_budget: None,
         }
     }
 }
@@ -94,5 +116,12 @@ mod defaults {
     }
     pub fn max_connections() -> u32 {
         10_000
+    }
+    /// Twice the README's burst of 10,000 requests into one cold target.
+    pub fn max_held_requests() -> u32 {
+        20_000
+    }
+    pub fn max_held_bytes() -> u64 {
+        256 << 20
     }
 }

@@ -18,6 +18,7 @@ pub mod environment;
 pub mod file;
 pub mod limits;
 pub mod route;
+pub mod size;
 pub mod target;
 
 pub use file::File;
@@ -324,6 +325,10 @@ mod defaults {
     }
     pub fn max_pending() -> u32 {
         1000
+    }
+    /// A thousand held gRPC calls, each pinning its HTTP/2 stream window.
+    pub fn max_pending_bytes() -> u64 {
+        64 << 20
     }
     pub fn stop_grace() -> Duration {
         Duration::from_secs(10)

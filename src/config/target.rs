@@ -31,6 +31,9 @@ pub struct Serving {
     pub cold_start_timeout: Duration,
     /// Requests held at once while the target wakes; more get 503.
     pub max_pending: u32,
+    /// Bytes the requests held at once may pin (heads, and HTTP/2 bodies not yet forwarded);
+    /// more get 503.
+    pub max_pending_bytes: u64,
     /// Longest wait for an upstream's response headers; none by default.
     pub response_timeout: Option<Duration>,
     /// Browsers (`Accept: text/html`) get a self-refreshing "waking up" page instead of waiting.
@@ -132,6 +135,7 @@ impl Default for Serving {
             idle_timeout: defaults::idle_timeout(),
             cold_start_timeout: defaults::cold_start_timeout(),
             max_pending: defaults::max_pending(),
+            max_pending_bytes: defaults::max_pending_bytes(),
             response_timeout: None,
             wake_page: false,
             protocol: Protocol::default(),

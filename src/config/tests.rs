@@ -1033,6 +1033,51 @@ fn limits_have_safe_defaults_and_take_what_the_file_says() {
 }
 
 #[test]
+fn held_bytes_and_the_memory_budget_are_sizes_with_units() {
+    let config = parse("");
+    assert_eq!(config.limits.max_held_requests, 20_000);
+    assert_eq!(config.limits.max_held_bytes, 256 << 20);
+    assert_eq!(
+        config.limits.memory_budget, None,
+        "derived from the machine"
+    );
+    let config = parse(&format!(
+        "[limits]\nmax_held_bytes = \"1 GiB\"\nmemory_budget = \"512MiB\"\n\
+         [[target]]\n{UPSTREAM}max_pending_bytes = 1048576\n"
+    ));
+    assert!(config.validate().is_empty(), "{:?}", config.validate());
+    let config = config.into_config().unwrap();
+    assert_eq!(config.limits.max_held_bytes, 1 << 30);
+    assert_eq!(config.limits.memory_budget, Some(512 << 20));
+    assert_eq!(config.targets[0].serving.max_pending_bytes, 1 << 20);
+
+    let problems = parse(&format!(
+        "[limits]\nmax_held_bytes = \"1KiB\"\nmemory_budget = \"1MiB\"\nmax_held_requests = 0\n\
+         [[target]]\n{UPSTREAM}max_pending_bytes = \"10 KB\"\n"
+    ))
+    .validate();
+    assert_problem(
+        &problems,
+        "limits.max_held_bytes",
+        "1 KiB",
+        "at least 64 KiB",
+    );
+    assert_problem(&problems, "limits.memory_budget", "1 MiB", "at least 4 MiB");
+    assert_problem(&problems, "limits.max_held_requests", "0", "at least 1");
+    assert_problem(
+        &problems,
+        "target[0] (api).max_pending_bytes",
+        "9.8 KiB",
+        "at least 64 KiB",
+    );
+    let error = File::parse("[limits]\nmemory_budget = \"64M\"\n").unwrap_err();
+    assert!(
+        error.contains("got \"64M\" (unknown unit \"M\"), expected a size such as \"64MiB\""),
+        "{error}"
+    );
+}
+
+#[test]
 fn limits_out_of_range_are_problems_naming_field_value_and_expectation() {
     let problems = parse(
         "[limits]\nheader_read_timeout = \"10ms\"\nidle_timeout = \"0s\"\nmax_header_bytes = 100\n\

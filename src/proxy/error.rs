@@ -21,6 +21,13 @@ pub enum ProxyError {
     NoRoute,
     #[error("target {target} already holds {max} waiting requests; retry shortly")]
     QueueFull { target: String, max: u32 },
+    #[error("target {target} already holds {} of waiting requests; retry shortly", crate::config::size::show(*.max))]
+    QueueBytes { target: String, max: u64 },
+    /// All targets' held requests together reached `[limits]`.
+    #[error("wakegate already holds {0} waiting requests; retry shortly")]
+    HoldLimit(String),
+    #[error("wakegate is over its memory budget; retry shortly")]
+    MemoryBudget,
     #[error("target {target} did not become ready within {}", humantime::format_duration(*.after))]
     ColdStartTimeout { target: String, after: Duration },
     #[error("the request's deadline ({} after it arrived) passed while target {target} was waking", humantime::format_duration(*.after))]
@@ -159,6 +166,9 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::QueueFull { .. }
+            | ProxyError::QueueBytes { .. }
+            | ProxyError::HoldLimit(_)
+            | ProxyError::MemoryBudget
             | ProxyError::BackingOff { .. }
             | ProxyError::Unhealthy { .. }
             | ProxyError::ShuttingDown
@@ -181,6 +191,9 @@ impl ProxyError {
             | ProxyError::NotForwarded { .. } => None,
             ProxyError::ClientBody { .. } => Some(Reject::BadBody),
             ProxyError::QueueFull { .. } => Some(Reject::QueueFull),
+            ProxyError::QueueBytes { .. } => Some(Reject::QueueBytes),
+            ProxyError::HoldLimit(_) => Some(Reject::HoldLimit),
+            ProxyError::MemoryBudget => Some(Reject::MemoryBudget),
             ProxyError::ColdStartTimeout { .. } => Some(Reject::ColdStartTimeout),
             ProxyError::Deadline { .. } => Some(Reject::Deadline),
             ProxyError::StartFailed { .. } => Some(Reject::StartFailed),
@@ -206,9 +219,11 @@ impl ProxyError {
             ProxyError::NoRoute
             | ProxyError::NotForwarded { .. }
             | ProxyError::UnsupportedCoding => GrpcStatus::Unimplemented,
-            ProxyError::QueueFull { .. } | ProxyError::RateLimited { .. } => {
-                GrpcStatus::ResourceExhausted
-            }
+            ProxyError::QueueFull { .. }
+            | ProxyError::QueueBytes { .. }
+            | ProxyError::HoldLimit(_)
+            | ProxyError::MemoryBudget
+            | ProxyError::RateLimited { .. } => GrpcStatus::ResourceExhausted,
             ProxyError::ColdStartTimeout { .. }
             | ProxyError::Deadline { .. }
             | ProxyError::UpstreamTimeout { .. } => GrpcStatus::DeadlineExceeded,
@@ -268,7 +283,11 @@ impl ProxyError {
                     HeaderValue::from(retry_after_secs(retry_after)),
                 );
             }
-            ProxyError::QueueFull { .. } | ProxyError::TargetRemoved { .. } => {
+            ProxyError::QueueFull { .. }
+            | ProxyError::QueueBytes { .. }
+            | ProxyError::HoldLimit(_)
+            | ProxyError::MemoryBudget
+            | ProxyError::TargetRemoved { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             // What follows the head cannot be trusted to end where the next request begins.

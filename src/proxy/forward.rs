@@ -97,6 +97,9 @@ pub struct Client {
     pub forwarded_for: HeaderValue,
     /// Whether it came over TLS: `X-Forwarded-Proto: https`.
     pub tls: bool,
+    /// The HTTP/2 body bytes its held requests may pin together, within the connection's
+    /// flow-control window (see [`super::hold::admit`]).
+    pub held_body: AtomicU64,
 }
 
 impl Client {
@@ -105,6 +108,7 @@ impl Client {
             ip: peer.ip(),
             forwarded_for: forwarded_for(peer),
             tls,
+            held_body: AtomicU64::new(0),
         }
     }
 }

@@ -1,41 +1,141 @@
 //! Holding a request while its target has no ready instance: a bounded per-target queue that
 //! asks for a wake at once and releases every held request the moment an endpoint is ready.
 //! A request held for a target that a reload replaces moves to the replacement.
+//!
+//! What held requests may take is bounded per target (`max_pending` requests and
+//! `max_pending_bytes`) and across all targets (`[limits]` `max_held_requests` and
+//! `max_held_bytes`); a request beyond a bound gets 503 at once. What one pins is its head
+//! and the body bytes its client may send before it is forwarded ([`cost`]).
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
+use http::{Request, Version};
+use http_body::Body;
 use tokio::time::Instant;
 
-use crate::target::stats::CountGuard;
+use crate::config::{Limits, size};
+use crate::target::stats::{CountGuard, Reserved};
 use crate::target::{Lease, Phase, Successor, Target};
 
 use super::Deadline;
 use super::balance;
 use super::error::{Cause, ProxyError};
+use super::forward::Client;
+use super::server::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
 
-/// How a hold ended, short of an error.
-pub enum Held<'a> {
-    /// An endpoint is ready. The guard keeps the request counted as held; drop it only once
-    /// the request is counted in flight, so the target never looks idle in between.
-    Ready(Lease, CountGuard<'a>),
-    /// The target was replaced: hold the request for this one instead.
-    Moved(Arc<Target>),
+/// All targets' held requests together, bounded by `[limits]`.
+#[derive(Debug, Default)]
+pub struct Holds {
+    pub requests: AtomicU64,
+    pub bytes: AtomicU64,
 }
 
-/// Waits for a ready endpoint of `target`, at most its cold-start timeout, and not past the
-/// request's own `deadline` if it has one.
-pub async fn wait_ready(
-    target: &Arc<Target>,
-    deadline: Option<Deadline>,
-) -> Result<Held<'_>, ProxyError> {
+/// A request counted as held, on its target and in [`Holds`], until dropped.
+#[derive(Debug)]
+pub struct Admitted<'a> {
+    _pending: CountGuard<'a>,
+    _bytes: Reserved<'a>,
+    _all: Reserved<'a>,
+    _all_bytes: Reserved<'a>,
+    _body: Reserved<'a>,
+}
+
+/// Counts `req` as held on `target` if every bound lets it in: the target's `max_pending`
+/// and `max_pending_bytes`, then all targets' `max_held_requests` and `max_held_bytes`.
+pub fn admit<'a, B: Body>(
+    target: &'a Target,
+    holds: &'a Holds,
+    limits: &Limits,
+    req: &Request<B>,
+    client: &'a Client,
+) -> Result<Admitted<'a>, ProxyError> {
     let serving = &target.serving;
-    let Some(held) = CountGuard::below(&target.stats.pending, i64::from(serving.max_pending))
+    let Some(pending) = CountGuard::below(&target.stats.pending, i64::from(serving.max_pending))
     else {
         return Err(ProxyError::QueueFull {
             target: target.name.clone(),
             max: serving.max_pending,
         });
     };
+    // HTTP/2 body bytes wait in h2's buffers within the stream's window, and all streams of
+    // a connection within its window: the connection's share is what is left of that.
+    let body = Reserved::up_to(
+        &client.held_body,
+        body_allowance(req),
+        H2_CONNECTION_WINDOW.into(),
+    );
+    let cost = head_size(req) + body.amount();
+    let Some(bytes) =
+        Reserved::within(&target.stats.pending_bytes, cost, serving.max_pending_bytes)
+    else {
+        return Err(ProxyError::QueueBytes {
+            target: target.name.clone(),
+            max: serving.max_pending_bytes,
+        });
+    };
+    let Some(all) = Reserved::within(&holds.requests, 1, limits.max_held_requests.into()) else {
+        return Err(ProxyError::HoldLimit(limits.max_held_requests.to_string()));
+    };
+    let Some(all_bytes) = Reserved::within(&holds.bytes, cost, limits.max_held_bytes) else {
+        return Err(ProxyError::HoldLimit(format!(
+            "{} of",
+            size::show(limits.max_held_bytes)
+        )));
+    };
+    Ok(Admitted {
+        _pending: pending,
+        _bytes: bytes,
+        _all: all,
+        _all_bytes: all_bytes,
+        _body: body,
+    })
+}
+
+/// What holding `req` pins in wakegate's memory, its body aside: its request line and
+/// headers, each header counted as HTTP/2 counts a header list (name, value and 32 bytes,
+/// RFC 9113 §6.5.2), about what a header map entry takes.
+pub fn head_size<B>(req: &Request<B>) -> u64 {
+    let line = req.method().as_str().len() + req.uri().to_string().len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum();
+    (line + headers) as u64
+}
+
+/// The body bytes a held request's client may send before wakegate forwards it: on HTTP/1
+/// none (they wait in the client's socket until wakegate reads them), on HTTP/2 up to the
+/// stream's flow-control window, or its length if that is less.
+pub fn body_allowance<B: Body>(req: &Request<B>) -> u64 {
+    let body = req.body();
+    if req.version() < Version::HTTP_2 || body.is_end_stream() {
+        return 0;
+    }
+    let window = u64::from(H2_STREAM_WINDOW);
+    body.size_hint()
+        .exact()
+        .map_or(window, |length| length.min(window))
+}
+
+/// How a hold ended, short of an error.
+pub enum Held<'a> {
+    /// An endpoint is ready. The admission keeps the request counted as held; drop it only
+    /// once the request is counted in flight, so the target never looks idle in between.
+    Ready(Lease, Admitted<'a>),
+    /// The target was replaced: hold the request for this one instead.
+    Moved(Arc<Target>),
+}
+
+/// Waits for a ready endpoint of `target`, at most its cold-start timeout, and not past the
+/// request's own `deadline` if it has one; `held` counts the request meanwhile.
+pub async fn wait_ready<'a>(
+    target: &'a Arc<Target>,
+    deadline: Option<Deadline>,
+    held: Admitted<'a>,
+) -> Result<Held<'a>, ProxyError> {
+    let serving = &target.serving;
     let held_at = Instant::now();
     let timed_out = || ProxyError::ColdStartTimeout {
         target: target.name.clone(),

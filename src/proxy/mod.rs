@@ -91,6 +91,10 @@ pub struct Shared {
     pub access_log: ArcSwapOption<access_log::AccessLog>,
     /// Access log lines dropped because its writer fell behind.
     pub access_log_dropped: Arc<AtomicU64>,
+    /// All targets' held requests, against `[limits]`.
+    pub holds: hold::Holds,
+    /// Resident memory against `[limits]` `memory_budget`.
+    pub memory: Arc<crate::memory::Memory>,
 }
 
 impl Shared {
@@ -111,6 +115,8 @@ impl Shared {
             clients: server::ClientStats::default(),
             access_log: ArcSwapOption::empty(),
             access_log_dropped: Arc::default(),
+            holds: hold::Holds::default(),
+            memory: Arc::default(),
         }
     }
 }
@@ -280,6 +286,14 @@ impl Proxy {
                 noted,
             );
         }
+        // Over the memory budget, nothing new is taken on; what is held or in flight goes on.
+        if shared.memory.over_budget() {
+            target.stats.reject(Reject::MemoryBudget);
+            if let Some(noted) = noted.as_deref_mut() {
+                noted.target = Some(target.clone());
+            }
+            return answer.refused(ProxyError::MemoryBudget, noted);
+        }
 
         let started = Instant::now();
         let method = method_index(req.method());
@@ -350,7 +364,14 @@ impl Proxy {
             }
             None => {
                 let waiting_since = noted.is_some().then(Instant::now);
-                let held = hold::wait_ready(target, deadline)
+                let admitted = hold::admit(
+                    target,
+                    &self.inner.shared.holds,
+                    &self.inner.shared.limits.borrow(),
+                    &req,
+                    client,
+                )?;
+                let held = hold::wait_ready(target, deadline, admitted)
                     .instrument(tracing::debug_span!("hold", target = %target.name()))
                     .await;
                 if let (Some(noted), Some(since)) = (noted.as_deref_mut(), waiting_since) {

@@ -56,6 +56,12 @@ enum Protocol {
     Http2,
 }
 
+/// The body bytes an HTTP/2 client may send on one stream before wakegate reads them.
+pub const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// The body bytes an HTTP/2 client may send on all streams of a connection before wakegate
+/// reads them.
+pub const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+
 /// How client connections are served: the HTTP/1.1 and HTTP/2 settings and the limits of
 /// `[limits]`, how many are open, and what a drain needs to reach every open connection.
 /// Cleartext and TLS connections of a worker alike.
@@ -118,7 +124,11 @@ impl Connections {
             .max_header_list_size(limits.max_header_bytes)
             .max_concurrent_streams(limits.max_concurrent_streams)
             .max_pending_accept_reset_streams(limits.max_pending_reset_streams as usize)
-            .max_local_error_reset_streams(limits.max_local_reset_streams as usize);
+            .max_local_error_reset_streams(limits.max_local_reset_streams as usize)
+            // hyper's own defaults, set here because a held request's accounting
+            // (`hold::cost`) counts what they let a client send before it is forwarded.
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW);
         self.http1 = http1;
         self.http2 = http2;
         self.header_read_timeout = limits.header_read_timeout;

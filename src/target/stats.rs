@@ -47,10 +47,17 @@ pub enum Reject {
     RateLimited,
     /// Every endpoint of the target was unhealthy: none was tried.
     UpstreamUnhealthy,
+    /// The target's held requests pinned `max_pending_bytes` already.
+    QueueBytes,
+    /// All targets' held requests together reached `[limits]` `max_held_requests` or
+    /// `max_held_bytes`.
+    HoldLimit,
+    /// wakegate's resident memory was over `[limits]` `memory_budget`.
+    MemoryBudget,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 12] = [
+    pub const ALL: [Reject; 15] = [
         Reject::QueueFull,
         Reject::ColdStartTimeout,
         Reject::StartFailed,
@@ -63,6 +70,9 @@ impl Reject {
         Reject::StartBackoff,
         Reject::RateLimited,
         Reject::UpstreamUnhealthy,
+        Reject::QueueBytes,
+        Reject::HoldLimit,
+        Reject::MemoryBudget,
     ];
 
     pub fn label(self) -> &'static str {
@@ -79,6 +89,9 @@ impl Reject {
             Reject::StartBackoff => "start_backoff",
             Reject::RateLimited => "rate_limited",
             Reject::UpstreamUnhealthy => "upstream_unhealthy",
+            Reject::QueueBytes => "queue_bytes",
+            Reject::HoldLimit => "hold_limit",
+            Reject::MemoryBudget => "memory_budget",
         }
     }
 }
@@ -253,6 +266,8 @@ pub struct Stats {
     pub in_flight: AtomicI64,
     /// Requests held while no instance is ready.
     pub pending: AtomicI64,
+    /// What the held requests pin (see `proxy::hold::cost`).
+    pub pending_bytes: AtomicU64,
     pub requests: RequestCounts,
     pub duration: Histogram,
     pub cold_starts: AtomicU64,
@@ -273,6 +288,7 @@ impl Default for Stats {
         Self {
             in_flight: AtomicI64::new(0),
             pending: AtomicI64::new(0),
+            pending_bytes: AtomicU64::new(0),
             requests: RequestCounts::default(),
             duration: Histogram::new(REQUEST_BUCKETS),
             cold_starts: AtomicU64::new(0),
@@ -342,6 +358,50 @@ impl<'a> CountGuard<'a> {
 impl Drop for CountGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An amount added to a counter while the sum stays within a limit, taken off when dropped.
+#[derive(Debug)]
+pub struct Reserved<'a> {
+    counter: &'a AtomicU64,
+    amount: u64,
+}
+
+impl<'a> Reserved<'a> {
+    /// Adds `amount` if the counter then stays within `limit`, or if the counter is zero:
+    /// one request larger than a limit alone is still let through when nothing else is.
+    pub fn within(counter: &'a AtomicU64, amount: u64, limit: u64) -> Option<Self> {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n == 0 || n.saturating_add(amount) <= limit).then_some(n.saturating_add(amount))
+            })
+            .ok()
+            .map(|_| Reserved { counter, amount })
+    }
+
+    /// Adds up to `amount`, as much as keeps the counter within `limit`: what is left of a
+    /// shared allowance.
+    pub fn up_to(counter: &'a AtomicU64, amount: u64, limit: u64) -> Self {
+        let mut taken = 0;
+        let _ = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            taken = amount.min(limit.saturating_sub(n));
+            Some(n + taken)
+        });
+        Reserved {
+            counter,
+            amount: taken,
+        }
+    }
+
+    pub fn amount(&self) -> u64 {
+        self.amount
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.amount, Ordering::SeqCst);
     }
 }
 

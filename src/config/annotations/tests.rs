@@ -113,6 +113,7 @@ fn every_annotation_is_read() {
             ("idle-timeout", "10m"),
             ("cold-start-timeout", "2m"),
             ("max-pending", "50"),
+            ("max-pending-bytes", "16MiB"),
             ("wake-page", "true"),
         ],
         &[("http", 80), ("metrics", 9090)],
@@ -132,6 +133,7 @@ fn every_annotation_is_read() {
     assert_eq!(t.serving.idle_timeout, Duration::from_secs(600));
     assert_eq!(t.serving.cold_start_timeout, Duration::from_secs(120));
     assert_eq!(t.serving.max_pending, 50);
+    assert_eq!(t.serving.max_pending_bytes, 16 << 20);
     assert!(t.serving.wake_page);
 }
 
@@ -143,11 +145,13 @@ fn a_bad_tuning_value_uses_its_default_and_says_so() {
             ("max-replicas", "ten"),
             ("idle-timeout", "soon"),
             ("metric", "cpu"),
+            ("max-pending-bytes", "16M"),
             ("typo", "1"),
         ],
         &[("http", 80)],
     )));
     assert_eq!(t.scaling.max, 10);
+    assert_eq!(t.serving.max_pending_bytes, 64 << 20);
     assert_eq!(t.serving.idle_timeout, Duration::from_secs(300));
     assert_eq!(t.scaling.metric, Metric::Concurrency);
     let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
@@ -155,6 +159,7 @@ fn a_bad_tuning_value_uses_its_default_and_says_so() {
         "wakegate.io/max-replicas",
         "wakegate.io/idle-timeout",
         "wakegate.io/metric",
+        "wakegate.io/max-pending-bytes",
         "wakegate.io/typo",
     ] {
         assert!(fields.contains(&field), "{field} in {fields:?}");
@@ -168,6 +173,11 @@ fn a_bad_tuning_value_uses_its_default_and_says_so() {
         max.expected.contains("whole number") && max.expected.contains("using 10"),
         "{max}"
     );
+    let bytes = problems
+        .iter()
+        .find(|p| p.field == "wakegate.io/max-pending-bytes")
+        .unwrap();
+    assert!(bytes.expected.ends_with("using 64 MiB"), "{bytes}");
 }
 
 #[test]
