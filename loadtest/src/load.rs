@@ -834,3 +834,147 @@ impl Progress {
         self.task.await.unwrap_or_default()
     }
 }
+
+/// What [`all_at_once`] saw.
+pub struct AllAtOnce {
+    /// Connections that could not be opened, by error kind.
+    pub connect_errors: BTreeMap<String, u64>,
+    /// Each answered (or failed) request: time since the release, and its status code or
+    /// error kind; in no particular order.
+    pub finished: Vec<(Duration, String)>,
+    /// `rss_kib()` before the release, with every connection open.
+    pub rss_before_kib: u64,
+    /// (ms since the release, `rss_kib()` in MiB), every 20 ms until the last answer.
+    pub rss: Vec<(f64, f64)>,
+}
+
+/// Opens `requests` HTTP/1.1 connections to `addr` (`connecting` at a time), then sends
+/// `GET path` with `host` on every one at the same instant, each given up after `limit`;
+/// samples `rss_kib` (a proxy's memory) meanwhile.
+pub async fn all_at_once(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    requests: usize,
+    connecting: usize,
+    limit: Duration,
+    rss_kib: impl Fn() -> u64 + Send + Sync + 'static,
+) -> AllAtOnce {
+    use http_body_util::Empty;
+    use tokio::sync::{Semaphore, watch};
+
+    let (release_tx, release_rx) = watch::channel(false);
+    let connecting = Arc::new(Semaphore::new(connecting));
+    let (opened_tx, mut opened_rx) = mpsc::channel::<Result<(), String>>(requests);
+    let mut tasks = tokio::task::JoinSet::new();
+    let uri: Uri = path.parse().expect("a valid path");
+    let host = HeaderValue::from_str(host).expect("a valid host");
+    for _ in 0..requests {
+        let connecting = connecting.clone();
+        let opened = opened_tx.clone();
+        let mut release = release_rx.clone();
+        let (uri, host) = (uri.clone(), host.clone());
+        tasks.spawn(async move {
+            let permit = connecting.acquire_owned().await.expect("never closed");
+            let connected = async {
+                let stream =
+                    tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+                        .await
+                        .map_err(|_| "connect: timeout".to_owned())?
+                        .map_err(|e| format!("connect: {}", io_kind(&e)))?;
+                let _ = stream.set_nodelay(true);
+                let (sender, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| kind_of(&e))?;
+                tokio::spawn(conn);
+                Ok::<_, String>(sender)
+            }
+            .await;
+            drop(permit);
+            let mut sender = match connected {
+                Ok(sender) => {
+                    let _ = opened.send(Ok(())).await;
+                    sender
+                }
+                Err(kind) => {
+                    let _ = opened.send(Err(kind)).await;
+                    return None;
+                }
+            };
+            drop(opened);
+            let _ = release.wait_for(|go| *go).await;
+            let req = Request::get(uri)
+                .header(header::HOST, host)
+                .body(Empty::new())
+                .expect("a valid request");
+            let exchange = async {
+                let response = sender.send_request(req).await.map_err(|e| kind_of(&e))?;
+                let status = response.status();
+                response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| kind_of(&e))?;
+                Ok::<_, String>(status.as_u16().to_string())
+            };
+            let outcome = tokio::time::timeout(limit, exchange)
+                .await
+                .unwrap_or_else(|_| Err("timeout".into()))
+                .unwrap_or_else(|kind| kind);
+            Some((outcome, Instant::now()))
+        });
+    }
+    drop(opened_tx);
+    let mut connect_errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut opened = 0;
+    while let Some(result) = opened_rx.recv().await {
+        match result {
+            Ok(()) => opened += 1,
+            Err(kind) => *connect_errors.entry(kind).or_default() += 1,
+        }
+    }
+    crate::scenario::log(format!(
+        "{opened} connections open ({} failed); releasing every request",
+        requests - opened
+    ));
+    let rss_kib = Arc::new(rss_kib);
+    let rss_before_kib = rss_kib();
+
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let mut samples = Vec::new();
+            while sampling.load(Ordering::Relaxed) {
+                samples.push((
+                    start.elapsed().as_secs_f64() * 1000.0,
+                    rss_kib() as f64 / 1024.0,
+                ));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            samples
+        })
+    };
+    let released = Instant::now();
+    let _ = release_tx.send(true);
+    let mut finished = Vec::with_capacity(requests);
+    let mut done = 0usize;
+    while let Some(joined) = tasks.join_next().await {
+        done += 1;
+        if done.is_multiple_of(500) || done == requests {
+            crate::scenario::progress(format!("{done}/{requests} finished"));
+        }
+        if let Ok(Some((outcome, at))) = joined {
+            finished.push((at.saturating_duration_since(released), outcome));
+        }
+    }
+    crate::scenario::progress_end();
+    sampling.store(false, Ordering::Relaxed);
+    AllAtOnce {
+        connect_errors,
+        finished,
+        rss_before_kib,
+        rss: sampler.await.unwrap_or_default(),
+    }
+}

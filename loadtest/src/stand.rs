@@ -286,6 +286,57 @@ pub fn start_nginx_tls_proxy(
     )
 }
 
+/// `haproxy -v`'s version, or `None` when HAProxy is not installed.
+pub fn haproxy_version() -> Option<String> {
+    let out = Command::new("haproxy").arg("-v").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next()?;
+    Some(first.trim().to_owned())
+}
+
+/// The message scenarios print when they skip HAProxy.
+pub const NO_HAPROXY: &str =
+    "HAProxy is not installed (Debian: apt-get install -y haproxy): the HAProxy path is skipped";
+
+/// HAProxy as a reverse proxy to `upstream` in HTTP mode, one thread per core (as wakegate's
+/// workers), idle upstream connections kept and reused (`http-reuse always`), no log.
+pub fn start_haproxy_proxy(work: &WorkDir, upstream: SocketAddr) -> Result<Server, Error> {
+    let port = procs::free_port()?;
+    let dir = work.sub("haproxy")?;
+    let conf = format!(
+        "global
+    nbthread {threads}
+    maxconn 9000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    timeout http-keep-alive 60s
+    http-reuse always
+frontend proxy
+    bind 127.0.0.1:{port}
+    default_backend upstream
+backend upstream
+    server upstream {upstream}
+",
+        threads = threads()
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, conf).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+    let mut command = Command::new("haproxy");
+    // -db: in the foreground, not as a daemon.
+    command.arg("-db").arg("-f").arg(&path);
+    Server::spawn(
+        work,
+        "haproxy",
+        command,
+        port,
+        Duration::from_secs(10),
+        false,
+    )
+}
+
 /// The built-in demo backend, `wakegate demo-backend`, on a free port.
 pub fn start_demo(work: &WorkDir, wakegate: &Path, name: &str) -> Result<Server, Error> {
     let port = procs::free_port()?;

@@ -5,17 +5,9 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, header};
-use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::sync::{Semaphore, watch};
 use wakegate::plot::Panel;
 
 use super::{Settings, log};
@@ -219,119 +211,19 @@ stop_grace = \"2s\"
         .await?;
     let pid = wakegate.server.pid();
 
-    // Open every connection first.
-    let (release_tx, release_rx) = watch::channel(false);
-    let connecting = Arc::new(Semaphore::new(CONNECTING));
-    let (opened_tx, mut opened_rx) = tokio::sync::mpsc::channel::<Result<(), String>>(requests);
-    let mut tasks = tokio::task::JoinSet::new();
-    let addr = wakegate.server.addr;
-    for _ in 0..requests {
-        let connecting = connecting.clone();
-        let opened = opened_tx.clone();
-        let mut release = release_rx.clone();
-        tasks.spawn(async move {
-            let permit = connecting.acquire_owned().await.expect("never closed");
-            let connected = async {
-                let stream = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    tokio::net::TcpStream::connect(addr),
-                )
-                .await
-                .map_err(|_| "connect: timeout".to_owned())?
-                .map_err(|e| format!("connect: {}", load::io_kind(&e)))?;
-                let _ = stream.set_nodelay(true);
-                let (sender, conn) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-                    .await
-                    .map_err(|e| load::kind_of(&e))?;
-                tokio::spawn(conn);
-                Ok::<_, String>(sender)
-            }
-            .await;
-            drop(permit);
-            let mut sender = match connected {
-                Ok(sender) => {
-                    let _ = opened.send(Ok(())).await;
-                    sender
-                }
-                Err(kind) => {
-                    let _ = opened.send(Err(kind)).await;
-                    return None;
-                }
-            };
-            drop(opened);
-            let _ = release.wait_for(|go| *go).await;
-            let req = Request::get("/")
-                .header(header::HOST, "burst.loadtest")
-                .body(Empty::new())
-                .expect("a valid request");
-            let exchange = async {
-                let response = sender
-                    .send_request(req)
-                    .await
-                    .map_err(|e| load::kind_of(&e))?;
-                let status = response.status();
-                response
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| load::kind_of(&e))?;
-                Ok::<_, String>(status.as_u16().to_string())
-            };
-            let outcome = tokio::time::timeout(REQUEST_LIMIT, exchange)
-                .await
-                .unwrap_or_else(|_| Err("timeout".into()))
-                .unwrap_or_else(|kind| kind);
-            Some((outcome, Instant::now()))
-        });
-    }
-    drop(opened_tx);
-    let mut connect_errors: BTreeMap<String, u64> = BTreeMap::new();
-    let mut opened = 0;
-    while let Some(result) = opened_rx.recv().await {
-        match result {
-            Ok(()) => opened += 1,
-            Err(kind) => *connect_errors.entry(kind).or_default() += 1,
-        }
-    }
-    log(format!(
-        "{opened} connections open ({} failed); releasing every request",
-        requests - opened
-    ));
-    let rss_before_mib = procs::status_kb(pid, "VmRSS") as f64 / 1024.0;
-
-    // Sample wakegate's memory while the burst drains.
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let sampling = sampling.clone();
-        tokio::spawn(async move {
-            let start = Instant::now();
-            let mut samples = Vec::new();
-            while sampling.load(Ordering::Relaxed) {
-                samples.push((
-                    start.elapsed().as_secs_f64() * 1000.0,
-                    procs::status_kb(pid, "VmRSS") as f64 / 1024.0,
-                ));
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            samples
-        })
-    };
-    let released = Instant::now();
-    let _ = release_tx.send(true);
-    let mut finished = Vec::with_capacity(requests);
-    let mut done = 0usize;
-    while let Some(joined) = tasks.join_next().await {
-        done += 1;
-        if done.is_multiple_of(500) || done == requests {
-            super::progress(format!("{done}/{requests} finished"));
-        }
-        if let Ok(Some((outcome, at))) = joined {
-            finished.push((at.saturating_duration_since(released), outcome));
-        }
-    }
-    super::progress_end();
-    sampling.store(false, Ordering::Relaxed);
-    let rss = sampler.await.unwrap_or_default();
+    let released = load::all_at_once(
+        wakegate.server.addr,
+        "burst.loadtest",
+        "/",
+        requests,
+        CONNECTING,
+        REQUEST_LIMIT,
+        move || procs::status_kb(pid, "VmRSS"),
+    )
+    .await;
+    let (connect_errors, mut finished, rss) =
+        (released.connect_errors, released.finished, released.rss);
+    let rss_before_mib = released.rss_before_kib as f64 / 1024.0;
     wakegate.server.check_running()?;
     let peak_rss_mib = wakegate.server.peak_rss_mib();
     let target = wakegate.target("burst").await?;

@@ -5,6 +5,7 @@
 mod burst;
 mod cold_start;
 mod grpc;
+mod inflight;
 mod kube_scale;
 mod latency;
 mod routes;
@@ -27,6 +28,9 @@ pub enum Name {
     ColdStart,
     /// 10,000 concurrent requests arriving at a cold target.
     Burst,
+    /// 4,000 requests in flight to a slow upstream: each proxy's memory per request, wakegate
+    /// vs nginx vs HAProxy.
+    Inflight,
     /// Throughput and memory with 1, 1,000 and 10,000 targets.
     Routes,
     /// h2c on both sides: gRPC unary calls, then GETs forwarded over HTTP/1.1; direct, through
@@ -78,6 +82,7 @@ pub async fn run(name: Name, settings: &Settings) -> Result<(), Error> {
             Name::Latency,
             Name::ColdStart,
             Name::Burst,
+            Name::Inflight,
             Name::Routes,
             Name::Grpc,
             Name::Tls,
@@ -90,6 +95,7 @@ pub async fn run(name: Name, settings: &Settings) -> Result<(), Error> {
             Name::Latency => latency::run(settings).await?,
             Name::ColdStart => cold_start::run(settings).await?,
             Name::Burst => burst::run(settings).await?,
+            Name::Inflight => inflight::run(settings).await?,
             Name::Routes => routes::run(settings).await?,
             Name::Grpc => grpc::run(settings).await?,
             Name::Tls => tls::run(settings).await?,
@@ -103,12 +109,12 @@ pub async fn run(name: Name, settings: &Settings) -> Result<(), Error> {
     Ok(())
 }
 
-fn log(message: impl std::fmt::Display) {
+pub(crate) fn log(message: impl std::fmt::Display) {
     eprintln!(">> {message}");
 }
 
 /// A progress line: `\r`-updated on a terminal, one line each otherwise.
-fn progress(line: String) {
+pub(crate) fn progress(line: String) {
     use std::io::IsTerminal;
     if std::io::stderr().is_terminal() {
         eprint!("\r{line}\x1b[K");
@@ -117,7 +123,7 @@ fn progress(line: String) {
     }
 }
 
-fn progress_end() {
+pub(crate) fn progress_end() {
     use std::io::IsTerminal;
     if std::io::stderr().is_terminal() {
         eprintln!();
