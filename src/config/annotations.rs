@@ -17,7 +17,7 @@ use super::{MAX_DURATION, Problem, defaults};
 pub const PREFIX: &str = "wakegate.io/";
 
 /// Every annotation wakegate reads; anything else under the prefix is reported as unknown.
-pub const KNOWN: [&str; 21] = [
+pub const KNOWN: [&str; 22] = [
     "enabled",
     "deployment",
     "workload",
@@ -30,6 +30,7 @@ pub const KNOWN: [&str; 21] = [
     "target",
     "scale-down-delay",
     "idle-timeout",
+    "stream-idle-timeout",
     "cold-start-timeout",
     "max-pending",
     "wake-page",
@@ -310,6 +311,7 @@ pub fn from_service(service: &Service) -> Outcome {
     };
     let scale_down_delay = duration("scale-down-delay", defaults::scale_down_delay());
     let idle_timeout = duration("idle-timeout", defaults::idle_timeout());
+    let stream_idle_timeout = duration("stream-idle-timeout", idle_timeout);
     let cold_start_timeout = duration("cold-start-timeout", defaults::cold_start_timeout());
     let every = duration("prometheus-interval", PrometheusSource::default_every());
     let wake_page = match get("wake-page") {
@@ -419,6 +421,7 @@ pub fn from_service(service: &Service) -> Outcome {
         },
         serving: Serving {
             idle_timeout,
+            stream_idle_timeout,
             cold_start_timeout,
             max_pending,
             response_timeout: None,
