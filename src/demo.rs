@@ -4,8 +4,9 @@
 //!
 //! `/` says hello with its pid and port, `/healthz` answers `ok`, `/echo` streams the request
 //! body back, `/sleep?ms=N` answers after N milliseconds, `/headers` returns the request
-//! headers as JSON, `/trailers` answers with the request's trailers as response trailers, and
-//! `/ws` is a WebSocket echo. Requests with a gRPC content type go to its gRPC services
+//! headers as JSON, `/trailers` answers with the request's trailers as response trailers,
+//! `/events` is a server-sent event stream (one event at once, then one every `?every=`
+//! duration, or none more without it) and `/ws` is a WebSocket echo. Requests with a gRPC content type go to its gRPC services
 //! ([`grpc`]): `wakegate.demo.v1.Echo` and `grpc.health.v1.Health`.
 
 pub mod grpc;
@@ -163,10 +164,42 @@ async fn handle(mut req: Request<Incoming>, port: u16) -> Result<Response<Body>,
                 serde_json::Value::Object(headers).to_string(),
             )
         }
+        "/events" => events(req.uri().query()),
         "/ws" => websocket(&mut req),
         _ => full(StatusCode::NOT_FOUND, "not found\n"),
     };
     Ok(response)
+}
+
+/// Server-sent events: `data: 1` at once, then the next one every `?every=` (a duration such
+/// as `500ms`), or nothing more (a stream that stays open and silent) without it.
+fn events(query: Option<&str>) -> Response<Body> {
+    let every = query
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("every=")))
+        .map(humantime::parse_duration);
+    let every = match every {
+        None => None,
+        Some(Ok(every)) if !every.is_zero() => Some(every),
+        Some(_) => return full(StatusCode::BAD_REQUEST, "expected ?every=DURATION\n"),
+    };
+    let events = futures_util::stream::unfold(1u64, move |n| async move {
+        if n > 1 {
+            match every {
+                Some(every) => tokio::time::sleep(every).await,
+                None => std::future::pending::<()>().await,
+            }
+        }
+        let event = Bytes::from(format!("data: {n}\n\n"));
+        Some((Ok::<_, BoxError>(hyper::body::Frame::data(event)), n + 1))
+    });
+    let mut response = Response::new(BodyExt::boxed_unsync(http_body_util::StreamBody::new(
+        events,
+    )));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    response
 }
 
 /// Accepts a WebSocket upgrade and echoes every message back.

@@ -231,13 +231,10 @@ fn find(snapshot: &Snapshot, query: &Query) -> Result<Arc<Target>, Status> {
         })
 }
 
-/// Whether `target` should run: requests held or in flight (here or, as last sampled, on other
-/// replicas), or its last activity within its idle timeout.
+/// Whether `target` should run: requests held or in flight but for idle streams (here or, as
+/// last sampled, on other replicas), or its last activity within its idle timeout.
 fn active(target: &Target, signal: &Signal, now: Instant) -> bool {
-    target.stats.pending() > 0
-        || target.stats.in_flight() > 0
-        || signal.demand > 0
-        || idle_at(target, signal).is_some_and(|at| now < at)
+    target.demand() > 0 || signal.demand > 0 || idle_at(target, signal).is_some_and(|at| now < at)
 }
 
 /// When the target goes idle if nothing more happens.

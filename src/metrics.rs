@@ -14,6 +14,7 @@ use crate::proxy::edge::Refusal;
 use crate::proxy::tls::{HandshakeFailure, Tls};
 use crate::target::Target;
 use crate::target::stats::{Histogram, QueryFailure, Reject};
+use crate::target::streams::Close;
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -172,6 +173,32 @@ impl prometheus_client::collector::Collector for TargetCollector {
             "Requests forwarded to an instance whose response has not finished.",
             targets,
             |t| t.stats.in_flight() as i64,
+        )?;
+        Self::gauge(
+            &mut encoder,
+            "wakegate_open_streams",
+            "Streams open: responses still streaming after they first waited for their \
+             upstream, and upgraded connections such as WebSocket.",
+            targets,
+            |t| t.streams.open() as i64,
+        )?;
+        Self::gauge(
+            &mut encoder,
+            "wakegate_idle_streams",
+            "Open streams that carried nothing for the target's stream_idle_timeout: still \
+             served, but no longer keeping the target awake.",
+            targets,
+            |t| t.streams.idle() as i64,
+        )?;
+        let reasons = Close::ALL.map(|why| why.label());
+        Self::counter_by(
+            &mut encoder,
+            "wakegate_streams_closed",
+            "Streams wakegate closed gracefully because their instance was about to stop, by \
+             reason (scaled_to_zero, scaled_down).",
+            targets,
+            ("reason", &reasons),
+            |t, i| t.streams.closed_total(Close::ALL[i]),
         )?;
         Self::gauge(
             &mut encoder,

@@ -18,7 +18,7 @@ use super::{MAX_DURATION, Problem, defaults, size};
 pub const PREFIX: &str = "wakegate.io/";
 
 /// Every annotation wakegate reads; anything else under the prefix is reported as unknown.
-pub const KNOWN: [&str; 22] = [
+pub const KNOWN: &[&str] = &[
     "enabled",
     "deployment",
     "workload",
@@ -31,6 +31,7 @@ pub const KNOWN: [&str; 22] = [
     "target",
     "scale-down-delay",
     "idle-timeout",
+    "stream-idle-timeout",
     "cold-start-timeout",
     "max-pending",
     "max-pending-bytes",
@@ -331,6 +332,7 @@ pub fn from_service(service: &Service) -> Outcome {
     };
     let scale_down_delay = duration("scale-down-delay", defaults::scale_down_delay());
     let idle_timeout = duration("idle-timeout", defaults::idle_timeout());
+    let stream_idle_timeout = duration("stream-idle-timeout", idle_timeout);
     let cold_start_timeout = duration("cold-start-timeout", defaults::cold_start_timeout());
     let every = duration("prometheus-interval", PrometheusSource::default_every());
     let wake_page = match get("wake-page") {
@@ -440,6 +442,7 @@ pub fn from_service(service: &Service) -> Outcome {
         },
         serving: Serving {
             idle_timeout,
+            stream_idle_timeout,
             cold_start_timeout,
             max_pending,
             max_pending_bytes,

@@ -70,6 +70,9 @@ pub struct FileTarget {
     pub ready: ReadyCheck,
     #[serde(default = "defaults::idle_timeout", with = "super::duration")]
     pub idle_timeout: Duration,
+    /// A stream quiet this long stops keeping the target awake; `idle_timeout` by default.
+    #[serde(default, with = "super::duration::option")]
+    pub stream_idle_timeout: Option<Duration>,
     #[serde(default = "defaults::cold_start_timeout", with = "super::duration")]
     pub cold_start_timeout: Duration,
     #[serde(default = "defaults::max_pending")]
@@ -437,6 +440,7 @@ impl FileTarget {
         for (field, value) in [
             ("cold_start_timeout", Some(self.cold_start_timeout)),
             ("idle_timeout", Some(self.idle_timeout)),
+            ("stream_idle_timeout", self.stream_idle_timeout),
             ("stop_grace", Some(self.stop_grace).filter(|d| !d.is_zero())),
             (
                 "start_backoff",
@@ -490,6 +494,7 @@ impl FileTarget {
             },
             serving: Serving {
                 idle_timeout: self.idle_timeout,
+                stream_idle_timeout: self.stream_idle_timeout.unwrap_or(self.idle_timeout),
                 cold_start_timeout: self.cold_start_timeout,
                 max_pending: self.max_pending,
                 max_pending_bytes: self.max_pending_bytes,

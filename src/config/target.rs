@@ -27,6 +27,9 @@ pub struct TargetConfig {
 pub struct Serving {
     /// No request for this long: the target may scale to zero.
     pub idle_timeout: Duration,
+    /// A stream (a response still streaming, an upgraded connection) that carried nothing in
+    /// either direction for this long no longer keeps the target awake.
+    pub stream_idle_timeout: Duration,
     /// The longest a request is held while the target wakes.
     pub cold_start_timeout: Duration,
     /// Requests held at once while the target wakes; more get 503.
@@ -133,6 +136,7 @@ impl Default for Serving {
     fn default() -> Self {
         Self {
             idle_timeout: defaults::idle_timeout(),
+            stream_idle_timeout: defaults::idle_timeout(),
             cold_start_timeout: defaults::cold_start_timeout(),
             max_pending: defaults::max_pending(),
             max_pending_bytes: defaults::max_pending_bytes(),

@@ -613,12 +613,30 @@ fn the_http_ready_check_needs_a_path() {
 }
 
 #[test]
+fn a_stream_idle_timeout_is_the_idle_timeout_unless_set() {
+    let config = |extra: &str| {
+        parse(&format!(
+            "[[target]]\n{UPSTREAM}idle_timeout = \"2m\"\n{extra}"
+        ))
+        .into_config()
+        .unwrap()
+        .targets
+        .remove(0)
+        .serving
+    };
+    assert_eq!(config("").stream_idle_timeout, Duration::from_secs(120));
+    let set = config("stream_idle_timeout = \"30s\"\n");
+    assert_eq!(set.stream_idle_timeout, Duration::from_secs(30));
+    assert_eq!(set.idle_timeout, Duration::from_secs(120));
+}
+
+#[test]
 fn target_durations_and_queue_must_be_above_zero() {
     let problems = problems_of_target(
         UPSTREAM,
-        "cold_start_timeout = \"0s\"\nidle_timeout = \"0s\"\nmax_pending = 0\nresponse_timeout = \"0s\"",
+        "cold_start_timeout = \"0s\"\nidle_timeout = \"0s\"\nstream_idle_timeout = \"0s\"\nmax_pending = 0\nresponse_timeout = \"0s\"",
     );
-    assert_eq!(problems.len(), 4, "{problems:#?}");
+    assert_eq!(problems.len(), 5, "{problems:#?}");
     assert_problem(
         &problems,
         "target[0] (api).cold_start_timeout",
@@ -628,6 +646,12 @@ fn target_durations_and_queue_must_be_above_zero() {
     assert_problem(
         &problems,
         "target[0] (api).idle_timeout",
+        "\"0s\"",
+        "above zero",
+    );
+    assert_problem(
+        &problems,
+        "target[0] (api).stream_idle_timeout",
         "\"0s\"",
         "above zero",
     );

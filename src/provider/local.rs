@@ -22,6 +22,7 @@ use self::output::OutputTail;
 use super::probe::probe;
 use super::{Desired, Managed, Provider, Scale};
 use crate::config::{Local, Protocol, ReadyCheck};
+use crate::target::streams::Close;
 use crate::target::{Backoff, Endpoint, Phase, Target};
 
 /// How often a starting instance's `tcp` readiness is checked, from its spawn on. A refused
@@ -98,6 +99,12 @@ async fn supervise(
                 .expect("more instances than wanted");
             let leaving = ready.swap_remove(at);
             publish(&target, &ready, &starting, &stopping, &mut published);
+            // Its streams close gracefully while it drains.
+            leaving.endpoint.close_streams(if ready.is_empty() {
+                Close::ScaledToZero
+            } else {
+                Close::ScaledDown
+            });
             stopping.spawn(stop_instance(
                 target.clone(),
                 local.stop_grace,

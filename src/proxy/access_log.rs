@@ -26,6 +26,7 @@ use http_body::{Body, Frame, SizeHint};
 use super::body::ProxyBody;
 use crate::config::{AccessLogConfig, AccessLogFormat};
 use crate::target::Target;
+use crate::target::streams::Stream;
 
 /// How often the writer takes the buffered lines, writes and flushes them.
 const WRITE_EVERY: Duration = Duration::from_millis(50);
@@ -488,16 +489,22 @@ impl Body for Logged {
     }
 }
 
-/// A request body that counts the bytes it passes on, for the access log.
+/// A request body that counts the bytes it passes on, for the access log, and marks its
+/// request's stream active with each frame (see [`crate::target::streams`]).
 #[derive(Debug)]
 pub struct Counted<B> {
     body: B,
     count: Option<Arc<AtomicU64>>,
+    activity: Option<Arc<Stream>>,
 }
 
 impl<B> Counted<B> {
-    pub fn new(body: B, count: Option<Arc<AtomicU64>>) -> Self {
-        Counted { body, count }
+    pub fn new(body: B, count: Option<Arc<AtomicU64>>, activity: Option<Arc<Stream>>) -> Self {
+        Counted {
+            body,
+            count,
+            activity,
+        }
     }
 }
 
@@ -511,10 +518,13 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let (Some(count), Poll::Ready(Some(Ok(frame)))) = (&this.count, &polled)
-            && let Some(data) = frame.data_ref()
-        {
-            count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(activity) = &this.activity {
+                activity.active();
+            }
+            if let (Some(count), Some(data)) = (&this.count, frame.data_ref()) {
+                count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
         }
         polled
     }

@@ -1,6 +1,10 @@
 //! The response body type of the data plane: an upstream body streamed through untouched (and
 //! carrying the request's in-flight count and its upstream connection until it ends), or a
 //! small body of wakegate's own.
+//!
+//! An upstream body that once had to wait for its upstream is a stream of its target's: its
+//! frames count as activity, and when its instance is about to stop it ends early, at a frame
+//! boundary (a gRPC response at a message boundary, with `grpc-status` UNAVAILABLE).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -10,8 +14,11 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::InFlight;
+use super::error;
 use super::multiplex::Stream;
 use super::pool::Pooled;
+use super::track::Watched;
+use crate::target::streams::Close;
 
 #[derive(Debug)]
 pub enum ProxyBody {
@@ -27,6 +34,30 @@ pub struct UpstreamBody {
     /// Released when the body is finished or dropped.
     in_flight: Option<InFlight>,
     connection: Option<Upstream>,
+    /// Boxed, and only once needed (a gRPC response, or a body that waited for its
+    /// upstream): most responses never need it, and every one in flight would carry it.
+    stream: Option<Box<StreamState>>,
+}
+
+/// What an upstream body keeps as a stream.
+#[derive(Debug, Default)]
+struct StreamState {
+    /// Set once the body first waited for its upstream: from then on it is a stream.
+    watched: Option<Watched>,
+    /// A gRPC response's message boundaries, to end it between two messages.
+    grpc: Option<GrpcMessages>,
+    ending: Ending,
+}
+
+/// Whether the body was asked to end early.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Ending {
+    #[default]
+    No,
+    /// At the next boundary.
+    Asked(Close),
+    /// A gRPC response's closing trailers went out; nothing follows.
+    Done,
 }
 
 /// What a response was read from.
@@ -49,11 +80,18 @@ impl Drop for UpstreamBody {
 }
 
 impl ProxyBody {
-    pub fn upstream(body: Incoming, in_flight: InFlight, connection: Upstream) -> Self {
+    /// `grpc`: the response is a gRPC call's, ended with a gRPC status when closed early.
+    pub fn upstream(body: Incoming, in_flight: InFlight, connection: Upstream, grpc: bool) -> Self {
         ProxyBody::Upstream(UpstreamBody {
             body,
             in_flight: Some(in_flight),
             connection: Some(connection),
+            stream: grpc.then(|| {
+                Box::new(StreamState {
+                    grpc: Some(GrpcMessages::default()),
+                    ..StreamState::default()
+                })
+            }),
         })
     }
 
@@ -75,13 +113,7 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream(upstream) => {
-                let polled = Pin::new(&mut upstream.body).poll_frame(cx);
-                if let Poll::Ready(None) = polled {
-                    upstream.in_flight.take();
-                }
-                polled
-            }
+            ProxyBody::Upstream(upstream) => upstream.poll(cx),
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ProxyBody::Logged(logged) => Pin::new(&mut **logged).poll_frame(cx),
         }
@@ -89,7 +121,13 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream(upstream) => upstream.body.is_end_stream(),
+            ProxyBody::Upstream(upstream) => {
+                upstream
+                    .stream
+                    .as_ref()
+                    .is_some_and(|s| s.ending == Ending::Done)
+                    || upstream.body.is_end_stream()
+            }
             ProxyBody::Full(data) => data.is_none(),
             ProxyBody::Logged(logged) => logged.is_end_stream(),
         }
@@ -101,6 +139,131 @@ impl Body for ProxyBody {
             ProxyBody::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
             ProxyBody::Logged(logged) => logged.size_hint(),
+        }
+    }
+}
+
+impl UpstreamBody {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(end) = self.end_if_asked() {
+            return Poll::Ready(end);
+        }
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(stream) = &mut self.stream {
+                    if let Some(watched) = &stream.watched {
+                        watched.activity.active();
+                    }
+                    if let (Some(grpc), Some(data)) = (&mut stream.grpc, frame.data_ref()) {
+                        grpc.read(data);
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                self.in_flight.take();
+            }
+            Poll::Ready(Some(Err(_))) => {}
+            Poll::Pending => {
+                let Some(in_flight) = &mut self.in_flight else {
+                    return polled;
+                };
+                let stream = self.stream.get_or_insert_with(Box::default);
+                let watched = stream.watched.get_or_insert_with(|| in_flight.watch());
+                if stream.ending == Ending::No
+                    && let Poll::Ready(why) = watched.closing.as_mut().poll(cx)
+                {
+                    in_flight.target().streams.closed(why);
+                    stream.ending = Ending::Asked(why);
+                    // A gRPC response in the middle of a message waits for its end.
+                    if let Some(end) = self.end_if_asked() {
+                        return Poll::Ready(end);
+                    }
+                }
+            }
+        }
+        polled
+    }
+
+    /// Once asked to end and at a boundary: the end (a gRPC response's status first).
+    fn end_if_asked(&mut self) -> Option<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let stream = self.stream.as_mut()?;
+        match stream.ending {
+            Ending::No => None,
+            Ending::Done => Some(None),
+            Ending::Asked(why) => {
+                match &stream.grpc {
+                    Some(grpc) if !grpc.at_boundary() => None,
+                    grpc => {
+                        let grpc = grpc.is_some();
+                        stream.ending = Ending::Done;
+                        // The upstream's side of the stream is dropped with it: its HTTP/1.1
+                        // connection closed, its HTTP/2 stream reset.
+                        self.in_flight.take();
+                        Some(grpc.then(|| {
+                            Ok(Frame::trailers(error::grpc_closed_trailers(why.message())))
+                        }))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where a gRPC response body is in its length-prefixed messages (a flag byte, a 4-byte
+/// big-endian length, then the message).
+#[derive(Debug, Default)]
+struct GrpcMessages {
+    /// Prefix bytes read of the next message.
+    prefix: [u8; 5],
+    have: usize,
+    /// Bytes of the current message still to come (a message's length is 32 bits).
+    remaining: u32,
+}
+
+impl GrpcMessages {
+    fn read(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = data.len().min(self.remaining as usize);
+                self.remaining -= n as u32;
+                data = &data[n..];
+                continue;
+            }
+            let n = data.len().min(5 - self.have);
+            self.prefix[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 5 {
+                let length = &self.prefix[1..];
+                self.remaining = u32::from_be_bytes([length[0], length[1], length[2], length[3]]);
+                self.have = 0;
+            }
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.remaining == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_message_boundaries_are_found_whatever_the_frames() {
+        let mut messages = GrpcMessages::default();
+        let one = [0, 0, 0, 0, 3, b'a', b'b', b'c'];
+        let empty = [0, 0, 0, 0, 0];
+        let stream: Vec<u8> = one.iter().chain(&empty).chain(&one).copied().collect();
+        for split in 0..stream.len() {
+            let (a, b) = stream.split_at(split);
+            messages.read(a);
+            let between = [0, 8, 13].contains(&split);
+            assert_eq!(messages.at_boundary(), between, "after {split} bytes");
+            messages.read(b);
+            assert!(messages.at_boundary(), "at the end");
         }
     }
 }

@@ -333,6 +333,15 @@ pub fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// The trailers that end a gRPC response wakegate closes before its upstream did (its instance
+/// is stopping): UNAVAILABLE, which gRPC clients may retry, saying why.
+pub fn grpc_closed_trailers(why: &str) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::with_capacity(2);
+    trailers.insert(GRPC_STATUS.clone(), GrpcStatus::Unavailable.header_value());
+    trailers.insert(GRPC_MESSAGE.clone(), grpc_message(why));
+    trailers
+}
+
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 

@@ -12,7 +12,6 @@ use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +21,7 @@ use super::grpc;
 use super::multiplex::{self, Multiplex};
 use super::pool::{self, Pool, UpstreamError};
 use super::replay::Replayable;
+use super::tunnel;
 use super::{InFlight, RequestBody};
 use crate::config::Protocol;
 
@@ -122,7 +122,7 @@ impl Forwarder {
         &self,
         mut req: Box<Request<Incoming>>,
         downstream: Downstream<'_>,
-        in_flight: InFlight,
+        mut in_flight: InFlight,
         response_timeout: Option<Duration>,
         bytes_in: Option<Arc<AtomicU64>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -134,6 +134,13 @@ impl Forwarder {
             _ => None,
         };
         let downstream_upgrade = upgrade_to.is_some().then(|| hyper::upgrade::on(&mut *req));
+        // A request body that goes on streaming is the request's activity, should it turn out
+        // a stream (a bidirectional gRPC call).
+        let activity = (!http_body::Body::is_end_stream(req.body())).then(|| in_flight.activity());
+        // A WebSocket's frames are followed through its tunnel (see `tunnel`).
+        let websocket = upgrade_to
+            .as_ref()
+            .is_some_and(|protocol| protocol.as_bytes().eq_ignore_ascii_case(b"websocket"));
         let downstream_version = req.version();
         // Whether trailers are asked for matters only to HTTP/2 upstreams (see below).
         let trailers = protocol == Protocol::H2c && accepts_trailers(req.headers());
@@ -213,7 +220,7 @@ impl Forwarder {
             .entry(&X_FORWARDED_HOST)
             .or_insert_with(|| downstream.host.clone());
 
-        let req = (*req).map(|body| RequestBody::new(body, bytes_in));
+        let req = (*req).map(|body| RequestBody::new(body, bytes_in, activity));
         let sent = self.send(protocol, authority, req);
         let result = match response_timeout {
             Some(after) => tokio::time::timeout(after, sent).await.map_err(|_| {
@@ -247,7 +254,7 @@ impl Forwarder {
             let cut = self.tunnels.cut.clone();
             tokio::spawn(async move {
                 tokio::select! {
-                    () = tunnel(downstream_upgrade, upstream_upgrade, in_flight) => {}
+                    () = tunnel::run(downstream_upgrade, upstream_upgrade, in_flight, websocket) => {}
                     () = cut.cancelled() => tracing::debug!("upgraded connection cut: drain time is up"),
                 }
                 drop(open);
@@ -266,7 +273,8 @@ impl Forwarder {
             // An HTTP/1.1 response carries only the trailers it announces: announce gRPC's.
             headers.insert(header::TRAILER, HeaderValue::from_static(GRPC_TRAILERS));
         }
-        Ok(response.map(|body| ProxyBody::upstream(body, in_flight, connection)))
+        let grpc = grpc::is_grpc(headers);
+        Ok(response.map(|body| ProxyBody::upstream(body, in_flight, connection, grpc)))
     }
 
     /// Sends the request on an upstream connection of `protocol`.
@@ -347,27 +355,6 @@ fn accepts_trailers(headers: &HeaderMap) -> bool {
         .get_all(header::TE)
         .iter()
         .any(|v| has_token(v, "trailers"))
-}
-
-/// Copies bytes both ways between an upgraded client and upstream connection; the target
-/// keeps counting the request as in flight until the tunnel closes.
-async fn tunnel(
-    downstream: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    in_flight: InFlight,
-) {
-    let target = in_flight.target().name.clone();
-    match tokio::try_join!(downstream, upstream) {
-        Ok((client, server)) => {
-            let mut client = TokioIo::new(client);
-            let mut server = TokioIo::new(server);
-            if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
-                tracing::debug!(%target, %error, "upgraded connection closed with an error");
-            }
-        }
-        Err(error) => tracing::warn!(%target, %error, "upgrade failed"),
-    }
-    drop(in_flight);
 }
 
 /// The protocol an HTTP/1.1 request asks to upgrade to: its `Upgrade`, if its `Connection`

@@ -36,6 +36,7 @@ pub mod route;
 pub mod server;
 pub mod tls;
 pub mod track;
+pub mod tunnel;
 mod wake_page;
 
 use std::convert::Infallible;
@@ -490,6 +491,9 @@ pub struct Deadline {
 }
 
 /// How [`Proxy::serve`] ended.
+// A value returned once per request and matched at once, never stored: boxing the common
+// variant would cost an allocation per request to save bytes that are never kept.
+#[allow(clippy::large_enum_variant)]
 enum Served {
     Response(Response<ProxyBody>),
     /// The target was replaced while the request was held; here is the request, unsent.

@@ -14,6 +14,7 @@ use super::policy::{Now, Policy, Sample, Settings, Window};
 use super::prometheus::{self, Reading};
 use crate::config::Metric;
 use crate::provider::{Remote, RemoteSignal, Scale};
+use crate::target::streams::Close;
 use crate::target::{Signal, Target};
 
 /// Turns the target's counters into one [`Sample`] per tick.
@@ -131,8 +132,10 @@ pub async fn run(
             }
             _ = ticker.tick() => {
                 let now = Instant::now();
+                // Streams quiet for `stream_idle_timeout` stop counting as demand from here.
+                target.streams.sweep(target.micros(now), target.serving.stream_idle_timeout);
                 let remote = remote.as_ref().map(|r| r.take(&target)).unwrap_or_default();
-                let mut demand = target.stats.in_flight() + target.stats.pending() + remote.demand;
+                let mut demand = target.demand() + remote.demand;
                 let sample = match &query {
                     None => sampler.sample(&target, now, remote),
                     Some(latest) => match prometheus::signal(*latest.borrow(), now) {
@@ -205,6 +208,11 @@ pub async fn run(
                         demand,
                         "scaling"
                     );
+                    if decision.desired == 0 {
+                        // Before any instance stops: the streams still open on them (idle
+                        // ones, or there would be demand) close gracefully.
+                        target.close_streams(Close::ScaledToZero);
+                    }
                     desired = decision.desired;
                     asked = true;
                     target.set_desired(desired);

@@ -6,6 +6,7 @@
 pub mod health;
 pub mod rate_limit;
 pub mod stats;
+pub mod streams;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -21,6 +22,7 @@ use crate::config::{Backend, Fixed, Scaling, Serving, TargetConfig};
 use health::Health;
 use rate_limit::RateLimiter;
 use stats::Stats;
+use streams::{Close, Streams};
 
 /// Lifecycle of a target as users see it in `/targets`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +125,8 @@ pub struct Endpoint {
     pub health: Health,
     in_flight: AtomicI64,
     draining: AtomicBool,
+    /// Asks the streams open on this endpoint to close.
+    close_streams: watch::Sender<Option<Close>>,
 }
 
 impl Endpoint {
@@ -132,7 +136,29 @@ impl Endpoint {
             health: Health::default(),
             in_flight: AtomicI64::new(0),
             draining: AtomicBool::new(false),
+            close_streams: watch::Sender::new(None),
         })
+    }
+
+    /// Asks every stream open on this endpoint now to close gracefully, for `why`; streams
+    /// opened later are not asked.
+    pub fn close_streams(&self, why: Close) {
+        self.close_streams.send_replace(Some(why));
+    }
+
+    /// Resolves when [`Endpoint::close_streams`] is called after this call.
+    pub fn streams_closing(&self) -> impl Future<Output = Close> + Send + Sync + 'static {
+        let mut asked = self.close_streams.subscribe();
+        async move {
+            loop {
+                if asked.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if let Some(why) = *asked.borrow_and_update() {
+                    return why;
+                }
+            }
+        }
     }
 
     /// Takes a lease for one request, unless the endpoint is draining.
@@ -191,6 +217,8 @@ pub struct Target {
     pub scaling: Scaling,
     pub backend: Backend,
     pub stats: Stats,
+    /// Its long-lived streams, which stop keeping it awake once quiet.
+    pub streams: Streams,
     /// The state of `serving.rate_limit`, one table for every worker: the limit holds per
     /// process, whichever worker a client's connections land on.
     pub rate_limiter: Option<RateLimiter>,
@@ -240,6 +268,7 @@ impl Target {
             scaling,
             backend,
             stats: Stats::default(),
+            streams: Streams::default(),
             endpoints: ArcSwap::from_pointee(Vec::new()),
             status,
             wake: Notify::new(),
@@ -437,6 +466,21 @@ impl Target {
     /// Data plane: a request arrived at `at`.
     pub fn touch(&self, at: Instant) {
         self.stats.touch(at.saturating_duration_since(self.epoch));
+    }
+
+    /// Requests in flight but for idle streams, and held ones: what keeps the target awake.
+    pub fn demand(&self) -> u64 {
+        // In flight first: an idle stream that ends stops counting as idle before it stops
+        // counting in flight, so one ending meanwhile is counted once more, never once less.
+        let busy = self.stats.in_flight() + self.stats.pending();
+        busy.saturating_sub(self.streams.idle())
+    }
+
+    /// Asks the streams open on every ready endpoint to close, for `why`.
+    pub fn close_streams(&self, why: Close) {
+        for endpoint in self.endpoints().iter() {
+            endpoint.close_streams(why);
+        }
     }
 
     /// When the last request arrived, if one did.

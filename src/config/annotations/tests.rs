@@ -91,6 +91,11 @@ fn an_opted_in_service_gets_every_default() {
     assert_eq!(t.scaling.target_value(), 10.0);
     assert_eq!(t.scaling.scale_down_delay, Duration::from_secs(30));
     assert_eq!(t.serving.idle_timeout, Duration::from_secs(300));
+    assert_eq!(
+        t.serving.stream_idle_timeout,
+        Duration::from_secs(300),
+        "the idle timeout's"
+    );
     assert_eq!(t.serving.cold_start_timeout, Duration::from_secs(60));
     assert_eq!(t.serving.max_pending, 1000);
     assert!(!t.serving.wake_page);
@@ -111,6 +116,7 @@ fn every_annotation_is_read() {
             ("target", "25"),
             ("scale-down-delay", "1m"),
             ("idle-timeout", "10m"),
+            ("stream-idle-timeout", "90s"),
             ("cold-start-timeout", "2m"),
             ("max-pending", "50"),
             ("max-pending-bytes", "16MiB"),
@@ -131,6 +137,7 @@ fn every_annotation_is_read() {
     assert_eq!(t.scaling.target_value(), 25.0);
     assert_eq!(t.scaling.scale_down_delay, Duration::from_secs(60));
     assert_eq!(t.serving.idle_timeout, Duration::from_secs(600));
+    assert_eq!(t.serving.stream_idle_timeout, Duration::from_secs(90));
     assert_eq!(t.serving.cold_start_timeout, Duration::from_secs(120));
     assert_eq!(t.serving.max_pending, 50);
     assert_eq!(t.serving.max_pending_bytes, 16 << 20);
@@ -144,6 +151,7 @@ fn a_bad_tuning_value_uses_its_default_and_says_so() {
             ("enabled", "true"),
             ("max-replicas", "ten"),
             ("idle-timeout", "soon"),
+            ("stream-idle-timeout", "0s"),
             ("metric", "cpu"),
             ("max-pending-bytes", "16M"),
             ("typo", "1"),
@@ -153,11 +161,13 @@ fn a_bad_tuning_value_uses_its_default_and_says_so() {
     assert_eq!(t.scaling.max, 10);
     assert_eq!(t.serving.max_pending_bytes, 64 << 20);
     assert_eq!(t.serving.idle_timeout, Duration::from_secs(300));
+    assert_eq!(t.serving.stream_idle_timeout, Duration::from_secs(300));
     assert_eq!(t.scaling.metric, Metric::Concurrency);
     let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
     for field in [
         "wakegate.io/max-replicas",
         "wakegate.io/idle-timeout",
+        "wakegate.io/stream-idle-timeout",
         "wakegate.io/metric",
         "wakegate.io/max-pending-bytes",
         "wakegate.io/typo",

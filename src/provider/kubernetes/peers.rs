@@ -33,7 +33,7 @@ type Key = (String, String);
 pub struct Counters {
     pub concurrency_seconds: f64,
     pub requests: f64,
-    /// In flight plus held right now.
+    /// In flight plus held right now, but for idle streams.
     pub demand: f64,
 }
 
@@ -104,8 +104,16 @@ pub fn parse_metrics(text: &str) -> HashMap<Key, Counters> {
         let field: fn(&mut Counters) -> &mut f64 = match name {
             "http_requests_total" => |c| &mut c.requests,
             "wakegate_concurrency_seconds_total" => |c| &mut c.concurrency_seconds,
-            "http_requests_in_flight" | "wakegate_pending_requests" => |c| &mut c.demand,
+            "http_requests_in_flight" | "wakegate_pending_requests" | "wakegate_idle_streams" => {
+                |c| &mut c.demand
+            }
             _ => continue,
+        };
+        // Idle streams are in flight, but no demand.
+        let sign = if name == "wakegate_idle_streams" {
+            -1.0
+        } else {
+            1.0
         };
         let Some((labels, value)) = rest.rsplit_once("} ") else {
             continue;
@@ -123,7 +131,7 @@ pub fn parse_metrics(text: &str) -> HashMap<Key, Counters> {
         if let (Some(namespace), Some(service)) = (label("namespace"), label("service"))
             && !service.is_empty()
         {
-            *field(out.entry((namespace, service)).or_default()) += value;
+            *field(out.entry((namespace, service)).or_default()) += sign * value;
         }
     }
     out
@@ -263,8 +271,9 @@ mod tests {
     const TEXT: &str = r#"# TYPE http_requests counter
 http_requests_total{namespace="demo",service="hello",method="GET",code="200"} 10
 http_requests_total{namespace="demo",service="hello",method="GET",code="503"} 2
-http_requests_in_flight{namespace="demo",service="hello"} 3
+http_requests_in_flight{namespace="demo",service="hello"} 4
 wakegate_pending_requests{namespace="demo",service="hello"} 1
+wakegate_idle_streams{namespace="demo",service="hello"} 1
 wakegate_concurrency_seconds_total{namespace="demo",service="hello"} 4.5
 wakegate_rejected_requests_total{namespace="",service="",reason="no_route"} 7
 "#;
