@@ -13,6 +13,7 @@
 //! 2. [`config`]: the file, its checks, and the typed targets (route, serving, scaling and
 //!    exactly one backend) and Kubernetes annotations;
 //! 3. [`target`]: a target's runtime handle: endpoints, phase, wake requests and counters;
+//!    beside it [`memory`], the process's resident memory against its budget;
 //! 4. the data plane, [`proxy`] (route, track, hold, balance, forward), and the providers,
 //!    [`provider`] (local processes, fixed upstreams, Kubernetes), side by side;
 //! 5. [`scaling`]: the pure policy, the per-target autoscaler loop, the simulator;

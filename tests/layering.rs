@@ -8,7 +8,7 @@ const LAYERS: &[&[&str]] = &[
     // Helpers that know nothing of wakegate.
     &["plot", "telemetry", "demo"],
     &["config"],
-    &["target"],
+    &["target", "memory"],
     &["proxy", "provider"],
     &["scaling"],
     &["metrics"],
