@@ -237,7 +237,7 @@ impl Proxy {
         let answer = Answer {
             version: req.version(),
             grpc: grpc::is_grpc(req.headers()),
-            client_id: req.headers().get(&error::X_REQUEST_ID).cloned(),
+            client_id: req.headers().get(&error::X_REQUEST_ID).map(hold::owned),
         };
         if let Err((why, error)) = edge::check(&req) {
             shared.unrouted.count(why);
@@ -364,6 +364,7 @@ impl Proxy {
                 return Ok(Served::Response(wake_page::response(target)));
             }
             None => {
+                hold::compact(&mut req);
                 let waiting_since = noted.is_some().then(Instant::now);
                 let admitted = hold::admit(
                     target,
@@ -514,7 +515,10 @@ fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
     {
         return Some(authority);
     }
-    req.headers().get(header::HOST).cloned().or_else(authority)
+    req.headers()
+        .get(header::HOST)
+        .map(hold::owned)
+        .or_else(authority)
 }
 
 #[cfg(test)]
