@@ -17,7 +17,7 @@ use super::{MAX_DURATION, Problem, defaults};
 pub const PREFIX: &str = "wakegate.io/";
 
 /// Every annotation wakegate reads; anything else under the prefix is reported as unknown.
-pub const KNOWN: [&str; 21] = [
+pub const KNOWN: [&str; 22] = [
     "enabled",
     "deployment",
     "workload",
@@ -32,6 +32,7 @@ pub const KNOWN: [&str; 21] = [
     "idle-timeout",
     "cold-start-timeout",
     "max-pending",
+    "instance-concurrency",
     "wake-page",
     "protocol",
     "rate-limit",
@@ -255,6 +256,23 @@ pub fn from_service(service: &Service) -> Outcome {
     let mut min = number("min-replicas", 0, 0);
     let mut max = number("max-replicas", 10, 1);
     let max_pending = number("max-pending", defaults::max_pending(), 1);
+    let instance_concurrency = match get("instance-concurrency") {
+        None => 0,
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if n <= Serving::MAX_INSTANCE_CONCURRENCY => n,
+            _ => {
+                problem(
+                    "instance-concurrency",
+                    v,
+                    &format!(
+                        "{}; using 0 (no limit)",
+                        Serving::EXPECTED_INSTANCE_CONCURRENCY
+                    ),
+                );
+                0
+            }
+        },
+    };
     if min > max {
         problem(
             "min-replicas",
@@ -421,6 +439,7 @@ pub fn from_service(service: &Service) -> Outcome {
             idle_timeout,
             cold_start_timeout,
             max_pending,
+            instance_concurrency,
             response_timeout: None,
             wake_page,
             protocol,

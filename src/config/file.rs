@@ -73,6 +73,10 @@ pub struct FileTarget {
     pub cold_start_timeout: Duration,
     #[serde(default = "defaults::max_pending")]
     pub max_pending: u32,
+    /// Requests one instance takes at once (Knative's `containerConcurrency`); 0, the
+    /// default: no limit.
+    #[serde(default)]
+    pub instance_concurrency: u32,
     #[serde(default = "defaults::stop_grace", with = "super::duration")]
     pub stop_grace: Duration,
     /// After a failed start (or an instance that crashed soon after it became ready), no
@@ -448,6 +452,13 @@ impl FileTarget {
         if self.max_pending == 0 {
             problems.push(at("max_pending"), "0", "at least 1");
         }
+        if self.instance_concurrency > Serving::MAX_INSTANCE_CONCURRENCY {
+            problems.push(
+                at("instance_concurrency"),
+                self.instance_concurrency.to_string(),
+                Serving::EXPECTED_INSTANCE_CONCURRENCY,
+            );
+        }
         check_scaling(&self.scaling, &at, problems);
         let rate_limit = self.rate_limit.map(|limit| {
             if !RateLimit::valid_per_second(limit.per_second) {
@@ -482,6 +493,7 @@ impl FileTarget {
                 idle_timeout: self.idle_timeout,
                 cold_start_timeout: self.cold_start_timeout,
                 max_pending: self.max_pending,
+                instance_concurrency: self.instance_concurrency,
                 response_timeout: self.response_timeout,
                 wake_page: self.wake_page,
                 protocol: self.protocol,
