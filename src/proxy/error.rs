@@ -23,6 +23,16 @@ pub enum ProxyError {
     QueueFull { target: String, max: u32 },
     #[error("target {target} did not become ready within {}", humantime::format_duration(*.after))]
     ColdStartTimeout { target: String, after: Duration },
+    /// Every instance stayed at its `instance_concurrency` for as long as a hold may last.
+    #[error(
+        "every instance of target {target} was busy ({limit} requests each at once) for {}; retry shortly",
+        humantime::format_duration(*.after)
+    )]
+    NoFreeSlot {
+        target: String,
+        after: Duration,
+        limit: u32,
+    },
     #[error("the request's deadline ({} after it arrived) passed while target {target} was waking", humantime::format_duration(*.after))]
     Deadline { target: String, after: Duration },
     /// What the start met (a path, an OS error, the instance's output) is for the log only.
@@ -159,6 +169,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::QueueFull { .. }
+            | ProxyError::NoFreeSlot { .. }
             | ProxyError::BackingOff { .. }
             | ProxyError::Unhealthy { .. }
             | ProxyError::ShuttingDown
@@ -182,6 +193,7 @@ impl ProxyError {
             ProxyError::ClientBody { .. } => Some(Reject::BadBody),
             ProxyError::QueueFull { .. } => Some(Reject::QueueFull),
             ProxyError::ColdStartTimeout { .. } => Some(Reject::ColdStartTimeout),
+            ProxyError::NoFreeSlot { .. } => Some(Reject::ConcurrencyTimeout),
             ProxyError::Deadline { .. } => Some(Reject::Deadline),
             ProxyError::StartFailed { .. } => Some(Reject::StartFailed),
             ProxyError::BackingOff { .. } => Some(Reject::StartBackoff),
@@ -213,6 +225,7 @@ impl ProxyError {
             | ProxyError::Deadline { .. }
             | ProxyError::UpstreamTimeout { .. } => GrpcStatus::DeadlineExceeded,
             ProxyError::StartFailed { .. }
+            | ProxyError::NoFreeSlot { .. }
             | ProxyError::BackingOff { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::Unhealthy { .. }
@@ -268,7 +281,9 @@ impl ProxyError {
                     HeaderValue::from(retry_after_secs(retry_after)),
                 );
             }
-            ProxyError::QueueFull { .. } | ProxyError::TargetRemoved { .. } => {
+            ProxyError::QueueFull { .. }
+            | ProxyError::NoFreeSlot { .. }
+            | ProxyError::TargetRemoved { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             // What follows the head cannot be trusted to end where the next request begins.

@@ -47,10 +47,13 @@ pub enum Reject {
     RateLimited,
     /// Every endpoint of the target was unhealthy: none was tried.
     UpstreamUnhealthy,
+    /// Every instance stayed at the target's instance concurrency for as long as a hold may
+    /// last.
+    ConcurrencyTimeout,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 12] = [
+    pub const ALL: [Reject; 13] = [
         Reject::QueueFull,
         Reject::ColdStartTimeout,
         Reject::StartFailed,
@@ -63,6 +66,7 @@ impl Reject {
         Reject::StartBackoff,
         Reject::RateLimited,
         Reject::UpstreamUnhealthy,
+        Reject::ConcurrencyTimeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -79,6 +83,7 @@ impl Reject {
             Reject::StartBackoff => "start_backoff",
             Reject::RateLimited => "rate_limited",
             Reject::UpstreamUnhealthy => "upstream_unhealthy",
+            Reject::ConcurrencyTimeout => "concurrency_timeout",
         }
     }
 }
@@ -251,7 +256,8 @@ impl Concurrency {
 pub struct Stats {
     /// Requests forwarded to an instance whose response has not finished yet.
     pub in_flight: AtomicI64,
-    /// Requests held while no instance is ready.
+    /// Requests held while no instance is ready, or while every one is at the target's
+    /// instance concurrency.
     pub pending: AtomicI64,
     pub requests: RequestCounts,
     pub duration: Histogram,
