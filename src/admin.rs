@@ -144,6 +144,8 @@ fn target_json(t: &Target, (now, wall): (Instant, SystemTime)) -> serde_json::Va
         "pending": t.stats.pending(),
         "open_streams": t.streams.open(),
         "idle_streams": t.streams.idle(),
+        "instance_concurrency": t.slots.as_ref().map(|s| s.limit()),
+        "queued": t.slots.as_ref().map_or(0, |s| s.waiting()),
         "requests": t.stats.requests.total(),
         "cold_starts": t.stats.cold_starts.load(Ordering::Relaxed),
         "last_request": last_request,

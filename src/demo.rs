@@ -6,13 +6,17 @@
 //! body back, `/sleep?ms=N` answers after N milliseconds, `/headers` returns the request
 //! headers as JSON, `/trailers` answers with the request's trailers as response trailers,
 //! `/events` is a server-sent event stream (one event at once, then one every `?every=`
-//! duration, or none more without it) and `/ws` is a WebSocket echo. Requests with a gRPC content type go to its gRPC services
+//! duration, or none more without it), `/concurrency` tells how many requests it is handling and the most it ever handled at once
+//! (`{"in_flight": 1, "max": 3}`; neither counts `/healthz` nor `/concurrency`), and
+//! `/ws` is a WebSocket echo. Requests with a gRPC content type go to its gRPC services
 //! ([`grpc`]): `wakegate.demo.v1.Echo` and `grpc.health.v1.Health`.
 
 pub mod grpc;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -48,6 +52,7 @@ pub async fn run(
     }
     let builder = auto::Builder::new(TokioExecutor::new());
     let grpc = grpc::routes(local.port()).await;
+    let load = Arc::new(Load::default());
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -57,8 +62,10 @@ pub async fn run(
         let _ = stream.set_nodelay(true);
         let port = local.port();
         let grpc = grpc.clone();
+        let load = load.clone();
         let service = hyper::service::service_fn(move |req| {
             let mut grpc = grpc.clone();
+            let load = load.clone();
             async move {
                 if grpc::is_grpc(&req) {
                     use tonic::codegen::Service;
@@ -69,6 +76,11 @@ pub async fn run(
                     let response = grpc.call(req).await?;
                     return Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()));
                 }
+                let path = req.uri().path();
+                if path == "/concurrency" {
+                    return Ok(load.report());
+                }
+                let _counted = (path != "/healthz").then(|| load.begin());
                 handle(req, port).await
             }
         });
@@ -96,6 +108,38 @@ fn notify_ready() -> std::io::Result<()> {
     };
     UnixDatagram::unbound()?.send_to_addr(b"READY=1", &to)?;
     Ok(())
+}
+
+/// Requests being handled (until their response head), and the most there ever were at once.
+#[derive(Debug, Default)]
+struct Load {
+    in_flight: AtomicU64,
+    max: AtomicU64,
+}
+
+impl Load {
+    fn begin(&self) -> Handling<'_> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(now, Ordering::SeqCst);
+        Handling(self)
+    }
+
+    fn report(&self) -> Response<Body> {
+        let body = serde_json::json!({
+            "in_flight": self.in_flight.load(Ordering::SeqCst),
+            "max": self.max.load(Ordering::SeqCst),
+        });
+        full(StatusCode::OK, format!("{body}\n"))
+    }
+}
+
+/// One request counted in [`Load`] until dropped.
+struct Handling<'a>(&'a Load);
+
+impl Drop for Handling<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {

@@ -203,7 +203,8 @@ impl prometheus_client::collector::Collector for TargetCollector {
         Self::gauge(
             &mut encoder,
             "wakegate_pending_requests",
-            "Requests held while the target has no ready instance.",
+            "Requests held while the target has no ready instance, or while every instance is \
+             at its instance concurrency.",
             targets,
             |t| t.stats.pending() as i64,
         )?;
@@ -214,6 +215,21 @@ impl prometheus_client::collector::Collector for TargetCollector {
              may send before they are forwarded (bounded by max_pending_bytes).",
             targets,
             |t| t.stats.pending_bytes.load(Ordering::Relaxed) as i64,
+        )?;
+        Self::gauge(
+            &mut encoder,
+            "wakegate_queued_requests",
+            "Held requests waiting for a free slot: every ready instance is at the target's \
+             instance concurrency (part of wakegate_pending_requests).",
+            targets,
+            |t| t.slots.as_ref().map_or(0, |s| s.waiting() as i64),
+        )?;
+        Self::gauge(
+            &mut encoder,
+            "wakegate_instance_concurrency",
+            "Requests one instance of the target takes at once; 0: no limit.",
+            targets,
+            |t| i64::from(t.serving.instance_concurrency),
         )?;
         Self::counter(
             &mut encoder,

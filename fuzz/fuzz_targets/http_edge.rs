@@ -84,6 +84,8 @@ fn edge() -> &'static Edge {
                     per_second: 1000.0,
                     burst: 5,
                 }),
+                // Requests beyond two at once wait for a slot.
+                instance_concurrency: 2,
                 ..serving.clone()
             },
         );

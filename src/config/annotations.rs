@@ -35,6 +35,7 @@ pub const KNOWN: &[&str] = &[
     "cold-start-timeout",
     "max-pending",
     "max-pending-bytes",
+    "instance-concurrency",
     "wake-page",
     "protocol",
     "rate-limit",
@@ -277,6 +278,23 @@ pub fn from_service(service: &Service) -> Outcome {
             }
         },
     };
+    let instance_concurrency = match get("instance-concurrency") {
+        None => 0,
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if n <= Serving::MAX_INSTANCE_CONCURRENCY => n,
+            _ => {
+                problem(
+                    "instance-concurrency",
+                    v,
+                    &format!(
+                        "{}; using 0 (no limit)",
+                        Serving::EXPECTED_INSTANCE_CONCURRENCY
+                    ),
+                );
+                0
+            }
+        },
+    };
     if min > max {
         problem(
             "min-replicas",
@@ -446,6 +464,7 @@ pub fn from_service(service: &Service) -> Outcome {
             cold_start_timeout,
             max_pending,
             max_pending_bytes,
+            instance_concurrency,
             response_timeout: None,
             wake_page,
             protocol,

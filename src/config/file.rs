@@ -79,6 +79,10 @@ pub struct FileTarget {
     pub max_pending: u32,
     #[serde(default = "defaults::max_pending_bytes", with = "super::size")]
     pub max_pending_bytes: u64,
+    /// Requests one instance takes at once (Knative's `containerConcurrency`); 0, the
+    /// default: no limit.
+    #[serde(default)]
+    pub instance_concurrency: u32,
     #[serde(default = "defaults::stop_grace", with = "super::duration")]
     pub stop_grace: Duration,
     /// After a failed start (or an instance that crashed soon after it became ready), no
@@ -462,6 +466,13 @@ impl FileTarget {
                 &format!("at least {}", size::show(MIN_HELD_BYTES)),
             );
         }
+        if self.instance_concurrency > Serving::MAX_INSTANCE_CONCURRENCY {
+            problems.push(
+                at("instance_concurrency"),
+                self.instance_concurrency.to_string(),
+                Serving::EXPECTED_INSTANCE_CONCURRENCY,
+            );
+        }
         check_scaling(&self.scaling, &at, problems);
         let rate_limit = self.rate_limit.map(|limit| {
             if !RateLimit::valid_per_second(limit.per_second) {
@@ -498,6 +509,7 @@ impl FileTarget {
                 cold_start_timeout: self.cold_start_timeout,
                 max_pending: self.max_pending,
                 max_pending_bytes: self.max_pending_bytes,
+                instance_concurrency: self.instance_concurrency,
                 response_timeout: self.response_timeout,
                 wake_page: self.wake_page,
                 protocol: self.protocol,

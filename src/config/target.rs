@@ -32,11 +32,14 @@ pub struct Serving {
     pub stream_idle_timeout: Duration,
     /// The longest a request is held while the target wakes.
     pub cold_start_timeout: Duration,
-    /// Requests held at once while the target wakes; more get 503.
+    /// Requests held at once while the target wakes (or waits for a free instance); more
+    /// get 503.
     pub max_pending: u32,
     /// Bytes the requests held at once may pin (heads, and HTTP/2 bodies not yet forwarded);
     /// more get 503.
     pub max_pending_bytes: u64,
+    /// Requests one instance takes at once; beyond it requests wait in wakegate. 0: no limit.
+    pub instance_concurrency: u32,
     /// Longest wait for an upstream's response headers; none by default.
     pub response_timeout: Option<Duration>,
     /// Browsers (`Accept: text/html`) get a self-refreshing "waking up" page instead of waiting.
@@ -140,6 +143,7 @@ impl Default for Serving {
             cold_start_timeout: defaults::cold_start_timeout(),
             max_pending: defaults::max_pending(),
             max_pending_bytes: defaults::max_pending_bytes(),
+            instance_concurrency: 0,
             response_timeout: None,
             wake_page: false,
             protocol: Protocol::default(),
@@ -285,6 +289,20 @@ impl<'de> Deserialize<'de> for ReadyCheck {
 pub enum Metric {
     Concurrency,
     Rps,
+}
+
+impl Serving {
+    /// The most `instance_concurrency` may be: a limit meant to protect an instance, not to
+    /// stand for "no limit" (that is 0).
+    pub const MAX_INSTANCE_CONCURRENCY: u32 = 10_000;
+    /// What `instance_concurrency` must be, for problems.
+    pub const EXPECTED_INSTANCE_CONCURRENCY: &'static str =
+        "0 (no limit) or a whole number of requests up to 10000";
+
+    /// The per-instance limit, when there is one.
+    pub fn instance_limit(&self) -> Option<std::num::NonZeroU32> {
+        std::num::NonZeroU32::new(self.instance_concurrency)
+    }
 }
 
 /// How a target follows its load between `min` and `max` instances.

@@ -1221,3 +1221,40 @@ fn a_prometheus_source_is_validated() {
         "a duration",
     );
 }
+
+#[test]
+fn instance_concurrency_is_unlimited_by_default_and_read_when_given() {
+    let config = parse(&format!("[[target]]\n{LOCAL}"));
+    assert_eq!(config.targets[0].instance_concurrency, 0);
+    let built = config.into_config().unwrap();
+    assert_eq!(built.targets[0].serving.instance_concurrency, 0);
+    assert_eq!(built.targets[0].serving.instance_limit(), None);
+
+    let config = parse(&format!("[[target]]\n{LOCAL}instance_concurrency = 2\n"));
+    assert!(config.validate().is_empty(), "{:?}", config.validate());
+    let built = config.into_config().unwrap();
+    assert_eq!(built.targets[0].serving.instance_concurrency, 2);
+    assert_eq!(
+        built.targets[0].serving.instance_limit().map(|n| n.get()),
+        Some(2)
+    );
+}
+
+#[test]
+fn instance_concurrency_out_of_range_is_a_problem_naming_field_value_and_expectation() {
+    let problems = problems_of_target(LOCAL, "instance_concurrency = 10001");
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_problem(
+        &problems,
+        "target[0] (hello).instance_concurrency",
+        "10001",
+        "0 (no limit) or a whole number of requests up to 10000",
+    );
+    assert!(problems_of_target(LOCAL, "instance_concurrency = 10000").is_empty());
+    for bad in ["-1", "1.5", "\"2\""] {
+        let error = File::parse(&format!("[[target]]\n{LOCAL}instance_concurrency = {bad}"))
+            .expect_err(bad);
+        assert!(error.contains("line 5"), "{bad}: {error}");
+        assert!(error.contains("expected a whole number"), "{bad}: {error}");
+    }
+}

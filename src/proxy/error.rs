@@ -30,6 +30,16 @@ pub enum ProxyError {
     MemoryBudget,
     #[error("target {target} did not become ready within {}", humantime::format_duration(*.after))]
     ColdStartTimeout { target: String, after: Duration },
+    /// Every instance stayed at its `instance_concurrency` for as long as a hold may last.
+    #[error(
+        "every instance of target {target} was busy ({limit} requests each at once) for {}; retry shortly",
+        humantime::format_duration(*.after)
+    )]
+    NoFreeSlot {
+        target: String,
+        after: Duration,
+        limit: u32,
+    },
     #[error("the request's deadline ({} after it arrived) passed while target {target} was waking", humantime::format_duration(*.after))]
     Deadline { target: String, after: Duration },
     /// What the start met (a path, an OS error, the instance's output) is for the log only.
@@ -169,6 +179,7 @@ impl ProxyError {
             | ProxyError::QueueBytes { .. }
             | ProxyError::HoldLimit(_)
             | ProxyError::MemoryBudget
+            | ProxyError::NoFreeSlot { .. }
             | ProxyError::BackingOff { .. }
             | ProxyError::Unhealthy { .. }
             | ProxyError::ShuttingDown
@@ -195,6 +206,7 @@ impl ProxyError {
             ProxyError::HoldLimit(_) => Some(Reject::HoldLimit),
             ProxyError::MemoryBudget => Some(Reject::MemoryBudget),
             ProxyError::ColdStartTimeout { .. } => Some(Reject::ColdStartTimeout),
+            ProxyError::NoFreeSlot { .. } => Some(Reject::ConcurrencyTimeout),
             ProxyError::Deadline { .. } => Some(Reject::Deadline),
             ProxyError::StartFailed { .. } => Some(Reject::StartFailed),
             ProxyError::BackingOff { .. } => Some(Reject::StartBackoff),
@@ -228,6 +240,7 @@ impl ProxyError {
             | ProxyError::Deadline { .. }
             | ProxyError::UpstreamTimeout { .. } => GrpcStatus::DeadlineExceeded,
             ProxyError::StartFailed { .. }
+            | ProxyError::NoFreeSlot { .. }
             | ProxyError::BackingOff { .. }
             | ProxyError::Upstream { .. }
             | ProxyError::Unhealthy { .. }
@@ -287,6 +300,7 @@ impl ProxyError {
             | ProxyError::QueueBytes { .. }
             | ProxyError::HoldLimit(_)
             | ProxyError::MemoryBudget
+            | ProxyError::NoFreeSlot { .. }
             | ProxyError::TargetRemoved { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }

@@ -1,6 +1,8 @@
-//! Holding a request while its target has no ready instance: a bounded per-target queue that
-//! asks for a wake at once and releases every held request the moment an endpoint is ready.
-//! A request held for a target that a reload replaces moves to the replacement.
+//! Holding a request while its target has no instance to take it: a bounded per-target queue
+//! that asks for a wake at once and releases every held request the moment an endpoint is
+//! ready; or, under an instance concurrency, while every ready instance is full, until a slot
+//! is freed (one request per freed slot, the longest waiting first). A request held for a
+//! target that a reload replaces moves to the replacement.
 //!
 //! What held requests may take is bounded per target (`max_pending` requests and
 //! `max_pending_bytes`) and across all targets (`[limits]` `max_held_requests` and
@@ -20,7 +22,7 @@ use crate::target::stats::{CountGuard, Reserved};
 use crate::target::{Lease, Phase, Successor, Target};
 
 use super::Deadline;
-use super::balance;
+use super::balance::{self, Pick};
 use super::error::{Cause, ProxyError};
 use super::forward::Client;
 use super::server::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW};
@@ -158,10 +160,22 @@ pub enum Held<'a> {
     Moved(Arc<Target>),
 }
 
-/// Waits for a ready endpoint of `target`, at most its cold-start timeout, and not past the
-/// request's own `deadline` if it has one; `held` counts the request meanwhile.
+/// Why a request is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// No endpoint is ready: the target is asked to wake.
+    Cold,
+    /// Every ready endpoint is at the target's instance concurrency, or requests already wait
+    /// for a slot: this one queues behind them.
+    Full,
+}
+
+/// Waits for an endpoint of `target` that takes the request, at most its cold-start timeout,
+/// and not past the request's own `deadline` if it has one; `held` counts the request
+/// meanwhile.
 pub async fn wait_ready<'a>(
     target: &'a Arc<Target>,
+    why: Wait,
     deadline: Option<Deadline>,
     held: Admitted<'a>,
 ) -> Result<Held<'a>, ProxyError> {
@@ -176,7 +190,8 @@ pub async fn wait_ready<'a>(
     let failures_seen = {
         let now = status.borrow_and_update();
         // Failed starts in a row: no new one until the back-off ends, and no waiting for it.
-        if let Some(backoff) = now.backoff
+        if why == Wait::Cold
+            && let Some(backoff) = now.backoff
             && let Some(retry_in) = backoff.remaining(Instant::now())
         {
             return Err(ProxyError::BackingOff {
@@ -187,11 +202,35 @@ pub async fn wait_ready<'a>(
         }
         now.start_failures
     };
-    target.request_wake();
-    tracing::debug!("held for a cold start");
+    if why == Wait::Cold {
+        target.request_wake();
+        tracing::debug!("held for a cold start");
+    } else {
+        tracing::debug!("held for a free instance slot");
+    }
 
+    // The request's place in the queue for a slot, once it has one.
+    let mut queued = None;
     // Ok(lease), or Err(the successor).
     let wait = async {
+        let slots = target.slots.as_deref();
+        // Joins the queue; true when nobody is ahead, so that the request looks for a slot
+        // once more: one freed before it counted itself waiting woke nobody.
+        let join = |queued: &mut Option<_>| match slots {
+            Some(slots) if queued.is_none() => {
+                let place = slots.join();
+                let first = place.first();
+                *queued = Some(place);
+                first
+            }
+            _ => false,
+        };
+        // Whether to look for an endpoint now: not while others wait for a slot ahead of it.
+        let mut look = match why {
+            Wait::Cold => true,
+            Wait::Full => join(&mut queued),
+        };
+        let mut turn = None;
         let mut now = status.borrow().clone();
         loop {
             match now.retired {
@@ -203,10 +242,38 @@ pub async fn wait_ready<'a>(
                 }
                 None => {}
             }
-            if let Some(lease) = balance::pick(target)? {
-                return Ok(Ok(lease));
+            if look {
+                match balance::pick(target)? {
+                    Pick::Leased(lease) => return Ok(Ok(lease)),
+                    Pick::Full if queued.is_none() => {
+                        if join(&mut queued) {
+                            continue;
+                        }
+                    }
+                    Pick::Full | Pick::NotReady => {}
+                }
             }
-            if status.changed().await.is_err() {
+            if let (Some(slots), Some(_), None) = (slots, &queued, &turn) {
+                turn = Some(Box::pin(slots.turn()));
+            }
+            let my_turn = async {
+                match turn.as_mut() {
+                    Some(turn) => turn.await,
+                    None => std::future::pending().await,
+                }
+            };
+            // A freed slot wakes one request, the one whose turn it is; a change of the
+            // target (instances come or go) wakes every one.
+            let changed = tokio::select! {
+                changed = status.changed() => Some(changed),
+                () = my_turn => None,
+            };
+            look = true;
+            let Some(changed) = changed else {
+                turn = None;
+                continue;
+            };
+            if changed.is_err() {
                 return Err(ProxyError::TargetRemoved {
                     target: target.name.clone(),
                 });
@@ -218,7 +285,9 @@ pub async fn wait_ready<'a>(
                 // request met is its timeout.
                 return Err(timed_out());
             }
-            if now.start_failures > failures_seen {
+            // A start that failed while this request waited for a slot: the instances that are up
+            // still serve it.
+            if now.start_failures > failures_seen && queued.is_none() {
                 return Err(ProxyError::StartFailed {
                     target: target.name.clone(),
                     reason: Cause(
@@ -238,16 +307,23 @@ pub async fn wait_ready<'a>(
     let cold_start_deadline = held_at + serving.cold_start_timeout;
     let own = deadline.filter(|d| d.at < cold_start_deadline);
     let until = own.map_or(cold_start_deadline, |d| d.at);
-    match tokio::time::timeout_at(until, wait).await {
+    let outcome = tokio::time::timeout_at(until, wait).await;
+    match outcome {
         Ok(Ok(Ok(lease))) => Ok(Held::Ready(lease, held)),
         Ok(Ok(Err(next))) => Ok(Held::Moved(next)),
         Ok(Err(error)) => Err(error),
-        Err(_) => Err(match own {
-            Some(deadline) => ProxyError::Deadline {
+        Err(_) => Err(match (own, &target.slots) {
+            (Some(deadline), _) => ProxyError::Deadline {
                 target: target.name.clone(),
                 after: deadline.after,
             },
-            None => timed_out(),
+            // Waiting for a slot when the time ran out: the target is up, but full.
+            (None, Some(slots)) if queued.is_some() => ProxyError::NoFreeSlot {
+                target: target.name.clone(),
+                after: serving.cold_start_timeout,
+                limit: slots.limit(),
+            },
+            (None, _) => timed_out(),
         }),
     }
 }

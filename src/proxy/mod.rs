@@ -55,6 +55,7 @@ use tracing::Instrument;
 use crate::config::Limits;
 use crate::target::Target;
 use crate::target::stats::{Reject, method_index};
+use balance::Pick;
 use body::ProxyBody;
 use edge::{Refusal, Unrouted};
 use error::{ProxyError, RequestId};
@@ -357,13 +358,22 @@ impl Proxy {
             host,
             deadline,
         } = request;
-        let (in_flight, held) = match balance::pick(target)? {
-            Some(lease) => (InFlight::new(demand, lease), false),
-            None if target.serving.wake_page && wake_page::accepts_html(&req) => {
+        let picked = match &target.slots {
+            // Requests wait for a slot: this one queues behind them.
+            Some(slots) if slots.queued() => Pick::Full,
+            _ => balance::pick(target)?,
+        };
+        let (in_flight, held) = match picked {
+            Pick::Leased(lease) => (InFlight::new(demand, lease), false),
+            Pick::NotReady if target.serving.wake_page && wake_page::accepts_html(&req) => {
                 target.request_wake();
                 return Ok(Served::Response(wake_page::response(target)));
             }
-            None => {
+            Pick::NotReady | Pick::Full => {
+                let why = match picked {
+                    Pick::Full => hold::Wait::Full,
+                    _ => hold::Wait::Cold,
+                };
                 hold::compact(&mut req);
                 let waiting_since = noted.is_some().then(Instant::now);
                 let admitted = hold::admit(
@@ -373,7 +383,7 @@ impl Proxy {
                     &req,
                     client,
                 )?;
-                let held = hold::wait_ready(target, deadline, admitted)
+                let held = hold::wait_ready(target, why, deadline, admitted)
                     .instrument(tracing::debug_span!("hold", target = %target.name()))
                     .await;
                 if let (Some(noted), Some(since)) = (noted.as_deref_mut(), waiting_since) {
@@ -390,7 +400,8 @@ impl Proxy {
                             req.headers_mut()
                                 .insert(grpc::GRPC_TIMEOUT.clone(), grpc::timeout_value(left));
                         }
-                        (in_flight, true)
+                        // A wait for a free slot is no cold start.
+                        (in_flight, why == hold::Wait::Cold)
                     }
                     Held::Moved(next) => return Ok(Served::Moved(next, req)),
                 }

@@ -134,7 +134,7 @@ async fn the_balancer_steers_around_an_unhealthy_endpoint_and_fails_fast_once_no
     let interval = target.serving.health.interval;
     sick.health.mark_unhealthy("refused", interval);
     for _ in 0..100 {
-        let lease = balance::pick(&target).unwrap().expect("a lease");
+        let lease = leased(&target);
         assert_eq!(lease.endpoint().authority, well.authority);
     }
     assert!(!target.unhealthy(), "one endpoint is healthy");
@@ -152,16 +152,161 @@ async fn the_balancer_steers_around_an_unhealthy_endpoint_and_fails_fast_once_no
     // An interval later each gets one trial request, and then none until the next.
     tokio::time::advance(interval).await;
     let mut tried: Vec<_> = (0..2)
-        .map(|_| {
-            balance::pick(&target)
-                .unwrap()
-                .expect("a trial")
-                .endpoint()
-                .authority
-                .to_string()
-        })
+        .map(|_| leased(&target).endpoint().authority.to_string())
         .collect();
     tried.sort();
     assert_eq!(tried, ["127.0.0.1:1", "127.0.0.1:2"]);
     assert!(balance::pick(&target).is_err());
+}
+
+/// A lease of `target`'s endpoints, which must give one.
+fn leased(target: &crate::target::Target) -> crate::target::Lease {
+    match balance::pick(target) {
+        Ok(balance::Pick::Leased(lease)) => lease,
+        other => panic!("no lease: {other:?}"),
+    }
+}
+
+/// A fixed target whose instances each take `limit` requests at once, with `endpoints` ready.
+fn limited_target(limit: u32, endpoints: u16) -> Arc<Target> {
+    use crate::target::{Endpoint, Phase};
+    let target = Target::new(TargetConfig {
+        name: "busy".to_owned(),
+        namespace: "local".to_owned(),
+        route: Route {
+            hosts: vec![HostPattern::parse("busy").unwrap()],
+            path_prefixes: vec!["/".to_owned()],
+        },
+        serving: Serving {
+            instance_concurrency: limit,
+            ..Serving::default()
+        },
+        scaling: Scaling::default(),
+        backend: Backend::Fixed(Fixed {
+            upstream: "127.0.0.1:9".parse().unwrap(),
+            check: None,
+        }),
+    });
+    let ready = (0..endpoints)
+        .map(|i| Endpoint::new(format!("127.0.0.1:{}", 10 + i).parse().unwrap()))
+        .collect();
+    target.publish(ready, Phase::Ready);
+    target
+}
+
+#[test]
+fn the_balancer_lends_only_free_slots_and_says_when_every_instance_is_full() {
+    let target = limited_target(2, 2);
+    let leases: Vec<_> = (0..4).map(|_| leased(&target)).collect();
+    for endpoint in target.endpoints().iter() {
+        assert_eq!(endpoint.in_flight(), 2, "both slots of each endpoint");
+    }
+    assert!(matches!(balance::pick(&target), Ok(balance::Pick::Full)));
+    drop(leases);
+    assert!(matches!(
+        balance::pick(&target),
+        Ok(balance::Pick::Leased(_))
+    ));
+
+    // Without a limit, the same endpoints take any number.
+    let unlimited = limited_target(0, 1);
+    let leases: Vec<_> = (0..50).map(|_| leased(&unlimited)).collect();
+    assert_eq!(unlimited.endpoints()[0].in_flight(), 50);
+    drop(leases);
+}
+
+/// Holds a request for a free slot of `target` as the proxy does (admitted, then waiting):
+/// the lease it got.
+async fn hold_for_slot(target: &Arc<Target>) -> Result<crate::target::Lease, ProxyError> {
+    let holds = hold::Holds::default();
+    let client = Client::new("127.0.0.1:1".parse().unwrap(), false);
+    let req = Request::new(http_body_util::Empty::<bytes::Bytes>::new());
+    let admitted = hold::admit(target, &holds, &Limits::default(), &req, &client)?;
+    match hold::wait_ready(target, hold::Wait::Full, None, admitted).await? {
+        hold::Held::Ready(lease, _) => Ok(lease),
+        hold::Held::Moved(_) => panic!("moved"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_waiting_for_a_slot_get_freed_slots_one_each_in_arrival_order() {
+    let target = limited_target(1, 1);
+    let busy = leased(&target);
+    let (tx, mut order) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..3 {
+        let (target, tx) = (target.clone(), tx.clone());
+        tokio::spawn(async move {
+            match hold_for_slot(&target).await {
+                Ok(lease) => {
+                    tx.send(i).unwrap();
+                    // Served for a while, then the slot goes to the next one.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    drop(lease);
+                }
+                Err(error) => panic!("{error}"),
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(target.stats.pending(), 3, "held, so counted as pending");
+    assert_eq!(target.slots.as_ref().unwrap().waiting(), 3);
+    assert!(order.try_recv().is_err(), "none while the slot is taken");
+    drop(busy);
+    for expected in 0..3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(order.try_recv(), Ok(expected), "arrival order");
+        assert!(order.try_recv().is_err(), "one per freed slot");
+        assert_eq!(
+            target.endpoints()[0].in_flight(),
+            1,
+            "never above the limit"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(target.stats.pending(), 0);
+    assert_eq!(target.slots.as_ref().unwrap().waiting(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_finds_no_free_slot_within_the_hold_bound_gets_503_and_retry_after() {
+    let target = limited_target(1, 1);
+    let _busy = leased(&target);
+    let started = tokio::time::Instant::now();
+    let error = match hold_for_slot(&target).await {
+        Err(error) => error,
+        Ok(_) => panic!("no slot was freed"),
+    };
+    assert_eq!(started.elapsed(), target.serving.cold_start_timeout);
+    assert_eq!(error.reject(), Some(Reject::ConcurrencyTimeout));
+    assert_eq!(error.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    let response = error.into_response(http::Version::HTTP_11, false, &RequestId::new(None));
+    assert_eq!(response.headers()[http::header::RETRY_AFTER], "1");
+    assert_eq!(
+        target.slots.as_ref().unwrap().waiting(),
+        0,
+        "left the queue"
+    );
+    assert_eq!(target.stats.pending(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_waiting_for_a_slot_takes_one_on_a_new_instance() {
+    use crate::target::{Endpoint, Phase};
+    let target = limited_target(1, 1);
+    let _busy = leased(&target);
+    let waiter = {
+        let target = target.clone();
+        tokio::spawn(async move {
+            match hold_for_slot(&target).await {
+                Ok(lease) => lease.endpoint().authority.to_string(),
+                Err(error) => panic!("a slot on the new instance: {error}"),
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let mut endpoints = target.endpoints().to_vec();
+    endpoints.push(Endpoint::new("127.0.0.1:99".parse().unwrap()));
+    target.publish(endpoints, Phase::Ready);
+    assert_eq!(waiter.await.unwrap(), "127.0.0.1:99");
 }

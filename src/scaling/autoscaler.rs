@@ -80,7 +80,7 @@ pub async fn run(
     remote: Option<Arc<dyn RemoteSignal>>,
     stop: CancellationToken,
 ) {
-    let settings = Settings::new(&target.scaling, target.serving.idle_timeout);
+    let settings = Settings::serving(&target.scaling, &target.serving);
     let mut policy = Policy::default();
     let mut window = Window::default();
     let mut desired = settings.min;

@@ -37,7 +37,22 @@ pub struct Settings {
 
 impl Settings {
     pub fn of(target: &crate::config::TargetConfig) -> Self {
-        Self::new(&target.scaling, target.serving.idle_timeout)
+        Self::serving(&target.scaling, &target.serving)
+    }
+
+    /// The settings of a target served as `serving` says: a concurrency target is at most its
+    /// `instance_concurrency`, as Knative caps its target at `containerConcurrency`. Above
+    /// it, every instance would be full, and requests queued in wakegate, before the signal
+    /// asked for one more.
+    pub fn serving(s: &crate::config::Scaling, serving: &crate::config::Serving) -> Self {
+        let mut settings = Self::new(s, serving.idle_timeout);
+        if let Some(limit) = serving.instance_limit()
+            && settings.metric == Metric::Concurrency
+            && s.source.is_none()
+        {
+            settings.target = settings.target.min(f64::from(limit.get()));
+        }
+        settings
     }
 
     pub fn new(s: &crate::config::Scaling, idle_timeout: Duration) -> Self {

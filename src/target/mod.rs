@@ -5,6 +5,7 @@
 
 pub mod health;
 pub mod rate_limit;
+pub mod slots;
 pub mod stats;
 pub mod streams;
 
@@ -21,6 +22,7 @@ use crate::config::route::Refusal;
 use crate::config::{Backend, Fixed, Scaling, Serving, TargetConfig};
 use health::Health;
 use rate_limit::RateLimiter;
+use slots::Slots;
 use stats::Stats;
 use streams::{Close, Streams};
 
@@ -170,7 +172,28 @@ impl Endpoint {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
-        Some(Lease(self.clone()))
+        Some(Lease {
+            endpoint: self.clone(),
+            slots: None,
+        })
+    }
+
+    /// Takes a lease for one request within a target's instance concurrency: refused when
+    /// the endpoint is draining or has no free slot.
+    pub fn lease_within(self: &Arc<Self>, slots: &Arc<Slots>) -> Result<Lease, Refused> {
+        if !slots.take(&self.in_flight) {
+            return Err(Refused::Full);
+        }
+        // As in `lease`: checked after counting.
+        if self.draining.load(Ordering::SeqCst) {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            slots.freed();
+            return Err(Refused::Draining);
+        }
+        Ok(Lease {
+            endpoint: self.clone(),
+            slots: Some(slots.clone()),
+        })
     }
 
     /// Stops new leases; returns once every lease is gone or `limit` passed.
@@ -191,19 +214,35 @@ impl Endpoint {
     }
 }
 
-/// One request's claim on an endpoint; released on drop.
+/// Why an endpoint lent no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// It is taken out of rotation.
+    Draining,
+    /// It has as many requests as the target's instance concurrency.
+    Full,
+}
+
+/// One request's claim on an endpoint (and on one of its slots, under an instance
+/// concurrency); released on drop.
 #[derive(Debug)]
-pub struct Lease(Arc<Endpoint>);
+pub struct Lease {
+    endpoint: Arc<Endpoint>,
+    slots: Option<Arc<Slots>>,
+}
 
 impl Lease {
     pub fn endpoint(&self) -> &Endpoint {
-        &self.0
+        &self.endpoint
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.endpoint.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let Some(slots) = &self.slots {
+            slots.freed();
+        }
     }
 }
 
@@ -222,6 +261,8 @@ pub struct Target {
     /// The state of `serving.rate_limit`, one table for every worker: the limit holds per
     /// process, whichever worker a client's connections land on.
     pub rate_limiter: Option<RateLimiter>,
+    /// The state of `serving.instance_concurrency`, when the target has one.
+    pub slots: Option<Arc<Slots>>,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     status: watch::Sender<Status>,
     wake: Notify,
@@ -260,10 +301,14 @@ impl Target {
             backend,
         } = config;
         let rate_limiter = serving.rate_limit.as_ref().map(RateLimiter::new);
+        let slots = serving
+            .instance_limit()
+            .map(|limit| Arc::new(Slots::new(limit)));
         Arc::new(Self {
             name,
             namespace,
             rate_limiter,
+            slots,
             serving,
             scaling,
             backend,

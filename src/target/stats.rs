@@ -54,10 +54,13 @@ pub enum Reject {
     HoldLimit,
     /// wakegate's resident memory was over `[limits]` `memory_budget`.
     MemoryBudget,
+    /// Every instance stayed at the target's instance concurrency for as long as a hold may
+    /// last.
+    ConcurrencyTimeout,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 15] = [
+    pub const ALL: [Reject; 16] = [
         Reject::QueueFull,
         Reject::ColdStartTimeout,
         Reject::StartFailed,
@@ -73,6 +76,7 @@ impl Reject {
         Reject::QueueBytes,
         Reject::HoldLimit,
         Reject::MemoryBudget,
+        Reject::ConcurrencyTimeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -92,6 +96,7 @@ impl Reject {
             Reject::QueueBytes => "queue_bytes",
             Reject::HoldLimit => "hold_limit",
             Reject::MemoryBudget => "memory_budget",
+            Reject::ConcurrencyTimeout => "concurrency_timeout",
         }
     }
 }
@@ -264,7 +269,8 @@ impl Concurrency {
 pub struct Stats {
     /// Requests forwarded to an instance whose response has not finished yet.
     pub in_flight: AtomicI64,
-    /// Requests held while no instance is ready.
+    /// Requests held while no instance is ready, or while every one is at the target's
+    /// instance concurrency.
     pub pending: AtomicI64,
     /// What the held requests pin (see `proxy::hold::cost`).
     pub pending_bytes: AtomicU64,

@@ -98,6 +98,7 @@ fn an_opted_in_service_gets_every_default() {
     );
     assert_eq!(t.serving.cold_start_timeout, Duration::from_secs(60));
     assert_eq!(t.serving.max_pending, 1000);
+    assert_eq!(t.serving.instance_concurrency, 0, "no limit");
     assert!(!t.serving.wake_page);
 }
 
@@ -120,6 +121,7 @@ fn every_annotation_is_read() {
             ("cold-start-timeout", "2m"),
             ("max-pending", "50"),
             ("max-pending-bytes", "16MiB"),
+            ("instance-concurrency", "4"),
             ("wake-page", "true"),
         ],
         &[("http", 80), ("metrics", 9090)],
@@ -141,6 +143,7 @@ fn every_annotation_is_read() {
     assert_eq!(t.serving.cold_start_timeout, Duration::from_secs(120));
     assert_eq!(t.serving.max_pending, 50);
     assert_eq!(t.serving.max_pending_bytes, 16 << 20);
+    assert_eq!(t.serving.instance_concurrency, 4);
     assert!(t.serving.wake_page);
 }
 
@@ -520,4 +523,29 @@ fn a_bad_prometheus_annotation_is_reported_and_the_counters_used() {
             "{problems:?}"
         );
     }
+}
+
+#[test]
+fn a_bad_instance_concurrency_means_no_limit_and_says_why() {
+    for bad in ["-1", "two", "1.5", "10001"] {
+        let (t, problems) = target(from_service(&service(
+            &[("enabled", "true"), ("instance-concurrency", bad)],
+            &[("http", 80)],
+        )));
+        assert_eq!(t.serving.instance_concurrency, 0, "{bad}");
+        assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
+        let problem = &problems[0];
+        assert_eq!(problem.field, "wakegate.io/instance-concurrency");
+        assert_eq!(problem.value, format!("{bad:?}"));
+        assert!(
+            problem.expected.contains("up to 10000") && problem.expected.contains("using 0"),
+            "{problem}"
+        );
+    }
+    let (t, problems) = target(from_service(&service(
+        &[("enabled", "true"), ("instance-concurrency", "0")],
+        &[("http", 80)],
+    )));
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(t.serving.instance_limit(), None, "0: no limit");
 }

@@ -399,3 +399,42 @@ async fn a_query_value_of_zero_scales_to_zero_after_the_idle_timeout() {
     }
     assert!(seconds >= 2, "not before the idle timeout: {seconds}s");
 }
+
+#[test]
+fn a_concurrency_target_is_at_most_the_instance_concurrency() {
+    use crate::config::{Scaling, Serving};
+    let limited = Serving {
+        instance_concurrency: 4,
+        ..Serving::default()
+    };
+    let scaling = Scaling::default();
+    assert_eq!(
+        Settings::serving(&scaling, &limited).target,
+        4.0,
+        "10 capped"
+    );
+    assert_eq!(
+        Settings::serving(&scaling, &Serving::default()).target,
+        10.0
+    );
+    let low = Scaling {
+        target: Some(2.0),
+        ..Scaling::default()
+    };
+    assert_eq!(
+        Settings::serving(&low, &limited).target,
+        2.0,
+        "below the limit"
+    );
+    let rps = Scaling {
+        metric: Metric::Rps,
+        ..Scaling::default()
+    };
+    assert_eq!(
+        Settings::serving(&rps, &limited).target,
+        50.0,
+        "rps is no concurrency"
+    );
+    // Eleven requests, four per instance at once: three instances.
+    assert_eq!(Settings::serving(&scaling, &limited).instances_for(11.0), 3);
+}
