@@ -498,15 +498,10 @@ mod tests {
     fn a_target_is_active_while_requests_are_held_or_open_or_within_its_idle_timeout() {
         use std::sync::atomic::Ordering::SeqCst;
 
-        let config = crate::config::File::parse(
+        let config = crate::config::Config::first_target(
             "[[target]]\nname = \"hello\"\nhosts = [\"h\"]\ncommand = [\"demo\"]\n\
              idle_timeout = \"30s\"\n",
-        )
-        .unwrap()
-        .into_config()
-        .unwrap()
-        .targets
-        .remove(0);
+        );
         let target = Target::new(config);
         let (now, quiet) = (Instant::now(), Signal::default());
         let secs = Duration::from_secs;

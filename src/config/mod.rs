@@ -427,6 +427,17 @@ impl Config {
         })
     }
 
+    /// The first `[[target]]` of a configuration written in `toml`, for tests and benches;
+    /// panics, with the problems, when the text does not read or check.
+    #[doc(hidden)]
+    pub fn first_target(toml: &str) -> TargetConfig {
+        let file = File::parse(toml).unwrap_or_else(|e| panic!("{e}"));
+        let mut config = file
+            .into_config()
+            .unwrap_or_else(|problems| panic!("{}", list(&problems)));
+        config.targets.remove(0)
+    }
+
     /// The settings that differ from `running`'s and take effect only on a restart, by field.
     pub fn restart_needed(&self, running: &Config) -> Vec<&'static str> {
         let (new, old) = (&self.listen, &running.listen);

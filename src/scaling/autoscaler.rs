@@ -241,18 +241,12 @@ fn rounded(value: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::File;
 
     #[test]
     fn a_sample_never_averages_more_than_the_requests_open_whatever_the_clock_reads() {
-        let config = File::parse(
+        let config = crate::config::Config::first_target(
             "[[target]]\nname = \"hello\"\nhosts = [\"hello.localhost\"]\ncommand = [\"demo\"]\n",
-        )
-        .unwrap()
-        .into_config()
-        .unwrap()
-        .targets
-        .remove(0);
+        );
         let target = Target::new(config);
         let start = Instant::now();
         let mut sampler = Sampler::new(&target, start);

@@ -537,7 +537,6 @@ impl Target {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::File;
     use crate::config::route::HostPattern;
 
     #[test]
@@ -558,14 +557,9 @@ mod tests {
 
     #[test]
     fn a_target_runs_a_config_whatever_its_route() {
-        let config = File::parse(
+        let config = crate::config::Config::first_target(
             "[[target]]\nname = \"hello\"\nhosts = [\"hello.localhost\"]\ncommand = [\"demo\"]\n",
-        )
-        .unwrap()
-        .into_config()
-        .unwrap()
-        .targets
-        .remove(0);
+        );
         let target = Target::new(config.clone());
         let mut rerouted = config.clone();
         rerouted.route.hosts = vec![HostPattern::parse("other.localhost").unwrap()];
