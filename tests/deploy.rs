@@ -1483,6 +1483,14 @@ fn grafana_dashboard_queries_only_documented_metrics() {
         "wakegate_external_scaler_calls_total",
         "wakegate_external_scaler_streams",
         "wakegate_external_scaler_pushes_total",
+        "process_resident_memory_bytes",
+        "wakegate_memory_budget_bytes",
+        "wakegate_held_bytes",
+        "wakegate_pending_bytes",
+        "wakegate_queued_requests",
+        "wakegate_open_streams",
+        "wakegate_idle_streams",
+        "wakegate_streams_closed_total",
     ] {
         assert!(used.contains(needed), "no panel shows {needed}");
     }
