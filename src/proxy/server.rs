@@ -243,6 +243,10 @@ impl Connections {
         let force_close = self.force_close.clone();
         let open = self.open.subscribe();
         let open_here = OpenGuard::new(self.open_here.clone(), proxy.inner.shared.clone());
+        // Boxed, as the HTTP/2 connection below: a future the task holds stays part of its
+        // size for the connection's whole life, though it is done with once accepted. With
+        // both boxed an HTTP/1 connection's task takes 2,200 bytes instead of 4,984.
+        let accepted = Box::pin(accepted);
         tokio::spawn(async move {
             let served = async {
                 // hyper's own connections rather than hyper-util's auto-detecting one: that
@@ -260,9 +264,12 @@ impl Connections {
                 };
                 match protocol {
                     Protocol::Http2 => {
-                        let connection = http2.serve_connection(TokioIo::new(io), service);
+                        // Boxed: an HTTP/2 connection's state is several times an HTTP/1 one's,
+                        // and unboxed it would size every connection's task, HTTP/1 too.
+                        let connection =
+                            Box::pin(http2.serve_connection(TokioIo::new(io), service));
                         watch
-                            .serve(connection, http2::Connection::graceful_shutdown)
+                            .serve(connection, |c| c.get_mut().as_mut().graceful_shutdown())
                             .await
                     }
                     Protocol::Http1 => {
