@@ -3,8 +3,6 @@
 //! wakegate does not have, and two wakegate replicas on Kubernetes (the API double) answering
 //! with the same cluster-wide values.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -17,7 +15,7 @@ use wakegate_test_support::kube_fixtures::{
     FAST, LEASE_AND_PEERS, NS, api_with_kubelet, deployment, kubernetes_section,
     leader_and_follower, service, two_replicas,
 };
-use wakegate_test_support::{Wakegate, demo_target, metric, within};
+use wakegate_test_support::{Load, Wakegate, demo_target, metric, within};
 
 /// Samples often, so the activity and metric values follow the load closely.
 const HEAD: &str =
@@ -415,18 +413,7 @@ async fn two_replicas_answer_keda_with_the_cluster_wide_signal_whichever_is_aske
         .unwrap();
     assert!(!first.result);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (follower, stop) = (follower.clone(), stop.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let r = follower.get("busy.example.com", "/sleep?ms=200").await;
-                    assert_eq!(r.status, 200, "{}", r.body);
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(&follower, 4, "busy.example.com", "/sleep?ms=200");
     // The leader hears of it from its scrape of the follower, not from a request of its own.
     let pushed = within(20, "the leader's push", stream.next())
         .await
@@ -443,10 +430,7 @@ async fn two_replicas_answer_keda_with_the_cluster_wide_signal_whichever_is_aske
         let active = client.is_active(busy.clone()).await.expect("IsActive");
         assert!(active.into_inner().result, "{who}");
     }
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.expect("every request answered 200");
-    }
+    load.stop().await;
     for (who, client) in [
         ("leader", &mut keda_on_leader),
         ("follower", &mut keda_on_follower),

@@ -2,7 +2,6 @@
 //! the API-server test double, whose simulated kubelet runs real demo-backend processes.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -272,18 +271,7 @@ async fn two_replicas_elect_one_leader_which_scales_from_the_summed_signal_and_h
 
     // Load goes only through the follower: the leader scales up from what the follower
     // counted (concurrency 8, target 2 per replica, max 3).
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..8)
-        .map(|_| {
-            let (follower, stop) = (follower.clone(), stop.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let r = follower.get("busy.example.com", "/sleep?ms=200").await;
-                    assert_eq!(r.status, 200, "{}", r.body);
-                }
-            })
-        })
-        .collect();
+    let load = Load::start(&follower, 8, "busy.example.com", "/sleep?ms=200");
     eventually("the leader to scale to 3", Duration::from_secs(20), || {
         api.scale_patches(NS, "busy")
             .iter()
@@ -291,10 +279,7 @@ async fn two_replicas_elect_one_leader_which_scales_from_the_summed_signal_and_h
             .then_some(())
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.expect("every request answered 200");
-    }
+    load.stop().await;
     assert!(metric(&follower.metrics().await, "wakegate_leader", "") == Some(0.0));
     let by_leader = |logs: String| {
         logs.lines().any(|l| {

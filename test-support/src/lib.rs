@@ -15,6 +15,7 @@ pub use recording::{Recorded, RecordingUpstream};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -525,5 +526,39 @@ impl DemoBackend {
         })
         .await;
         DemoBackend { child, addr }
+    }
+}
+
+/// Clients that each send `GET path` for `host` to a wakegate, one request after another,
+/// asserting a 200 each, until [`Load::stop`].
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(wakegate: &Arc<Wakegate>, clients: usize, host: &str, path: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|_| {
+                let (wakegate, stop) = (wakegate.clone(), stop.clone());
+                let (host, path) = (host.to_owned(), path.to_owned());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = wakegate.get(&host, &path).await;
+                        assert_eq!(r.status, 200, "{}", r.body);
+                    }
+                })
+            })
+            .collect();
+        Load { stop, clients }
+    }
+
+    /// Stops the clients after their requests in progress, and waits for those.
+    pub async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.await.expect("every request answered 200");
+        }
     }
 }
