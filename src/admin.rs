@@ -1,8 +1,10 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz` (503 while draining), `/targets`
 //! (JSON state of every target) and `/targets/{namespace}/{name}` (one target's state and its
-//! endpoint addresses).
+//! endpoint addresses); and, from the other replicas only, `POST /peers/held/{namespace}/{name}`
+//! (a request is held there for that target).
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
@@ -17,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{self, Metrics};
+use crate::provider::kubernetes::peers::{PeerSignal, Refused};
 use crate::proxy::Shared;
 use crate::target::Target;
 
@@ -28,10 +31,15 @@ pub struct Admin {
     /// False until the targets of the first Kubernetes sync are routed (always true without
     /// Kubernetes).
     pub routed: tokio::sync::watch::Receiver<bool>,
+    /// The other replicas, on Kubernetes.
+    pub peers: Option<Arc<PeerSignal>>,
 }
 
 impl Admin {
-    fn respond(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    fn respond(&self, req: &Request<Incoming>, from: IpAddr) -> Response<Full<Bytes>> {
+        if let Some(rest) = req.uri().path().strip_prefix("/peers/held/") {
+            return self.held_on_peer(req.method(), rest, from);
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
         }
@@ -62,6 +70,43 @@ impl Admin {
         }
     }
 
+    /// `POST /peers/held/{namespace}/{name}`: another replica holds a request for that target.
+    fn held_on_peer(&self, method: &Method, rest: &str, from: IpAddr) -> Response<Full<Bytes>> {
+        if method != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only POST\n");
+        }
+        let Some((namespace, name)) = split_key(rest) else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "not found; expected /peers/held/{namespace}/{name}\n",
+            );
+        };
+        let snapshot = self.proxy.snapshot.load();
+        let found = snapshot
+            .targets
+            .iter()
+            .find(|t| t.namespace == namespace && t.name == name);
+        let answer = match &self.peers {
+            Some(peers) => peers.held_on_peer(from, found.map(|t| &**t)),
+            None => Err(Refused::NotTaken),
+        };
+        match answer {
+            Ok(()) => text(StatusCode::NO_CONTENT, ""),
+            Err(Refused::NotTaken) => text(
+                StatusCode::NOT_FOUND,
+                "not found: notices from peers are taken only on Kubernetes with `kubernetes.peers` and `listen.external_scaler`\n",
+            ),
+            Err(Refused::NotAPeer) => text(
+                StatusCode::FORBIDDEN,
+                format!("{from} is not a ready endpoint of the peers Service\n"),
+            ),
+            Err(Refused::UnknownTarget) => text(
+                StatusCode::NOT_FOUND,
+                format!("no target {namespace}/{name}\n"),
+            ),
+        }
+    }
+
     fn targets_json(&self) -> String {
         let snapshot = self.proxy.snapshot.load();
         let clock = (Instant::now(), SystemTime::now());
@@ -76,10 +121,7 @@ impl Admin {
     /// `/targets/{namespace}/{name}`: the target's `/targets` entry plus the addresses of its
     /// ready endpoints, as the data plane sees them right now.
     fn target(&self, rest: &str) -> Response<Full<Bytes>> {
-        let Some((namespace, name)) = rest
-            .split_once('/')
-            .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
-        else {
+        let Some((namespace, name)) = split_key(rest) else {
             return text(
                 StatusCode::NOT_FOUND,
                 "not found; expected /targets/{namespace}/{name}\n",
@@ -105,6 +147,12 @@ impl Admin {
         body["endpoints"] = endpoints.into();
         json(pretty(&body))
     }
+}
+
+/// `{namespace}/{name}`, both non-empty.
+fn split_key(rest: &str) -> Option<(&str, &str)> {
+    rest.split_once('/')
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
 }
 
 /// One target's entry in `/targets`; `clock` is now, monotonic and wall, read once per answer.
@@ -196,7 +244,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, from) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
@@ -209,7 +257,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
         };
         let admin = admin.clone();
         let service = hyper::service::service_fn(move |req| {
-            let response = admin.respond(&req);
+            let response = admin.respond(&req, from.ip());
             async move { Ok::<_, Infallible>(response) }
         });
         let connection = builder

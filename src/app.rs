@@ -157,6 +157,7 @@ pub async fn run(
     // request sent the moment `/readyz` says so finds its route.
     let (routed, routed_rx) = watch::channel(discovered.is_none());
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let peers = kube.as_ref().map(KubernetesProvider::peer_signal);
     let mut control = Control::new(snapshot.clone(), kube);
     control.apply_file(&config);
 
@@ -186,6 +187,7 @@ pub async fn run(
         metrics: Metrics::new(registry, shared.clone()),
         proxy: shared.clone(),
         routed: routed_rx,
+        peers,
     });
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin, admin_stop.clone()));

@@ -237,9 +237,13 @@ fn active(target: &Target, signal: &Signal, now: Instant) -> bool {
     target.demand() > 0 || signal.demand > 0 || idle_at(target, signal).is_some_and(|at| now < at)
 }
 
-/// When the target goes idle if nothing more happens.
+/// When the target goes idle if nothing more happens. A request another replica said it
+/// holds counts as activity from then: that replica's next scrape shows it as demand.
 fn idle_at(target: &Target, signal: &Signal) -> Option<Instant> {
-    let last = target.last_request_at().max(signal.last_active)?;
+    let last = target
+        .last_request_at()
+        .max(signal.last_active)
+        .max(target.last_held_on_peer())?;
     Some(last + target.serving.idle_timeout)
 }
 
@@ -494,15 +498,18 @@ mod tests {
         assert_eq!(query.namespace, "web");
     }
 
+    fn target_config() -> crate::config::TargetConfig {
+        crate::config::Config::first_target(
+            "[[target]]\nname = \"hello\"\nhosts = [\"h\"]\ncommand = [\"demo\"]\n\
+             idle_timeout = \"30s\"\n",
+        )
+    }
+
     #[test]
     fn a_target_is_active_while_requests_are_held_or_open_or_within_its_idle_timeout() {
         use std::sync::atomic::Ordering::SeqCst;
 
-        let config = crate::config::Config::first_target(
-            "[[target]]\nname = \"hello\"\nhosts = [\"h\"]\ncommand = [\"demo\"]\n\
-             idle_timeout = \"30s\"\n",
-        );
-        let target = Target::new(config);
+        let target = Target::new(target_config());
         let (now, quiet) = (Instant::now(), Signal::default());
         let secs = Duration::from_secs;
         assert!(!active(&target, &quiet, now), "never used");
@@ -531,6 +538,14 @@ mod tests {
             "the last sample's activity"
         );
         assert!(!active(&target, &seen, now + secs(70)));
+
+        // Held on another replica, as it says before its next scrape shows it.
+        let held_elsewhere = Target::new(target_config());
+        held_elsewhere.held_on_peer();
+        let told = Instant::now();
+        assert!(active(&held_elsewhere, &quiet, told), "held on a peer");
+        assert!(active(&held_elsewhere, &quiet, told + secs(29)));
+        assert!(!active(&held_elsewhere, &quiet, told + secs(31)));
     }
 
     #[test]

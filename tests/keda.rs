@@ -11,11 +11,12 @@ use tonic::Code;
 use tonic::transport::Channel;
 use wakegate::keda::pb::external_scaler_client::ExternalScalerClient;
 use wakegate::keda::pb::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef};
+use wakegate_test_support::kube_api::KubeletOptions;
 use wakegate_test_support::kube_fixtures::{
-    FAST, LEASE_AND_PEERS, NS, api_with_kubelet, deployment, kubernetes_section,
+    FAST, LEASE_AND_PEERS, NS, api_with_kubelet, cluster, deployment, kubernetes_section,
     leader_and_follower, service, two_replicas,
 };
-use wakegate_test_support::{Load, Wakegate, demo_target, metric, within};
+use wakegate_test_support::{Load, Wakegate, bin, demo_target, metric, within};
 
 /// Samples often, so the activity and metric values follow the load closely.
 const HEAD: &str =
@@ -437,4 +438,92 @@ async fn two_replicas_answer_keda_with_the_cluster_wide_signal_whichever_is_aske
     ] {
         wait_for_metric(client, busy.clone(), who, |v| v == 0.0).await;
     }
+}
+
+#[tokio::test]
+async fn a_request_held_on_one_replica_makes_keda_s_stream_on_the_other_say_active_at_once() {
+    // Pods take 3 s to start: the push must come while the request is still held.
+    let api = cluster().await;
+    api.start_kubelet(KubeletOptions {
+        startup_delay: Duration::from_secs(3),
+        program: bin().into(),
+    });
+    api.apply(deployment("slow", 0));
+    api.apply(service(
+        "slow",
+        json!({
+            "wakegate.io/enabled": "true",
+            "wakegate.io/hosts": "slow.example.com",
+        }),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let section = kubernetes_section(
+        &api,
+        dir.path(),
+        &format!("autoscaler = \"external\"\n{LEASE_AND_PEERS}"),
+    );
+    let head = format!("{FAST}\n[listen]\nexternal_scaler = \"127.0.0.1:0\"\n");
+    let (streamed, holding) = two_replicas(&api, &head, &section, "slow").await;
+    let slow = ScaledObjectRef {
+        name: "slow".into(),
+        namespace: NS.into(),
+        scaler_metadata: [("service".to_owned(), "slow".to_owned())].into(),
+    };
+    let mut stream = keda(&streamed)
+        .await
+        .stream_is_active(slow)
+        .await
+        .expect("StreamIsActive")
+        .into_inner();
+    let first = within(10, "the first push", stream.next()).await;
+    assert!(!first.unwrap().unwrap().result, "slow sleeps at zero");
+
+    let sent = Instant::now();
+    let proxy = holding.proxy;
+    let request = tokio::spawn(async move {
+        wakegate_test_support::raw_exchange(
+            proxy,
+            "GET / HTTP/1.1\r\nHost: slow.example.com\r\nConnection: close\r\n\r\n",
+        )
+        .await
+    });
+    let pushed = within(20, "the push", stream.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let latency = sent.elapsed();
+    assert!(
+        pushed.result,
+        "active from the other replica's held request"
+    );
+    assert!(
+        !request.is_finished(),
+        "pushed only after the cold start ended ({latency:?})"
+    );
+    // The holding replica told the other one; it did not wait for that one's next scrape.
+    eprintln!(
+        "StreamIsActive on the other replica pushed true {latency:?} after the request was sent"
+    );
+    // The holding replica counts its notice once the other one answered it.
+    holding
+        .wait_for_metrics("the notice sent", Duration::from_secs(5), |m| {
+            metric(
+                m,
+                "wakegate_peer_notices_total",
+                r#"direction="sent",result="ok""#,
+            ) == Some(1.0)
+        })
+        .await;
+    let metrics = streamed.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "wakegate_peer_notices_total",
+            r#"direction="received",result="taken""#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    let response = within(20, "the held request", request).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 }

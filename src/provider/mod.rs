@@ -89,4 +89,8 @@ pub struct Remote {
 /// The rest of the cluster's signal for a target, added to this replica's own counters.
 pub trait RemoteSignal: Send + Sync {
     fn take(&self, target: &Target) -> Remote;
+
+    /// A request is held here for `target`, which has no ready instance: the other replicas
+    /// may want to know before they next look.
+    fn held_here(&self, _target: &Target) {}
 }

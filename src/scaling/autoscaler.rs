@@ -120,6 +120,9 @@ pub async fn run(
             }
             () = target.wake_requested() => {
                 if target.endpoints().is_empty() {
+                    if let Some(remote) = &remote {
+                        remote.held_here(&target);
+                    }
                     asked = true;
                     if desired == 0 {
                         desired = 1;

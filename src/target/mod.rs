@@ -280,6 +280,9 @@ pub struct Target {
     /// Bumped by every request held for want of a ready instance, for those who must know at
     /// once (the KEDA scaler's stream), not at the next sample.
     held: watch::Sender<u64>,
+    /// Microseconds since `epoch`, plus one, at which another replica last said it holds a
+    /// request for this target (0: none did).
+    held_on_peer: AtomicU64,
     signal: watch::Sender<Signal>,
 }
 
@@ -323,6 +326,7 @@ impl Target {
             observed: AtomicI64::new(-1),
             refused: ArcSwap::from_pointee(Vec::new()),
             held: watch::channel(0).0,
+            held_on_peer: AtomicU64::new(0),
             signal: watch::channel(Signal::default()).0,
         })
     }
@@ -454,9 +458,28 @@ impl Target {
         }
     }
 
-    /// Changes each time a request is held for want of a ready instance.
+    /// Changes each time a request is held for want of a ready instance, here or (as
+    /// another replica says) elsewhere.
     pub fn watch_held(&self) -> watch::Receiver<u64> {
         self.held.subscribe()
+    }
+
+    /// Another replica holds a request for this target: it counts as active from now, for
+    /// those who must know before the next scrape of that replica (KEDA's stream).
+    pub fn held_on_peer(&self) {
+        self.held_on_peer
+            .store(self.micros(Instant::now()) + 1, Ordering::Relaxed);
+        if self.held.receiver_count() > 0 {
+            self.held.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// When another replica last said it holds a request for this target, if one did.
+    pub fn last_held_on_peer(&self) -> Option<Instant> {
+        match self.held_on_peer.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(self.epoch + Duration::from_micros(at - 1)),
+        }
     }
 
     /// Autoscaler: the signal it sampled.

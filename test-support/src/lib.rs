@@ -314,7 +314,6 @@ impl Wakegate {
         self.admin_get("/metrics").await.body
     }
 
-    /// The `/targets` entry of one target.
     /// Polls `/metrics` until `check` holds on its text, or fails after `limit` naming `what`
     /// and showing the last text.
     pub async fn wait_for_metrics(
@@ -334,6 +333,7 @@ impl Wakegate {
         }
     }
 
+    /// The `/targets` entry of one target.
     pub async fn target(&self, name: &str) -> serde_json::Value {
         let all: serde_json::Value =
             serde_json::from_str(&self.admin_get("/targets").await.body).unwrap();

@@ -159,6 +159,11 @@ pub struct Started {
 }
 
 impl KubernetesProvider {
+    /// The other replicas' signal, and the notices of held requests taken from them.
+    pub fn peer_signal(&self) -> Arc<peers::PeerSignal> {
+        self.inner.peer_signal.clone()
+    }
+
     /// Starts the watches, the lease and the peer scraping, and registers the provider's own
     /// metrics in `registry`. Peers are scraped by the leader only, or by every replica with
     /// `sum_on_every_replica`.
@@ -186,7 +191,10 @@ impl KubernetesProvider {
             leader: leader.clone(),
             invalid_annotations: counters.invalid_annotations.clone(),
         }));
-        let peer_signal = Arc::new(peers::PeerSignal::default());
+        // A replica that KEDA may ask tells the others of its held requests at once.
+        let (peer_signal, notices) =
+            peers::PeerSignal::new(sum_on_every_replica && config.peers.is_some(), registry);
+        let peer_signal = Arc::new(peer_signal);
         let inner = Arc::new(Inner {
             client: client.clone(),
             config: config.clone(),
@@ -227,6 +235,7 @@ impl KubernetesProvider {
                 inner.leader.clone(),
                 sum_on_every_replica,
                 peer_signal,
+                notices,
                 stop.clone(),
             )));
         }

@@ -2,11 +2,17 @@
 //! the EndpointSlices of wakegate's headless Service) and adds what their counters grew by to
 //! its own. A peer that does not answer within the scrape timeout is skipped for that round;
 //! a peer that goes away just stops contributing, so no history is lost.
+//!
+//! With KEDA's external scaler on, every replica scrapes, and a replica that holds a request
+//! for a target with no ready instance also tells the others at once (`POST
+//! /peers/held/{namespace}/{name}` on their admin port): KEDA's stream may be open on any of
+//! them, and a scrape comes only once a second.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::join_all;
@@ -18,6 +24,10 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PeersConfig;
@@ -28,6 +38,8 @@ const SCRAPE_EVERY: Duration = Duration::from_secs(1);
 
 type Key = (String, String);
 
+type Http = HttpClient<HttpConnector, Empty<Bytes>>;
+
 /// One peer's counters for one target, as last scraped.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Counters {
@@ -37,11 +49,32 @@ pub struct Counters {
     pub demand: f64,
 }
 
-/// What the other replicas added since the autoscaler last looked.
+/// What the other replicas added since the autoscaler last looked, and the notices of held
+/// requests exchanged with them.
 #[derive(Debug, Default)]
 pub struct PeerSignal {
     pending: Mutex<HashMap<Key, Remote>>,
     demand: Mutex<HashMap<Key, u64>>,
+    /// Where notices of requests held here go, when this replica sends them.
+    notices: Option<mpsc::UnboundedSender<Key>>,
+    /// When each target's last notice went out: one a scrape interval is enough, the scrapes
+    /// carry the rest.
+    noticed: Mutex<HashMap<Key, Instant>>,
+    /// The peers as the headless Service lists them, once the scraping runs.
+    peers: OnceLock<Peers>,
+    /// By direction (`sent`, `received`) and result.
+    counted: Family<Vec<(&'static str, &'static str)>, Counter>,
+}
+
+/// Why a notice from a peer was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// This replica takes none: the external scaler is off, or there are no peers.
+    NotTaken,
+    /// It came from an address the peers Service does not list.
+    NotAPeer,
+    /// This replica routes no such target.
+    UnknownTarget,
 }
 
 impl RemoteSignal for PeerSignal {
@@ -62,9 +95,86 @@ impl RemoteSignal for PeerSignal {
             .unwrap_or(0);
         remote
     }
+
+    fn held_here(&self, target: &Target) {
+        let Some(notices) = &self.notices else {
+            return;
+        };
+        let key = (target.namespace.clone(), target.name.clone());
+        let now = Instant::now();
+        {
+            let mut noticed = self.noticed.lock().expect("not poisoned");
+            if noticed
+                .get(&key)
+                .is_some_and(|at| now.duration_since(*at) < SCRAPE_EVERY)
+            {
+                return;
+            }
+            if noticed.len() >= 1024 {
+                noticed.retain(|_, at| now.duration_since(*at) < SCRAPE_EVERY);
+            }
+            noticed.insert(key.clone(), now);
+        }
+        let _ = notices.send(key);
+    }
 }
 
 impl PeerSignal {
+    /// A signal that, with `notify`, tells the peers of requests held here (the receiver
+    /// is what [`run`] sends from), and registers its counts in `registry`.
+    pub fn new(
+        notify: bool,
+        registry: &mut Registry,
+    ) -> (Self, Option<mpsc::UnboundedReceiver<Key>>) {
+        let (notices, receiver) = if notify {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let signal = Self {
+            notices,
+            ..Self::default()
+        };
+        if notify {
+            registry.register(
+                "wakegate_peer_notices",
+                "Notices of a request held for a target with no ready instance, exchanged with the other replicas so that KEDA's stream on any of them says active at once: by direction (sent, received) and result (sent: ok, failed; received: taken, not_a_peer, unknown_target).",
+                signal.counted.clone(),
+            );
+        }
+        (signal, receiver)
+    }
+
+    /// A peer at `from` says it holds a request for the target `found` (`None`: not routed
+    /// here): the target counts as active from now.
+    pub fn held_on_peer(&self, from: IpAddr, found: Option<&Target>) -> Result<(), Refused> {
+        let answer = match self.peers.get() {
+            None => Err(Refused::NotTaken),
+            Some(_) if self.notices.is_none() => Err(Refused::NotTaken),
+            Some(peers) if !peers.addresses().iter().any(|a| a.ip() == from) => {
+                Err(Refused::NotAPeer)
+            }
+            Some(_) => found
+                .map(Target::held_on_peer)
+                .ok_or(Refused::UnknownTarget),
+        };
+        let result = match answer {
+            Ok(()) => "taken",
+            Err(Refused::NotTaken) => return answer,
+            Err(Refused::NotAPeer) => "not_a_peer",
+            Err(Refused::UnknownTarget) => "unknown_target",
+        };
+        self.count("received", result);
+        answer
+    }
+
+    fn count(&self, direction: &'static str, result: &'static str) {
+        self.counted
+            .get_or_create(&vec![("direction", direction), ("result", result)])
+            .inc();
+    }
+
     /// Adds the growth between two scrapes of one peer; a counter that went down (the peer
     /// restarted) counts from zero.
     pub fn add(&self, before: &HashMap<Key, Counters>, now: &HashMap<Key, Counters>) {
@@ -138,13 +248,15 @@ pub fn parse_metrics(text: &str) -> HashMap<Key, Counters> {
 }
 
 /// Scrapes the peers while this replica leads, or always when `always` (every replica then
-/// knows the cluster-wide signal, as KEDA's external scaler, asked of any replica, answers it).
+/// knows the cluster-wide signal, as KEDA's external scaler, asked of any replica, answers it);
+/// sends them the `notices` of requests held here.
 pub async fn run(
     client: kube::Client,
     config: PeersConfig,
     leader: Arc<AtomicBool>,
     always: bool,
     signal: Arc<PeerSignal>,
+    mut notices: Option<mpsc::UnboundedReceiver<Key>>,
     stop: CancellationToken,
 ) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &config.namespace);
@@ -170,13 +282,32 @@ pub async fn run(
             }
         })
     };
-    let http: HttpClient<HttpConnector, Empty<Bytes>> =
-        HttpClient::builder(TokioExecutor::new()).build_http();
-    let me = super::identity();
-    let mut last: HashMap<String, HashMap<Key, Counters>> = HashMap::new();
+    let peers = signal.peers.get_or_init(|| Peers {
+        store,
+        port: config.port.clone(),
+        me: super::identity(),
+    });
+    let http: Http = HttpClient::builder(TokioExecutor::new()).build_http();
+    let mut last: HashMap<SocketAddr, HashMap<Key, Counters>> = HashMap::new();
+    let mut scrape_at = tokio::time::Instant::now() + SCRAPE_EVERY;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(SCRAPE_EVERY) => {}
+            () = tokio::time::sleep_until(scrape_at) => {
+                scrape_at = tokio::time::Instant::now() + SCRAPE_EVERY;
+            }
+            Some(key) = async { match notices.as_mut() {
+                Some(notices) => notices.recv().await,
+                None => std::future::pending().await,
+            } } => {
+                tokio::spawn(notify(
+                    http.clone(),
+                    peers.addresses(),
+                    key,
+                    config.scrape_timeout,
+                    signal.clone(),
+                ));
+                continue;
+            }
             () = stop.cancelled() => break,
         }
         if !always && !leader.load(Ordering::Relaxed) {
@@ -184,13 +315,13 @@ pub async fn run(
             signal.clear();
             continue;
         }
-        let peers = peer_addresses(&store, &config.port, &me);
-        let scrapes = peers
+        let addresses = peers.addresses();
+        let scrapes = addresses
             .iter()
-            .map(|addr| scrape(&http, addr, config.scrape_timeout));
+            .map(|addr| scrape(&http, *addr, config.scrape_timeout));
         let results = join_all(scrapes).await;
         let mut seen = HashMap::new();
-        for (addr, result) in peers.into_iter().zip(results) {
+        for (addr, result) in addresses.into_iter().zip(results) {
             match result {
                 Some(now) => {
                     // A new peer's counters so far are history, not this tick's traffic.
@@ -213,43 +344,82 @@ pub async fn run(
     watching.abort();
 }
 
-fn peer_addresses(store: &Store<EndpointSlice>, port: &str, me: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for slice in store.state() {
-        let Some(number) = slice
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| {
-                p.name.as_deref() == Some(port) || p.port.is_some_and(|n| n.to_string() == port)
-            })
-            .and_then(|p| p.port)
-        else {
-            continue;
-        };
-        for endpoint in &slice.endpoints {
-            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false)
-                || endpoint.target_ref.as_ref().and_then(|r| r.name.as_deref()) == Some(me)
-            {
+/// Tells every peer that a request for the target `key` is held here.
+async fn notify(
+    http: Http,
+    peers: Vec<SocketAddr>,
+    (namespace, name): Key,
+    timeout: Duration,
+    signal: Arc<PeerSignal>,
+) {
+    let sends = peers.iter().map(|addr| {
+        let http = http.clone();
+        let uri = format!("http://{addr}/peers/held/{namespace}/{name}");
+        async move {
+            let post = async {
+                let request = http::Request::post(uri).body(Empty::new()).ok()?;
+                let response = http.request(request).await.ok()?;
+                response.status().is_success().then_some(())
+            };
+            tokio::time::timeout(timeout, post).await.ok().flatten()
+        }
+    });
+    for (addr, sent) in peers.iter().zip(join_all(sends).await) {
+        if sent.is_none() {
+            tracing::debug!(peer = %addr, %namespace, %name, "peer did not take the notice of a held request in time");
+        }
+        signal.count("sent", if sent.is_some() { "ok" } else { "failed" });
+    }
+}
+
+/// The other replicas: the ready endpoints of the peers Service but this one.
+#[derive(Debug, Clone)]
+struct Peers {
+    store: Store<EndpointSlice>,
+    /// The admin port's name or number.
+    port: String,
+    /// This replica's pod name.
+    me: String,
+}
+
+impl Peers {
+    fn addresses(&self) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        for slice in self.store.state() {
+            let Some(number) = slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| {
+                    p.name.as_deref() == Some(&self.port)
+                        || p.port.is_some_and(|n| n.to_string() == self.port)
+                })
+                .and_then(|p| p.port)
+                .and_then(|n| u16::try_from(n).ok())
+            else {
                 continue;
-            }
-            if let Some(ip) = endpoint.addresses.first() {
-                out.push(if ip.contains(':') {
-                    format!("[{ip}]:{number}")
-                } else {
-                    format!("{ip}:{number}")
-                });
+            };
+            for endpoint in &slice.endpoints {
+                if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false)
+                    || endpoint.target_ref.as_ref().and_then(|r| r.name.as_deref())
+                        == Some(&self.me)
+                {
+                    continue;
+                }
+                if let Some(ip) = endpoint.addresses.first().and_then(|a| a.parse().ok()) {
+                    out.push(SocketAddr::new(ip, number));
+                }
             }
         }
+        out.sort();
+        out.dedup();
+        out
     }
-    out.sort();
-    out.dedup();
-    out
 }
 
 async fn scrape(
-    http: &HttpClient<HttpConnector, Empty<Bytes>>,
-    addr: &str,
+    http: &Http,
+    addr: SocketAddr,
     timeout: Duration,
 ) -> Option<HashMap<Key, Counters>> {
     let uri: http::Uri = format!("http://{addr}/metrics").parse().ok()?;
@@ -291,6 +461,88 @@ wakegate_rejected_requests_total{namespace="",service="",reason="no_route"} 7
                 demand: 4.0
             }
         );
+    }
+
+    #[test]
+    fn a_notice_is_taken_from_a_ready_peer_only_and_for_a_routed_target() {
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "wakegate-peers-1", "namespace": "wakegate" },
+            "addressType": "IPv4",
+            "ports": [{ "name": "admin", "port": 9090 }],
+            "endpoints": [
+                { "addresses": ["10.0.0.2"], "conditions": { "ready": true },
+                  "targetRef": { "kind": "Pod", "name": "wakegate-b" } },
+                { "addresses": ["10.0.0.3"], "conditions": { "ready": false },
+                  "targetRef": { "kind": "Pod", "name": "wakegate-c" } },
+                { "addresses": ["10.0.0.1"], "conditions": { "ready": true },
+                  "targetRef": { "kind": "Pod", "name": "wakegate-a" } }
+            ]
+        }))
+        .unwrap();
+        let (store, mut writer) = reflector::store();
+        writer.apply_watcher_event(&watcher::Event::Apply(slice));
+        let peers = Peers {
+            store,
+            port: "admin".into(),
+            me: "wakegate-a".into(),
+        };
+        assert_eq!(peers.addresses(), ["10.0.0.2:9090".parse().unwrap()]);
+
+        let target = Target::new(crate::config::Config::first_target(
+            "[[target]]\nname = \"hello\"\nhosts = [\"h\"]\ncommand = [\"demo\"]\n",
+        ));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (off, _) = PeerSignal::new(false, &mut Registry::default());
+        let _ = off.peers.set(peers.clone());
+        assert_eq!(
+            off.held_on_peer(ip("10.0.0.2"), Some(&target)),
+            Err(Refused::NotTaken),
+            "the external scaler is off"
+        );
+        let (on, _notices) = PeerSignal::new(true, &mut Registry::default());
+        assert_eq!(
+            on.held_on_peer(ip("10.0.0.2"), Some(&target)),
+            Err(Refused::NotTaken),
+            "before the peers are known"
+        );
+        let _ = on.peers.set(peers);
+        for stranger in ["10.0.0.3", "10.0.0.1", "192.0.2.7"] {
+            assert_eq!(
+                on.held_on_peer(ip(stranger), Some(&target)),
+                Err(Refused::NotAPeer),
+                "{stranger}"
+            );
+        }
+        assert_eq!(target.last_held_on_peer(), None);
+        assert_eq!(
+            on.held_on_peer(ip("10.0.0.2"), None),
+            Err(Refused::UnknownTarget)
+        );
+        assert_eq!(on.held_on_peer(ip("10.0.0.2"), Some(&target)), Ok(()));
+        assert!(target.last_held_on_peer().is_some());
+    }
+
+    #[tokio::test]
+    async fn one_notice_per_target_per_scrape_interval() {
+        let (signal, notices) = PeerSignal::new(true, &mut Registry::default());
+        let mut notices = notices.unwrap();
+        let target = |name: &str| {
+            Target::new(crate::config::Config::first_target(&format!(
+                "[[target]]\nname = \"{name}\"\nhosts = [\"{name}\"]\ncommand = [\"demo\"]\n"
+            )))
+        };
+        let (hello, world) = (target("hello"), target("world"));
+        for _ in 0..100 {
+            signal.held_here(&hello);
+        }
+        signal.held_here(&world);
+        let key = |name: &str| ("local".to_owned(), name.to_owned());
+        assert_eq!(notices.recv().await, Some(key("hello")));
+        assert_eq!(notices.recv().await, Some(key("world")));
+        assert!(notices.try_recv().is_err(), "one notice each");
+        let (silent, none) = PeerSignal::new(false, &mut Registry::default());
+        assert!(none.is_none());
+        silent.held_here(&hello);
     }
 
     #[test]
