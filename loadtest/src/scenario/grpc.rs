@@ -121,6 +121,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         },
         nginx: nginx_proxy,
         wakegate,
+        logged: None,
     };
     let message_bytes = match Requests::Grpc
         .plan(&stand.upstream.server, warmup, String::new())

@@ -40,7 +40,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     let duration = settings.pick(Duration::from_secs(10), Duration::from_secs(2));
     let probe = settings.pick(Duration::from_secs(3), Duration::from_secs(1));
     let work = WorkDir::new()?;
-    let mut stand = Stand::start(&work, settings, nginx.is_some(), probe).await?;
+    let mut stand = Stand::start(&work, settings, nginx.is_some(), false, probe).await?;
 
     // The maximum, measured here (closed loop, which also warms each path up).
     let mut max = Vec::new();

@@ -132,10 +132,15 @@ pub(crate) fn progress_end() {
 
 /// The upstream, nginx proxying to it (when installed) and wakegate proxying to it: the three
 /// paths `warm`, `latency` and `grpc` compare.
+/// The path of wakegate with its access log on.
+const LOGGED: &str = "wakegate+log";
+
 struct Stand {
     upstream: crate::stand::Upstream,
     nginx: Option<crate::stand::Server>,
     wakegate: crate::stand::Wakegate,
+    /// The same wakegate with `[access_log]` on (JSON lines to a file), when asked for.
+    logged: Option<(crate::stand::Wakegate, std::path::PathBuf)>,
 }
 
 impl Stand {
@@ -143,6 +148,7 @@ impl Stand {
         work: &crate::procs::WorkDir,
         settings: &Settings,
         nginx: bool,
+        access_log: bool,
         probe: Duration,
     ) -> Result<Stand, Error> {
         use crate::stand;
@@ -157,30 +163,39 @@ impl Stand {
         } else {
             None
         };
-        let wakegate = stand::Wakegate::start(
-            work,
-            &settings.wakegate,
-            "wakegate",
-            "",
-            &format!(
-                "[[target]]\nname = \"upstream\"\nhosts = [\"*\"]\nupstream = \"{}\"\n",
-                upstream.server.addr
-            ),
-        )?;
+        let target = format!(
+            "[[target]]\nname = \"upstream\"\nhosts = [\"*\"]\nupstream = \"{}\"\n",
+            upstream.server.addr
+        );
+        let wakegate = stand::Wakegate::start(work, &settings.wakegate, "wakegate", "", &target)?;
+        let logged = if access_log {
+            let path = work.path.join("access.log");
+            let head = format!("[access_log]\npath = {:?}\n", path.display().to_string());
+            let logged =
+                stand::Wakegate::start(work, &settings.wakegate, "wakegate-log", &head, &target)?;
+            Some((logged, path))
+        } else {
+            None
+        };
         Ok(Stand {
             upstream,
             nginx,
             wakegate,
+            logged,
         })
     }
 
-    /// (name, server) of each path, in the order they run: direct, nginx, wakegate.
+    /// (name, server) of each path, in the order they run: direct, nginx, wakegate, and
+    /// wakegate with its access log.
     fn paths(&self) -> Vec<(&'static str, &crate::stand::Server)> {
         let mut paths = vec![("direct", &self.upstream.server)];
         if let Some(nginx) = &self.nginx {
             paths.push(("nginx", nginx));
         }
         paths.push(("wakegate", &self.wakegate.server));
+        if let Some((logged, _)) = &self.logged {
+            paths.push((LOGGED, &logged.server));
+        }
         paths
     }
 
@@ -188,6 +203,9 @@ impl Stand {
         self.upstream.server.check_running()?;
         if let Some(nginx) = &mut self.nginx {
             nginx.check_running()?;
+        }
+        if let Some((logged, _)) = &mut self.logged {
+            logged.server.check_running()?;
         }
         self.wakegate.server.check_running()
     }

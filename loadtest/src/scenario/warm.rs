@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use wakegate::plot::Panel;
 
-use super::{Settings, Stand, log};
+use super::{LOGGED, Settings, Stand, log};
 use crate::Error;
 use crate::load::{self, Plan};
 use crate::procs::WorkDir;
@@ -48,7 +48,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     let warmup = settings.pick(Duration::from_secs(2), Duration::from_millis(500));
     let probe = settings.pick(Duration::from_secs(3), Duration::from_secs(1));
     let work = WorkDir::new()?;
-    let mut stand = Stand::start(&work, settings, nginx.is_some(), probe).await?;
+    let mut stand = Stand::start(&work, settings, nginx.is_some(), true, probe).await?;
 
     for (name, server) in stand.paths() {
         let mut plan = Plan::new(server.addr, "loadtest", CONNECTIONS, warmup);
@@ -58,7 +58,16 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     let mut rounds = Vec::new();
     let mut latency: BTreeMap<&str, Histogram<u64>> = BTreeMap::new();
     for round in 1..=settings.rounds {
-        for (name, server) in stand.paths() {
+        let mut paths = stand.paths();
+        // wakegate with and without its access log swap places every other round, so that
+        // a drift of the machine's speed within a round does not favour one of them.
+        if round % 2 == 0 {
+            let n = paths.len();
+            if n >= 2 && paths[n - 1].0 == LOGGED {
+                paths.swap(n - 2, n - 1);
+            }
+        }
+        for (name, server) in paths {
             let mut plan = Plan::new(server.addr, "loadtest", CONNECTIONS, duration);
             plan.label = format!("round {round}/{} {name:<9}", settings.rounds);
             let cpu_before = server.cpu_seconds();
@@ -211,7 +220,8 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     let mut md = format!(
         "# warm: direct, through nginx, through wakegate\n\n{}\n\n{}\n\n\
          Load: {CONNECTIONS} connections, HTTP/1.1, closed loop, {} s per run after a {} s \
-         warm-up of each path; {} round(s), interleaved ({order}); medians over the rounds. \
+         warm-up of each path; {} round(s), interleaved ({order}; the last two swap places \
+         every other round); medians over the rounds. \
          nginx: {} workers, keep-alive upstream, `reuseport`, no access log; wakegate: one \
          `upstream` target, `hosts = [\"*\"]`, `RUST_LOG=warn`. CPU: user + system time from \
          /proc/PID/stat of the path's server (nginx: master and workers; direct: the upstream) \
@@ -233,6 +243,8 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     } else {
         md.push_str(&format!("\n{}.\n", stand::NO_NGINX));
     }
+    let access_log = access_log_cost(&stand, &rounds)?;
+    md.push_str(&access_log.0);
     md.push_str(&format!("\nEach round:\n\n{}", per_round.markdown()));
 
     let data = json!({
@@ -251,6 +263,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         },
         "medians": medians,
         "wakegate_vs_nginx": ratio_json,
+        "access_log": access_log.1,
         "rounds": rounds.iter().map(|r| json!({
             "round": r.round,
             "path": r.path,
@@ -279,4 +292,76 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         "percentile (0 = p0, 1 = p90, 2 = p99, 3 = p99.9)",
         &panels,
     )
+}
+
+/// What the access log costs: wakegate with it against wakegate without, round by round (each
+/// pair ran back to back), as markdown and JSON. Fails if the log stayed empty.
+fn access_log_cost(stand: &Stand, rounds: &[Round]) -> Result<(String, serde_json::Value), Error> {
+    let Some((_, path)) = &stand.logged else {
+        return Ok((String::new(), serde_json::Value::Null));
+    };
+    let lines = count_lines(path)?;
+    if lines == 0 {
+        return Err(Error::Harness(format!(
+            "the access log {} has {lines} lines after the runs with it on",
+            path.display()
+        )));
+    }
+    let bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+    let pairs: Vec<(f64, f64)> = rounds
+        .iter()
+        .filter(|r| r.path == LOGGED)
+        .filter_map(|logged| {
+            let plain = rounds
+                .iter()
+                .find(|r| r.path == "wakegate" && r.round == logged.round)?;
+            Some((
+                logged.rps / plain.rps,
+                logged.cpu_per_100k / plain.cpu_per_100k,
+            ))
+        })
+        .collect();
+    let median = |f: fn(&(f64, f64)) -> f64| {
+        let mut v: Vec<f64> = pairs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let (rps, cpu) = (median(|p| p.0), median(|p| p.1));
+    let md = format!(
+        "\nThe access log's cost: wakegate with `[access_log]` (JSON lines to a file) against \
+         wakegate without, the two run back to back in each round; medians of the rounds' \
+         ratios. req/s with it: {} of without ({:+.1} %); CPU per 100k requests: {} ({:+.1} %). \
+         The log got {lines} lines, {:.0} bytes each.\n",
+        report::ratio(rps),
+        (rps - 1.0) * 100.0,
+        report::ratio(cpu),
+        (cpu - 1.0) * 100.0,
+        bytes as f64 / lines as f64,
+    );
+    let json = json!({
+        "rps_ratio": rps,
+        "cpu_per_100k_ratio": cpu,
+        "lines": lines,
+        "bytes": bytes,
+        "rounds": pairs.iter().map(|(r, c)| json!({"rps_ratio": r, "cpu_ratio": c})).collect::<Vec<_>>(),
+    });
+    Ok((md, json))
+}
+
+/// Lines in the file at `path`, read in blocks.
+fn count_lines(path: &std::path::Path) -> Result<u64, Error> {
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    let mut block = vec![0; 1 << 20];
+    let mut lines = 0;
+    loop {
+        let n = file
+            .read(&mut block)
+            .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+        if n == 0 {
+            return Ok(lines);
+        }
+        lines += block[..n].iter().filter(|b| **b == b'\n').count() as u64;
+    }
 }
