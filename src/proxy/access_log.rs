@@ -11,16 +11,15 @@ use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::uri::Authority;
-use http::{Method, Uri, Version};
+use http::{HeaderValue, Method, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 
 use super::body::ProxyBody;
@@ -177,7 +176,8 @@ struct Line {
     held: Option<Duration>,
     bytes_in: u64,
     bytes_out: u64,
-    client: IpAddr,
+    /// The client's IP address, as formatted once for its connection.
+    client: HeaderValue,
     by: By,
     request_id: Option<String>,
     /// The response body did not end: the client went away, or the upstream broke off.
@@ -185,6 +185,10 @@ struct Line {
 }
 
 impl Line {
+    fn client(&self) -> &str {
+        self.client.to_str().unwrap_or_default()
+    }
+
     fn path(&self) -> &str {
         match (self.query, self.uri.path_and_query()) {
             (true, Some(pq)) => pq.as_str(),
@@ -209,12 +213,11 @@ impl Line {
         json_str(out, self.method.as_str());
         out.push_str(",\"path\":");
         json_str(out, self.path());
-        let _ = write!(
-            out,
-            ",\"protocol\":\"{}\",\"status\":{},\"duration_ms\":",
-            protocol(self.version),
-            self.status
-        );
+        out.push_str(",\"protocol\":\"");
+        out.push_str(protocol(self.version));
+        out.push_str("\",\"status\":");
+        write_int(out, self.status);
+        out.push_str(",\"duration_ms\":");
         write_millis(out, self.duration);
         out.push_str(",\"upstream\":");
         json_str_or_null(out, self.upstream.as_ref().map(Authority::as_str));
@@ -223,14 +226,16 @@ impl Line {
             Some(held) => write_millis(out, held),
             None => out.push_str("null"),
         }
-        let _ = write!(
-            out,
-            ",\"bytes_in\":{},\"bytes_out\":{},\"client\":\"{}\",\"by\":\"{}\",\"request_id\":",
-            self.bytes_in,
-            self.bytes_out,
-            self.client,
-            self.by.as_str()
-        );
+        out.push_str(",\"bytes_in\":");
+        write_int(out, self.bytes_in);
+        out.push_str(",\"bytes_out\":");
+        write_int(out, self.bytes_out);
+        // An IP address needs no escaping.
+        out.push_str(",\"client\":\"");
+        out.push_str(self.client());
+        out.push_str("\",\"by\":\"");
+        out.push_str(self.by.as_str());
+        out.push_str("\",\"request_id\":");
         json_str_or_null(out, self.request_id.as_deref());
         if self.incomplete {
             out.push_str(",\"incomplete\":true");
@@ -263,7 +268,7 @@ impl Line {
             " bytes_in={} bytes_out={} client={} by={}",
             self.bytes_in,
             self.bytes_out,
-            self.client,
+            self.client(),
             self.by.as_str()
         );
         if let Some(id) = &self.request_id {
@@ -292,13 +297,55 @@ fn write_time(out: &mut String, time: SystemTime) {
         }
         out.push_str(&cached.1);
     });
-    let _ = write!(out, ".{:03}Z", since.subsec_millis());
+    out.push('.');
+    write_thousandths(out, since.subsec_millis());
+    out.push('Z');
 }
 
 /// Milliseconds with three decimals (microseconds), as a JSON or logfmt number.
 fn write_millis(out: &mut String, d: Duration) {
     let micros = d.as_micros();
-    let _ = write!(out, "{}.{:03}", micros / 1000, micros % 1000);
+    write_int(out, micros / 1000);
+    out.push('.');
+    write_thousandths(out, (micros % 1000) as u32);
+}
+
+/// `n` (below 1,000) as three digits.
+fn write_thousandths(out: &mut String, n: u32) {
+    let digits = [
+        b'0' + (n / 100 % 10) as u8,
+        b'0' + (n / 10 % 10) as u8,
+        b'0' + (n % 10) as u8,
+    ];
+    out.push_str(std::str::from_utf8(&digits).expect("ASCII digits"));
+}
+
+/// An integer in decimal, without the formatting machinery.
+fn write_int(out: &mut String, n: impl itoa::Integer) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+/// The wall-clock time of `at`: read from the system clock once a second per thread, and
+/// from the monotonic clock in between.
+fn wall_time(at: Instant) -> SystemTime {
+    thread_local! {
+        static ANCHOR: RefCell<Option<(Instant, SystemTime)>> = const { RefCell::new(None) };
+    }
+    ANCHOR.with(|anchor| {
+        let mut anchor = anchor.borrow_mut();
+        let fresh = |(mono, _): &(Instant, SystemTime)| {
+            at.checked_duration_since(*mono)
+                .is_some_and(|d| d < Duration::from_secs(1))
+        };
+        let (mono, wall) = match *anchor {
+            Some(a) if fresh(&a) => a,
+            _ => *anchor.insert((Instant::now(), SystemTime::now())),
+        };
+        match at.checked_duration_since(mono) {
+            Some(after) => wall + after,
+            None => wall - mono.duration_since(at),
+        }
+    })
 }
 
 /// A JSON string: quoted, with `"`, `\` and control characters escaped.
@@ -345,22 +392,23 @@ fn logfmt_value(out: &mut String, key: &str, value: &str) {
 /// What is known of a request when it arrives.
 #[derive(Debug)]
 pub struct Arrived {
-    time: SystemTime,
+    at: Instant,
     method: Method,
     /// Shares the request's own bytes: no copy.
     uri: Uri,
     version: Version,
-    client: IpAddr,
+    client: HeaderValue,
 }
 
 impl Arrived {
-    pub fn of<B>(req: &http::Request<B>, client: IpAddr) -> Self {
+    /// `client`: the client's IP address as formatted for its connection.
+    pub fn of<B>(req: &http::Request<B>, client: &HeaderValue) -> Self {
         Arrived {
-            time: SystemTime::now(),
+            at: Instant::now(),
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
-            client,
+            client: client.clone(),
         }
     }
 }
@@ -373,8 +421,8 @@ pub struct Noted {
     pub upstream: Option<Authority>,
     /// How long it was held for a cold start.
     pub held: Option<Duration>,
-    /// The request body's bytes sent upstream so far.
-    pub bytes_in: Arc<AtomicU64>,
+    /// The request body's bytes sent upstream so far, when it has a body.
+    pub bytes_in: Option<Arc<AtomicU64>>,
     /// The id of an answer of wakegate's own.
     pub request_id: Option<String>,
     pub by: By,
@@ -387,8 +435,8 @@ pub struct Logged {
     body: ProxyBody,
     log: Arc<AccessLog>,
     line: Option<Line>,
-    started: tokio::time::Instant,
-    bytes_in: Arc<AtomicU64>,
+    arrived: Instant,
+    bytes_in: Option<Arc<AtomicU64>>,
 }
 
 impl Logged {
@@ -396,12 +444,12 @@ impl Logged {
         body: ProxyBody,
         log: Arc<AccessLog>,
         arrived: Arrived,
-        started: tokio::time::Instant,
         status: u16,
         noted: Noted,
     ) -> Self {
         let line = Line {
-            time: arrived.time,
+            // Known once the line is written.
+            time: UNIX_EPOCH,
             target: noted.target,
             method: arrived.method,
             uri: arrived.uri,
@@ -422,15 +470,19 @@ impl Logged {
             body,
             log,
             line: Some(line),
-            started,
+            arrived: arrived.at,
             bytes_in: noted.bytes_in,
         }
     }
 
     fn finish(&mut self, complete: bool) {
         if let Some(mut line) = self.line.take() {
-            line.duration = self.started.elapsed();
-            line.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+            line.time = wall_time(self.arrived);
+            line.duration = self.arrived.elapsed();
+            line.bytes_in = self
+                .bytes_in
+                .as_ref()
+                .map_or(0, |n| n.load(Ordering::Relaxed));
             line.incomplete = !complete;
             self.log.write(&line);
         }
@@ -557,7 +609,7 @@ mod tests {
             held: Some(Duration::from_micros(250_004)),
             bytes_in: 10,
             bytes_out: 61,
-            client: "::1".parse().unwrap(),
+            client: HeaderValue::from_static("::1"),
             by: By::Wakegate,
             request_id: Some("abc".into()),
             incomplete: true,
@@ -593,6 +645,28 @@ mod tests {
                 "incomplete": true,
             })
         );
+    }
+
+    #[test]
+    fn a_line_s_time_is_the_wall_clock_of_its_arrival() {
+        let now = Instant::now();
+        let off = |a: SystemTime, b: SystemTime| {
+            a.duration_since(b)
+                .unwrap_or_else(|e| e.duration())
+                .as_secs_f64()
+        };
+        assert!(off(wall_time(now), SystemTime::now()) < 0.05);
+        // Either side of the anchor, and past the second it is kept for.
+        for (a, b) in [(0, 900), (900, 0), (0, 3_000), (3_000, 10)] {
+            let at = |ms| now + Duration::from_millis(ms);
+            let apart = off(wall_time(at(a)), wall_time(at(b)));
+            let expected = a.abs_diff(b) as f64 / 1000.0;
+            assert!((apart - expected).abs() < 0.05, "{a} {b}: {apart}");
+        }
+        let mut text = String::new();
+        write_millis(&mut text, Duration::from_micros(12_003_045));
+        write_thousandths(&mut text, 7);
+        assert_eq!(text, "12003.045007");
     }
 
     #[test]

@@ -215,14 +215,13 @@ impl Proxy {
         let Some(log) = self.inner.shared.access_log.load_full() else {
             return self.respond(req, client, None).await;
         };
-        let arrived = access_log::Arrived::of(&req, client.ip);
-        let started = Instant::now();
+        let arrived = access_log::Arrived::of(&req, &client.forwarded_for);
         let mut noted = access_log::Noted::default();
         let response = self.respond(req, client, Some(&mut noted)).await;
         let status = response.status().as_u16();
         response.map(|body| {
             ProxyBody::Logged(Box::new(access_log::Logged::new(
-                body, log, arrived, started, status, noted,
+                body, log, arrived, status, noted,
             )))
         })
     }
@@ -408,9 +407,11 @@ impl Proxy {
             }
         };
         let downstream = Downstream { client, host };
-        let bytes_in = noted.as_mut().map(|noted| {
+        let has_body = !hyper::body::Body::is_end_stream(req.body());
+        let bytes_in = noted.as_mut().and_then(|noted| {
             noted.upstream = Some(in_flight.endpoint().authority.clone());
-            noted.bytes_in.clone()
+            // Counted only where there is something to count.
+            has_body.then(|| noted.bytes_in.get_or_insert_default().clone())
         });
         let span = tracing::debug_span!(
             "forward",
