@@ -321,12 +321,10 @@ fn access_log_cost(stand: &Stand, rounds: &[Round]) -> Result<(String, serde_jso
             ))
         })
         .collect();
-    let median = |f: fn(&(f64, f64)) -> f64| {
-        let mut v: Vec<f64> = pairs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
-    let (rps, cpu) = (median(|p| p.0), median(|p| p.1));
+    let (rps, cpu) = (
+        report::median_where(&pairs, |_| true, |p| p.0),
+        report::median_where(&pairs, |_| true, |p| p.1),
+    );
     let md = format!(
         "\nThe access log's cost: wakegate with `[access_log]` (JSON lines to a file) against \
          wakegate without, the two run back to back in each round; medians of the rounds' \
