@@ -3,17 +3,19 @@
 //! wakegate does not have, and two wakegate replicas on Kubernetes (the API double) answering
 //! with the same cluster-wide values.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::json;
+use tempfile::TempDir;
 use tonic::Code;
 use tonic::transport::Channel;
 use wakegate::keda::pb::external_scaler_client::ExternalScalerClient;
 use wakegate::keda::pb::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef};
 use wakegate_test_support::kube_api::KubeletOptions;
 use wakegate_test_support::kube_fixtures::{
-    FAST, LEASE_AND_PEERS, NS, api_with_kubelet, cluster, deployment, kubernetes_section,
+    Cluster, FAST, LEASE_AND_PEERS, NS, api_with_kubelet, cluster, deployment, kubernetes_section,
     leader_and_follower, service, two_replicas,
 };
 use wakegate_test_support::{Load, Wakegate, bin, demo_target, metric, within};
@@ -370,32 +372,43 @@ async fn questions_about_an_unknown_target_get_not_found_naming_it() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_replicas_answer_keda_with_the_cluster_wide_signal_whichever_is_asked() {
-    let api = api_with_kubelet().await;
-    api.apply(deployment("busy", 0));
+/// Two replicas with the external scaler on, routing the Service `name` (host
+/// `{name}.example.com`) of a Deployment at zero, and the ScaledObject that names it; the
+/// directory of their kubeconfig must outlive them.
+async fn two_replicas_with_the_scaler(
+    api: &Cluster,
+    name: &str,
+) -> (Arc<Wakegate>, Arc<Wakegate>, ScaledObjectRef, TempDir) {
+    api.apply(deployment(name, 0));
     api.apply(service(
-        "busy",
+        name,
         json!({
             "wakegate.io/enabled": "true",
-            "wakegate.io/hosts": "busy.example.com",
+            "wakegate.io/hosts": format!("{name}.example.com"),
         }),
     ));
     let dir = tempfile::tempdir().unwrap();
     let section = kubernetes_section(
-        &api,
+        api,
         dir.path(),
         &format!("autoscaler = \"external\"\n{LEASE_AND_PEERS}"),
     );
     let head = format!("{FAST}\n[listen]\nexternal_scaler = \"127.0.0.1:0\"\n");
-    let (a, b) = two_replicas(&api, &head, &section, "busy").await;
+    let (a, b) = two_replicas(api, &head, &section, name).await;
+    let object = ScaledObjectRef {
+        name: name.into(),
+        namespace: NS.into(),
+        scaler_metadata: [("service".to_owned(), name.to_owned())].into(),
+    };
+    (a, b, object, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_answer_keda_with_the_cluster_wide_signal_whichever_is_asked() {
+    let api = api_with_kubelet().await;
+    let (a, b, busy, _dir) = two_replicas_with_the_scaler(&api, "busy").await;
     // Whichever leads: the follower must answer as well as the leader.
     let (leader, follower) = leader_and_follower(&a, &b).await;
-    let busy = ScaledObjectRef {
-        name: "busy".into(),
-        namespace: NS.into(),
-        scaler_metadata: [("service".to_owned(), "busy".to_owned())].into(),
-    };
     let mut keda_on_leader = keda(&leader).await;
     let mut keda_on_follower = keda(&follower).await;
     for client in [&mut keda_on_leader, &mut keda_on_follower] {
@@ -448,27 +461,7 @@ async fn a_request_held_on_one_replica_makes_keda_s_stream_on_the_other_say_acti
         startup_delay: Duration::from_secs(3),
         program: bin().into(),
     });
-    api.apply(deployment("slow", 0));
-    api.apply(service(
-        "slow",
-        json!({
-            "wakegate.io/enabled": "true",
-            "wakegate.io/hosts": "slow.example.com",
-        }),
-    ));
-    let dir = tempfile::tempdir().unwrap();
-    let section = kubernetes_section(
-        &api,
-        dir.path(),
-        &format!("autoscaler = \"external\"\n{LEASE_AND_PEERS}"),
-    );
-    let head = format!("{FAST}\n[listen]\nexternal_scaler = \"127.0.0.1:0\"\n");
-    let (streamed, holding) = two_replicas(&api, &head, &section, "slow").await;
-    let slow = ScaledObjectRef {
-        name: "slow".into(),
-        namespace: NS.into(),
-        scaler_metadata: [("service".to_owned(), "slow".to_owned())].into(),
-    };
+    let (streamed, holding, slow, _dir) = two_replicas_with_the_scaler(&api, "slow").await;
     let mut stream = keda(&streamed)
         .await
         .stream_is_active(slow)
