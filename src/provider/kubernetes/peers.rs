@@ -256,7 +256,7 @@ pub async fn run(
     leader: Arc<AtomicBool>,
     always: bool,
     signal: Arc<PeerSignal>,
-    mut notices: Option<mpsc::UnboundedReceiver<Key>>,
+    notices: Option<mpsc::UnboundedReceiver<Key>>,
     stop: CancellationToken,
 ) {
     let api: Api<EndpointSlice> = Api::namespaced(client, &config.namespace);
@@ -288,26 +288,26 @@ pub async fn run(
         me: super::identity(),
     });
     let http: Http = HttpClient::builder(TokioExecutor::new()).build_http();
-    let mut last: HashMap<SocketAddr, HashMap<Key, Counters>> = HashMap::new();
-    let mut scrape_at = tokio::time::Instant::now() + SCRAPE_EVERY;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep_until(scrape_at) => {
-                scrape_at = tokio::time::Instant::now() + SCRAPE_EVERY;
-            }
-            Some(key) = async { match notices.as_mut() {
-                Some(notices) => notices.recv().await,
-                None => std::future::pending().await,
-            } } => {
+    // Apart from the scrapes, which may wait for a slow peer: a notice goes out at once.
+    let noticing = notices.map(|mut notices| {
+        let (http, peers, signal) = (http.clone(), peers.clone(), signal.clone());
+        let timeout = config.scrape_timeout;
+        tokio::spawn(async move {
+            while let Some(key) = notices.recv().await {
                 tokio::spawn(notify(
                     http.clone(),
                     peers.addresses(),
                     key,
-                    config.scrape_timeout,
+                    timeout,
                     signal.clone(),
                 ));
-                continue;
             }
+        })
+    });
+    let mut last: HashMap<SocketAddr, HashMap<Key, Counters>> = HashMap::new();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(SCRAPE_EVERY) => {}
             () = stop.cancelled() => break,
         }
         if !always && !leader.load(Ordering::Relaxed) {
@@ -342,6 +342,9 @@ pub async fn run(
         last = seen;
     }
     watching.abort();
+    if let Some(noticing) = noticing {
+        noticing.abort();
+    }
 }
 
 /// Tells every peer that a request for the target `key` is held here.
