@@ -7,7 +7,8 @@
 //! What held requests may take is bounded per target (`max_pending` requests and
 //! `max_pending_bytes`) and across all targets (`[limits]` `max_held_requests` and
 //! `max_held_bytes`); a request beyond a bound gets 503 at once. What one pins is its head
-//! and the body bytes its client may send before it is forwarded ([`cost`]).
+//! and the body bytes its client may send before it is forwarded ([`head_size`],
+//! [`body_allowance`]).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;

@@ -126,7 +126,7 @@ impl Connections {
             .max_pending_accept_reset_streams(limits.max_pending_reset_streams as usize)
             .max_local_error_reset_streams(limits.max_local_reset_streams as usize)
             // hyper's own defaults, set here because a held request's accounting
-            // (`hold::cost`) counts what they let a client send before it is forwarded.
+            // (`hold::body_allowance`) counts what they let a client send before it is forwarded.
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW);
         self.http1 = http1;

@@ -272,7 +272,7 @@ pub struct Stats {
     /// Requests held while no instance is ready, or while every one is at the target's
     /// instance concurrency.
     pub pending: AtomicI64,
-    /// What the held requests pin (see `proxy::hold::cost`).
+    /// What the held requests pin (see `proxy::hold::admit`).
     pub pending_bytes: AtomicU64,
     pub requests: RequestCounts,
     pub duration: Histogram,
