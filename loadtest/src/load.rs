@@ -848,23 +848,26 @@ pub struct AllAtOnce {
     pub rss: Vec<(f64, f64)>,
 }
 
-/// Opens `requests` HTTP/1.1 connections to `addr` (`connecting` at a time), then sends
-/// `GET path` with `host` on every one at the same instant, each given up after `limit`;
+/// Connections [`all_at_once`] opens at a time while it sets up, below the listen backlog.
+pub const CONNECTING: usize = 256;
+/// Every request of [`all_at_once`] is answered or given up on within this.
+const REQUEST_LIMIT: Duration = Duration::from_secs(60);
+
+/// Opens `requests` HTTP/1.1 connections to `addr` ([`CONNECTING`] at a time), then sends
+/// `GET path` with `host` on every one at the same instant, each given up after a minute;
 /// samples `rss_kib` (a proxy's memory) meanwhile.
 pub async fn all_at_once(
     addr: SocketAddr,
     host: &str,
     path: &str,
     requests: usize,
-    connecting: usize,
-    limit: Duration,
     rss_kib: impl Fn() -> u64 + Send + Sync + 'static,
 ) -> AllAtOnce {
     use http_body_util::Empty;
     use tokio::sync::{Semaphore, watch};
 
     let (release_tx, release_rx) = watch::channel(false);
-    let connecting = Arc::new(Semaphore::new(connecting));
+    let connecting = Arc::new(Semaphore::new(CONNECTING));
     let (opened_tx, mut opened_rx) = mpsc::channel::<Result<(), String>>(requests);
     let mut tasks = tokio::task::JoinSet::new();
     let uri: Uri = path.parse().expect("a valid path");
@@ -917,7 +920,7 @@ pub async fn all_at_once(
                     .map_err(|e| kind_of(&e))?;
                 Ok::<_, String>(status.as_u16().to_string())
             };
-            let outcome = tokio::time::timeout(limit, exchange)
+            let outcome = tokio::time::timeout(REQUEST_LIMIT, exchange)
                 .await
                 .unwrap_or_else(|_| Err("timeout".into()))
                 .unwrap_or_else(|kind| kind);

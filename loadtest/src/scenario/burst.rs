@@ -18,10 +18,6 @@ use crate::report::{self, Machine, Table};
 use crate::stand::{self, Wakegate};
 
 const STARTUP_DELAY: &str = "200ms";
-/// Connections being opened at once while the burst is set up, below the listen backlog.
-const CONNECTING: usize = 256;
-/// Every request is answered or given up on within this.
-const REQUEST_LIMIT: Duration = Duration::from_secs(60);
 
 struct Variant {
     name: String,
@@ -102,7 +98,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         "# burst: {requests} concurrent requests at a cold target\n\n{}\n\n\
          A local target running the demo backend (`--startup-delay {STARTUP_DELAY}`, ready \
          check `tcp`, default scaling). {requests} HTTP/1.1 connections are opened to wakegate \
-         first ({CONNECTING} at a time), then every connection sends its `GET /` at the same \
+         first ({connecting} at a time), then every connection sends its `GET /` at the same \
          instant; times are from that instant. The requests are sent at once but wakegate \
          reads them one connection at a time: those it reads after the instance is ready are \
          forwarded without being held, so with a queue smaller than the burst more than \
@@ -111,7 +107,8 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
          wakegate's `VmHWM` (its instances not included), idle = `VmRSS` with the \
          connections open, before the burst.\n\n{}",
         machine.markdown(),
-        table.markdown()
+        table.markdown(),
+        connecting = load::CONNECTING
     );
     let data = json!({
         "scenario": "burst",
@@ -216,8 +213,6 @@ stop_grace = \"2s\"
         "burst.loadtest",
         "/",
         requests,
-        CONNECTING,
-        REQUEST_LIMIT,
         move || procs::status_kb(pid, "VmRSS"),
     )
     .await;

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use serde_json::json;
 use wakegate::plot::Panel;
@@ -20,8 +19,6 @@ use crate::stand::{self, Server, Wakegate};
 
 /// How long the upstream takes to answer each request.
 const UPSTREAM_MS: u64 = 3_000;
-const CONNECTING: usize = 256;
-const REQUEST_LIMIT: Duration = Duration::from_secs(60);
 
 struct Path {
     name: String,
@@ -111,7 +108,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         "# inflight: {requests} requests in flight through each proxy\n\n{}\n\
          HAProxy: {}\n\n{}\n\n\
          The upstream is the demo backend answering `GET /sleep?ms={UPSTREAM_MS}`. \
-         {requests} HTTP/1.1 connections are opened to the proxy first ({CONNECTING} at a \
+         {requests} HTTP/1.1 connections are opened to the proxy first ({connecting} at a \
          time), then every connection sends its request at the same instant; each proxy opens \
          its own upstream connections. RSS is the proxy's (nginx: its workers' summed) \
          `VmRSS` with the connections open before the release, and its peak `VmHWM`; per \
@@ -119,7 +116,8 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
          and HAProxy as `loadtest` configures them for `warm`.\n",
         machine.markdown(),
         haproxy_version.as_deref().unwrap_or("not installed"),
-        table.markdown()
+        table.markdown(),
+        connecting = load::CONNECTING
     );
     let data = json!({
         "scenario": "inflight",
@@ -168,8 +166,6 @@ async fn inflight(name: &str, server: &mut Server, requests: usize) -> Result<Pa
         "inflight.loadtest",
         &format!("/sleep?ms={UPSTREAM_MS}"),
         requests,
-        CONNECTING,
-        REQUEST_LIMIT,
         move || pids.iter().map(|&pid| procs::status_kb(pid, "VmRSS")).sum(),
     )
     .await;
