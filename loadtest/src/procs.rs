@@ -206,6 +206,58 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     })
 }
 
+/// What the scheduler says of one thread (`/proc/PID/task/TID/schedstat`): time on a CPU and
+/// time runnable but waiting for one, in nanoseconds since it started.
+#[derive(Debug, Clone)]
+pub struct ThreadSched {
+    /// `PID/TID`.
+    pub id: String,
+    /// The thread's name (`comm`): `proxy-worker-0`, `nginx`, `haproxy`, ...
+    pub name: String,
+    pub run_ns: u64,
+    pub wait_ns: u64,
+}
+
+impl ThreadSched {
+    /// Every thread of each of `pids`.
+    pub fn of(pids: &[u32]) -> Vec<ThreadSched> {
+        let mut threads = Vec::new();
+        for pid in pids {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for task in tasks.filter_map(Result::ok) {
+                let dir = task.path();
+                let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+                let sched = read("schedstat");
+                let mut fields = sched.split_whitespace().map(|f| f.parse().unwrap_or(0));
+                threads.push(ThreadSched {
+                    id: format!("{pid}/{}", task.file_name().to_string_lossy()),
+                    name: read("comm").trim().to_owned(),
+                    run_ns: fields.next().unwrap_or(0),
+                    wait_ns: fields.next().unwrap_or(0),
+                });
+            }
+        }
+        threads
+    }
+
+    /// What each thread of `after` did since `before` (threads new since then count whole).
+    pub fn since(after: &[ThreadSched], before: &[ThreadSched]) -> Vec<ThreadSched> {
+        after
+            .iter()
+            .map(|a| {
+                let b = before.iter().find(|b| b.id == a.id);
+                ThreadSched {
+                    run_ns: a.run_ns - b.map_or(0, |b| b.run_ns.min(a.run_ns)),
+                    wait_ns: a.wait_ns - b.map_or(0, |b| b.wait_ns.min(a.wait_ns)),
+                    ..a.clone()
+                }
+            })
+            .collect()
+    }
+}
+
 /// The processes whose parent is `pid` (nginx's workers).
 pub fn children(pid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {

@@ -22,6 +22,7 @@ pub struct Machine {
     pub load_before: String,
     pub revision: String,
     pub nginx: Option<String>,
+    pub haproxy: Option<String>,
 }
 
 impl Machine {
@@ -53,17 +54,19 @@ impl Machine {
             load_before,
             revision,
             nginx,
+            haproxy: crate::stand::haproxy_version(),
         }
     }
 
     pub fn markdown(&self) -> String {
         format!(
-            "{}, {} cores ({}), Linux {}, {}, wakegate at `{}`; load average before: {}",
+            "{}, {} cores ({}), Linux {}, {}, {}, wakegate at `{}`; load average before: {}",
             self.date,
             self.cores,
             self.cpu,
             self.kernel,
             self.nginx.as_deref().unwrap_or("no nginx"),
+            self.haproxy.as_deref().unwrap_or("no HAProxy"),
             self.revision,
             self.load_before
         )
@@ -78,6 +81,7 @@ impl Machine {
             "load_before": self.load_before,
             "revision": self.revision,
             "nginx": self.nginx,
+            "haproxy": self.haproxy,
         })
     }
 }

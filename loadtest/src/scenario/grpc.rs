@@ -120,6 +120,8 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
             probes: Vec::new(),
         },
         nginx: nginx_proxy,
+        // HAProxy is compared on HTTP/1.1 (`warm`, `latency`, `inflight`), not here.
+        haproxy: None,
         wakegate,
         logged: None,
     };

@@ -1,5 +1,6 @@
 //! `latency`: open loop at half the maximum rate, the same rate on every path, latency counted
-//! from when each request fell due; what nginx and wakegate add to the direct path.
+//! from when each request fell due; what nginx, HAProxy and wakegate add to the direct path,
+//! and round by round whether wakegate's added p99 stayed at or below each peer's.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use wakegate::plot::Panel;
 use super::{Settings, Stand, log};
 use crate::Error;
 use crate::load::{self, Plan};
-use crate::procs::WorkDir;
+use crate::procs::{ThreadSched, WorkDir};
 use crate::report::{self, Machine, Table, median, median_where};
 use crate::stand::{self, CONNECTIONS};
 
@@ -29,6 +30,45 @@ struct Round {
     p999: f64,
     errors: u64,
     unsent: u64,
+    /// The path's server's threads over the run: where its CPU went, and how long they waited
+    /// for one.
+    threads: Vec<ThreadSched>,
+    /// The same for the load generator (this process).
+    generator: Vec<ThreadSched>,
+    answered: u64,
+}
+
+impl Round {
+    /// Microseconds the server's threads spent runnable but not running, per answered request.
+    fn wait_per_request_us(&self) -> f64 {
+        wait_us(&self.threads) / self.answered.max(1) as f64
+    }
+
+    /// The same for the load generator's threads.
+    fn generator_wait_per_request_us(&self) -> f64 {
+        wait_us(&self.generator) / self.answered.max(1) as f64
+    }
+
+    /// How the server's CPU time split across its threads, busiest first: `name share`, for
+    /// the threads with at least 1 % of it.
+    fn split(&self) -> String {
+        let total: u64 = self.threads.iter().map(|t| t.run_ns).sum();
+        let mut threads: Vec<&ThreadSched> = self
+            .threads
+            .iter()
+            .filter(|t| t.run_ns * 100 >= total.max(1))
+            .collect();
+        threads.sort_by(|a, b| b.run_ns.cmp(&a.run_ns));
+        threads
+            .iter()
+            .map(|t| format!("{} {:.0} %", t.name, t.run_ns as f64 * 100.0 / total as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn wait_us(threads: &[ThreadSched]) -> f64 {
+    threads.iter().map(|t| t.wait_ns).sum::<u64>() as f64 / 1_000.0
 }
 
 pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
@@ -37,10 +77,21 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     if nginx.is_none() {
         log(stand::NO_NGINX);
     }
+    if machine.haproxy.is_none() {
+        log(stand::NO_HAPROXY);
+    }
     let duration = settings.pick(Duration::from_secs(10), Duration::from_secs(2));
     let probe = settings.pick(Duration::from_secs(3), Duration::from_secs(1));
     let work = WorkDir::new()?;
-    let mut stand = Stand::start(&work, settings, nginx.is_some(), false, probe).await?;
+    let mut stand = Stand::start(
+        &work,
+        settings,
+        nginx.is_some(),
+        machine.haproxy.is_some(),
+        false,
+        probe,
+    )
+    .await?;
 
     // The maximum, measured here (closed loop, which also warms each path up).
     let mut max = Vec::new();
@@ -71,7 +122,12 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
             let mut plan = Plan::new(server.addr, "loadtest", CONNECTIONS, duration);
             plan.rate = Some(rate);
             plan.label = format!("round {round}/{} {name:<9}", settings.rounds);
+            let pids = server.pids();
+            let me = [std::process::id()];
+            let (before, generator_before) = (ThreadSched::of(&pids), ThreadSched::of(&me));
             let outcome = load::run(&plan).await;
+            let threads = ThreadSched::since(&ThreadSched::of(&pids), &before);
+            let generator = ThreadSched::since(&ThreadSched::of(&me), &generator_before);
             stand::require_responses(name, &outcome)?;
             latency
                 .entry(name)
@@ -88,28 +144,35 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
                 p999: outcome.ms(0.999),
                 errors: outcome.error_count(),
                 unsent: outcome.unsent,
+                threads,
+                generator,
+                answered: outcome.ok,
             };
             log(format!(
-                "{name}: {:.0} req/s answered, p50 {}, p99 {}, errors: {}, not sent: {}",
+                "{name}: {:.0} req/s answered, p50 {}, p99 {}, errors: {}, not sent: {}; \
+                 run-queue wait {:.1} µs per request, CPU by thread: {}",
                 row.sent_rps,
                 report::ms(row.p50),
                 report::ms(row.p99),
                 outcome.error_summary(),
-                row.unsent
+                row.unsent,
+                row.wait_per_request_us(),
+                row.split()
             ));
             rounds.push(row);
         }
         stand.check_running()?;
     }
 
-    // What a path adds to direct, round by round (same round, same machine load), then the
+    // What a path adds to direct in one round (same round, same machine load), and the
     // median over rounds.
+    let added_in = |round: usize, path: &str, f: fn(&Round) -> f64| {
+        let at = |p: &str| rounds.iter().find(|r| r.round == round && r.path == p);
+        Some(f(at(path)?) - f(at("direct")?))
+    };
     let added = |path: &str, f: fn(&Round) -> f64| {
         let diffs: Vec<f64> = (1..=settings.rounds)
-            .filter_map(|round| {
-                let at = |p: &str| rounds.iter().find(|r| r.round == round && r.path == p);
-                Some(f(at(path)?) - f(at("direct")?))
-            })
+            .filter_map(|round| added_in(round, path, f))
             .collect();
         median(&diffs)
     };
@@ -180,6 +243,9 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         "p99.9",
         "errors",
         "due, not sent",
+        "run-queue wait per req",
+        "load generator's wait per req",
+        "CPU by thread",
     ]);
     for r in &rounds {
         per_round.row(vec![
@@ -192,8 +258,58 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
             report::ms(r.p999),
             r.errors.to_string(),
             r.unsent.to_string(),
+            format!("{:.1} µs", r.wait_per_request_us()),
+            format!("{:.1} µs", r.generator_wait_per_request_us()),
+            r.split(),
         ]);
     }
+    // The tail target, round by round: wakegate's added p99 at or below each peer's.
+    let peers = stand.peers();
+    let mut header = vec!["round".to_owned()];
+    header.extend(
+        peers
+            .iter()
+            .chain(["wakegate"].iter())
+            .map(|p| format!("{p} added p99")),
+    );
+    header.extend(peers.iter().map(|p| format!("wakegate ≤ {p}")));
+    let mut tail = Table::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut at_or_below: BTreeMap<&str, usize> = peers.iter().map(|p| (*p, 0)).collect();
+    let mut tail_json = Vec::new();
+    for round in 1..=settings.rounds {
+        let p99 = |path: &str| added_in(round, path, |r| r.p99).unwrap_or(f64::NAN);
+        let w = p99("wakegate");
+        let mut row = vec![round.to_string()];
+        row.extend(peers.iter().map(|p| report::ms(p99(p))));
+        row.push(report::ms(w));
+        let mut this = serde_json::Map::new();
+        this.insert("round".into(), json!(round));
+        this.insert("wakegate".into(), json!(w));
+        for peer in &peers {
+            let ok = w <= p99(peer);
+            *at_or_below.get_mut(peer).expect("every peer") += usize::from(ok);
+            row.push(if ok { "yes" } else { "no" }.into());
+            this.insert((*peer).into(), json!(p99(peer)));
+        }
+        tail.row(row);
+        tail_json.push(serde_json::Value::Object(this));
+    }
+    let tail_summary = at_or_below
+        .iter()
+        .map(|(peer, n)| {
+            format!(
+                "at or below {peer}'s in {n} of {} rounds ({})",
+                settings.rounds,
+                if *n == settings.rounds {
+                    "met"
+                } else {
+                    "not met"
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+
     let maxima = max
         .iter()
         .map(|(name, rps)| format!("{name} {rps:.0} req/s"))
@@ -208,7 +324,10 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
          rounds; \"added\" is the path's percentile minus direct's in the same round, median \
          over the rounds. \"due, not sent\": requests that fell due but were not sent before \
          the run ended; a handful are the last milliseconds' requests, more mean the path \
-         could not keep up.\n\n{}",
+         could not keep up. Per round, from each thread's `/proc/PID/task/TID/schedstat`: the \
+         time the path's server's threads were runnable but waited for a CPU (\"run-queue \
+         wait\"), and the load generator's, per answered request; and how the server's CPU time \
+         split across its threads.\n\n{}",
         LOAD * 100.0,
         machine.markdown(),
         stand.upstream.describe(),
@@ -220,6 +339,15 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     );
     if stand.nginx.is_none() {
         md.push_str(&format!("\n{}.\n", stand::NO_NGINX));
+    }
+    if stand.haproxy.is_none() {
+        md.push_str(&format!("\n{}.\n", stand::NO_HAPROXY));
+    }
+    if !peers.is_empty() {
+        md.push_str(&format!(
+            "\nThe added p99, round by round; wakegate's was {tail_summary}:\n\n{}",
+            tail.markdown()
+        ));
     }
     md.push_str(&format!("\nEach round:\n\n{}", per_round.markdown()));
     let data = json!({
@@ -236,10 +364,17 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         "max_rps": max.iter().map(|(n, r)| (n.to_string(), json!(r))).collect::<serde_json::Map<_, _>>(),
         "upstream": stand.upstream.server.name,
         "medians": medians,
+        "added_p99_by_round": tail_json,
+        "wakegate_added_p99_at_or_below": at_or_below,
         "rounds": rounds.iter().map(|r| json!({
             "round": r.round, "path": r.path, "answered_rps": r.sent_rps,
             "p50_ms": r.p50, "p90_ms": r.p90, "p99_ms": r.p99, "p99_9_ms": r.p999,
             "errors": r.errors, "unsent": r.unsent,
+            "run_queue_wait_us_per_request": r.wait_per_request_us(),
+            "generator_run_queue_wait_us_per_request": r.generator_wait_per_request_us(),
+            "threads": r.threads.iter().map(|t| json!({
+                "name": t.name, "run_ms": t.run_ns as f64 / 1e6, "wait_ms": t.wait_ns as f64 / 1e6,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     });
     let panels = [Panel {

@@ -130,14 +130,18 @@ pub(crate) fn progress_end() {
     }
 }
 
-/// The upstream, nginx proxying to it (when installed) and wakegate proxying to it: the three
-/// paths `warm`, `latency` and `grpc` compare.
 /// The path of wakegate with its access log on.
 const LOGGED: &str = "wakegate+log";
 
+/// The path of HAProxy.
+const HAPROXY: &str = "HAProxy";
+
+/// The upstream, and nginx, HAProxy (each when installed and asked for) and wakegate proxying
+/// to it: the paths `warm`, `latency` and `grpc` compare.
 struct Stand {
     upstream: crate::stand::Upstream,
     nginx: Option<crate::stand::Server>,
+    haproxy: Option<crate::stand::Server>,
     wakegate: crate::stand::Wakegate,
     /// The same wakegate with `[access_log]` on (JSON lines to a file), when asked for.
     logged: Option<(crate::stand::Wakegate, std::path::PathBuf)>,
@@ -148,6 +152,7 @@ impl Stand {
         work: &crate::procs::WorkDir,
         settings: &Settings,
         nginx: bool,
+        haproxy: bool,
         access_log: bool,
         probe: Duration,
     ) -> Result<Stand, Error> {
@@ -160,6 +165,11 @@ impl Stand {
         log(upstream.describe());
         let nginx = if nginx {
             Some(stand::start_nginx_proxy(work, upstream.server.addr)?)
+        } else {
+            None
+        };
+        let haproxy = if haproxy {
+            Some(stand::start_haproxy_proxy(work, upstream.server.addr)?)
         } else {
             None
         };
@@ -180,17 +190,21 @@ impl Stand {
         Ok(Stand {
             upstream,
             nginx,
+            haproxy,
             wakegate,
             logged,
         })
     }
 
-    /// (name, server) of each path, in the order they run: direct, nginx, wakegate, and
-    /// wakegate with its access log.
+    /// (name, server) of each path, in the order they run: direct, nginx, HAProxy, wakegate,
+    /// and wakegate with its access log.
     fn paths(&self) -> Vec<(&'static str, &crate::stand::Server)> {
         let mut paths = vec![("direct", &self.upstream.server)];
         if let Some(nginx) = &self.nginx {
             paths.push(("nginx", nginx));
+        }
+        if let Some(haproxy) = &self.haproxy {
+            paths.push((HAPROXY, haproxy));
         }
         paths.push(("wakegate", &self.wakegate.server));
         if let Some((logged, _)) = &self.logged {
@@ -199,10 +213,25 @@ impl Stand {
         paths
     }
 
+    /// The proxies wakegate is compared with, of those running: nginx, HAProxy.
+    fn peers(&self) -> Vec<&'static str> {
+        let mut peers = Vec::new();
+        if self.nginx.is_some() {
+            peers.push("nginx");
+        }
+        if self.haproxy.is_some() {
+            peers.push(HAPROXY);
+        }
+        peers
+    }
+
     fn check_running(&mut self) -> Result<(), Error> {
         self.upstream.server.check_running()?;
         if let Some(nginx) = &mut self.nginx {
             nginx.check_running()?;
+        }
+        if let Some(haproxy) = &mut self.haproxy {
+            haproxy.check_running()?;
         }
         if let Some((logged, _)) = &mut self.logged {
             logged.server.check_running()?;

@@ -1,6 +1,6 @@
-//! `warm`: the same upstream reached directly, through nginx and through wakegate, closed loop,
+//! `warm`: the same upstream reached directly, through nginx, HAProxy and wakegate, closed loop,
 //! interleaved rounds: throughput, latency, each proxy's CPU time per 100k requests and peak
-//! memory, and wakegate's ratios to nginx.
+//! memory, and wakegate's ratios to nginx and HAProxy.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -44,11 +44,22 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     if nginx.is_none() {
         log(stand::NO_NGINX);
     }
+    if machine.haproxy.is_none() {
+        log(stand::NO_HAPROXY);
+    }
     let duration = settings.pick(Duration::from_secs(10), Duration::from_secs(2));
     let warmup = settings.pick(Duration::from_secs(2), Duration::from_millis(500));
     let probe = settings.pick(Duration::from_secs(3), Duration::from_secs(1));
     let work = WorkDir::new()?;
-    let mut stand = Stand::start(&work, settings, nginx.is_some(), true, probe).await?;
+    let mut stand = Stand::start(
+        &work,
+        settings,
+        nginx.is_some(),
+        machine.haproxy.is_some(),
+        true,
+        probe,
+    )
+    .await?;
 
     for (name, server) in stand.paths() {
         let mut plan = Plan::new(server.addr, "loadtest", CONNECTIONS, warmup);
@@ -109,9 +120,8 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         .map(|(name, server)| (name, server.peak_rss_mib()))
         .collect();
     let med = |path: &str, f: fn(&Round) -> f64| median_where(&rounds, |r| r.path == path, f);
-    let nginx_rps = med("nginx", |r| r.rps);
-
-    let mut table = Table::new(&[
+    let peers = stand.peers();
+    let mut header = vec![
         "path",
         "req/s",
         "p50",
@@ -120,8 +130,10 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         "errors",
         "CPU s per 100k req",
         "peak RSS",
-        "req/s vs nginx",
-    ]);
+    ];
+    let versus: Vec<String> = peers.iter().map(|p| format!("req/s vs {p}")).collect();
+    header.extend(versus.iter().map(String::as_str));
+    let mut table = Table::new(&header);
     let mut medians = serde_json::Map::new();
     for (path, rss) in &paths {
         let errors: u64 = rounds
@@ -138,7 +150,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
             "cpu_s_per_100k": med(path, |r| r.cpu_per_100k),
             "peak_rss_mib": rss,
         });
-        table.row(vec![
+        let mut row = vec![
             (*path).into(),
             report::int(med(path, |r| r.rps)),
             report::ms(med(path, |r| r.p50)),
@@ -147,8 +159,13 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
             errors.to_string(),
             format!("{:.3}", med(path, |r| r.cpu_per_100k)),
             format!("{rss:.1} MiB"),
-            report::ratio(med(path, |r| r.rps) / nginx_rps),
-        ]);
+        ];
+        row.extend(
+            peers
+                .iter()
+                .map(|peer| report::ratio(med(path, |r| r.rps) / med(peer, |r| r.rps))),
+        );
+        table.row(row);
         medians.insert((*path).into(), m);
     }
 
@@ -170,28 +187,36 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
             "lower is better",
         ),
     ];
-    let mut ratios = Table::new(&["metric", "wakegate", "nginx", "wakegate / nginx", "better"]);
-    let mut ratio_json = serde_json::Map::new();
+    // wakegate against each peer: the medians side by side, then the ratios.
+    let mut header = vec!["metric".to_owned(), "wakegate".to_owned()];
+    header.extend(peers.iter().map(|p| (*p).to_owned()));
+    header.extend(peers.iter().map(|p| format!("wakegate / {p}")));
+    header.push("better".into());
+    let mut ratios = Table::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut ratio_json: BTreeMap<&str, serde_json::Map<String, serde_json::Value>> =
+        BTreeMap::new();
+    let mut compare = |metric: &str, value: &dyn Fn(&str) -> f64, show: &dyn Fn(f64) -> String| {
+        let w = value("wakegate");
+        let mut row = vec![metric.to_owned(), show(w)];
+        row.extend(peers.iter().map(|p| show(value(p))));
+        for peer in &peers {
+            row.push(report::ratio(w / value(peer)));
+            ratio_json
+                .entry(peer)
+                .or_default()
+                .insert(metric.into(), json!(w / value(peer)));
+        }
+        row
+    };
     for (metric, f, show, better) in metrics {
-        let (w, n) = (med("wakegate", f), med("nginx", f));
-        ratios.row(vec![
-            metric.into(),
-            show(w),
-            show(n),
-            report::ratio(w / n),
-            better.into(),
-        ]);
-        ratio_json.insert(metric.into(), json!(w / n));
+        let mut row = compare(metric, &|path| med(path, f), &show);
+        row.push(better.into());
+        ratios.row(row);
     }
-    let (w, n) = (rss("wakegate"), rss("nginx"));
-    ratios.row(vec![
-        "peak RSS".into(),
-        format!("{w:.1} MiB"),
-        format!("{n:.1} MiB"),
-        report::ratio(w / n),
-        "lower is better".into(),
-    ]);
-    ratio_json.insert("peak RSS".into(), json!(w / n));
+    let mut row = compare("peak RSS", &rss, &|v| format!("{v:.1} MiB"));
+    row.push("lower is better".into());
+    ratios.row(row);
+    let targets = targets(&peers, &med);
 
     let mut per_round = Table::new(&[
         "round",
@@ -222,8 +247,9 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
          Load: {CONNECTIONS} connections, HTTP/1.1, closed loop, {} s per run after a {} s \
          warm-up of each path; {} round(s), interleaved ({order}; the last two swap places \
          every other round); medians over the rounds. \
-         nginx: {} workers, keep-alive upstream, `reuseport`, no access log; wakegate: one \
-         `upstream` target, `hosts = [\"*\"]`, `RUST_LOG=warn`. CPU: user + system time from \
+         nginx: {threads} workers, keep-alive upstream, `reuseport`, no access log; HAProxy: \
+         `nbthread {threads}`, `http-reuse always`, no log; wakegate: one `upstream` target, \
+         `hosts = [\"*\"]`, `RUST_LOG=warn`, {threads} workers. CPU: user + system time from \
          /proc/PID/stat of the path's server (nginx: master and workers; direct: the upstream) \
          over each run, per 100,000 successful responses. Peak RSS: `VmHWM` (nginx: summed \
          over its workers; direct: the upstream's) at the end.\n\n{}",
@@ -232,16 +258,18 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         duration.as_secs_f64(),
         warmup.as_secs_f64(),
         settings.rounds,
-        stand::threads(),
-        table.markdown()
+        table.markdown(),
+        threads = stand::threads(),
     );
-    if stand.nginx.is_some() {
-        md.push_str(&format!(
-            "\nwakegate against nginx (medians):\n\n{}",
-            ratios.markdown()
-        ));
+    if peers.is_empty() {
+        md.push_str(&format!("\n{}.\n{}.\n", stand::NO_NGINX, stand::NO_HAPROXY));
     } else {
-        md.push_str(&format!("\n{}.\n", stand::NO_NGINX));
+        md.push_str(&format!(
+            "\nwakegate against {} (medians):\n\n{}\n{}",
+            peers.join(" and "),
+            ratios.markdown(),
+            targets.0
+        ));
     }
     let access_log = access_log_cost(&stand, &rounds)?;
     md.push_str(&access_log.0);
@@ -256,13 +284,16 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
             "warmup_s": warmup.as_secs_f64(),
             "rounds": settings.rounds,
             "nginx_workers": stand::threads(),
+            "haproxy_threads": stand::threads(),
         },
         "upstream": {
             "chosen": stand.upstream.server.name,
             "probes_rps": stand.upstream.probes.iter().cloned().collect::<BTreeMap<_, _>>(),
         },
         "medians": medians,
-        "wakegate_vs_nginx": ratio_json,
+        "wakegate_vs_nginx": ratio_json.get("nginx"),
+        "wakegate_vs_haproxy": ratio_json.get(super::HAPROXY),
+        "targets": targets.1,
         "access_log": access_log.1,
         "rounds": rounds.iter().map(|r| json!({
             "round": r.round,
@@ -291,6 +322,49 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         "warm: latency by percentile, every round merged (closed loop)",
         "percentile (0 = p0, 1 = p90, 2 = p99, 3 = p99.9)",
         &panels,
+    )
+}
+
+/// The warm path's targets, from the medians: req/s at least the better of the peers', CPU per
+/// request at most nginx's; as markdown and JSON.
+fn targets(
+    peers: &[&str],
+    med: &dyn Fn(&str, fn(&Round) -> f64) -> f64,
+) -> (String, serde_json::Value) {
+    let rps = |path: &str| med(path, |r| r.rps);
+    let cpu = |path: &str| med(path, |r| r.cpu_per_100k);
+    let mut lines = String::new();
+    let mut json = serde_json::Map::new();
+    let verdict = |met: bool| if met { "met" } else { "not met" };
+    if let Some(best) = peers
+        .iter()
+        .copied()
+        .max_by(|a, b| rps(a).total_cmp(&rps(b)))
+    {
+        let met = rps("wakegate") >= rps(best);
+        lines.push_str(&format!(
+            "- req/s at least the better peer's ({best}, {}): wakegate {}, {}: **{}**\n",
+            report::int(rps(best)),
+            report::int(rps("wakegate")),
+            report::ratio(rps("wakegate") / rps(best)),
+            verdict(met)
+        ));
+        json.insert("rps_at_least_best_peer".into(), json!(met));
+    }
+    if peers.contains(&"nginx") {
+        let met = cpu("wakegate") <= cpu("nginx");
+        lines.push_str(&format!(
+            "- CPU per request at most nginx's ({:.3} s per 100k): wakegate {:.3}, {}: **{}**\n",
+            cpu("nginx"),
+            cpu("wakegate"),
+            report::ratio(cpu("wakegate") / cpu("nginx")),
+            verdict(met)
+        ));
+        json.insert("cpu_at_most_nginx".into(), json!(met));
+    }
+    (
+        format!("\nTargets, on the medians:\n\n{lines}"),
+        serde_json::Value::Object(json),
     )
 }
 
