@@ -361,6 +361,31 @@ impl prometheus_client::collector::Collector for TargetCollector {
                 MetricType::Gauge,
             )?
             .encode_gauge(&clients.open.load(Ordering::Relaxed))?;
+        if let Some(workers) = clients.workers.get() {
+            let mut family = encoder.encode_descriptor(
+                "wakegate_worker_client_connections",
+                "Client connections each proxy worker serves now.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (i, load) in workers.iter().enumerate() {
+                let worker = i.to_string();
+                family
+                    .encode_family(&[("worker", worker.as_str())])?
+                    .encode_gauge(&load.open.load(Ordering::Relaxed))?;
+            }
+            encoder
+                .encode_descriptor(
+                    "wakegate_client_connections_handed",
+                    "Client connections a proxy worker accepted and handed to one that served fewer.",
+                    None,
+                    MetricType::Counter,
+                )?
+                .encode_counter::<NoLabelSet, _, f64>(
+                    &clients.handed.load(Ordering::Relaxed),
+                    None,
+                )?;
+        }
         encoder
             .encode_descriptor(
                 "wakegate_client_connections_limited",

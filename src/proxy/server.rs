@@ -7,8 +7,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +46,18 @@ pub struct ClientStats {
     pub header_timeouts: AtomicU64,
     /// Closed after `limits.idle_timeout` without a request.
     pub idle_timeouts: AtomicU64,
+    /// Each worker's share, when the proxy runs on [`Workers`].
+    pub workers: OnceLock<Box<[Arc<WorkerLoad>]>>,
+    /// Accepted by one worker and handed to another that served fewer.
+    pub handed: AtomicU64,
+}
+
+/// One worker's client connections: how many it serves now (those handed to it included), and
+/// a wake-up for its accept loop when one closes.
+#[derive(Debug, Default)]
+pub struct WorkerLoad {
+    pub open: AtomicUsize,
+    closed: Notify,
 }
 
 /// The protocol a client connection speaks: told from its first bytes on the cleartext port,
@@ -71,8 +83,8 @@ struct Connections {
     header_read_timeout: Duration,
     idle_timeout: Duration,
     max_connections: usize,
-    /// Connections this worker serves now, and a wake-up for the accept loop when one closes.
-    open_here: Arc<(AtomicUsize, Notify)>,
+    /// Connections this worker serves now.
+    load: Arc<WorkerLoad>,
     /// Cancelled when the drain begins: each connection then finishes its requests and closes.
     closing: CancellationToken,
     /// Cancelled when the drain time is up: what is still open is dropped.
@@ -82,14 +94,14 @@ struct Connections {
 }
 
 impl Connections {
-    fn new(limits: &Limits) -> Self {
+    fn new(limits: &Limits, load: Arc<WorkerLoad>) -> Self {
         let mut connections = Self {
             http1: http1::Builder::new(),
             http2: http2::Builder::new(TokioExecutor::new()),
             header_read_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
             max_connections: 1,
-            open_here: Arc::default(),
+            load,
             closing: CancellationToken::new(),
             force_close: CancellationToken::new(),
             open: watch::Sender::new(()),
@@ -140,11 +152,10 @@ impl Connections {
     /// worker stops accepting, and new connections wait in the kernel's listen queue
     /// (HAProxy's `maxconn`) rather than being accepted and dropped.
     async fn room(&self, stats: &ClientStats) {
-        let (open, closed) = &*self.open_here;
         let mut counted = false;
         loop {
-            let notified = closed.notified();
-            if open.load(Ordering::Relaxed) < self.max_connections {
+            let notified = self.load.closed.notified();
+            if self.load.open.load(Ordering::Relaxed) < self.max_connections {
                 return;
             }
             if !counted {
@@ -181,12 +192,19 @@ impl Connections {
 
     /// Serves one TCP client connection: on the cleartext port HTTP/1.1 or HTTP/2 with prior
     /// knowledge as its first bytes say; on the HTTPS one (`tls`) as ALPN says, once its
-    /// handshake is done within the header read timeout.
-    fn spawn_tcp(&self, stream: TcpStream, proxy: &Proxy, peer: SocketAddr, tls: Option<Arc<Tls>>) {
+    /// handshake is done within the header read timeout. `open` counts it in its worker.
+    fn spawn_tcp(
+        &self,
+        stream: TcpStream,
+        proxy: &Proxy,
+        peer: SocketAddr,
+        tls: Option<Arc<Tls>>,
+        open: OpenGuard,
+    ) {
         let closing = self.closing.clone();
         let header_read_timeout = self.header_read_timeout;
         if let Some(tls) = tls {
-            self.spawn(proxy, peer, true, async move {
+            self.spawn(proxy, peer, true, open, async move {
                 let accepted = tokio::select! {
                     accepted = tls.accept(stream, peer, header_read_timeout) => accepted,
                     () = closing.cancelled() => None,
@@ -202,7 +220,7 @@ impl Connections {
             return;
         }
         let shared = proxy.inner.shared.clone();
-        self.spawn(proxy, peer, false, async move {
+        self.spawn(proxy, peer, false, open, async move {
             let protocol = tokio::select! {
                 protocol = tokio::time::timeout(header_read_timeout, protocol(&stream)) => {
                     protocol.unwrap_or_else(|_| {
@@ -227,6 +245,7 @@ impl Connections {
         proxy: &Proxy,
         peer: SocketAddr,
         tls: bool,
+        open_here: OpenGuard,
         accepted: impl Future<Output = Option<(I, Protocol)>> + Send + 'static,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -242,7 +261,6 @@ impl Connections {
         let closing = self.closing.clone();
         let force_close = self.force_close.clone();
         let open = self.open.subscribe();
-        let open_here = OpenGuard::new(self.open_here.clone(), proxy.inner.shared.clone());
         // Boxed, as the HTTP/2 connection below: a future the task holds stays part of its
         // size for the connection's whole life, though it is done with once accepted. With
         // both boxed an HTTP/1 connection's task takes 2,200 bytes instead of 4,984.
@@ -317,13 +335,13 @@ type Stats = Arc<Shared>;
 
 /// Counts a connection as open in its worker and in the gauge, until dropped.
 struct OpenGuard {
-    here: Arc<(AtomicUsize, Notify)>,
+    here: Arc<WorkerLoad>,
     stats: Stats,
 }
 
 impl OpenGuard {
-    fn new(here: Arc<(AtomicUsize, Notify)>, stats: Stats) -> Self {
-        here.0.fetch_add(1, Ordering::Relaxed);
+    fn new(here: Arc<WorkerLoad>, stats: Stats) -> Self {
+        here.open.fetch_add(1, Ordering::Relaxed);
         stats.clients.open.fetch_add(1, Ordering::Relaxed);
         Self { here, stats }
     }
@@ -331,9 +349,67 @@ impl OpenGuard {
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.here.0.fetch_sub(1, Ordering::Relaxed);
-        self.here.1.notify_one();
+        self.here.open.fetch_sub(1, Ordering::Relaxed);
+        self.here.closed.notify_one();
         self.stats.clients.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection accepted by one worker for another: the socket, taken off the accepting
+/// worker's reactor, and already counted in the other's load (so that the next accept anywhere
+/// sees it).
+struct Handed {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    tls: bool,
+    open: OpenGuard,
+}
+
+/// The workers' loads and inboxes, as one worker sees them: the kernel's `SO_REUSEPORT` hash
+/// spreads connections unevenly (64 connections over two workers split 36/28 as often as not),
+/// and a worker with more connections than another hands each new one it accepts to the one
+/// with the fewest, as HAProxy gives a new connection to its least loaded thread. A request
+/// still never leaves the thread that serves its connection.
+struct Balance {
+    me: usize,
+    loads: Arc<[Arc<WorkerLoad>]>,
+    inboxes: Arc<[mpsc::UnboundedSender<Handed>]>,
+}
+
+impl Balance {
+    /// The worker to hand a new connection to: the one with the fewest, when it has fewer than
+    /// this one and room below `max_connections`; `None`: keep it here.
+    fn lighter(&self, max_connections: usize) -> Option<usize> {
+        let open = |i: usize| self.loads[i].open.load(Ordering::Relaxed);
+        let (least, fewest) = (0..self.loads.len())
+            .map(|i| (i, open(i)))
+            .min_by_key(|l| l.1)?;
+        (fewest < open(self.me) && fewest < max_connections).then_some(least)
+    }
+
+    /// Hands `stream` to worker `to`; gives it back if that worker has stopped.
+    fn hand(
+        &self,
+        to: usize,
+        stream: TcpStream,
+        peer: SocketAddr,
+        tls: bool,
+        shared: &Stats,
+    ) -> io::Result<Option<TcpStream>> {
+        let open = OpenGuard::new(self.loads[to].clone(), shared.clone());
+        let handed = Handed {
+            stream: stream.into_std()?,
+            peer,
+            tls,
+            open,
+        };
+        match self.inboxes[to].send(handed) {
+            Ok(()) => {
+                shared.clients.handed.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(mpsc::error::SendError(back)) => TcpStream::from_std(back.stream).map(Some),
+        }
     }
 }
 
@@ -470,7 +546,7 @@ pub async fn serve_io<I>(io: I, proxy: &Proxy, peer: SocketAddr, http2: bool) ->
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let connections = Connections::new(&Limits::default());
+    let connections = Connections::new(&Limits::default(), Arc::default());
     let service = proxy.connection(peer, false, None);
     if http2 {
         connections
@@ -513,17 +589,49 @@ async fn protocol(stream: &TcpStream) -> Option<Protocol> {
 /// the drain timeout in force then; whatever is still open after it is closed. A reload's
 /// `[limits]` apply to the connections accepted after it.
 pub async fn serve(listeners: Listeners<TcpListener>, proxy: Proxy, shutdown: CancellationToken) {
+    serve_worker(listeners, proxy, shutdown, Arc::default(), None).await;
+}
+
+/// [`serve`] as one of several workers: counting its connections in `load`, and with
+/// `balance`, handing new connections to a worker that serves fewer and serving those handed
+/// to it (`inbox`).
+async fn serve_worker(
+    listeners: Listeners<TcpListener>,
+    proxy: Proxy,
+    shutdown: CancellationToken,
+    load: Arc<WorkerLoad>,
+    balance: Option<(Balance, mpsc::UnboundedReceiver<Handed>)>,
+) {
     let mut limits = proxy.shared().limits.clone();
-    let mut connections = Connections::new(&limits.borrow_and_update());
-    let stats = &proxy.shared().clients;
+    let mut connections = Connections::new(&limits.borrow_and_update(), load.clone());
+    let shared = &proxy.inner.shared;
+    let stats = &shared.clients;
     let Listeners { plain, tls } = listeners;
-    let https = proxy.shared().tls.clone();
-    let tls = tls.zip(https);
+    let https = shared.tls.clone();
+    let tls = tls.zip(https.clone());
+    let (balance, mut inbox) = balance.unzip();
     loop {
         if limits.has_changed().unwrap_or(false) {
             connections.apply(&limits.borrow_and_update());
         }
         let (accepted, tls) = tokio::select! {
+            // Handed over by another worker: counted in this one's load already.
+            Some(handed) = async {
+                match &mut inbox {
+                    Some(inbox) => inbox.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Handed { stream, peer, tls, open } = handed;
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => {
+                        let tls = https.clone().filter(|_| tls);
+                        connections.spawn_tcp(stream, &proxy, peer, tls, open);
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot take a connection handed over"),
+                }
+                continue;
+            }
             (accepted, tls) = async {
                 // Both listeners wait while the worker serves `max_connections`.
                 connections.room(stats).await;
@@ -549,7 +657,22 @@ pub async fn serve(listeners: Listeners<TcpListener>, proxy: Proxy, shutdown: Ca
             }
         };
         let _ = stream.set_nodelay(true);
-        connections.spawn_tcp(stream, &proxy, peer, tls);
+        let stream = match balance
+            .as_ref()
+            .and_then(|b| Some((b, b.lighter(connections.max_connections)?)))
+        {
+            Some((balance, to)) => match balance.hand(to, stream, peer, tls.is_some(), shared) {
+                Ok(None) => continue,
+                Ok(Some(stream)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot hand a connection to another worker");
+                    continue;
+                }
+            },
+            None => stream,
+        };
+        let open = OpenGuard::new(load.clone(), shared.clone());
+        connections.spawn_tcp(stream, &proxy, peer, tls, open);
     }
     drop(plain);
     drop(tls);
@@ -612,7 +735,23 @@ impl Workers {
         // Should a later worker fail to start, the ones already running stop at once.
         let stop = shutdown.child_token();
         let mut done = Vec::with_capacity(listeners.len());
+        let loads: Arc<[Arc<WorkerLoad>]> = (0..listeners.len()).map(|_| Arc::default()).collect();
+        let (inboxes, mut receivers): (Vec<_>, Vec<_>) = (0..listeners.len())
+            .map(|_| mpsc::unbounded_channel())
+            .unzip();
+        let inboxes: Arc<[_]> = inboxes.into();
+        let _ = shared.clients.workers.set(loads.iter().cloned().collect());
+        let several = listeners.len() > 1;
         for (i, listener) in listeners.into_iter().enumerate() {
+            let load = loads[i].clone();
+            let balance = several.then(|| {
+                let balance = Balance {
+                    me: i,
+                    loads: loads.clone(),
+                    inboxes: inboxes.clone(),
+                };
+                (balance, receivers.remove(0))
+            });
             let spawned = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -621,7 +760,9 @@ impl Workers {
                     let proxy = Proxy::for_worker(shared.clone());
                     let stop = stop.clone();
                     std::thread::Builder::new()
-                        .name(format!("wakegate-proxy-{i}"))
+                        // Within the 15 bytes Linux keeps of a thread's name (`top -H`, `perf`,
+                        // /proc/PID/task/TID/comm), so that each worker is told apart.
+                        .name(format!("proxy-worker-{i}"))
                         .spawn(move || {
                             runtime.block_on(async move {
                                 let listeners =
@@ -635,7 +776,9 @@ impl Workers {
                                         })
                                     });
                                 match listeners {
-                                    Ok(listeners) => serve(listeners, proxy, stop).await,
+                                    Ok(listeners) => {
+                                        serve_worker(listeners, proxy, stop, load, balance).await
+                                    }
                                     Err(error) => {
                                         tracing::error!(%error, "proxy worker cannot listen")
                                     }
