@@ -245,6 +245,8 @@ upstream = "{}"
         "reason",
         "direction",
         "le",
+        // One value per proxy worker: bounded by the CPUs.
+        "worker",
     ];
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((_, rest)) = line.split_once('{') else {
