@@ -58,7 +58,7 @@ impl Round {
             .iter()
             .filter(|t| t.run_ns * 100 >= total.max(1))
             .collect();
-        threads.sort_by(|a, b| b.run_ns.cmp(&a.run_ns));
+        threads.sort_by_key(|t| std::cmp::Reverse(t.run_ns));
         threads
             .iter()
             .map(|t| format!("{} {:.0} %", t.name, t.run_ns as f64 * 100.0 / total as f64))

@@ -30,6 +30,9 @@ struct Round {
     cpu_per_100k: f64,
 }
 
+/// One figure of a round.
+type Field = fn(&Round) -> f64;
+
 /// (name, value of a round, how to show it, which way is better)
 type Metric = (
     &'static str,
@@ -327,10 +330,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
 
 /// The warm path's targets, from the medians: req/s at least the better of the peers', CPU per
 /// request at most nginx's; as markdown and JSON.
-fn targets(
-    peers: &[&str],
-    med: &dyn Fn(&str, fn(&Round) -> f64) -> f64,
-) -> (String, serde_json::Value) {
+fn targets(peers: &[&str], med: &dyn Fn(&str, Field) -> f64) -> (String, serde_json::Value) {
     let rps = |path: &str| med(path, |r| r.rps);
     let cpu = |path: &str| med(path, |r| r.cpu_per_100k);
     let mut lines = String::new();
