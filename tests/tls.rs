@@ -414,6 +414,44 @@ fn read(path: &Path) -> String {
 }
 
 #[tokio::test]
+async fn https_connections_handed_to_another_worker_finish_their_handshake_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = pair(dir.path(), "app", &["app.test"]);
+    let backend = DemoBackend::start().await;
+    let head = format!(
+        "{}[listen]\nworkers = 2\n",
+        tls_head(&[(&app.cert, &app.key)])
+    );
+    let wg = Wakegate::start(&head, &upstream_target(&backend)).await;
+    let https = Https {
+        addr: wg.https.expect("the HTTPS address in the log"),
+        wg,
+        backend,
+    };
+    // One at a time, each answered before the next: the connections alternate between the
+    // workers whatever the kernel's hash does, so some reach their worker handed over,
+    // before their handshake.
+    let mut open = Vec::new();
+    for n in 1..=10 {
+        open.push(https.open(&app.der).await);
+        let metrics = https.wg.metrics().await;
+        let on = |worker: &str| {
+            metric(
+                &metrics,
+                "wakegate_worker_client_connections",
+                &format!("worker=\"{worker}\""),
+            )
+            .unwrap_or_else(|| panic!("worker {worker}'s connections exported: {metrics}"))
+        };
+        assert_eq!(on("0") + on("1"), f64::from(n), "{metrics}");
+        assert!((on("0") - on("1")).abs() <= 1.0, "{metrics}");
+    }
+    for connection in &mut open {
+        assert_eq!(connection.get("app.test", "/").await.0, 200);
+    }
+}
+
+#[tokio::test]
 async fn certificates_are_replaced_when_their_files_change_and_open_connections_keep_working() {
     let dir = tempfile::tempdir().unwrap();
     let made = tempfile::tempdir().unwrap();
