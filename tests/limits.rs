@@ -414,22 +414,7 @@ async fn connections_stay_evenly_spread_over_the_workers_whatever_the_kernel_s_h
         let answer = String::from_utf8_lossy(&buf[..read]);
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         open.push(stream);
-        let metrics = wg.metrics().await;
-        let on = |worker: &str| {
-            metric(
-                &metrics,
-                "wakegate_worker_client_connections",
-                &format!("worker=\"{worker}\""),
-            )
-            .unwrap_or_else(|| panic!("worker {worker}'s connections exported: {metrics}"))
-        };
-        assert_eq!(on("0") + on("1"), f64::from(n), "{metrics}");
-        assert!(
-            (on("0") - on("1")).abs() <= 1.0,
-            "after {n} connections: {} and {}",
-            on("0"),
-            on("1")
-        );
+        assert_evenly_spread(&wg.metrics().await, 2, n);
     }
     let metrics = wg.metrics().await;
     assert!(

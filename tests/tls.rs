@@ -434,17 +434,7 @@ async fn https_connections_handed_to_another_worker_finish_their_handshake_there
     let mut open = Vec::new();
     for n in 1..=10 {
         open.push(https.open(&app.der).await);
-        let metrics = https.wg.metrics().await;
-        let on = |worker: &str| {
-            metric(
-                &metrics,
-                "wakegate_worker_client_connections",
-                &format!("worker=\"{worker}\""),
-            )
-            .unwrap_or_else(|| panic!("worker {worker}'s connections exported: {metrics}"))
-        };
-        assert_eq!(on("0") + on("1"), f64::from(n), "{metrics}");
-        assert!((on("0") - on("1")).abs() <= 1.0, "{metrics}");
+        assert_evenly_spread(&https.wg.metrics().await, 2, n);
     }
     for connection in &mut open {
         assert_eq!(connection.get("app.test", "/").await.0, 200);

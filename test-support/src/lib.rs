@@ -427,6 +427,26 @@ pub fn metric(text: &str, name: &str, label_fragment: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Checks in metrics text that `open` client connections are open over `workers` proxy
+/// workers (`wakegate_worker_client_connections`), no worker with more than one more than another.
+pub fn assert_evenly_spread(metrics: &str, workers: usize, open: u32) {
+    let on: Vec<f64> = (0..workers)
+        .map(|worker| {
+            let label = format!("worker=\"{worker}\"");
+            metric(metrics, "wakegate_worker_client_connections", &label)
+                .unwrap_or_else(|| panic!("worker {worker}'s connections exported: {metrics}"))
+        })
+        .collect();
+    assert_eq!(on.iter().sum::<f64>(), f64::from(open), "{metrics}");
+    let (fewest, most) = on
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), n| (lo.min(*n), hi.max(*n)));
+    assert!(
+        most - fewest <= 1.0,
+        "{open} connections spread as {on:?} over the workers"
+    );
+}
+
 /// The pid reported by the demo backend's `/` body.
 pub fn pid_in(body: &str) -> i32 {
     body.split("pid ")
