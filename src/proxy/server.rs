@@ -366,7 +366,8 @@ struct Handed {
 }
 
 /// The workers' loads and inboxes, as one worker sees them: the kernel's `SO_REUSEPORT` hash
-/// spreads connections unevenly (64 connections over two workers split 36/28 as often as not),
+/// spreads connections unevenly (64 connections over two workers split 36/28 or worse about one
+/// time in three),
 /// and a worker with more connections than another hands each new one it accepts to the one
 /// with the fewest, as HAProxy gives a new connection to its least loaded thread. A request
 /// still never leaves the thread that serves its connection.
