@@ -47,7 +47,7 @@ pub struct ClientStats {
     /// Closed after `limits.idle_timeout` without a request.
     pub idle_timeouts: AtomicU64,
     /// Each worker's share, when the proxy runs on [`Workers`].
-    pub workers: OnceLock<Box<[Arc<WorkerLoad>]>>,
+    pub workers: OnceLock<Arc<[Arc<WorkerLoad>]>>,
     /// Accepted by one worker and handed to another that served fewer.
     pub handed: AtomicU64,
 }
@@ -366,11 +366,10 @@ struct Handed {
 }
 
 /// The workers' loads and inboxes, as one worker sees them: the kernel's `SO_REUSEPORT` hash
-/// spreads connections unevenly (64 connections over two workers split 36/28 or worse about one
-/// time in three),
-/// and a worker with more connections than another hands each new one it accepts to the one
-/// with the fewest, as HAProxy gives a new connection to its least loaded thread. A request
-/// still never leaves the thread that serves its connection.
+/// spreads connections unevenly (64 connections over two workers split 36/28 or worse about
+/// one time in three), and a worker with more connections than another hands each new one it
+/// accepts to the one with the fewest, as HAProxy gives a new connection to its least loaded
+/// thread. A request still never leaves the thread that serves its connection.
 struct Balance {
     me: usize,
     loads: Arc<[Arc<WorkerLoad>]>,
@@ -737,13 +736,14 @@ impl Workers {
         let stop = shutdown.child_token();
         let mut done = Vec::with_capacity(listeners.len());
         let loads: Arc<[Arc<WorkerLoad>]> = (0..listeners.len()).map(|_| Arc::default()).collect();
-        let (inboxes, mut receivers): (Vec<_>, Vec<_>) = (0..listeners.len())
+        let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..listeners.len())
             .map(|_| mpsc::unbounded_channel())
             .unzip();
         let inboxes: Arc<[_]> = inboxes.into();
-        let _ = shared.clients.workers.set(loads.iter().cloned().collect());
+        // The metrics read the same loads the workers balance on.
+        let _ = shared.clients.workers.set(loads.clone());
         let several = listeners.len() > 1;
-        for (i, listener) in listeners.into_iter().enumerate() {
+        for (i, (listener, inbox)) in listeners.into_iter().zip(receivers).enumerate() {
             let load = loads[i].clone();
             let balance = several.then(|| {
                 let balance = Balance {
@@ -751,7 +751,7 @@ impl Workers {
                     loads: loads.clone(),
                     inboxes: inboxes.clone(),
                 };
-                (balance, receivers.remove(0))
+                (balance, inbox)
             });
             let spawned = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
