@@ -333,9 +333,13 @@ fn wall_time(at: Instant) -> SystemTime {
     }
     ANCHOR.with(|anchor| {
         let mut anchor = anchor.borrow_mut();
+        // Within a second either side: a line written after a later one (a longer request)
+        // does not read the system clock again.
         let fresh = |(mono, _): &(Instant, SystemTime)| {
-            at.checked_duration_since(*mono)
-                .is_some_and(|d| d < Duration::from_secs(1))
+            let apart = at
+                .checked_duration_since(*mono)
+                .unwrap_or_else(|| mono.duration_since(at));
+            apart < Duration::from_secs(1)
         };
         let (mono, wall) = match *anchor {
             Some(a) if fresh(&a) => a,
