@@ -249,8 +249,8 @@ impl ThreadSched {
             .map(|a| {
                 let b = before.iter().find(|b| b.id == a.id);
                 ThreadSched {
-                    run_ns: a.run_ns - b.map_or(0, |b| b.run_ns.min(a.run_ns)),
-                    wait_ns: a.wait_ns - b.map_or(0, |b| b.wait_ns.min(a.wait_ns)),
+                    run_ns: a.run_ns.saturating_sub(b.map_or(0, |b| b.run_ns)),
+                    wait_ns: a.wait_ns.saturating_sub(b.map_or(0, |b| b.wait_ns)),
                     ..a.clone()
                 }
             })

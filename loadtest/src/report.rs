@@ -86,6 +86,11 @@ impl Machine {
     }
 }
 
+/// How a target came out: `met` or `not met`.
+pub fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "not met" }
+}
+
 /// A Markdown table; every column but the first is right-aligned.
 pub struct Table {
     header: Vec<String>,

@@ -300,11 +300,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
             format!(
                 "at or below {peer}'s in {n} of {} rounds ({})",
                 settings.rounds,
-                if *n == settings.rounds {
-                    "met"
-                } else {
-                    "not met"
-                }
+                report::verdict(*n == settings.rounds)
             )
         })
         .collect::<Vec<_>>()

@@ -335,7 +335,6 @@ fn targets(peers: &[&str], med: &dyn Fn(&str, Field) -> f64) -> (String, serde_j
     let cpu = |path: &str| med(path, |r| r.cpu_per_100k);
     let mut lines = String::new();
     let mut json = serde_json::Map::new();
-    let verdict = |met: bool| if met { "met" } else { "not met" };
     if let Some(best) = peers
         .iter()
         .copied()
@@ -347,7 +346,7 @@ fn targets(peers: &[&str], med: &dyn Fn(&str, Field) -> f64) -> (String, serde_j
             report::int(rps(best)),
             report::int(rps("wakegate")),
             report::ratio(rps("wakegate") / rps(best)),
-            verdict(met)
+            report::verdict(met)
         ));
         json.insert("rps_at_least_best_peer".into(), json!(met));
     }
@@ -358,7 +357,7 @@ fn targets(peers: &[&str], med: &dyn Fn(&str, Field) -> f64) -> (String, serde_j
             cpu("nginx"),
             cpu("wakegate"),
             report::ratio(cpu("wakegate") / cpu("nginx")),
-            verdict(met)
+            report::verdict(met)
         ));
         json.insert("cpu_at_most_nginx".into(), json!(met));
     }
