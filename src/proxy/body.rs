@@ -13,11 +13,11 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::InFlight;
 use super::error;
+use super::h1;
 use super::multiplex::Stream;
-use super::pool::Pooled;
 use super::track::Watched;
+use super::{InFlight, RequestBody};
 use crate::target::streams::Close;
 
 #[derive(Debug)]
@@ -28,12 +28,15 @@ pub enum ProxyBody {
     Logged(Box<super::access_log::Logged>),
 }
 
+/// What a body's frames may fail with: the upstream's connection, or the client's request body
+/// it was still writing.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug)]
 pub struct UpstreamBody {
-    body: Incoming,
+    body: Upstream,
     /// Released when the body is finished or dropped.
     in_flight: Option<InFlight>,
-    connection: Option<Upstream>,
     /// Boxed, and only once needed (a gRPC response, or a body that waited for its
     /// upstream): most responses never need it, and every one in flight would carry it.
     stream: Option<Box<StreamState>>,
@@ -60,32 +63,48 @@ enum Ending {
     Done,
 }
 
-/// What a response was read from.
+/// An upstream's response body, as its protocol reads it.
 #[derive(Debug)]
 pub enum Upstream {
-    /// An HTTP/1.1 connection: back to the pool if the body was read to the end, else closed.
-    Http1(Pooled),
-    /// An HTTP/2 stream: its connection counts it until the body ends.
-    Http2(Stream),
+    /// Read from its HTTP/1.1 connection, which goes back to the pool once the body has been
+    /// read to the end (closed if dropped before).
+    /// Boxed: it is most of a response body's size, and the server keeps one per response.
+    Http1(Box<h1::Body<RequestBody>>),
+    /// An HTTP/2 stream's: its connection counts the stream until the body is dropped.
+    Http2(Incoming, Stream),
 }
 
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        if let Some(Upstream::Http1(connection)) = self.connection.take()
-            && self.body.is_end_stream()
-        {
-            connection.release();
+type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
+impl Upstream {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Polled {
+        match self {
+            Upstream::Http1(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            Upstream::Http2(body, _) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Upstream::Http1(body) => body.is_end_stream(),
+            Upstream::Http2(body, _) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Upstream::Http1(body) => body.size_hint(),
+            Upstream::Http2(body, _) => body.size_hint(),
         }
     }
 }
 
 impl ProxyBody {
     /// `grpc`: the response is a gRPC call's, ended with a gRPC status when closed early.
-    pub fn upstream(body: Incoming, in_flight: InFlight, connection: Upstream, grpc: bool) -> Self {
+    pub fn upstream(body: Upstream, in_flight: InFlight, grpc: bool) -> Self {
         ProxyBody::Upstream(UpstreamBody {
             body,
             in_flight: Some(in_flight),
-            connection: Some(connection),
             stream: grpc.then(|| {
                 Box::new(StreamState {
                     grpc: Some(GrpcMessages::default()),
@@ -106,12 +125,9 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         match self.get_mut() {
             ProxyBody::Upstream(upstream) => upstream.poll(cx),
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
@@ -144,11 +160,11 @@ impl Body for ProxyBody {
 }
 
 impl UpstreamBody {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Polled {
         if let Some(end) = self.end_if_asked() {
             return Poll::Ready(end);
         }
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let polled = self.body.poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(stream) = &mut self.stream {
@@ -186,7 +202,7 @@ impl UpstreamBody {
     }
 
     /// Once asked to end and at a boundary: the end (a gRPC response's status first).
-    fn end_if_asked(&mut self) -> Option<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn end_if_asked(&mut self) -> Option<Option<Result<Frame<Bytes>, BoxError>>> {
         let stream = self.stream.as_mut()?;
         match stream.ending {
             Ending::No => None,

@@ -232,7 +232,7 @@ impl Forwarder {
             None => sent.await,
         };
         record_health(&in_flight, &result);
-        let (mut response, connection) = result.map_err(|source| {
+        let response = result.map_err(|source| {
             if client_body_failed(&source) {
                 ProxyError::ClientBody {
                     target: target.clone(),
@@ -246,24 +246,29 @@ impl Forwarder {
         })?;
         tracing::debug!(status = response.status().as_u16(), "upstream answered");
 
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        let (mut parts, mut body) = response.into_parts();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS
             && let Some(downstream_upgrade) = downstream_upgrade
+            && let Upstream::Http1(h1) = body
         {
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            let open = self.tunnels.open.subscribe();
-            let cut = self.tunnels.cut.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = tunnel::run(downstream_upgrade, upstream_upgrade, in_flight, websocket) => {}
-                    () = cut.cancelled() => tracing::debug!("upgraded connection cut: drain time is up"),
+            match h1.upgrade() {
+                Ok(upstream_upgrade) => {
+                    let open = self.tunnels.open.subscribe();
+                    let cut = self.tunnels.cut.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            () = tunnel::run(downstream_upgrade, upstream_upgrade, in_flight, websocket) => {}
+                            () = cut.cancelled() => tracing::debug!("upgraded connection cut: drain time is up"),
+                        }
+                        drop(open);
+                    });
+                    return Ok(Response::from_parts(parts, ProxyBody::empty()));
                 }
-                drop(open);
-            });
-            let (parts, _) = response.into_parts();
-            return Ok(Response::from_parts(parts, ProxyBody::empty()));
+                Err(h1) => body = Upstream::Http1(h1),
+            }
         }
 
-        let headers = response.headers_mut();
+        let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
         if trailers
             && downstream_version < Version::HTTP_2
@@ -274,7 +279,10 @@ impl Forwarder {
             headers.insert(header::TRAILER, HeaderValue::from_static(GRPC_TRAILERS));
         }
         let grpc = grpc::is_grpc(headers);
-        Ok(response.map(|body| ProxyBody::upstream(body, in_flight, connection, grpc)))
+        Ok(Response::from_parts(
+            parts,
+            ProxyBody::upstream(body, in_flight, grpc),
+        ))
     }
 
     /// Sends the request on an upstream connection of `protocol`.
@@ -283,16 +291,16 @@ impl Forwarder {
         protocol: Protocol,
         authority: &Authority,
         req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Upstream), UpstreamError> {
+    ) -> Result<Response<Upstream>, UpstreamError> {
         match protocol {
             Protocol::Http1 => {
-                let (response, connection) = self.pool.send(authority, req).await?;
-                Ok((response, Upstream::Http1(connection)))
+                let response = self.pool.send(authority, req).await?;
+                Ok(response.map(|body| Upstream::Http1(Box::new(body))))
             }
             Protocol::H2c => {
                 let req = req.map(Replayable::new);
                 let (response, stream) = self.multiplex.send(authority, req).await?;
-                Ok((response, Upstream::Http2(stream)))
+                Ok(response.map(|body| Upstream::Http2(body, stream)))
             }
         }
     }
@@ -330,6 +338,7 @@ fn record_health<T>(in_flight: &InFlight, result: &Result<T, UpstreamError>) {
 /// is the client connection's own error.
 fn client_body_failed(error: &UpstreamError) -> bool {
     match error {
+        UpstreamError::Http1(error) => matches!(error, super::h1::Error::RequestBody(_)),
         UpstreamError::Http(error) => {
             error.is_user()
                 && std::error::Error::source(error).is_some_and(|cause| cause.is::<hyper::Error>())

@@ -28,6 +28,7 @@ pub mod edge;
 pub mod error;
 pub mod forward;
 pub mod grpc;
+pub mod h1;
 pub mod hold;
 pub mod multiplex;
 pub mod pool;

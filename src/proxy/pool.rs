@@ -1,23 +1,23 @@
 //! Keep-alive HTTP/1.1 connections to upstream endpoints, one pool per proxy worker: a request
-//! takes an idle connection to its endpoint or opens a new one, and its response body puts the
-//! connection back once the response has been read to the end. Lock-free: a bounded queue of
-//! idle connections per endpoint address, found through a snapshot of the address map.
+//! takes an idle connection to its endpoint or opens a new one, and its response body (see
+//! [`super::h1`]) puts the connection back once the response has been read to the end. An idle
+//! connection is its socket alone. Lock-free: a bounded queue of idle connections per endpoint
+//! address, found through a snapshot of the address map.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use http::uri::Authority;
 use http::{Request, Response};
-use hyper::body::{Body, Incoming};
-
-use super::RequestBody;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use super::h1;
 
 /// Why no response came from an upstream.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,8 @@ pub enum UpstreamError {
         authority: Authority,
         after: Duration,
     },
+    #[error(transparent)]
+    Http1(#[from] h1::Error),
     #[error(transparent)]
     Http(#[from] hyper::Error),
 }
@@ -56,42 +58,34 @@ impl Default for Settings {
     }
 }
 
-/// The upstream connections of one worker, for requests with bodies of type `B`.
-#[derive(Debug)]
-pub struct Pool<B = RequestBody> {
-    inner: Arc<Inner<B>>,
+/// The upstream connections of one worker.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
 }
 
-impl<B> Clone for Pool<B> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-        }
-    }
-}
-
-type ByAddress<B> = HashMap<Box<str>, Arc<Idle<B>>, foldhash::fast::RandomState>;
+type ByAddress = HashMap<Box<str>, Arc<Idle>, foldhash::fast::RandomState>;
 
 #[derive(Debug)]
-struct Inner<B> {
+struct Inner {
     settings: Settings,
     /// Replaced whole (copy on write) when an endpoint address is seen first or swept away.
-    idle: ArcSwap<ByAddress<B>>,
+    idle: ArcSwap<ByAddress>,
     sweeping: AtomicBool,
 }
 
 /// The idle connections to one address.
 #[derive(Debug)]
-struct Idle<B> {
-    queue: ArrayQueue<IdleConnection<B>>,
+pub struct Idle {
+    queue: ArrayQueue<IdleConnection>,
     /// Sweeps so far: idle connections are stamped with it rather than with the time, which
     /// would take two clock reads per request.
     sweeps: AtomicU64,
 }
 
 #[derive(Debug)]
-struct IdleConnection<B> {
-    sender: SendRequest<B>,
+struct IdleConnection {
+    stream: TcpStream,
     /// The sweep count when it became idle.
     since: u64,
 }
@@ -99,32 +93,45 @@ struct IdleConnection<B> {
 /// A connection a request was sent on. Dropped, it is closed; [released](Pooled::release) once
 /// its response has ended, it waits in the pool for the next request.
 #[derive(Debug)]
-pub struct Pooled<B = RequestBody> {
-    sender: SendRequest<B>,
-    home: Arc<Idle<B>>,
+pub struct Pooled {
+    stream: TcpStream,
+    home: Arc<Idle>,
 }
 
-impl<B> Pooled<B> {
-    /// Puts the connection back, if it can take another request now (its response was read to
-    /// the end and the upstream did not close it).
+impl Pooled {
+    /// Puts the connection back: its response was read to the end and the upstream keeps it
+    /// open.
     pub fn release(self) {
-        if self.sender.is_ready() {
-            // A full queue drops (closes) the connection.
-            let since = self.home.sweeps.load(Ordering::Relaxed);
-            let _ = self.home.queue.push(IdleConnection {
-                sender: self.sender,
-                since,
-            });
+        // A full queue drops (closes) the connection.
+        let since = self.home.sweeps.load(Ordering::Relaxed);
+        let _ = self.home.queue.push(IdleConnection {
+            stream: self.stream,
+            since,
+        });
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+}
+
+/// Whether an idle connection is still open: nothing came on it since its last response (the
+/// upstream's close would have). Costs no system call unless the socket was said readable.
+fn still_open(stream: &TcpStream) -> bool {
+    match stream.poll_read_ready(&mut Context::from_waker(Waker::noop())) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => {
+            matches!(stream.try_read(&mut [0; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
         }
     }
 }
 
-impl<B> Pool<B>
-where
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl Pool {
     pub fn new(settings: Settings) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -137,33 +144,33 @@ where
 
     /// Sends `req` (origin-form, with its `Host`) to `authority` on an idle connection, or on a
     /// new one if none is left or an idle one turns out closed before the request went out.
-    pub async fn send(
+    pub async fn send<B>(
         &self,
         authority: &Authority,
-        mut req: Request<B>,
-    ) -> Result<(Response<Incoming>, Pooled<B>), UpstreamError> {
+        req: Request<B>,
+    ) -> Result<Response<h1::Body<B>>, UpstreamError>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let home = self.idle(authority);
-        while let Some(IdleConnection { mut sender, .. }) = home.queue.pop() {
-            if !sender.is_ready() {
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(response) => return Ok((response, Pooled { sender, home })),
-                Err(mut error) => match error.take_message() {
-                    // Not sent: the upstream closed the connection meanwhile; try another.
-                    Some(unsent) => req = unsent,
-                    None => return Err(error.into_error().into()),
-                },
+        let mut stream = None;
+        while let Some(idle) = home.queue.pop() {
+            if still_open(&idle.stream) {
+                stream = Some(idle.stream);
+                break;
             }
         }
-        // Boxed: connecting is rare next to reusing, and its future would otherwise make
-        // every request's future larger.
-        let mut sender = Box::pin(self.connect(authority)).await?;
-        let response = sender.send_request(req).await?;
-        Ok((response, Pooled { sender, home }))
+        let stream = match stream {
+            Some(stream) => stream,
+            // Boxed: connecting is rare next to reusing, and its future would otherwise make
+            // every request's future larger.
+            None => Box::pin(self.connect(authority)).await?,
+        };
+        Ok(h1::send(Pooled { stream, home }, req).await?)
     }
 
-    fn idle(&self, authority: &Authority) -> Arc<Idle<B>> {
+    fn idle(&self, authority: &Authority) -> Arc<Idle> {
         if let Some(idle) = self.inner.idle.load().get(authority.as_str()) {
             return idle.clone();
         }
@@ -183,18 +190,10 @@ where
         added.expect("rcu ran at least once")
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<SendRequest<B>, UpstreamError> {
+    async fn connect(&self, authority: &Authority) -> Result<TcpStream, UpstreamError> {
         let stream = connect_tcp(authority, self.inner.settings.connect_timeout).await?;
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        let target = authority.clone();
-        tokio::spawn(async move {
-            if let Err(error) = connection.with_upgrades().await {
-                tracing::debug!(upstream = %target, %error, "upstream connection ended with an error");
-            }
-        });
         self.sweep_in_background();
-        Ok(sender)
+        Ok(stream)
     }
 
     /// Once per pool, a task that closes the connections idle since before the previous sweep
@@ -254,7 +253,7 @@ pub(super) async fn connect_tcp(
     Ok(stream)
 }
 
-impl<B> Inner<B> {
+impl Inner {
     fn sweep(&self) {
         let mut emptied = Vec::new();
         for (authority, idle) in self.idle.load().iter() {
@@ -262,7 +261,7 @@ impl<B> Inner<B> {
             let previous = idle.sweeps.fetch_add(1, Ordering::Relaxed);
             for _ in 0..idle.queue.len() {
                 match idle.queue.pop() {
-                    Some(c) if c.sender.is_ready() && c.since >= previous => {
+                    Some(c) if c.since >= previous && still_open(&c.stream) => {
                         let _ = idle.queue.push(c);
                     }
                     Some(_) => {}
@@ -291,6 +290,7 @@ mod tests {
 
     use bytes::Bytes;
     use http_body_util::{BodyExt, Empty, Full};
+    use hyper_util::rt::TokioIo;
 
     use super::*;
 
@@ -315,19 +315,27 @@ mod tests {
         (authority, accepted)
     }
 
-    /// One GET whose response is read to the end; the connection is returned with it.
-    async fn get(pool: &Pool<Empty<Bytes>>, authority: &Authority) -> Pooled<Empty<Bytes>> {
+    /// One GET, its response's head read.
+    async fn get(pool: &Pool, authority: &Authority) -> h1::Body<Empty<Bytes>> {
         let req = Request::get("/")
             .header(http::header::HOST, authority.as_str())
             .body(Empty::new())
             .unwrap();
-        let (response, connection) = pool.send(authority, req).await.unwrap();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(&body[..], b"ok");
-        connection
+        pool.send(authority, req).await.unwrap().into_body()
     }
 
-    fn idle_count(pool: &Pool<Empty<Bytes>>, authority: &Authority) -> Option<usize> {
+    /// One GET whose response is read to the end, which puts the connection back.
+    async fn get_to_the_end(pool: &Pool, authority: &Authority) {
+        let body = get(pool, authority)
+            .await
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+
+    fn idle_count(pool: &Pool, authority: &Authority) -> Option<usize> {
         let idle = pool.inner.idle.load();
         idle.get(authority.as_str()).map(|idle| idle.queue.len())
     }
@@ -337,18 +345,18 @@ mod tests {
         let (authority, accepted) = upstream().await;
         let pool = Pool::new(Settings::default());
         for _ in 0..3 {
-            get(&pool, &authority).await.release();
+            get_to_the_end(&pool, &authority).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(idle_count(&pool, &authority), Some(1));
     }
 
     #[tokio::test]
-    async fn a_connection_dropped_instead_of_released_is_not_reused() {
+    async fn a_response_dropped_before_its_end_closes_its_connection() {
         let (authority, accepted) = upstream().await;
         let pool = Pool::new(Settings::default());
         drop(get(&pool, &authority).await);
-        get(&pool, &authority).await.release();
+        get_to_the_end(&pool, &authority).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
@@ -356,7 +364,7 @@ mod tests {
     async fn an_idle_connection_is_closed_at_the_second_sweep_then_its_address_forgotten() {
         let (authority, _) = upstream().await;
         let pool = Pool::new(Settings::default());
-        get(&pool, &authority).await.release();
+        get_to_the_end(&pool, &authority).await;
         pool.inner.sweep();
         assert_eq!(
             idle_count(&pool, &authority),
@@ -376,7 +384,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let pool = Pool::<Empty<Bytes>>::new(Settings::default());
+        let pool = Pool::new(Settings::default());
         let authority: Authority = addr.to_string().parse().unwrap();
         let error = pool.connect(&authority).await.unwrap_err();
         assert!(error.to_string().contains(&addr.to_string()), "{error}");

@@ -6,12 +6,13 @@
 
 use std::time::Duration;
 
-use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::InFlight;
+use super::h1::Upgraded;
 use crate::target::streams::{Close, Stream};
 
 /// The longest a closing tunnel waits for a frame in progress to end, and then for the
@@ -23,20 +24,18 @@ const GOING_AWAY: u16 = 1001;
 
 const COPY_BUFFER: usize = 16 * 1024;
 
-type Io = TokioIo<Upgraded>;
-
 /// Copies bytes both ways between an upgraded client and upstream connection until either
 /// side closes, or the instance is about to stop; the request counts as in flight (and as a
 /// stream of its target) until the tunnel closes.
 pub async fn run(
     downstream: OnUpgrade,
-    upstream: OnUpgrade,
+    upstream: Upgraded,
     mut in_flight: InFlight,
     websocket: bool,
 ) {
     let target = in_flight.target().clone();
-    let (client, server) = match tokio::try_join!(downstream, upstream) {
-        Ok(both) => both,
+    let client = match downstream.await {
+        Ok(client) => client,
         Err(error) => {
             tracing::warn!(target = %target.name, %error, "upgrade failed");
             return;
@@ -44,7 +43,7 @@ pub async fn run(
     };
     let watched = in_flight.watch();
     let (mut client_read, mut client_write) = tokio::io::split(TokioIo::new(client));
-    let (mut server_read, mut server_write) = tokio::io::split(TokioIo::new(server));
+    let (mut server_read, mut server_write) = tokio::io::split(upstream);
     let close = CancellationToken::new();
     let done = CancellationToken::new();
     let mut to_server = Direction::new(websocket);
@@ -135,8 +134,8 @@ impl Direction {
     /// frame in progress (for at most [`CLOSE_WAIT`]).
     async fn copy(
         &mut self,
-        from: &mut ReadHalf<Io>,
-        to: &mut WriteHalf<Io>,
+        from: &mut (impl AsyncRead + Unpin),
+        to: &mut (impl AsyncWrite + Unpin),
         activity: &Stream,
         close: &CancellationToken,
     ) -> std::io::Result<End> {
@@ -166,8 +165,8 @@ impl Direction {
     /// Once asked to close: copies what is left of the frame in progress.
     async fn finish_frame(
         &mut self,
-        from: &mut ReadHalf<Io>,
-        to: &mut WriteHalf<Io>,
+        from: &mut (impl AsyncRead + Unpin),
+        to: &mut (impl AsyncWrite + Unpin),
         buffer: &mut [u8],
     ) -> std::io::Result<End> {
         let Some(frames) = &mut self.frames else {
@@ -194,7 +193,7 @@ impl Direction {
     }
 
     /// Reads (and drops) what `from` sends until a close frame has come, or it ends.
-    async fn until_close(&mut self, from: &mut ReadHalf<Io>) {
+    async fn until_close(&mut self, from: &mut (impl AsyncRead + Unpin)) {
         let Some(frames) = &mut self.frames else {
             return;
         };
