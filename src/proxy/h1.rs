@@ -38,6 +38,8 @@ const MAX_HEADERS: usize = 128;
 const FIRST_READ: usize = 4 * 1024;
 /// The largest buffer one read fills.
 const MAX_READ: usize = 64 * 1024;
+/// The longest chunk extension read (they are skipped).
+const MAX_EXTENSION: u16 = 4096;
 /// Request body frames queued for one vectored write at most.
 const MAX_QUEUED: usize = 16;
 
@@ -70,14 +72,18 @@ where
 {
     let (parts, body) = req.into_parts();
     let upgrading = parts.headers.contains_key(header::UPGRADE);
-    let (head, chunked) = encode_head(&parts, &body);
+    let (head, framed) = encode_head(&parts, &body);
     let mut exchange = Body {
         connection: Some(connection),
         read: BytesMut::new(),
         want: FIRST_READ,
         out: Outgoing {
-            body: (!body.is_end_stream() || chunked).then_some(body),
-            chunked,
+            body: match framed {
+                Framed::Nothing => None,
+                Framed::AsIs => (!body.is_end_stream()).then_some(body),
+                Framed::Chunked => Some(body),
+            },
+            chunked: framed == Framed::Chunked,
             queue: VecDeque::from([head]),
             failed: None,
         },
@@ -89,13 +95,18 @@ where
     *response.status_mut() = head.status;
     *response.version_mut() = head.version;
     *response.headers_mut() = head.headers;
-    exchange.keep_alive = keep_alive(head.version, response.headers());
+    // An HTTP/1.0 message with Transfer-Encoding has faulty framing (RFC 9112 §6.1): it is
+    // read as it says, and the connection closed after.
+    exchange.keep_alive = keep_alive(head.version, response.headers())
+        && !(head.version == Version::HTTP_10
+            && response.headers().contains_key(header::TRANSFER_ENCODING));
     exchange.framing = framing(&parts.method, upgrading, &response)?;
     if exchange.framing == Framing::Close {
         exchange.keep_alive = false;
     }
-    if matches!(exchange.framing, Framing::Chunked(_)) {
-        // Framing is the connection's business: the body says where it ends downstream.
+    if response.headers().contains_key(header::TRANSFER_ENCODING) {
+        // It overrides a Content-Length (RFC 9112 §6.3), which must not reach the client: the
+        // body says where it ends downstream.
         response.headers_mut().remove(header::CONTENT_LENGTH);
     }
     if exchange.framing == Framing::Length(0) {
@@ -104,8 +115,20 @@ where
     Ok(response.map(|()| exchange))
 }
 
-/// The request line and header section, and whether the body goes chunked.
-fn encode_head<B: http_body::Body>(parts: &http::request::Parts, body: &B) -> (Bytes, bool) {
+/// How a request's body goes upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framed {
+    /// Not at all: a GET, HEAD or CONNECT whose body has no known length (an HTTP/2 client's
+    /// stream may end with an empty DATA frame), as hyper's client does too. Sent chunked, an
+    /// upstream that reads no body on these would take the last chunk for the next request.
+    Nothing,
+    /// As its bytes come: its `Content-Length` says where it ends.
+    AsIs,
+    Chunked,
+}
+
+/// The request line and header section, and how the body goes.
+fn encode_head<B: http_body::Body>(parts: &http::request::Parts, body: &B) -> (Bytes, Framed) {
     let target = if parts.method == Method::CONNECT {
         parts.uri.authority().map_or("", |a| a.as_str())
     } else {
@@ -127,7 +150,7 @@ fn encode_head<B: http_body::Body>(parts: &http::request::Parts, body: &B) -> (B
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    let mut chunked = false;
+    let mut framed = Framed::AsIs;
     if !parts.headers.contains_key(header::CONTENT_LENGTH) {
         match body.size_hint().exact() {
             // Methods without body semantics go without; others say there is none.
@@ -137,14 +160,17 @@ fn encode_head<B: http_body::Body>(parts: &http::request::Parts, body: &B) -> (B
                 let _ = write!(line, "content-length: {length}\r\n");
                 head.extend_from_slice(line.as_bytes());
             }
+            None if matches!(parts.method, Method::GET | Method::HEAD | Method::CONNECT) => {
+                framed = Framed::Nothing;
+            }
             None => {
                 head.extend_from_slice(b"transfer-encoding: chunked\r\n");
-                chunked = true;
+                framed = Framed::Chunked;
             }
         }
     }
     head.extend_from_slice(b"\r\n");
-    (Bytes::from(head), chunked)
+    (Bytes::from(head), framed)
 }
 
 /// Whether the upstream keeps the connection open after this response (RFC 9112 §9.3).
@@ -449,7 +475,7 @@ where
         loop {
             ready!(io.poll_read_ready(cx))?;
             // Only now a buffer: a response that is slow to come costs none.
-            if self.read.capacity() - self.read.len() < self.want / 2 {
+            if self.read.capacity() - self.read.len() < (self.want / 2).max(1) {
                 self.read.reserve(self.want);
             }
             let room = self.read.capacity() - self.read.len();
@@ -520,8 +546,9 @@ where
                         }
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    // Reads no more than the body's rest, so that nothing of a next
-                    // response (there is none) could be taken.
+                    // Reserves no more than the body's rest (a read may still fill what the
+                    // buffer has room for: bytes beyond the body keep the connection out of
+                    // the pool).
                     this.want = this
                         .want
                         .min(usize::try_from(*remaining).unwrap_or(MAX_READ))
@@ -649,8 +676,8 @@ enum ChunkState {
     #[default]
     Size,
     SizeDigits(u64, u8),
-    /// After the size: whitespace or an extension, up to the CR.
-    Extension(u64),
+    /// After the size: whitespace or an extension, up to the CR; and its length so far.
+    Extension(u64, u16),
     SizeLf(u64),
     Data(u64),
     DataCr,
@@ -724,12 +751,17 @@ impl Chunked {
                             Some(_) if digits == 16 => return Err(INVALID),
                             Some(d) => ChunkState::SizeDigits(n << 4 | d, digits + 1),
                             None if b == b'\r' => ChunkState::SizeLf(n),
-                            None if matches!(b, b';' | b' ' | b'\t') => ChunkState::Extension(n),
+                            None if matches!(b, b';' | b' ' | b'\t') => ChunkState::Extension(n, 1),
                             None => return Err(INVALID),
                         },
-                        (ChunkState::Extension(n), b'\r') => ChunkState::SizeLf(n),
-                        (ChunkState::Extension(_), b'\n') => return Err(INVALID),
-                        (ChunkState::Extension(n), _) => ChunkState::Extension(n),
+                        (ChunkState::Extension(n, _), b'\r') => ChunkState::SizeLf(n),
+                        (ChunkState::Extension(_, _), b'\n') => return Err(INVALID),
+                        // Extensions mean nothing to wakegate: a few bytes are usual, more
+                        // than this only costs time.
+                        (ChunkState::Extension(_, MAX_EXTENSION..), _) => return Err(INVALID),
+                        (ChunkState::Extension(n, length), _) => {
+                            ChunkState::Extension(n, length + 1)
+                        }
                         (ChunkState::SizeLf(0), b'\n') => ChunkState::Trailers,
                         (ChunkState::SizeLf(n), b'\n') => ChunkState::Data(n),
                         (ChunkState::DataCr, b'\r') => ChunkState::DataLf,
@@ -922,6 +954,7 @@ mod tests {
     async fn a_response_without_length_ends_with_its_connection_which_is_not_reused() {
         let (authority, accepted) = scripted(vec![
             "!HTTP/1.1 200 OK\r\n\r\nuntil the end",
+            "!HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ncontent-length: 3\r\n\r\nuntil the end",
             "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
             "HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
             "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
@@ -930,11 +963,16 @@ mod tests {
         let pool = Pool::new(Settings::default());
         // The upstream closes the first connection after its answer: its end ends the body.
         assert_eq!(read(get(&pool, &authority).await).await.0, "until the end");
+        // A coding other than chunked last: to the end as well, whatever Content-Length says,
+        // which does not reach the client.
+        let response = get(&pool, &authority).await;
+        assert!(!response.headers().contains_key(header::CONTENT_LENGTH));
+        assert_eq!(read(response).await.0, "until the end");
         // Asked to close, then HTTP/1.0 without keep-alive: neither connection is reused.
         assert_eq!(read(get(&pool, &authority).await).await.0, "ok");
         assert_eq!(read(get(&pool, &authority).await).await.0, "ok");
         assert_eq!(read(get(&pool, &authority).await).await.0, "ok");
-        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
     }
 
     #[tokio::test]
@@ -1006,19 +1044,19 @@ mod tests {
                 req = req.header(header::CONTENT_LENGTH, length);
             }
             let (parts, body) = req.body(body).unwrap().into_parts();
-            let (head, chunked) = encode_head(&parts, &body);
-            (String::from_utf8(head.to_vec()).unwrap(), chunked)
+            let (head, framed) = encode_head(&parts, &body);
+            (String::from_utf8(head.to_vec()).unwrap(), framed)
         };
         let empty = http_body_util::Full::new(Bytes::new());
         assert_eq!(
             encode(Method::GET, empty.clone(), None),
-            ("GET /p?q=1 HTTP/1.1\r\n\r\n".into(), false)
+            ("GET /p?q=1 HTTP/1.1\r\n\r\n".into(), Framed::AsIs)
         );
         assert_eq!(
             encode(Method::POST, empty, None),
             (
                 "POST /p?q=1 HTTP/1.1\r\ncontent-length: 0\r\n\r\n".into(),
-                false
+                Framed::AsIs
             )
         );
         let some = http_body_util::Full::new(Bytes::from("abc"));
@@ -1026,22 +1064,27 @@ mod tests {
             encode(Method::PUT, some, Some("3")),
             (
                 "PUT /p?q=1 HTTP/1.1\r\ncontent-length: 3\r\n\r\n".into(),
-                false
+                Framed::AsIs
             )
         );
-        let (parts, _) = Request::post("/").body(()).unwrap().into_parts();
         let unknown = http_body_util::StreamBody::new(futures_util::stream::iter(vec![Ok::<
             _,
             std::convert::Infallible,
         >(
             Frame::data(Bytes::from("x")),
         )]));
-        let (head, chunked) = encode_head(&parts, &unknown);
-        assert!(chunked);
+        let (parts, _) = Request::post("/").body(()).unwrap().into_parts();
+        let (head, framed) = encode_head(&parts, &unknown);
+        assert_eq!(framed, Framed::Chunked, "a body of unknown length");
         assert_eq!(
             &head[..],
             b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
         );
+        // A GET's goes without: an upstream need not read one.
+        let (parts, _) = Request::get("/").body(()).unwrap().into_parts();
+        let (head, framed) = encode_head(&parts, &unknown);
+        assert_eq!(framed, Framed::Nothing);
+        assert_eq!(&head[..], b"GET / HTTP/1.1\r\n\r\n");
     }
 
     #[test]
@@ -1095,5 +1138,11 @@ mod tests {
                 String::from_utf8_lossy(malformed)
             );
         }
+        let endless = format!("1;{}\r\nx\r\n", "e".repeat(5000));
+        let mut read = BytesMut::from(endless.as_bytes());
+        assert!(
+            Chunked::default().decode(&mut read).is_err(),
+            "an endless extension"
+        );
     }
 }

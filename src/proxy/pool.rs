@@ -120,7 +120,8 @@ impl Pooled {
 }
 
 /// Whether an idle connection is still open: nothing came on it since its last response (the
-/// upstream's close would have). Costs no system call unless the socket was said readable.
+/// upstream's close would have). A system call (a `recv` that would block) only when the
+/// socket was last said readable, as it is after a response read to the end without one.
 fn still_open(stream: &TcpStream) -> bool {
     match stream.poll_read_ready(&mut Context::from_waker(Waker::noop())) {
         Poll::Pending => true,
