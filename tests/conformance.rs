@@ -701,22 +701,11 @@ async fn expect_100_continue_is_answered_only_once_a_held_request_goes_to_its_ta
 #[tokio::test]
 async fn an_upstreams_103_early_hints_does_not_disturb_its_final_response() {
     // A raw upstream: 103, then the final 200.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream
-                    .write_all(
-                        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n\
-                          HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal",
-                    )
-                    .await;
-            });
-        }
-    });
+    let addr = raw_upstream(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n\
+          HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal",
+    )
+    .await;
     let target = format!(
         "[[target]]\nname = \"hints\"\nhosts = [\"hints.localhost\"]\nupstream = \"{addr}\"\n"
     );
@@ -726,7 +715,8 @@ async fn an_upstreams_103_early_hints_does_not_disturb_its_final_response() {
         "GET / HTTP/1.1\r\nHost: hints.localhost\r\nConnection: close\r\n\r\n",
     )
     .await;
-    // hyper's client reads past interim answers and its server cannot send them on: the
+    // wakegate's upstream client reads past interim answers and hyper's server cannot send
+    // them on: the
     // client gets the final answer whole (RFC 9110 §15.2 would forward the 103).
     assert_eq!(statuses(&response), [200], "{response}");
     assert!(response.ends_with("final"), "{response}");

@@ -471,26 +471,9 @@ cwd = "{}"
 async fn an_upstream_s_malformed_response_gets_502_and_the_log_says_what_was_wrong() {
     // An upstream whose every answer has two different lengths: which one frames the body
     // cannot be told, so nothing of it may reach the client (RFC 9112 §6.3).
-    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let at = upstream.local_addr().unwrap();
-    tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        while let Ok((mut stream, _)) = upstream.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buffer = [0; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buffer[..n]),
-                    }
-                }
-                let answer =
-                    "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 5\r\n\r\nsmuggled";
-                let _ = stream.write_all(answer.as_bytes()).await;
-            });
-        }
-    });
+    let at =
+        raw_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 5\r\n\r\nsmuggled")
+            .await;
     let targets =
         format!("[[target]]\nname = \"bad\"\nhosts = [\"bad.localhost\"]\nupstream = \"{at}\"\n");
     let wg = Wakegate::start("", &targets).await;

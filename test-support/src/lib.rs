@@ -492,6 +492,35 @@ pub async fn raw_exchange(addr: SocketAddr, request: &str) -> String {
     .await
 }
 
+/// An upstream that answers every request head it reads with `answer`, raw, on every
+/// connection: for what a well-behaved test server would never send.
+pub async fn raw_upstream(answer: &'static [u8]) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                let mut buffer = [0; 4096];
+                loop {
+                    while let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                        read.drain(..end + 4);
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => read.extend_from_slice(&buffer[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// Sends each message over `ws` and asserts that the same message comes back.
 pub async fn echoes<S>(
     ws: &mut tokio_tungstenite::WebSocketStream<S>,
