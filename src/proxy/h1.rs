@@ -63,9 +63,29 @@ pub enum Error {
     RequestBody(#[source] BoxError),
 }
 
+/// Why a request got no response, and the request itself when it may be sent again.
+#[derive(Debug)]
+pub struct Failed<B> {
+    pub error: Error,
+    /// Given back when the upstream closed the connection (or reset it) before any byte of a
+    /// response, and the request is one that may go again without harm: a `GET`, `HEAD`,
+    /// `OPTIONS` or `TRACE` without a body (RFC 9110 §9.2.2). On a connection that waited idle
+    /// in the pool, that is the upstream closing it as the request went out.
+    pub again: Option<Request<B>>,
+}
+
+impl<B> From<Error> for Box<Failed<B>> {
+    fn from(error: Error) -> Self {
+        Box::new(Failed { error, again: None })
+    }
+}
+
 /// Sends `req` (origin-form or authority-form, with its `Host`, hop-by-hop headers removed) on
 /// `connection`; the response comes with its body still on the connection.
-pub async fn send<B>(connection: Pooled, req: Request<B>) -> Result<Response<Body<B>>, Error>
+pub async fn send<B>(
+    connection: Pooled,
+    req: Request<B>,
+) -> Result<Response<Body<B>>, Box<Failed<B>>>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -73,16 +93,23 @@ where
     let (parts, body) = req.into_parts();
     let upgrading = parts.headers.contains_key(header::UPGRADE);
     let (head, framed) = encode_head(&parts, &body);
+    let sends_body = match framed {
+        Framed::Nothing => false,
+        Framed::AsIs => !body.is_end_stream(),
+        Framed::Chunked => true,
+    };
+    // A body that does not go is kept until the response comes, to send the request again.
+    let (body, kept) = if sends_body {
+        (Some(body), None)
+    } else {
+        (None, Some(body))
+    };
     let mut exchange = Body {
         connection: Some(connection),
         read: BytesMut::new(),
         want: FIRST_READ,
         out: Outgoing {
-            body: match framed {
-                Framed::Nothing => None,
-                Framed::AsIs => (!body.is_end_stream()).then_some(body),
-                Framed::Chunked => Some(body),
-            },
+            body,
             chunked: framed == Framed::Chunked,
             queue: VecDeque::from([head]),
             failed: None,
@@ -90,7 +117,32 @@ where
         framing: Framing::Done,
         keep_alive: false,
     };
-    let head = poll_fn(|cx| exchange.poll_head(cx)).await?;
+    let head = match poll_fn(|cx| exchange.poll_head(cx)).await {
+        Ok(head) => head,
+        Err(error) => {
+            let closed = match &error {
+                Error::ClosedBeforeResponse => true,
+                Error::Io(e) => matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::BrokenPipe
+                ),
+                _ => false,
+            };
+            let may_go_again = closed
+                && exchange.read.is_empty()
+                && matches!(
+                    parts.method,
+                    Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+                );
+            let again = kept
+                .filter(|_| may_go_again)
+                .map(|body| Request::from_parts(parts, body));
+            return Err(Box::new(Failed { error, again }));
+        }
+    };
+    drop(kept);
     let mut response = Response::new(());
     *response.status_mut() = head.status;
     *response.version_mut() = head.version;
@@ -1002,6 +1054,33 @@ mod tests {
             error.to_string(),
             "the upstream closed the connection before the response body ended"
         );
+    }
+
+    #[tokio::test]
+    async fn a_get_on_an_idle_connection_the_upstream_closes_goes_again_on_a_new_one() {
+        let (authority, accepted) = scripted(vec![
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst",
+            // The upstream takes the second request on the same connection and closes it, as
+            // one whose keep-alive timeout ran out just then would.
+            "",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nagain",
+            "",
+        ])
+        .await;
+        let pool = Pool::new(Settings::default());
+        assert_eq!(read(get(&pool, &authority).await).await.0, "first");
+        assert_eq!(read(get(&pool, &authority).await).await.0, "again");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // A POST is not sent twice: the upstream may have acted on it.
+        let body = http_body_util::Full::new(Bytes::from("x"));
+        let error = send(&pool, &authority, Method::POST, body)
+            .await
+            .expect_err("no second try");
+        assert_eq!(
+            error.to_string(),
+            "the upstream closed the connection before responding"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -162,13 +162,42 @@ impl Pool {
                 break;
             }
         }
+        let reused = stream.is_some();
         let stream = match stream {
             Some(stream) => stream,
             // Boxed: connecting is rare next to reusing, and its future would otherwise make
             // every request's future larger.
             None => Box::pin(self.connect(authority)).await?,
         };
-        Ok(h1::send(Pooled { stream, home }, req).await?)
+        let failed = match h1::send(Pooled { stream, home }, req).await {
+            Ok(response) => return Ok(response),
+            Err(failed) => *failed,
+        };
+        match failed.again {
+            // An idle connection the upstream closed just as the request went out (an
+            // upstream's keep-alive timeout shorter than the pool's): once more, on a new one.
+            Some(req) if reused => {
+                tracing::debug!(upstream = %authority, error = %failed.error, "idle upstream connection closed under a request: sending it again on a new one");
+                Box::pin(self.send_on_new(authority, req)).await
+            }
+            _ => Err(failed.error.into()),
+        }
+    }
+
+    async fn send_on_new<B>(
+        &self,
+        authority: &Authority,
+        req: Request<B>,
+    ) -> Result<Response<h1::Body<B>>, UpstreamError>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let stream = self.connect(authority).await?;
+        let home = self.idle(authority);
+        h1::send(Pooled { stream, home }, req)
+            .await
+            .map_err(|failed| failed.error.into())
     }
 
     fn idle(&self, authority: &Authority) -> Arc<Idle> {
