@@ -699,6 +699,27 @@ async fn expect_100_continue_is_answered_only_once_a_held_request_goes_to_its_ta
 }
 
 #[tokio::test]
+async fn an_http_1_0_upstream_is_answered_for_in_http_1_1_and_the_client_keeps_its_connection() {
+    // Python's http.server, for one, answers in HTTP/1.0 and closes.
+    let addr = raw_upstream(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let target =
+        format!("[[target]]\nname = \"old\"\nhosts = [\"old.localhost\"]\nupstream = \"{addr}\"\n");
+    let wg = Wakegate::start("", &target).await;
+    let response = raw_exchange(
+        wg.proxy,
+        "GET / HTTP/1.1\r\nHost: old.localhost\r\n\r\n\
+         GET / HTTP/1.1\r\nHost: old.localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        response.matches("HTTP/1.1 200 OK\r\n").count(),
+        2,
+        "both answered on the one connection: {response}"
+    );
+    assert!(!response.contains("HTTP/1.0"), "{response}");
+}
+
+#[tokio::test]
 async fn an_upstreams_103_early_hints_does_not_disturb_its_final_response() {
     // A raw upstream: 103, then the final 200.
     let addr = raw_upstream(

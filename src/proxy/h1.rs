@@ -145,7 +145,9 @@ where
     drop(kept);
     let mut response = Response::new(());
     *response.status_mut() = head.status;
-    *response.version_mut() = head.version;
+    // The upstream's version concerns its connection alone: a gateway answers in its own
+    // (RFC 9110 §6.2), and an HTTP/1.0 one would cost the client its kept-alive connection.
+    *response.version_mut() = Version::HTTP_11;
     *response.headers_mut() = head.headers;
     // An HTTP/1.0 message with Transfer-Encoding has faulty framing (RFC 9112 §6.1): it is
     // read as it says, and the connection closed after.
