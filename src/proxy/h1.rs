@@ -198,12 +198,7 @@ fn encode_head<B: http_body::Body>(parts: &http::request::Parts, body: &B) -> (B
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
+    put_fields(&mut head, &parts.headers);
     let mut framed = Framed::AsIs;
     if !parts.headers.contains_key(header::CONTENT_LENGTH) {
         match body.size_hint().exact() {
@@ -225,6 +220,16 @@ fn encode_head<B: http_body::Body>(parts: &http::request::Parts, body: &B) -> (B
     }
     head.extend_from_slice(b"\r\n");
     (Bytes::from(head), framed)
+}
+
+/// Writes `fields` as HTTP/1.1 field lines, each ending in CRLF: a head's or a trailer section's.
+fn put_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
+    for (name, value) in fields {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// Whether the upstream keeps the connection open after this response (RFC 9112 §9.3).
@@ -416,11 +421,8 @@ where
             return;
         }
         let mut last = Vec::from(&b"0\r\n"[..]);
-        for (name, value) in trailers.iter().flatten() {
-            last.extend_from_slice(name.as_str().as_bytes());
-            last.extend_from_slice(b": ");
-            last.extend_from_slice(value.as_bytes());
-            last.extend_from_slice(b"\r\n");
+        if let Some(trailers) = &trailers {
+            put_fields(&mut last, trailers);
         }
         last.extend_from_slice(b"\r\n");
         self.queue.push_back(Bytes::from(last));
