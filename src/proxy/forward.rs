@@ -377,11 +377,13 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
         .then(|| protocol.clone())
 }
 
-fn has_token(value: &HeaderValue, token: &str) -> bool {
+/// Whether a comma-separated header value (`Connection`, `TE`, …) lists `token`, in any case;
+/// read as bytes, so that a stray byte elsewhere in the value does not hide it.
+pub(super) fn has_token(value: &HeaderValue, token: &str) -> bool {
     value
-        .to_str()
-        .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        .unwrap_or(false)
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// The headers that only concern one connection (RFC 9110 §7.6.1), `Connection` first; and

@@ -26,6 +26,7 @@ use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::forward::has_token;
 use super::pool::Pooled;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -234,17 +235,16 @@ fn put_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
 
 /// Whether the upstream keeps the connection open after this response (RFC 9112 §9.3).
 fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    let says = |token: &[u8]| {
-        headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-        })
+    let says = |token| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v, token))
     };
     if version == Version::HTTP_11 {
-        !says(b"close")
+        !says("close")
     } else {
-        says(b"keep-alive") && !says(b"close")
+        says("keep-alive") && !says("close")
     }
 }
 
