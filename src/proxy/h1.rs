@@ -345,7 +345,7 @@ where
     }
 
     /// Writes what it can of the request; ready once all of it is written (or writing failed).
-    fn poll(&mut self, io: &TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    fn poll(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         loop {
             while self.queue.len() < MAX_QUEUED
                 && let Some(body) = &mut self.body
@@ -388,7 +388,7 @@ where
             for (slice, bytes) in slices.iter_mut().zip(&self.queue) {
                 *slice = IoSlice::new(bytes);
             }
-            let written = match ready!(poll_write_vectored(io, cx, &slices[..n])) {
+            let written = match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])) {
                 Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
                 result => result,
             };
@@ -426,20 +426,6 @@ where
         }
         last.extend_from_slice(b"\r\n");
         self.queue.push_back(Bytes::from(last));
-    }
-}
-
-fn poll_write_vectored(
-    io: &TcpStream,
-    cx: &mut Context<'_>,
-    slices: &[IoSlice<'_>],
-) -> Poll<io::Result<usize>> {
-    loop {
-        ready!(io.poll_write_ready(cx))?;
-        match io.try_write_vectored(slices) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            result => return Poll::Ready(result),
-        }
     }
 }
 
@@ -512,10 +498,10 @@ where
         if self.out.done() {
             return Ok(());
         }
-        let Some(connection) = &self.connection else {
+        let Some(connection) = &mut self.connection else {
             return Ok(());
         };
-        match self.out.poll(connection.stream(), cx) {
+        match self.out.poll(connection.stream_mut(), cx) {
             Poll::Ready(Err(error)) => Err(error),
             _ => Ok(()),
         }

@@ -114,6 +114,10 @@ impl Pooled {
         &self.stream
     }
 
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
     pub fn into_stream(self) -> TcpStream {
         self.stream
     }
