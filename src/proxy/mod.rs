@@ -29,6 +29,7 @@ pub mod error;
 pub mod forward;
 pub mod grpc;
 pub mod h1;
+mod head;
 pub mod hold;
 pub mod multiplex;
 pub mod pool;
@@ -170,7 +171,9 @@ impl Proxy {
         let connection = Arc::new((self.clone(), Client::new(peer, tls), activity));
         // A closure, not a tower service: hyper keeps the request's future in place rather
         // than in a new box per request.
-        hyper::service::service_fn(move |req| {
+        hyper::service::service_fn(move |mut req| {
+            // Now, before hyper reads the connection again (see `head`).
+            head::compact(&mut req);
             let connection = connection.clone();
             // Boxed: every layer of the request's future keeps its own copy of what it is
             // given, so a request passed down by value would be stored five times over in
@@ -238,7 +241,7 @@ impl Proxy {
         let answer = Answer {
             version: req.version(),
             grpc: grpc::is_grpc(req.headers()),
-            client_id: req.headers().get(&error::X_REQUEST_ID).map(hold::owned),
+            client_id: req.headers().get(&error::X_REQUEST_ID).cloned(),
         };
         if let Err((why, error)) = edge::check(&req) {
             shared.unrouted.count(why);
@@ -374,7 +377,6 @@ impl Proxy {
                     Pick::Full => hold::Wait::Full,
                     _ => hold::Wait::Cold,
                 };
-                hold::compact(&mut req);
                 let waiting_since = noted.is_some().then(Instant::now);
                 let admitted = hold::admit(
                     target,
@@ -528,10 +530,7 @@ fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
     {
         return Some(authority);
     }
-    req.headers()
-        .get(header::HOST)
-        .map(hold::owned)
-        .or_else(authority)
+    req.headers().get(header::HOST).cloned().or_else(authority)
 }
 
 #[cfg(test)]
