@@ -11,11 +11,10 @@ use std::time::Duration;
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::body::{ProxyBody, Upstream};
+use super::body::{ClientBody, ProxyBody, Upstream};
 use super::error::{self, ProxyError};
 use super::grpc;
 use super::multiplex::{self, Multiplex};
@@ -120,7 +119,7 @@ fn forwarded_for(peer: SocketAddr) -> HeaderValue {
 impl Forwarder {
     pub async fn forward(
         &self,
-        mut req: Box<Request<Incoming>>,
+        mut req: Box<Request<ClientBody>>,
         downstream: Downstream<'_>,
         mut in_flight: InFlight,
         response_timeout: Option<Duration>,
@@ -380,9 +379,12 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 /// Whether a comma-separated header value (`Connection`, `TE`, …) lists `token`, in any case;
 /// read as bytes, so that a stray byte elsewhere in the value does not hide it.
 pub(super) fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .as_bytes()
-        .split(|&b| b == b',')
+    lists_token(value.as_bytes(), token)
+}
+
+/// Whether a comma-separated list of tokens holds `token`, in any case.
+pub(super) fn lists_token(list: &[u8], token: &str) -> bool {
+    list.split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 

@@ -112,6 +112,7 @@ where
         out: Outgoing {
             body,
             chunked: framed == Framed::Chunked,
+            trailers: true,
             queue: VecDeque::from([head]),
             failed: None,
         },
@@ -323,16 +324,19 @@ enum Framing {
     Done,
 }
 
-/// The request as it is being written.
+/// A message body as it is being written (a request's upstream, a response's to the client
+/// in [`super::h1_server`]), after its head.
 #[derive(Debug)]
-struct Outgoing<B> {
+pub(super) struct Outgoing<B> {
     /// Until it has ended.
-    body: Option<B>,
-    chunked: bool,
+    pub(super) body: Option<B>,
+    pub(super) chunked: bool,
+    /// Whether the body's trailers go too (chunked only).
+    pub(super) trailers: bool,
     /// Encoded, not yet written.
-    queue: VecDeque<Bytes>,
-    /// Writing failed: the upstream stopped reading (it may still answer).
-    failed: Option<io::Error>,
+    pub(super) queue: VecDeque<Bytes>,
+    /// Writing failed: the peer stopped reading (an upstream may still answer).
+    pub(super) failed: Option<io::Error>,
 }
 
 impl<B> Outgoing<B>
@@ -344,8 +348,12 @@ where
         self.body.is_none() && self.queue.is_empty()
     }
 
-    /// Writes what it can of the request; ready once all of it is written (or writing failed).
-    fn poll(&mut self, io: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    /// Writes what it can of the message; ready once all of it is written (or writing failed).
+    pub(super) fn poll<W: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Error>> {
         loop {
             while self.queue.len() < MAX_QUEUED
                 && let Some(body) = &mut self.body
@@ -421,7 +429,7 @@ where
             return;
         }
         let mut last = Vec::from(&b"0\r\n"[..]);
-        if let Some(trailers) = &trailers {
+        if let Some(trailers) = trailers.as_ref().filter(|_| self.trailers) {
             put_fields(&mut last, trailers);
         }
         last.extend_from_slice(b"\r\n");

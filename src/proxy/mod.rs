@@ -29,6 +29,7 @@ pub mod error;
 pub mod forward;
 pub mod grpc;
 pub mod h1;
+pub mod h1_server;
 mod head;
 pub mod hold;
 pub mod multiplex;
@@ -58,7 +59,7 @@ use crate::config::Limits;
 use crate::target::Target;
 use crate::target::stats::{Reject, method_index};
 use balance::Pick;
-use body::ProxyBody;
+use body::{ClientBody, ProxyBody};
 use edge::{Refusal, Unrouted};
 use error::{ProxyError, RequestId};
 use forward::{Client, Downstream, Forwarder, Tunnels};
@@ -152,38 +153,19 @@ impl Proxy {
         &self.inner.shared
     }
 
-    /// The proxy bound to one client connection: what hyper calls for each of its requests.
-    /// Each request is marked in `activity` (the connection's timeouts) until its response
-    /// head is ready.
+    /// The proxy bound to one client connection, which answers each of its requests. Each
+    /// request is marked in `activity` (the connection's timeouts) until its response head is
+    /// ready.
     pub fn connection(
         &self,
         peer: SocketAddr,
         tls: bool,
         activity: Option<Arc<server::Activity>>,
-    ) -> impl hyper::service::Service<
-        Request<Incoming>,
-        Response = Response<ProxyBody>,
-        Error = Infallible,
-        Future: Send + 'static,
-    > + Clone
-    + Send
-    + 'static {
-        let connection = Arc::new((self.clone(), Client::new(peer, tls), activity));
-        // A closure, not a tower service: hyper keeps the request's future in place rather
-        // than in a new box per request.
-        hyper::service::service_fn(move |mut req| {
-            // Now, before hyper reads the connection again (see `head`).
-            head::compact(&mut req);
-            let connection = connection.clone();
-            // Boxed: every layer of the request's future keeps its own copy of what it is
-            // given, so a request passed down by value would be stored five times over in
-            // each held or in-flight request's future (a pointer is stored instead).
-            let req = Box::new(req);
-            async move {
-                let (proxy, client, activity) = &*connection;
-                let _busy = activity.as_deref().map(server::Busy::new);
-                Ok(proxy.handle(req, client).await)
-            }
+    ) -> Arc<Connection> {
+        Arc::new(Connection {
+            proxy: self.clone(),
+            client: Client::new(peer, tls),
+            activity,
         })
     }
 
@@ -191,7 +173,7 @@ impl Proxy {
     /// exported (or logged at `debug`).
     pub async fn handle(
         &self,
-        req: Box<Request<Incoming>>,
+        req: Box<Request<ClientBody>>,
         client: &Client,
     ) -> Response<ProxyBody> {
         // The parent of a request's hold and forward spans. Without export and at the default
@@ -215,7 +197,7 @@ impl Proxy {
     }
 
     /// Answers one request, and logs it when an access log is on.
-    async fn logged(&self, req: Box<Request<Incoming>>, client: &Client) -> Response<ProxyBody> {
+    async fn logged(&self, req: Box<Request<ClientBody>>, client: &Client) -> Response<ProxyBody> {
         let Some(log) = self.inner.shared.access_log.load_full() else {
             return self.respond(req, client, None).await;
         };
@@ -233,7 +215,7 @@ impl Proxy {
     /// Answers one request; `noted` gathers what its access log line tells.
     async fn respond(
         &self,
-        req: Box<Request<Incoming>>,
+        req: Box<Request<ClientBody>>,
         client: &Client,
         mut noted: Option<&mut access_log::Noted>,
     ) -> Response<ProxyBody> {
@@ -445,6 +427,47 @@ impl Proxy {
     }
 }
 
+/// The proxy bound to one client connection: see [`Proxy::connection`].
+pub struct Connection {
+    proxy: Proxy,
+    client: Client,
+    activity: Option<Arc<server::Activity>>,
+}
+
+impl Connection {
+    /// Answers one request of this connection.
+    pub async fn answer(&self, req: Box<Request<ClientBody>>) -> Response<ProxyBody> {
+        let _busy = self.activity.as_deref().map(server::Busy::new);
+        self.proxy.handle(req, &self.client).await
+    }
+
+    /// What hyper calls for each request of this connection.
+    pub fn service(
+        self: Arc<Self>,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<ProxyBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static {
+        // A closure, not a tower service: hyper keeps the request's future in place rather
+        // than in a new box per request.
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let mut req = req.map(ClientBody::Hyper);
+            // Now, before hyper reads the connection again (see `head`).
+            head::compact(&mut req);
+            let connection = self.clone();
+            // Boxed: every layer of the request's future keeps its own copy of what it is
+            // given, so a request passed down by value would be stored five times over in
+            // each held or in-flight request's future (a pointer is stored instead).
+            let req = Box::new(req);
+            async move { Ok(connection.answer(req).await) }
+        })
+    }
+}
+
 /// How wakegate answers a request it does not forward: in the request's protocol (gRPC or
 /// plain HTTP), under a request id that the log line carries too.
 struct Answer {
@@ -488,11 +511,11 @@ impl Answer {
 }
 
 /// A client's request body as it goes upstream: counted for the access log when one is on.
-pub type RequestBody = access_log::Counted<Incoming>;
+pub type RequestBody = access_log::Counted<ClientBody>;
 
 /// A request on its way to a target, with what the client connection says of it.
 struct Arrival<'a> {
-    req: Box<Request<Incoming>>,
+    req: Box<Request<ClientBody>>,
     client: &'a Client,
     host: &'a HeaderValue,
     deadline: Option<Deadline>,
@@ -513,13 +536,13 @@ pub struct Deadline {
 enum Served {
     Response(Response<ProxyBody>),
     /// The target was replaced while the request was held; here is the request, unsent.
-    Moved(Arc<Target>, Box<Request<Incoming>>),
+    Moved(Arc<Target>, Box<Request<ClientBody>>),
 }
 
 /// The host a request is for. The authority of an HTTP/1 absolute-form request target takes
 /// precedence over `Host` (RFC 9112 §3.2.2); an HTTP/2 request's `Host`, when a client sends
 /// one, is taken over its `:authority`, which well-behaved clients keep equal to it.
-fn request_host(req: &Request<Incoming>) -> Option<HeaderValue> {
+fn request_host<B>(req: &Request<B>) -> Option<HeaderValue> {
     let authority = || {
         req.uri()
             .authority()

@@ -1,7 +1,9 @@
 //! Accepting client connections: HTTP/1.1 and h2c (prior knowledge) on one port, HTTP/1.1 and
 //! HTTP/2 by ALPN on the HTTPS one, upgrades enabled, `[limits]` applied to both protocols, and
 //! a graceful drain on shutdown; one single-threaded runtime per worker thread, each with its
-//! own listening sockets, each of one `SO_REUSEPORT` group.
+//! own listening sockets, each of one `SO_REUSEPORT` group. HTTP/1.1 goes to wakegate's own
+//! server ([`h1_server`]), which hands a connection to hyper's for what it does not take;
+//! HTTP/2 is hyper's.
 
 use std::future::Future;
 use std::io;
@@ -21,6 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::edge::Refusal;
+use super::h1_server::{self, Ended};
 use super::tls::{Negotiated, Tls};
 use super::{Proxy, Shared};
 use crate::config::Limits;
@@ -80,6 +83,8 @@ pub const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 struct Connections {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    /// wakegate's own HTTP/1 server's share of `[limits]`.
+    h1_settings: h1_server::Settings,
     header_read_timeout: Duration,
     idle_timeout: Duration,
     max_connections: usize,
@@ -98,6 +103,7 @@ impl Connections {
         let mut connections = Self {
             http1: http1::Builder::new(),
             http2: http2::Builder::new(TokioExecutor::new()),
+            h1_settings: h1_server::Settings::of(limits),
             header_read_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
             max_connections: 1,
@@ -143,6 +149,7 @@ impl Connections {
             .initial_connection_window_size(H2_CONNECTION_WINDOW);
         self.http1 = http1;
         self.http2 = http2;
+        self.h1_settings = h1_server::Settings::of(limits);
         self.header_read_timeout = limits.header_read_timeout;
         self.idle_timeout = limits.idle_timeout;
         self.max_connections = limits.max_connections as usize;
@@ -251,9 +258,10 @@ impl Connections {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity::new());
-        let service = proxy.connection(peer, tls, Some(activity.clone()));
+        let connection = proxy.connection(peer, tls, Some(activity.clone()));
         let http1 = self.http1.clone();
         let http2 = self.http2.clone();
+        let settings = self.h1_settings;
         let timeouts = Timeouts {
             header: self.header_read_timeout,
             idle: self.idle_timeout,
@@ -262,15 +270,10 @@ impl Connections {
         let force_close = self.force_close.clone();
         let open = self.open.subscribe();
         // Boxed, as the HTTP/2 connection below: a future the task holds stays part of its
-        // size for the connection's whole life, though it is done with once accepted. With
-        // both boxed an HTTP/1 connection's task takes 2,200 bytes instead of 4,984.
+        // size for the connection's whole life, though it is done with once accepted.
         let accepted = Box::pin(accepted);
         tokio::spawn(async move {
             let served = async {
-                // hyper's own connections rather than hyper-util's auto-detecting one: that
-                // one reads the first bytes itself and hands them back through a wrapper, so
-                // hyper's first read sees a few bytes, and its second read then doubles the
-                // 8 KiB read buffer of every connection (16 KiB each).
                 let Some((io, protocol)) = accepted.await else {
                     return Ok(());
                 };
@@ -284,19 +287,19 @@ impl Connections {
                     Protocol::Http2 => {
                         // Boxed: an HTTP/2 connection's state is several times an HTTP/1 one's,
                         // and unboxed it would size every connection's task, HTTP/1 too.
-                        let connection =
-                            Box::pin(http2.serve_connection(TokioIo::new(io), service));
+                        let mut connection = Box::pin(
+                            http2.serve_connection(TokioIo::new(io), connection.service()),
+                        );
                         watch
-                            .serve(connection, |c| c.get_mut().as_mut().graceful_shutdown())
+                            .serve(connection.as_mut(), |c| c.graceful_shutdown())
                             .await
+                            .map_err(Ended::Hyper)
                     }
                     Protocol::Http1 => {
-                        let connection = http1
-                            .serve_connection(TokioIo::new(io), service)
-                            .with_upgrades();
-                        watch
-                            .serve(connection, http1::UpgradeableConnection::graceful_shutdown)
-                            .await
+                        let stop = CancellationToken::new();
+                        let served =
+                            pin!(h1_server::serve(io, connection, settings, &http1, &stop));
+                        watch.serve(served, |_| stop.cancel()).await
                     }
                 }
             };
@@ -317,16 +320,27 @@ impl Connections {
     }
 }
 
-/// Counts what a connection's error says of it: a head hyper refused (it answered 400, 414 or
-/// 431 itself and never called wakegate), or hyper's HTTP/1 header read timeout.
-fn count_error(error: &hyper::Error, stats: &Stats) {
-    if let Some(why) = Refusal::of_connection_error(error) {
-        stats.unrouted.count(why);
-    } else if error.is_timeout() {
-        stats
-            .clients
-            .header_timeouts
-            .fetch_add(1, Ordering::Relaxed);
+/// Counts what a connection's end says of it: a head hyper refused (it answered 400, 414 or
+/// 431 itself and never called wakegate), or a header read timeout.
+fn count_error(error: &Ended, stats: &Stats) {
+    match error {
+        Ended::Hyper(error) => {
+            if let Some(why) = Refusal::of_connection_error(error) {
+                stats.unrouted.count(why);
+            } else if error.is_timeout() {
+                stats
+                    .clients
+                    .header_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ended::HeaderTimeout => {
+            stats
+                .clients
+                .header_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ended::Io(_) | Ended::Response(_) => {}
     }
 }
 
@@ -498,11 +512,16 @@ impl Watch<'_> {
     /// Serves `connection` to its end. Once `closing` is cancelled, asks it to finish the
     /// requests it has and close (`graceful_shutdown`), and serves it until then. Once it
     /// times out, asks the same, and drops it if it has not closed [`CLOSE_GRACE`] later.
-    async fn serve<C>(self, connection: C, graceful_shutdown: fn(Pin<&mut C>)) -> hyper::Result<()>
+    /// The connection is pinned where the caller keeps it: taken by value, an async fn keeps
+    /// its argument and the pinned copy both, each the connection's whole state.
+    async fn serve<C, E>(
+        self,
+        mut connection: Pin<&mut C>,
+        graceful_shutdown: impl Fn(Pin<&mut C>),
+    ) -> Result<(), E>
     where
-        C: Future<Output = hyper::Result<()>>,
+        C: Future<Output = Result<(), E>>,
     {
-        let mut connection = pin!(connection);
         // A deadline only moves later, except when the first request comes before the header
         // deadline and the idle one falls earlier: look again at the earlier of the two.
         let Timeouts { header, idle } = self.timeouts;
@@ -542,23 +561,22 @@ impl Watch<'_> {
 /// (`http2`), HTTP/1.1 otherwise. There is no drain: it ends when the connection does. For
 /// driving the proxy from bytes in memory (the fuzzer of the HTTP edge, tests), where no
 /// socket is there to peek at.
-pub async fn serve_io<I>(io: I, proxy: &Proxy, peer: SocketAddr, http2: bool) -> hyper::Result<()>
+pub async fn serve_io<I>(io: I, proxy: &Proxy, peer: SocketAddr, http2: bool) -> Result<(), Ended>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let connections = Connections::new(&Limits::default(), Arc::default());
-    let service = proxy.connection(peer, false, None);
+    let connection = proxy.connection(peer, false, None);
     if http2 {
         connections
             .http2
-            .serve_connection(TokioIo::new(io), service)
+            .serve_connection(TokioIo::new(io), connection.service())
             .await
+            .map_err(Ended::Hyper)
     } else {
-        connections
-            .http1
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades()
-            .await
+        let stop = CancellationToken::new();
+        let settings = connections.h1_settings;
+        h1_server::serve(io, connection, settings, &connections.http1, &stop).await
     }
 }
 
