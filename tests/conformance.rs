@@ -553,6 +553,24 @@ async fn request_trailers_and_bodies_of_pipelined_requests_are_passed_on() {
 }
 
 #[tokio::test]
+async fn pipelined_requests_with_and_without_bodies_are_answered_in_order_on_one_connection() {
+    // Requests without a body are served by wakegate's own HTTP/1 server, which hands the
+    // connection to hyper at the first with one: across the switch nothing is lost, repeated
+    // or answered out of order.
+    let edge = Edge::start().await;
+    let request = "GET /one HTTP/1.1\r\nHost: app.localhost\r\n\r\n\
+                   HEAD /two HTTP/1.1\r\nHost: app.localhost\r\n\r\n\
+                   POST /three HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 3\r\n\r\nxyz\
+                   GET /four HTTP/1.1\r\nHost: app.localhost\r\nConnection: close\r\n\r\n";
+    let response = edge.exchange(request).await;
+    assert_eq!(statuses(&response), [200, 200, 200, 200], "{response}");
+    assert_eq!(edge.upstream.uris(), ["/one", "/two", "/three", "/four"]);
+    assert_eq!(&edge.upstream.received()[2].body[..], b"xyz");
+    // Each answer carries its date, from either server.
+    assert_eq!(response.matches("\r\ndate: ").count(), 4, "{response}");
+}
+
+#[tokio::test]
 async fn http10_connections_close_unless_the_client_asks_to_keep_them_alive() {
     let edge = Edge::start().await;
     // Without keep-alive: one answer, then closed (raw_exchange waits for the close).

@@ -266,3 +266,37 @@ async fn over_its_memory_budget_wakegate_sheds_new_requests_until_a_reload_raise
     let r = within(5, "a request under budget", wg.get("fixed.localhost", "/")).await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+#[tokio::test]
+async fn a_held_request_whose_client_closes_its_connection_is_let_go() {
+    use tokio::io::AsyncWriteExt;
+
+    let gate = Gate::new();
+    let wg = Wakegate::start("", &gated_target("gone", &gate.path, "")).await;
+    // Two clients on raw connections: one keeps waiting, one gives up.
+    let mut stays = tokio::net::TcpStream::connect(wg.proxy).await.unwrap();
+    let mut leaves = tokio::net::TcpStream::connect(wg.proxy).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: gone.localhost\r\n\r\n";
+    stays.write_all(request).await.unwrap();
+    leaves.write_all(request).await.unwrap();
+    wait_held(&wg, "gone", 2).await;
+    drop(leaves);
+    // Its request no longer counts as held (nor as demand), the other's does.
+    wait_held(&wg, "gone", 1).await;
+    gate.open();
+    let response = within(30, "the request that stayed", async {
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&raw).contains("\r\n\r\n") {
+            let n = tokio::io::AsyncReadExt::read(&mut stays, &mut buf)
+                .await
+                .unwrap();
+            assert!(n > 0, "closed before its answer");
+            raw.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&raw).into_owned()
+    })
+    .await;
+    assert_eq!(raw_status(&response), 200, "{response}");
+    wait_held(&wg, "gone", 0).await;
+}
