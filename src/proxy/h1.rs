@@ -190,11 +190,7 @@ fn encode_head<B: http_body::Body>(parts: &http::request::Parts, body: &B) -> (B
     } else {
         parts.uri.path_and_query().map_or("/", |p| p.as_str())
     };
-    let size: usize = parts
-        .headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum();
+    let size = fields_len(&parts.headers);
     let mut head = Vec::with_capacity(parts.method.as_str().len() + target.len() + size + 64);
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.push(b' ');
@@ -227,11 +223,33 @@ fn encode_head<B: http_body::Body>(parts: &http::request::Parts, body: &B) -> (B
 /// Writes `fields` as HTTP/1.1 field lines, each ending in CRLF: a head's or a trailer section's.
 fn put_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
     for (name, value) in fields {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        put_field(out, name, value);
     }
+}
+
+/// Writes one HTTP/1.1 field line, ending in CRLF.
+pub(super) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The bytes `fields` take as field lines.
+pub(super) fn fields_len(fields: &HeaderMap) -> usize {
+    fields
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum()
+}
+
+/// Whether a `Transfer-Encoding` value's last coding is `chunked`.
+pub(super) fn ends_chunked(value: &HeaderValue) -> bool {
+    value
+        .as_bytes()
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
 /// Whether the upstream keeps the connection open after this response (RFC 9112 §9.3).
@@ -276,12 +294,7 @@ fn framing<T>(method: &Method, upgrading: bool, response: &Response<T>) -> Resul
         .iter()
         .next_back()
     {
-        let chunked = last
-            .as_bytes()
-            .rsplit(|&b| b == b',')
-            .next()
-            .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        return Ok(if chunked {
+        return Ok(if ends_chunked(last) {
             Framing::Chunked(Chunked::default())
         } else {
             Framing::Close
@@ -467,10 +480,10 @@ where
         let Some(connection) = self.connection.take() else {
             return Err(self);
         };
-        Ok(Upgraded {
-            io: connection.into_stream(),
-            read: std::mem::take(&mut self.read).freeze(),
-        })
+        Ok(Rewind::new(
+            std::mem::take(&mut self.read).freeze(),
+            connection.into_stream(),
+        ))
     }
 
     /// Writes the request and reads until a final response head has come.
@@ -830,13 +843,23 @@ fn hex(b: u8) -> Option<u64> {
 
 /// An upstream connection that switched protocols: what the upstream sent after its 101 comes
 /// first, then the socket.
+pub type Upgraded = Rewind<TcpStream>;
+
+/// A stream with bytes already read from it, which come first: an upgraded upstream connection,
+/// or a client connection that wakegate's HTTP/1 server hands to hyper.
 #[derive(Debug)]
-pub struct Upgraded {
-    io: TcpStream,
+pub struct Rewind<I> {
     read: Bytes,
+    io: I,
 }
 
-impl AsyncRead for Upgraded {
+impl<I> Rewind<I> {
+    pub fn new(read: Bytes, io: I) -> Self {
+        Self { read, io }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -846,19 +869,35 @@ impl AsyncRead for Upgraded {
         if !this.read.is_empty() {
             let n = this.read.len().min(buf.remaining());
             buf.put_slice(&this.read.split_to(n));
+            if this.read.is_empty() {
+                // Not to keep the buffer it was read into.
+                this.read = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Upgraded {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use super::Connection;
 use super::body::{ClientBody, ProxyBody};
 use super::forward::{has_token, lists_token};
-use super::h1::Outgoing;
+use super::h1::{Outgoing, Rewind, ends_chunked, fields_len, put_field};
 
 /// The most header fields parsed here; a head with more goes to hyper (which applies
 /// `limits.max_headers`).
@@ -75,26 +75,19 @@ impl Settings {
 }
 
 /// How a connection ended short of closing cleanly.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum Ended {
     /// hyper served it after a handover, and ended with this error.
+    #[error(transparent)]
     Hyper(hyper::Error),
-    /// No complete request head within the header read timeout.
+    #[error("no request head within the header read timeout")]
     HeaderTimeout,
-    /// Reading or writing failed, or a response body broke off.
+    /// Writing failed.
+    #[error(transparent)]
     Io(io::Error),
+    /// A response body broke off.
+    #[error(transparent)]
     Response(super::h1::Error),
-}
-
-impl std::fmt::Display for Ended {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Ended::Hyper(error) => error.fmt(f),
-            Ended::HeaderTimeout => f.write_str("no request head within the header read timeout"),
-            Ended::Io(error) => error.fmt(f),
-            Ended::Response(error) => error.fmt(f),
-        }
-    }
 }
 
 /// Serves one client connection until it closes, `stop` is cancelled (between requests; a
@@ -220,7 +213,7 @@ async fn hand_over<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = Rewind { read, io };
+    let io = Rewind::new(read, io);
     let mut hyper = Box::pin(
         http1
             .serve_connection(TokioIo::new(io), connection.service())
@@ -387,12 +380,7 @@ fn encode_head(
     } else {
         Some(body.size_hint().exact())
     };
-    let size: usize = parts
-        .headers
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum();
-    let mut out = Vec::with_capacity(size + 96);
+    let mut out = Vec::with_capacity(fields_len(&parts.headers) + 96);
     if status == StatusCode::OK {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     } else {
@@ -406,12 +394,6 @@ fn encode_head(
     let mut wrote_length = false;
     let mut wrote_date = false;
     let mut says_close = false;
-    let field = |out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue| {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    };
     for (name, value) in &parts.headers {
         match *name {
             header::CONTENT_LENGTH => {
@@ -426,12 +408,7 @@ fn encode_head(
             header::TRANSFER_ENCODING => {
                 wrote_length = true;
                 framing = Framing::Chunked;
-                if !value
-                    .as_bytes()
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-                {
+                if !ends_chunked(value) {
                     out.extend_from_slice(b"transfer-encoding: ");
                     out.extend_from_slice(value.as_bytes());
                     out.extend_from_slice(b", chunked\r\n");
@@ -442,7 +419,7 @@ fn encode_head(
             header::DATE => wrote_date = true,
             _ => {}
         }
-        field(&mut out, name, value);
+        put_field(&mut out, name, value);
     }
     if !wrote_length {
         match length {
@@ -491,61 +468,6 @@ fn date(out: &mut Vec<u8>) {
         }
         out.extend_from_slice(&text[..]);
     });
-}
-
-/// A client connection handed to hyper: what was read from it already comes first.
-struct Rewind<I> {
-    read: Bytes,
-    io: I,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.read.is_empty() {
-            let n = this.read.len().min(buf.remaining());
-            buf.put_slice(&this.read.split_to(n));
-            if this.read.is_empty() {
-                this.read = Bytes::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]

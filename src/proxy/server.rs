@@ -83,9 +83,8 @@ pub const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 struct Connections {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
-    /// wakegate's own HTTP/1 server's share of `[limits]`.
+    /// wakegate's own HTTP/1 server's share of `[limits]`, the header read timeout among them.
     h1_settings: h1_server::Settings,
-    header_read_timeout: Duration,
     idle_timeout: Duration,
     max_connections: usize,
     /// Connections this worker serves now.
@@ -104,7 +103,6 @@ impl Connections {
             http1: http1::Builder::new(),
             http2: http2::Builder::new(TokioExecutor::new()),
             h1_settings: h1_server::Settings::of(limits),
-            header_read_timeout: limits.header_read_timeout,
             idle_timeout: limits.idle_timeout,
             max_connections: 1,
             load,
@@ -150,7 +148,6 @@ impl Connections {
         self.http1 = http1;
         self.http2 = http2;
         self.h1_settings = h1_server::Settings::of(limits);
-        self.header_read_timeout = limits.header_read_timeout;
         self.idle_timeout = limits.idle_timeout;
         self.max_connections = limits.max_connections as usize;
     }
@@ -209,7 +206,7 @@ impl Connections {
         open: OpenGuard,
     ) {
         let closing = self.closing.clone();
-        let header_read_timeout = self.header_read_timeout;
+        let header_read_timeout = self.h1_settings.header_read_timeout;
         if let Some(tls) = tls {
             self.spawn(proxy, peer, true, open, async move {
                 let accepted = tokio::select! {
@@ -263,7 +260,7 @@ impl Connections {
         let http2 = self.http2.clone();
         let settings = self.h1_settings;
         let timeouts = Timeouts {
-            header: self.header_read_timeout,
+            header: settings.header_read_timeout,
             idle: self.idle_timeout,
         };
         let closing = self.closing.clone();
