@@ -25,6 +25,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
 
 use super::forward::has_token;
 use super::pool::Pooled;
@@ -532,27 +533,23 @@ where
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
         let io = self
             .connection
-            .as_ref()
+            .as_mut()
             .expect("read only while the body goes on")
-            .stream();
-        loop {
-            ready!(io.poll_read_ready(cx))?;
-            // Only now a buffer: a response that is slow to come costs none.
-            if self.read.capacity() - self.read.len() < (self.want / 2).max(1) {
-                self.read.reserve(self.want);
-            }
-            let room = self.read.capacity() - self.read.len();
-            match io.try_read_buf(&mut self.read) {
-                Ok(n) => {
-                    if n == room {
-                        self.want = (self.want * 2).min(MAX_READ);
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e.into())),
-            }
+            .stream_mut();
+        ready!(io.poll_read_ready(cx))?;
+        // Only now a buffer: a response that is slow to come costs none.
+        if self.read.capacity() - self.read.len() < (self.want / 2).max(1) {
+            self.read.reserve(self.want);
         }
+        let room = self.read.capacity() - self.read.len();
+        // Read as `AsyncRead` reads: one that leaves room tells tokio the socket is drained, so
+        // that nothing asks it again (a `recv` that would block, as the pool's check of an
+        // idle connection would) before the kernel says more came.
+        let n = ready!(poll_read_buf(Pin::new(io), cx, &mut self.read))?;
+        if n == room {
+            self.want = (self.want * 2).min(MAX_READ);
+        }
+        Poll::Ready(Ok(n))
     }
 
     /// The body has ended: the connection goes back to the pool if it can carry another

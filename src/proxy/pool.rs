@@ -125,7 +125,8 @@ impl Pooled {
 
 /// Whether an idle connection is still open: nothing came on it since its last response (the
 /// upstream's close would have). A system call (a `recv` that would block) only when the
-/// socket was last said readable, as it is after a response read to the end without one.
+/// socket is still marked readable: a response read to the end leaves it marked only when its
+/// last read filled the buffer (see `h1::Body::poll_fill`).
 fn still_open(stream: &TcpStream) -> bool {
     match stream.poll_read_ready(&mut Context::from_waker(Waker::noop())) {
         Poll::Pending => true,
