@@ -293,7 +293,9 @@ fn parse(read: &Bytes, settings: Settings) -> Parse {
     let Ok(uri) = Uri::from_maybe_shared(read.slice_ref(target.as_bytes())) else {
         return Parse::Other;
     };
-    let mut headers = HeaderMap::with_capacity(head.headers.len());
+    // Room for what forwarding adds (`X-Forwarded-For`, `-Proto`, `-Host`, `TE`), so that the
+    // map is not grown, each of its entries moved, on the way upstream.
+    let mut headers = HeaderMap::with_capacity(head.headers.len() + 4);
     let mut close = false;
     for field in head.headers.iter() {
         let name = field.name.as_bytes();
