@@ -12,8 +12,8 @@
 //! A connection goes back to the pool only when both messages ended cleanly, nothing more
 //! came, and the upstream did not ask to close it.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -114,7 +114,8 @@ where
             body,
             chunked: framed == Framed::Chunked,
             trailers: true,
-            queue: VecDeque::from([head]),
+            head,
+            queue: VecDeque::new(),
             failed: None,
         },
         framing: Framing::Done,
@@ -191,34 +192,54 @@ fn encode_head<B: http_body::Body>(parts: &http::request::Parts, body: &B) -> (B
     } else {
         parts.uri.path_and_query().map_or("/", |p| p.as_str())
     };
-    let size = fields_len(&parts.headers);
-    let mut head = Vec::with_capacity(parts.method.as_str().len() + target.len() + size + 64);
-    head.extend_from_slice(parts.method.as_str().as_bytes());
-    head.push(b' ');
-    head.extend_from_slice(target.as_bytes());
-    head.extend_from_slice(b" HTTP/1.1\r\n");
-    put_fields(&mut head, &parts.headers);
     let mut framed = Framed::AsIs;
-    if !parts.headers.contains_key(header::CONTENT_LENGTH) {
-        match body.size_hint().exact() {
-            // Methods without body semantics go without; others say there is none.
-            Some(0) if !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => {}
-            Some(length) => {
-                let mut line = String::with_capacity(24);
-                let _ = write!(line, "content-length: {length}\r\n");
-                head.extend_from_slice(line.as_bytes());
-            }
-            None if matches!(parts.method, Method::GET | Method::HEAD | Method::CONNECT) => {
-                framed = Framed::Nothing;
-            }
-            None => {
-                head.extend_from_slice(b"transfer-encoding: chunked\r\n");
-                framed = Framed::Chunked;
+    let head = encoded(|head| {
+        head.extend_from_slice(parts.method.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(target.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        put_fields(head, &parts.headers);
+        if !parts.headers.contains_key(header::CONTENT_LENGTH) {
+            match body.size_hint().exact() {
+                // Methods without body semantics go without; others say there is none.
+                Some(0) if !matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => {}
+                Some(length) => {
+                    head.extend_from_slice(b"content-length: ");
+                    head.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
+                    head.extend_from_slice(b"\r\n");
+                }
+                None if matches!(parts.method, Method::GET | Method::HEAD | Method::CONNECT) => {
+                    framed = Framed::Nothing;
+                }
+                None => {
+                    head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                    framed = Framed::Chunked;
+                }
             }
         }
+        head.extend_from_slice(b"\r\n");
+    });
+    (head, framed)
+}
+
+/// A message head written by `write` into the worker's scratch buffer, then copied out at its
+/// size: one allocation, where a `Vec` grown to an estimate needs a second one to become
+/// `Bytes` (and holds the estimate's slack as long as the head lives).
+pub(super) fn encoded(write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    /// A scratch buffer grown past this by an outsized head is let go after it.
+    const KEEP: usize = 16 * 1024;
+    thread_local! {
+        static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
-    head.extend_from_slice(b"\r\n");
-    (Bytes::from(head), framed)
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.clear();
+        write(scratch);
+        let head = Bytes::copy_from_slice(scratch);
+        if scratch.capacity() > KEEP {
+            *scratch = Vec::new();
+        }
+        head
+    })
 }
 
 /// Writes `fields` as HTTP/1.1 field lines, each ending in CRLF: a head's or a trailer section's.
@@ -234,14 +255,6 @@ pub(super) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValu
     out.extend_from_slice(b": ");
     out.extend_from_slice(value.as_bytes());
     out.extend_from_slice(b"\r\n");
-}
-
-/// The bytes `fields` take as field lines.
-pub(super) fn fields_len(fields: &HeaderMap) -> usize {
-    fields
-        .iter()
-        .map(|(n, v)| n.as_str().len() + v.len() + 4)
-        .sum()
 }
 
 /// Whether a `Transfer-Encoding` value's last coding is `chunked`.
@@ -347,7 +360,10 @@ pub(super) struct Outgoing<B> {
     pub(super) chunked: bool,
     /// Whether the body's trailers go too (chunked only).
     pub(super) trailers: bool,
-    /// Encoded, not yet written.
+    /// The message's head, until written: apart from the queue, so that a message without a
+    /// body needs no queue at all.
+    pub(super) head: Bytes,
+    /// Body bytes encoded, not yet written.
     pub(super) queue: VecDeque<Bytes>,
     /// Writing failed: the peer stopped reading (an upstream may still answer).
     pub(super) failed: Option<io::Error>,
@@ -359,7 +375,7 @@ where
     B::Error: Into<BoxError>,
 {
     fn done(&self) -> bool {
-        self.body.is_none() && self.queue.is_empty()
+        self.body.is_none() && self.head.is_empty() && self.queue.is_empty()
     }
 
     /// Writes what it can of the message; ready once all of it is written (or writing failed).
@@ -398,17 +414,21 @@ where
                     },
                 }
             }
-            if self.queue.is_empty() {
+            if self.head.is_empty() && self.queue.is_empty() {
                 return if self.body.is_none() {
                     Poll::Ready(Ok(()))
                 } else {
                     Poll::Pending
                 };
             }
-            let mut slices = [IoSlice::new(&[]); MAX_QUEUED];
-            let n = self.queue.len().min(MAX_QUEUED);
-            for (slice, bytes) in slices.iter_mut().zip(&self.queue) {
+            let mut slices = [IoSlice::new(&[]); MAX_QUEUED + 1];
+            let unwritten = std::iter::once(&self.head)
+                .filter(|head| !head.is_empty())
+                .chain(&self.queue);
+            let mut n = 0;
+            for (slice, bytes) in slices.iter_mut().zip(unwritten) {
                 *slice = IoSlice::new(bytes);
+                n += 1;
             }
             let written = match ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..n])) {
                 Ok(0) => Err(io::Error::from(io::ErrorKind::WriteZero)),
@@ -416,6 +436,14 @@ where
             };
             match written {
                 Ok(mut written) => {
+                    let n = written.min(self.head.len());
+                    if n == self.head.len() {
+                        // Let go of its allocation now: a request's outlives it.
+                        self.head = Bytes::new();
+                    } else {
+                        self.head.advance(n);
+                    }
+                    written -= n;
                     while written > 0 {
                         let front = self.queue.front_mut().expect("written from the queue");
                         let n = written.min(front.len());
@@ -428,6 +456,7 @@ where
                 }
                 Err(error) => {
                     self.body = None;
+                    self.head.clear();
                     self.queue.clear();
                     self.failed = Some(error);
                     return Poll::Ready(Ok(()));
@@ -442,12 +471,14 @@ where
         if !self.chunked {
             return;
         }
-        let mut last = Vec::from(&b"0\r\n"[..]);
-        if let Some(trailers) = trailers.as_ref().filter(|_| self.trailers) {
-            put_fields(&mut last, trailers);
-        }
-        last.extend_from_slice(b"\r\n");
-        self.queue.push_back(Bytes::from(last));
+        let trailers = trailers.filter(|_| self.trailers);
+        self.queue.push_back(encoded(|last| {
+            last.extend_from_slice(b"0\r\n");
+            if let Some(trailers) = &trailers {
+                put_fields(last, trailers);
+            }
+            last.extend_from_slice(b"\r\n");
+        }));
     }
 }
 

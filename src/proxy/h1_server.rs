@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use super::Connection;
 use super::body::{ClientBody, ProxyBody};
 use super::forward::{has_token, lists_token};
-use super::h1::{Outgoing, Rewind, ends_chunked, fields_len, put_field};
+use super::h1::{Outgoing, Rewind, encoded, ends_chunked, put_field};
 
 /// The most header fields parsed here; a head with more goes to hyper (which applies
 /// `limits.max_headers`).
@@ -342,7 +342,8 @@ async fn write_response<W: AsyncWrite + Unpin>(
         body: (framing != Framing::None && !body.is_end_stream()).then_some(body),
         chunked: framing == Framing::Chunked,
         trailers: false,
-        queue: VecDeque::from([head]),
+        head,
+        queue: VecDeque::new(),
         failed: None,
     };
     poll_fn(|cx| out.poll(io, cx))
@@ -382,79 +383,80 @@ fn encode_head(
     } else {
         Some(body.size_hint().exact())
     };
-    let mut out = Vec::with_capacity(fields_len(&parts.headers) + 96);
-    if status == StatusCode::OK {
-        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-    } else {
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
     let mut framing = Framing::Length;
-    let mut wrote_length = false;
-    let mut wrote_date = false;
-    let mut says_close = false;
-    for (name, value) in &parts.headers {
-        match *name {
-            header::CONTENT_LENGTH => {
-                // Written once; without a body, only after HEAD (hyper writes its own `0`
-                // otherwise, below).
-                if wrote_length || (length.is_none() && !is_head) {
-                    continue;
-                }
-                wrote_length = true;
-            }
-            header::TRANSFER_ENCODING | header::TRAILER if !can_have_body => continue,
-            header::TRANSFER_ENCODING => {
-                wrote_length = true;
-                framing = Framing::Chunked;
-                if !ends_chunked(value) {
-                    out.extend_from_slice(b"transfer-encoding: ");
-                    out.extend_from_slice(value.as_bytes());
-                    out.extend_from_slice(b", chunked\r\n");
-                    continue;
-                }
-            }
-            header::CONNECTION => says_close |= has_token(value, "close"),
-            header::DATE => wrote_date = true,
-            _ => {}
+    let head = encoded(|out| {
+        if status == StatusCode::OK {
+            out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        } else {
+            out.extend_from_slice(b"HTTP/1.1 ");
+            out.extend_from_slice(status.as_str().as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
-        put_field(&mut out, name, value);
-    }
-    if !wrote_length {
-        match length {
-            Some(None) if can_have_body => {
-                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-                framing = Framing::Chunked;
+        let mut wrote_length = false;
+        let mut wrote_date = false;
+        let mut says_close = false;
+        for (name, value) in &parts.headers {
+            match *name {
+                header::CONTENT_LENGTH => {
+                    // Written once; without a body, only after HEAD (hyper writes its own `0`
+                    // otherwise, below).
+                    if wrote_length || (length.is_none() && !is_head) {
+                        continue;
+                    }
+                    wrote_length = true;
+                }
+                header::TRANSFER_ENCODING | header::TRAILER if !can_have_body => continue,
+                header::TRANSFER_ENCODING => {
+                    wrote_length = true;
+                    framing = Framing::Chunked;
+                    if !ends_chunked(value) {
+                        out.extend_from_slice(b"transfer-encoding: ");
+                        out.extend_from_slice(value.as_bytes());
+                        out.extend_from_slice(b", chunked\r\n");
+                        continue;
+                    }
+                }
+                header::CONNECTION => says_close |= has_token(value, "close"),
+                header::DATE => wrote_date = true,
+                _ => {}
             }
-            Some(Some(n)) if n > 0 && !no_length => {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
-            None | Some(Some(0)) if !no_length && !is_head => {
-                out.extend_from_slice(b"content-length: 0\r\n");
-            }
-            _ => {}
+            put_field(out, name, value);
         }
-    }
-    if says_close {
-        *keep_alive = false;
-    } else if !*keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    if !wrote_date {
-        out.extend_from_slice(b"date: ");
-        date(&mut out);
+        if !wrote_length {
+            match length {
+                Some(None) if can_have_body => {
+                    out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                    framing = Framing::Chunked;
+                }
+                Some(Some(n)) if n > 0 && !no_length => {
+                    out.extend_from_slice(b"content-length: ");
+                    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+                None | Some(Some(0)) if !no_length && !is_head => {
+                    out.extend_from_slice(b"content-length: 0\r\n");
+                }
+                _ => {}
+            }
+        }
+        if says_close {
+            *keep_alive = false;
+        } else if !*keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        if !wrote_date {
+            out.extend_from_slice(b"date: ");
+            date(out);
+            out.extend_from_slice(b"\r\n");
+        }
         out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    });
     if !can_have_body {
         framing = Framing::None;
     }
-    (Bytes::from(out), framing)
+    (head, framing)
 }
 
 /// Appends the current time as an HTTP date, formatted once a second.
