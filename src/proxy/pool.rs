@@ -110,10 +110,6 @@ impl Pooled {
         });
     }
 
-    pub fn stream(&self) -> &TcpStream {
-        &self.stream
-    }
-
     pub fn stream_mut(&mut self) -> &mut TcpStream {
         &mut self.stream
     }
