@@ -26,6 +26,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,7 +37,6 @@ use http_body::Body as _;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio_util::sync::CancellationToken;
 
 use super::Connection;
 use super::body::{ClientBody, ProxyBody};
@@ -90,15 +90,16 @@ pub enum Ended {
     Response(super::h1::Error),
 }
 
-/// Serves one client connection until it closes, `stop` is cancelled (between requests; a
-/// request in progress is answered first, with `Connection: close`), or it is handed to hyper
-/// (`http1`), which then serves it to its end.
+/// Serves one client connection until it closes, `stop` is set (between requests; a request
+/// in progress is answered first, with `Connection: close`), or it is handed to hyper
+/// (`http1`), which then serves it to its end. Whoever sets `stop` polls the connection
+/// after: it is looked at on each poll, with no waker of its own.
 pub async fn serve<I>(
     mut io: I,
     connection: Arc<Connection>,
     settings: Settings,
     http1: &http1::Builder,
-    stop: &CancellationToken,
+    stop: &AtomicBool,
 ) -> Result<(), Ended>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -159,7 +160,7 @@ where
                     Ok(0) | Err(_) => return Ok(()),
                     Ok(_) => {}
                 },
-                () = stop.cancelled(), if idle => return Ok(()),
+                () = stopped(stop), if idle => return Ok(()),
                 () = timer.as_mut() => return Err(Ended::HeaderTimeout),
             }
         };
@@ -191,7 +192,7 @@ where
         let Some(response) = response else {
             return Ok(());
         };
-        keep_alive &= !stop.is_cancelled();
+        keep_alive &= !stop.load(Ordering::Relaxed);
         write_response(&mut io, response, is_head, &mut keep_alive).await?;
         if !keep_alive {
             let _ = io.shutdown().await;
@@ -208,7 +209,7 @@ async fn hand_over<I>(
     read: Bytes,
     connection: Arc<Connection>,
     http1: &http1::Builder,
-    stop: &CancellationToken,
+    stop: &AtomicBool,
 ) -> Result<(), Ended>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -221,12 +222,23 @@ where
     );
     let served = tokio::select! {
         served = hyper.as_mut() => served,
-        () = stop.cancelled() => {
+        () = stopped(stop) => {
             hyper.as_mut().graceful_shutdown();
             hyper.await
         }
     };
     served.map_err(Ended::Hyper)
+}
+
+/// Resolves once `stop` is set, seen when the connection is next polled.
+fn stopped(stop: &AtomicBool) -> impl Future<Output = ()> + '_ {
+    poll_fn(|_| {
+        if stop.load(Ordering::Relaxed) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
 }
 
 /// Reads what the client sent into `pending`, through the worker's scratch buffer.

@@ -5,12 +5,13 @@
 //! server ([`h1_server`]), which hands a connection to hyper's for what it does not take;
 //! HTTP/2 is hyper's.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -89,10 +90,9 @@ struct Connections {
     max_connections: usize,
     /// Connections this worker serves now.
     load: Arc<WorkerLoad>,
-    /// Cancelled when the drain begins: each connection then finishes its requests and closes.
-    closing: CancellationToken,
-    /// Cancelled when the drain time is up: what is still open is dropped.
-    force_close: CancellationToken,
+    /// How far the drain has gone: each connection finishes its requests and closes once it
+    /// begins, and what is still open is dropped when its time is up.
+    drain: Arc<Drain>,
     /// Each open connection holds a receiver; `closed()` resolves once none is left.
     open: watch::Sender<()>,
 }
@@ -106,8 +106,7 @@ impl Connections {
             idle_timeout: limits.idle_timeout,
             max_connections: 1,
             load,
-            closing: CancellationToken::new(),
-            force_close: CancellationToken::new(),
+            drain: Arc::default(),
             open: watch::Sender::new(()),
         };
         connections.apply(limits);
@@ -177,7 +176,7 @@ impl Connections {
     /// Asks every open connection to finish its requests and close, and waits for them and
     /// the upgraded ones for at most the drain timeout in force; closes what is left then.
     async fn drain(&self, proxy: &Proxy) {
-        self.closing.cancel();
+        self.drain.advance(Stage::Closing);
         let drain = *proxy.shared().drain_timeout.borrow();
         let tunnels = &proxy.shared().tunnels;
         let drained = async {
@@ -188,7 +187,7 @@ impl Connections {
             () = drained => tracing::debug!("all client connections closed"),
             () = tokio::time::sleep(drain) => {
                 tracing::warn!(after = ?drain, "drain timeout: closing remaining client connections");
-                self.force_close.cancel();
+                self.drain.advance(Stage::Closed);
                 tunnels.cut();
             }
         }
@@ -205,13 +204,13 @@ impl Connections {
         tls: Option<Arc<Tls>>,
         open: OpenGuard,
     ) {
-        let closing = self.closing.clone();
+        let drain = self.drain.clone();
         let header_read_timeout = self.h1_settings.header_read_timeout;
         if let Some(tls) = tls {
             self.spawn(proxy, peer, true, open, async move {
                 let accepted = tokio::select! {
                     accepted = tls.accept(stream, peer, header_read_timeout) => accepted,
-                    () = closing.cancelled() => None,
+                    () = drain.reached(Stage::Closing) => None,
                 };
                 accepted.map(|(stream, negotiated)| {
                     let protocol = match negotiated {
@@ -233,7 +232,7 @@ impl Connections {
                         None
                     })
                 }
-                () = closing.cancelled() => None,
+                () = drain.reached(Stage::Closing) => None,
             };
             protocol.map(|protocol| (stream, protocol))
         });
@@ -263,8 +262,7 @@ impl Connections {
             header: settings.header_read_timeout,
             idle: self.idle_timeout,
         };
-        let closing = self.closing.clone();
-        let force_close = self.force_close.clone();
+        let drain = self.drain.clone();
         let open = self.open.subscribe();
         // Boxed, as the HTTP/2 connection below: a future the task holds stays part of its
         // size for the connection's whole life, though it is done with once accepted.
@@ -275,7 +273,7 @@ impl Connections {
                     return Ok(());
                 };
                 let watch = Watch {
-                    closing: &closing,
+                    drain: &drain,
                     activity: &activity,
                     timeouts,
                     stats: &open_here.stats,
@@ -293,27 +291,130 @@ impl Connections {
                             .map_err(Ended::Hyper)
                     }
                     Protocol::Http1 => {
-                        let stop = CancellationToken::new();
+                        let stop = AtomicBool::new(false);
                         let served =
                             pin!(h1_server::serve(io, connection, settings, &http1, &stop));
-                        watch.serve(served, |_| stop.cancel()).await
+                        watch
+                            .serve(served, |_| stop.store(true, Ordering::Relaxed))
+                            .await
                     }
                 }
             };
-            tokio::select! {
-                result = served => {
-                    if let Err(error) = result {
-                        count_error(&error, &open_here.stats);
-                        tracing::debug!(%peer, %error, "client connection ended with an error");
-                    }
-                }
-                // Dropping the connection drops its requests, and with them their in-flight
-                // counts and endpoint leases.
-                () = force_close.cancelled() => {}
+            // Once the drain time is up, the connection is dropped, and with it its requests,
+            // their in-flight counts and endpoint leases.
+            if let Some(Err(error)) = drain.run(served).await {
+                count_error(&error, &open_here.stats);
+                tracing::debug!(%peer, %error, "client connection ended with an error");
             }
             drop(open);
             drop(open_here);
         });
+    }
+}
+
+/// How far a worker's drain has gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+enum Stage {
+    Serving,
+    /// Each connection finishes the requests it has and closes.
+    Closing,
+    /// The drain time is up: what is still open is dropped.
+    Closed,
+}
+
+/// A worker's drain as its connections see it. Each connection's task looks at the stage
+/// with one load whenever it is polled, and the drain wakes each task itself when the stage
+/// moves on: the `CancellationToken` futures this replaces took two locks on every poll of
+/// every connection (the token's and its `Notify`'s), and one was made and dropped, each
+/// with a lock, for every request.
+#[derive(Debug, Default)]
+struct Drain {
+    stage: AtomicU8,
+    /// The task of each open connection.
+    tasks: Mutex<slab::Slab<Waker>>,
+}
+
+impl Drain {
+    fn stage(&self) -> Stage {
+        match self.stage.load(Ordering::Acquire) {
+            0 => Stage::Serving,
+            1 => Stage::Closing,
+            _ => Stage::Closed,
+        }
+    }
+
+    /// Moves the drain on to `stage`, and wakes every connection to see it.
+    fn advance(&self, stage: Stage) {
+        self.stage.store(stage as u8, Ordering::Release);
+        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, task) in tasks.iter() {
+            task.wake_by_ref();
+        }
+    }
+
+    /// Runs `connection` as a connection of this worker, its task woken when the drain moves
+    /// on; `None` once the drain time is up (the connection dropped then).
+    async fn run<F: Future>(&self, connection: F) -> Option<F::Output> {
+        let mut connection = pin!(connection);
+        let mut task = Task {
+            drain: self,
+            key: None,
+        };
+        poll_fn(|cx| {
+            if task.register(cx) == Stage::Closed {
+                return Poll::Ready(None);
+            }
+            connection.as_mut().poll(cx).map(Some)
+        })
+        .await
+    }
+
+    /// Resolves once the drain has reached `stage`. Only within [`Drain::run`], whose task
+    /// is the one woken: it registers no waker of its own.
+    fn reached(&self, stage: Stage) -> impl Future<Output = ()> + '_ {
+        poll_fn(move |_| {
+            if self.stage() >= stage {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// A connection's task as its worker's drain knows it: registered on its first poll, again
+/// only if polled with a waker that would wake another task, and forgotten when it ends.
+struct Task<'a> {
+    drain: &'a Drain,
+    key: Option<(usize, Waker)>,
+}
+
+impl Task<'_> {
+    fn register(&mut self, cx: &Context<'_>) -> Stage {
+        if !matches!(&self.key, Some((_, waker)) if waker.will_wake(cx.waker())) {
+            let mut tasks = self.drain.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let key = match self.key.take() {
+                Some((key, _)) => {
+                    tasks[key] = cx.waker().clone();
+                    key
+                }
+                None => tasks.insert(cx.waker().clone()),
+            };
+            self.key = Some((key, cx.waker().clone()));
+        }
+        // After registering: a drain that moved on before it is seen here, one after it
+        // wakes this task.
+        self.drain.stage()
+    }
+}
+
+impl Drop for Task<'_> {
+    fn drop(&mut self) {
+        if let Some((key, _)) = self.key.take() {
+            let mut tasks = self.drain.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            tasks.remove(key);
+        }
     }
 }
 
@@ -499,14 +600,14 @@ impl Drop for Busy<'_> {
 
 /// What watches one connection while hyper serves it: the drain, and its timeouts.
 struct Watch<'a> {
-    closing: &'a CancellationToken,
+    drain: &'a Drain,
     activity: &'a Activity,
     timeouts: Timeouts,
     stats: &'a Stats,
 }
 
 impl Watch<'_> {
-    /// Serves `connection` to its end. Once `closing` is cancelled, asks it to finish the
+    /// Serves `connection` to its end. Once the drain begins, asks it to finish the
     /// requests it has and close (`graceful_shutdown`), and serves it until then. Once it
     /// times out, asks the same, and drops it if it has not closed [`CLOSE_GRACE`] later.
     /// The connection is pinned where the caller keeps it: taken by value, an async fn keeps
@@ -526,7 +627,7 @@ impl Watch<'_> {
         let kind = loop {
             tokio::select! {
                 result = connection.as_mut() => return result,
-                () = self.closing.cancelled() => {
+                () = self.drain.reached(Stage::Closing) => {
                     graceful_shutdown(connection.as_mut());
                     return connection.await;
                 }
@@ -571,7 +672,7 @@ where
             .await
             .map_err(Ended::Hyper)
     } else {
-        let stop = CancellationToken::new();
+        let stop = AtomicBool::new(false);
         let settings = connections.h1_settings;
         h1_server::serve(io, connection, settings, &connections.http1, &stop).await
     }
@@ -834,6 +935,54 @@ mod tests {
         header: Duration::from_secs(10),
         idle: Duration::from_secs(3),
     };
+
+    #[tokio::test]
+    async fn a_drain_wakes_each_waiting_connection_then_drops_what_is_left() {
+        let drain = Arc::new(Drain::default());
+        // Connections that wait for nothing but the drain: only its wake-up can end them.
+        let finishing = |drain: Arc<Drain>| {
+            tokio::spawn(async move {
+                drain
+                    .run(async {
+                        drain.reached(Stage::Closing).await;
+                        "finished"
+                    })
+                    .await
+            })
+        };
+        let stuck = |drain: Arc<Drain>| {
+            tokio::spawn(async move { drain.run(std::future::pending::<()>()).await })
+        };
+        let (a, b) = (finishing(drain.clone()), finishing(drain.clone()));
+        let forever = stuck(drain.clone());
+        // Every task polled once, and so registered.
+        while drain.tasks.lock().unwrap().len() < 3 {
+            tokio::task::yield_now().await;
+        }
+
+        // Without the drain's wake-up nothing would poll them again: bounded, not to hang.
+        async fn woken<T>(task: tokio::task::JoinHandle<T>) -> T {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("woken by the drain")
+                .unwrap()
+        }
+        drain.advance(Stage::Closing);
+        assert_eq!(woken(a).await, Some("finished"));
+        assert_eq!(woken(b).await, Some("finished"));
+        assert_eq!(
+            drain.tasks.lock().unwrap().len(),
+            1,
+            "an ended connection is forgotten"
+        );
+        assert!(!forever.is_finished());
+        // One that comes after the drain began sees it at once.
+        assert_eq!(finishing(drain.clone()).await.unwrap(), Some("finished"));
+
+        drain.advance(Stage::Closed);
+        assert_eq!(woken(forever).await, None, "dropped when time is up");
+        assert!(drain.tasks.lock().unwrap().is_empty());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_times_out_for_its_head_then_for_idleness_never_while_busy() {
