@@ -232,8 +232,14 @@ where
 
 /// Resolves once `stop` is set, seen when the connection is next polled.
 fn stopped(stop: &AtomicBool) -> impl Future<Output = ()> + '_ {
-    poll_fn(|_| {
-        if stop.load(Ordering::Relaxed) {
+    seen(|| stop.load(Ordering::Relaxed))
+}
+
+/// Resolves once `done` says so, looked at on each poll. It registers no waker: whoever makes
+/// `done` true then polls the future, or wakes the task it runs in.
+pub(super) fn seen(done: impl Fn() -> bool) -> impl Future<Output = ()> {
+    poll_fn(move |_| {
+        if done() {
             Poll::Ready(())
         } else {
             Poll::Pending

@@ -373,13 +373,7 @@ impl Drain {
     /// Resolves once the drain has reached `stage`. Only within [`Drain::run`], whose task
     /// is the one woken: it registers no waker of its own.
     fn reached(&self, stage: Stage) -> impl Future<Output = ()> + '_ {
-        poll_fn(move |_| {
-            if self.stage() >= stage {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
+        h1_server::seen(move || self.stage() >= stage)
     }
 }
 
