@@ -386,8 +386,12 @@ impl Wakegate {
 
 /// Stops wakegate the way an operator would (SIGTERM), so it stops every process it started
 /// (grandchildren included) before the test ends; SIGKILL only if it does not exit in time.
+/// A test that failed gets wakegate's log printed with its failure.
 impl Drop for Wakegate {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("wakegate's log up to the failure:\n{}", self.logs());
+        }
         let Some(pid) = self.child.id() else { return };
         // SAFETY: signalling and reaping our own child process.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
@@ -471,6 +475,42 @@ pub fn path_exists(p: &Path) -> bool {
     p.exists()
 }
 
+/// Whether a program other than wakegate that a test runs (a real Prometheus server, kubectl,
+/// curl, openssl) is on `PATH`. The tests run with only the Rust toolchain: where the program
+/// is missing, the test that needs it is skipped, saying so on stderr — unless
+/// `WAKEGATE_TEST_TOOLS=required` (as `.ci/run` sets, after installing them all), where a
+/// missing program fails the test with `install`, the way to get it. See [`needs_tool!`].
+pub fn tool_on_path(tool: &str, install: &str) -> bool {
+    let found = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(dir.join(tool))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    });
+    if found {
+        return true;
+    }
+    if std::env::var("WAKEGATE_TEST_TOOLS").as_deref() == Ok("required") {
+        panic!("`{tool}` is not on PATH and WAKEGATE_TEST_TOOLS=required; {install}");
+    }
+    eprintln!(
+        "skipped: `{tool}` is not on PATH ({install}); with WAKEGATE_TEST_TOOLS=required this fails"
+    );
+    false
+}
+
+/// Returns from the calling test, skipping it, when `tool` is not on `PATH` and the tests were
+/// not told that every tool is there: see [`tool_on_path`].
+#[macro_export]
+macro_rules! needs_tool {
+    ($tool:expr, $install:expr) => {
+        if !$crate::tool_on_path($tool, $install) {
+            return;
+        }
+    };
+}
+
 /// Fails the test instead of hanging when `fut` takes longer than `secs`.
 pub async fn within<T>(secs: u64, what: &str, fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(secs), fut)
@@ -548,32 +588,41 @@ pub fn raw_status(response: &str) -> u16 {
         .unwrap_or_else(|| panic!("a status line in {response:?}"))
 }
 
-/// The built-in demo backend run by the test itself on a free loopback port (for `upstream`
-/// targets); killed on drop.
+/// The built-in demo backend run by the test itself on a loopback port of its own choosing (for
+/// `upstream` targets); killed on drop.
 pub struct DemoBackend {
     pub child: Child,
     pub addr: SocketAddr,
 }
 
 impl DemoBackend {
+    /// Starts it on port 0 and takes its address from the line it prints once it listens. A
+    /// port picked here and handed over would be free only until someone else took it, and a
+    /// connect to it before the backend listens can meet itself (a loopback self-connect), so
+    /// neither is waited for.
     pub async fn start() -> DemoBackend {
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port");
-        let child = Command::new(bin())
-            .args(["demo-backend", "--port", &addr.port().to_string()])
+        let mut child = Command::new(bin())
+            .args(["demo-backend", "--port", "0"])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn demo-backend");
-        within(10, "demo-backend listening", async {
-            while tokio::net::TcpStream::connect(addr).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        within(10, "demo-backend listening", stdout.read_line(&mut line))
+            .await
+            .expect("read demo-backend's stdout");
+        let addr = line
+            .strip_prefix("demo-backend listening on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("demo-backend's first line names its address: {line:?}"));
+        // Nothing else is printed there; keep reading so that a line never blocks it.
+        tokio::spawn(
+            async move { while stdout.read_line(&mut line).await.is_ok_and(|n| n > 0) {} },
+        );
         DemoBackend { child, addr }
     }
 }
