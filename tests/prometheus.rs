@@ -51,6 +51,7 @@ fn free_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_scales_on_a_prometheus_query_and_keeps_its_count_when_prometheus_goes_away() {
+    wakegate_test_support::needs_tool!("prometheus", "Debian: apt-get install prometheus");
     let port = free_port();
     // Request rate over the last 5 s, as Prometheus scraped it from this wakegate: 5 per
     // second per instance.

@@ -324,6 +324,7 @@ async fn each_host_name_gets_its_certificate_by_sni_exact_before_wildcard_else_t
 /// of the name it asks for.
 #[tokio::test]
 async fn curl_gets_http1_and_h2_by_alpn_and_the_upstream_is_told_https() {
+    wakegate_test_support::needs_tool!("curl", "Debian: apt-get install curl");
     let dir = tempfile::tempdir().unwrap();
     let app = pair(dir.path(), "app", &["app.test"]);
     let https = Https::start(&[(&app.cert, &app.key)]).await;
@@ -677,6 +678,7 @@ async fn websockets_upgrade_over_tls() {
 /// TLS 1.2 cipher suites without AEAD. Each refusal is counted as `incompatible`.
 #[tokio::test]
 async fn only_tls_1_2_and_1_3_with_aead_cipher_suites_are_accepted() {
+    wakegate_test_support::needs_tool!("openssl", "Debian: apt-get install openssl");
     let dir = tempfile::tempdir().unwrap();
     let app = pair(dir.path(), "app", &["app.test"]);
     let https = Https::start(&[(&app.cert, &app.key)]).await;
