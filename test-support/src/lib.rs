@@ -619,10 +619,9 @@ impl DemoBackend {
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|addr| addr.parse().ok())
             .unwrap_or_else(|| panic!("demo-backend's first line names its address: {line:?}"));
-        // Nothing else is printed there; keep reading so that a line never blocks it.
-        tokio::spawn(
-            async move { while stdout.read_line(&mut line).await.is_ok_and(|n| n > 0) {} },
-        );
+        // Nothing else is printed there; keep the pipe open and drained all the same, so that
+        // a later line neither blocks the backend nor fails it.
+        tokio::spawn(async move { tokio::io::copy(&mut stdout, &mut tokio::io::sink()).await });
         DemoBackend { child, addr }
     }
 }
