@@ -124,6 +124,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         haproxy: None,
         wakegate,
         logged: None,
+        twin: None,
     };
     let message_bytes = match Requests::Grpc
         .plan(&stand.upstream.server, warmup, String::new())

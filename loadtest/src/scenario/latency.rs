@@ -1,6 +1,8 @@
 //! `latency`: open loop at half the maximum rate, the same rate on every path, latency counted
 //! from when each request fell due; what nginx, HAProxy and wakegate add to the direct path,
-//! and round by round whether wakegate's added p99 stayed at or below each peer's.
+//! and round by round whether wakegate's added p99 stayed at or below each peer's — and at or
+//! below its twin's, a second wakegate of the same build and configuration, whose rounds show
+//! how much of a round's verdict is the machine's.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,7 +12,7 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use wakegate::plot::Panel;
 
-use super::{Settings, Stand, log};
+use super::{Second, Settings, Stand, TWIN, log};
 use crate::Error;
 use crate::load::{self, Plan};
 use crate::procs::{ThreadSched, WorkDir};
@@ -88,12 +90,13 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         settings,
         nginx.is_some(),
         machine.haproxy.is_some(),
-        false,
+        Second::Twin,
         probe,
     )
     .await?;
 
-    // The maximum, measured here (closed loop, which also warms each path up).
+    // The maximum, measured here (closed loop, which also warms each path up); the twin's
+    // only warms it up.
     let mut max = Vec::new();
     for (name, server) in stand.paths() {
         let mut plan = Plan::new(server.addr, "loadtest", CONNECTIONS, probe);
@@ -105,7 +108,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     }
     let (slowest, slowest_rps) = max
         .iter()
-        .filter(|(name, _)| *name != "direct")
+        .filter(|(name, _)| *name != "direct" && *name != TWIN)
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .copied()
         .expect("wakegate is always measured");
@@ -118,7 +121,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     let mut rounds = Vec::new();
     let mut latency: BTreeMap<&str, Histogram<u64>> = BTreeMap::new();
     for round in 1..=settings.rounds {
-        for (name, server) in stand.paths() {
+        for (name, server) in stand.paths_of_round(round) {
             let mut plan = Plan::new(server.addr, "loadtest", CONNECTIONS, duration);
             plan.rate = Some(rate);
             plan.label = format!("round {round}/{} {name:<9}", settings.rounds);
@@ -263,18 +266,24 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
             r.split(),
         ]);
     }
-    // The tail target, round by round: wakegate's added p99 at or below each peer's.
+    // The tail target, round by round: wakegate's added p99 at or below each peer's; and at
+    // or below its twin's, which tells how often the machine alone decides a round.
     let peers = stand.peers();
+    let mut against = peers.clone();
+    if stand.twin.is_some() {
+        against.push(TWIN);
+    }
     let mut header = vec!["round".to_owned()];
     header.extend(
         peers
             .iter()
             .chain(["wakegate"].iter())
+            .chain(against.iter().skip(peers.len()))
             .map(|p| format!("{p} added p99")),
     );
-    header.extend(peers.iter().map(|p| format!("wakegate ≤ {p}")));
+    header.extend(against.iter().map(|p| format!("wakegate ≤ {p}")));
     let mut tail = Table::new(&header.iter().map(String::as_str).collect::<Vec<_>>());
-    let mut at_or_below: BTreeMap<&str, usize> = peers.iter().map(|p| (*p, 0)).collect();
+    let mut at_or_below: BTreeMap<&str, usize> = against.iter().map(|p| (*p, 0)).collect();
     let mut tail_json = Vec::new();
     for round in 1..=settings.rounds {
         let p99 = |path: &str| added_in(round, path, |r| r.p99).unwrap_or(f64::NAN);
@@ -282,29 +291,39 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         let mut row = vec![round.to_string()];
         row.extend(peers.iter().map(|p| report::ms(p99(p))));
         row.push(report::ms(w));
+        row.extend(against.iter().skip(peers.len()).map(|p| report::ms(p99(p))));
         let mut this = serde_json::Map::new();
         this.insert("round".into(), json!(round));
         this.insert("wakegate".into(), json!(w));
-        for peer in &peers {
-            let ok = w <= p99(peer);
-            *at_or_below.get_mut(peer).expect("every peer") += usize::from(ok);
+        for other in &against {
+            let ok = w <= p99(other);
+            *at_or_below.get_mut(other).expect("every path compared") += usize::from(ok);
             row.push(if ok { "yes" } else { "no" }.into());
-            this.insert((*peer).into(), json!(p99(peer)));
+            this.insert((*other).into(), json!(p99(other)));
         }
         tail.row(row);
         tail_json.push(serde_json::Value::Object(this));
     }
-    let tail_summary = at_or_below
+    let mut tail_summary = peers
         .iter()
-        .map(|(peer, n)| {
+        .map(|peer| {
+            let n = at_or_below[peer];
             format!(
                 "at or below {peer}'s in {n} of {} rounds ({})",
                 settings.rounds,
-                report::verdict(*n == settings.rounds)
+                report::verdict(n == settings.rounds)
             )
         })
         .collect::<Vec<_>>()
         .join("; ");
+    if let Some(n) = at_or_below.get(TWIN) {
+        tail_summary.push_str(&format!(
+            "; and at or below its twin's (the same build and configuration in a second \
+             process) in {n} of {} rounds: between identical proxies, the machine alone decides \
+             a round",
+            settings.rounds
+        ));
+    }
 
     let maxima = max
         .iter()
@@ -339,7 +358,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     if stand.haproxy.is_none() {
         md.push_str(&format!("\n{}.\n", stand::NO_HAPROXY));
     }
-    if !peers.is_empty() {
+    if !against.is_empty() {
         md.push_str(&format!(
             "\nThe added p99, round by round; wakegate's was {tail_summary}:\n\n{}",
             tail.markdown()

@@ -136,6 +136,19 @@ const LOGGED: &str = "wakegate+log";
 /// The path of HAProxy.
 const HAPROXY: &str = "HAProxy";
 
+/// The path of a second wakegate, the same build with the same configuration: what the
+/// machine alone makes of two identical proxies.
+const TWIN: &str = "wakegate twin";
+
+/// The second wakegate that runs beside the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Second {
+    /// The same wakegate with its access log on.
+    AccessLog,
+    /// The same wakegate again ([`TWIN`]).
+    Twin,
+}
+
 /// The upstream, and nginx, HAProxy (each when installed and asked for) and wakegate proxying
 /// to it: the paths `warm`, `latency` and `grpc` compare.
 struct Stand {
@@ -145,6 +158,8 @@ struct Stand {
     wakegate: crate::stand::Wakegate,
     /// The same wakegate with `[access_log]` on (JSON lines to a file), when asked for.
     logged: Option<(crate::stand::Wakegate, std::path::PathBuf)>,
+    /// A second wakegate exactly like the first, when asked for.
+    twin: Option<crate::stand::Wakegate>,
 }
 
 impl Stand {
@@ -153,7 +168,7 @@ impl Stand {
         settings: &Settings,
         nginx: bool,
         haproxy: bool,
-        access_log: bool,
+        second: Second,
         probe: Duration,
     ) -> Result<Stand, Error> {
         use crate::stand;
@@ -178,12 +193,23 @@ impl Stand {
             upstream.server.addr
         );
         let wakegate = stand::Wakegate::start(work, &settings.wakegate, "wakegate", "", &target)?;
-        let logged = if access_log {
+        let logged = if second == Second::AccessLog {
             let path = work.path.join("access.log");
             let head = format!("[access_log]\npath = {:?}\n", path.display().to_string());
             let logged =
                 stand::Wakegate::start(work, &settings.wakegate, "wakegate-log", &head, &target)?;
             Some((logged, path))
+        } else {
+            None
+        };
+        let twin = if second == Second::Twin {
+            Some(stand::Wakegate::start(
+                work,
+                &settings.wakegate,
+                "wakegate-twin",
+                "",
+                &target,
+            )?)
         } else {
             None
         };
@@ -193,11 +219,12 @@ impl Stand {
             haproxy,
             wakegate,
             logged,
+            twin,
         })
     }
 
     /// (name, server) of each path, in the order they run: direct, nginx, HAProxy, wakegate,
-    /// and wakegate with its access log.
+    /// and wakegate with its access log or its twin.
     fn paths(&self) -> Vec<(&'static str, &crate::stand::Server)> {
         let mut paths = vec![("direct", &self.upstream.server)];
         if let Some(nginx) = &self.nginx {
@@ -209,6 +236,21 @@ impl Stand {
         paths.push(("wakegate", &self.wakegate.server));
         if let Some((logged, _)) = &self.logged {
             paths.push((LOGGED, &logged.server));
+        }
+        if let Some(twin) = &self.twin {
+            paths.push((TWIN, &twin.server));
+        }
+        paths
+    }
+
+    /// The paths of round `round`: as [`Stand::paths`], but wakegate and the second wakegate
+    /// (with its access log, or its twin) swap places every other round, so that a drift of
+    /// the machine's speed within a round favours neither.
+    fn paths_of_round(&self, round: usize) -> Vec<(&'static str, &crate::stand::Server)> {
+        let mut paths = self.paths();
+        if round.is_multiple_of(2) && (self.logged.is_some() || self.twin.is_some()) {
+            let n = paths.len();
+            paths.swap(n - 2, n - 1);
         }
         paths
     }
@@ -235,6 +277,9 @@ impl Stand {
         }
         if let Some((logged, _)) = &mut self.logged {
             logged.server.check_running()?;
+        }
+        if let Some(twin) = &mut self.twin {
+            twin.server.check_running()?;
         }
         self.wakegate.server.check_running()
     }

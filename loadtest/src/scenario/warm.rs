@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use wakegate::plot::Panel;
 
-use super::{LOGGED, Settings, Stand, log};
+use super::{LOGGED, Second, Settings, Stand, log};
 use crate::Error;
 use crate::load::{self, Plan};
 use crate::procs::WorkDir;
@@ -59,7 +59,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         settings,
         nginx.is_some(),
         machine.haproxy.is_some(),
-        true,
+        Second::AccessLog,
         probe,
     )
     .await?;
@@ -72,16 +72,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     let mut rounds = Vec::new();
     let mut latency: BTreeMap<&str, Histogram<u64>> = BTreeMap::new();
     for round in 1..=settings.rounds {
-        let mut paths = stand.paths();
-        // wakegate with and without its access log swap places every other round, so that
-        // a drift of the machine's speed within a round does not favour one of them.
-        if round % 2 == 0 {
-            let n = paths.len();
-            if n >= 2 && paths[n - 1].0 == LOGGED {
-                paths.swap(n - 2, n - 1);
-            }
-        }
-        for (name, server) in paths {
+        for (name, server) in stand.paths_of_round(round) {
             let mut plan = Plan::new(server.addr, "loadtest", CONNECTIONS, duration);
             plan.label = format!("round {round}/{} {name:<9}", settings.rounds);
             let cpu_before = server.cpu_seconds();
