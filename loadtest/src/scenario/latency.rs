@@ -304,7 +304,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         tail.row(row);
         tail_json.push(serde_json::Value::Object(this));
     }
-    let mut tail_summary = peers
+    let mut verdicts: Vec<String> = peers
         .iter()
         .map(|peer| {
             let n = at_or_below[peer];
@@ -314,16 +314,15 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
                 report::verdict(n == settings.rounds)
             )
         })
-        .collect::<Vec<_>>()
-        .join("; ");
+        .collect();
     if let Some(n) = at_or_below.get(TWIN) {
-        tail_summary.push_str(&format!(
-            "; and at or below its twin's (the same build and configuration in a second \
-             process) in {n} of {} rounds: between identical proxies, the machine alone decides \
-             a round",
+        verdicts.push(format!(
+            "at or below its twin's (the same build and configuration in a second process) in \
+             {n} of {} rounds: between identical proxies, the machine alone decides a round",
             settings.rounds
         ));
     }
+    let tail_summary = verdicts.join("; ");
 
     let maxima = max
         .iter()
