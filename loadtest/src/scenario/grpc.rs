@@ -123,8 +123,8 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         // HAProxy is compared on HTTP/1.1 (`warm`, `latency`, `inflight`), not here.
         haproxy: None,
         wakegate,
-        logged: None,
-        twin: None,
+        second: None,
+        access_log: None,
     };
     let message_bytes = match Requests::Grpc
         .plan(&stand.upstream.server, warmup, String::new())

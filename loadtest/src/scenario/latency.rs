@@ -269,16 +269,14 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
     // The tail target, round by round: wakegate's added p99 at or below each peer's; and at
     // or below its twin's, which tells how often the machine alone decides a round.
     let peers = stand.peers();
-    let mut against = peers.clone();
-    if stand.twin.is_some() {
-        against.push(TWIN);
-    }
+    let twin = matches!(stand.second, Some((TWIN, _))).then_some(TWIN);
+    let against: Vec<&str> = peers.iter().copied().chain(twin).collect();
     let mut header = vec!["round".to_owned()];
     header.extend(
         peers
             .iter()
             .chain(["wakegate"].iter())
-            .chain(against.iter().skip(peers.len()))
+            .chain(twin.iter())
             .map(|p| format!("{p} added p99")),
     );
     header.extend(against.iter().map(|p| format!("wakegate ≤ {p}")));
@@ -291,7 +289,7 @@ pub async fn run(settings: &Settings) -> Result<PathBuf, Error> {
         let mut row = vec![round.to_string()];
         row.extend(peers.iter().map(|p| report::ms(p99(p))));
         row.push(report::ms(w));
-        row.extend(against.iter().skip(peers.len()).map(|p| report::ms(p99(p))));
+        row.extend(twin.map(|t| report::ms(p99(t))));
         let mut this = serde_json::Map::new();
         this.insert("round".into(), json!(round));
         this.insert("wakegate".into(), json!(w));

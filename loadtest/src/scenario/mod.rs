@@ -156,10 +156,10 @@ struct Stand {
     nginx: Option<crate::stand::Server>,
     haproxy: Option<crate::stand::Server>,
     wakegate: crate::stand::Wakegate,
-    /// The same wakegate with `[access_log]` on (JSON lines to a file), when asked for.
-    logged: Option<(crate::stand::Wakegate, std::path::PathBuf)>,
-    /// A second wakegate exactly like the first, when asked for.
-    twin: Option<crate::stand::Wakegate>,
+    /// The second wakegate and its path's name ([`LOGGED`] or [`TWIN`]), when asked for.
+    second: Option<(&'static str, crate::stand::Wakegate)>,
+    /// The file the [`LOGGED`] wakegate writes its access log to.
+    access_log: Option<std::path::PathBuf>,
 }
 
 impl Stand {
@@ -193,33 +193,22 @@ impl Stand {
             upstream.server.addr
         );
         let wakegate = stand::Wakegate::start(work, &settings.wakegate, "wakegate", "", &target)?;
-        let logged = if second == Second::AccessLog {
-            let path = work.path.join("access.log");
-            let head = format!("[access_log]\npath = {:?}\n", path.display().to_string());
-            let logged =
-                stand::Wakegate::start(work, &settings.wakegate, "wakegate-log", &head, &target)?;
-            Some((logged, path))
-        } else {
-            None
+        let (path_name, name, head, access_log) = match second {
+            Second::AccessLog => {
+                let path = work.path.join("access.log");
+                let head = format!("[access_log]\npath = {:?}\n", path.display().to_string());
+                (LOGGED, "wakegate-log", head, Some(path))
+            }
+            Second::Twin => (TWIN, "wakegate-twin", String::new(), None),
         };
-        let twin = if second == Second::Twin {
-            Some(stand::Wakegate::start(
-                work,
-                &settings.wakegate,
-                "wakegate-twin",
-                "",
-                &target,
-            )?)
-        } else {
-            None
-        };
+        let second = stand::Wakegate::start(work, &settings.wakegate, name, &head, &target)?;
         Ok(Stand {
             upstream,
             nginx,
             haproxy,
             wakegate,
-            logged,
-            twin,
+            second: Some((path_name, second)),
+            access_log,
         })
     }
 
@@ -234,11 +223,8 @@ impl Stand {
             paths.push((HAPROXY, haproxy));
         }
         paths.push(("wakegate", &self.wakegate.server));
-        if let Some((logged, _)) = &self.logged {
-            paths.push((LOGGED, &logged.server));
-        }
-        if let Some(twin) = &self.twin {
-            paths.push((TWIN, &twin.server));
+        if let Some((name, second)) = &self.second {
+            paths.push((name, &second.server));
         }
         paths
     }
@@ -248,7 +234,7 @@ impl Stand {
     /// the machine's speed within a round favours neither.
     fn paths_of_round(&self, round: usize) -> Vec<(&'static str, &crate::stand::Server)> {
         let mut paths = self.paths();
-        if round.is_multiple_of(2) && (self.logged.is_some() || self.twin.is_some()) {
+        if round.is_multiple_of(2) && self.second.is_some() {
             let n = paths.len();
             paths.swap(n - 2, n - 1);
         }
@@ -275,11 +261,8 @@ impl Stand {
         if let Some(haproxy) = &mut self.haproxy {
             haproxy.check_running()?;
         }
-        if let Some((logged, _)) = &mut self.logged {
-            logged.server.check_running()?;
-        }
-        if let Some(twin) = &mut self.twin {
-            twin.server.check_running()?;
+        if let Some((_, second)) = &mut self.second {
+            second.server.check_running()?;
         }
         self.wakegate.server.check_running()
     }

@@ -361,7 +361,7 @@ fn targets(peers: &[&str], med: &dyn Fn(&str, Field) -> f64) -> (String, serde_j
 /// What the access log costs: wakegate with it against wakegate without, round by round (each
 /// pair ran back to back), as markdown and JSON. Fails if the log stayed empty.
 fn access_log_cost(stand: &Stand, rounds: &[Round]) -> Result<(String, serde_json::Value), Error> {
-    let Some((_, path)) = &stand.logged else {
+    let Some(path) = &stand.access_log else {
         return Ok((String::new(), serde_json::Value::Null));
     };
     let lines = count_lines(path)?;
