@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
-use super::forward::has_token;
+use super::forward::lists_token;
 use super::pool::Pooled;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -36,7 +36,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const MAX_HEAD: usize = 64 * 1024;
 /// The most header fields a response head may have.
 const MAX_HEADERS: usize = 128;
-/// The first read's buffer: a whole small response fits.
+/// The worker's scratch buffer, which a response head (and a client's request head, in
+/// [`super::h1_server`]) is read into: one read fills at most this much.
+const SCRATCH: usize = 16 * 1024;
+/// A body read's first buffer, when the head came without all of it.
 const FIRST_READ: usize = 4 * 1024;
 /// The largest buffer one read fills.
 const MAX_READ: usize = 64 * 1024;
@@ -155,14 +158,14 @@ where
     *response.headers_mut() = head.headers;
     // An HTTP/1.0 message with Transfer-Encoding has faulty framing (RFC 9112 §6.1): it is
     // read as it says, and the connection closed after.
-    exchange.keep_alive = keep_alive(head.version, response.headers())
-        && !(head.version == Version::HTTP_10
-            && response.headers().contains_key(header::TRANSFER_ENCODING));
-    exchange.framing = framing(&parts.method, upgrading, &response)?;
+    let says = &head.says;
+    exchange.keep_alive = says.keep_alive(head.version)
+        && !(head.version == Version::HTTP_10 && says.transfer_encoding.is_some());
+    exchange.framing = framing(&parts.method, upgrading, head.status, says)?;
     if exchange.framing == Framing::Close {
         exchange.keep_alive = false;
     }
-    if response.headers().contains_key(header::TRANSFER_ENCODING) {
+    if says.transfer_encoding.is_some() {
         // It overrides a Content-Length (RFC 9112 §6.3), which must not reach the client: the
         // body says where it ends downstream.
         response.headers_mut().remove(header::CONTENT_LENGTH);
@@ -222,6 +225,27 @@ fn encode_head<B: http_body::Body>(parts: &http::request::Parts, body: &B) -> (B
     (head, framed)
 }
 
+/// Reads what the peer sent into `pending` through the worker's scratch buffer: `pending`
+/// grows by what came, and holds no more room than that. A head is read this way, where a
+/// buffer reserved for it would be a larger allocation, most of it never filled, kept for as
+/// long as any of the head's values.
+pub(super) fn poll_read_into<I: AsyncRead + Unpin>(
+    io: &mut I,
+    pending: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    thread_local! {
+        static SCRATCH_BUFFER: RefCell<Box<[u8]>> =
+            RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+    }
+    SCRATCH_BUFFER.with_borrow_mut(|scratch| {
+        let mut buf = ReadBuf::new(scratch);
+        ready!(Pin::new(io).poll_read(cx, &mut buf))?;
+        pending.extend_from_slice(buf.filled());
+        Poll::Ready(Ok(buf.filled().len()))
+    })
+}
+
 /// A message head written by `write` into the worker's scratch buffer, then copied out at its
 /// size: one allocation, where a `Vec` grown to an estimate needs a second one to become
 /// `Bytes` (and holds the estimate's slack as long as the head lives).
@@ -258,32 +282,86 @@ pub(super) fn put_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValu
 }
 
 /// Whether a `Transfer-Encoding` value's last coding is `chunked`.
-pub(super) fn ends_chunked(value: &HeaderValue) -> bool {
+pub(super) fn ends_chunked(value: &[u8]) -> bool {
     value
-        .as_bytes()
         .rsplit(|&b| b == b',')
         .next()
         .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
-/// Whether the upstream keeps the connection open after this response (RFC 9112 §9.3).
-fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    let says = |token| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .any(|v| has_token(v, token))
-    };
-    if version == Version::HTTP_11 {
-        !says("close")
-    } else {
-        says("keep-alive") && !says("close")
+/// What a response head's fields say of its connection and its framing: noted as the head is
+/// parsed, so that none of them is looked up again.
+#[derive(Debug)]
+struct Says {
+    /// `Connection` lists `close`.
+    close: bool,
+    /// `Connection` lists `keep-alive`.
+    keep_alive: bool,
+    /// `Transfer-Encoding`: whether its last coding is `chunked`.
+    transfer_encoding: Option<bool>,
+    /// `Content-Length`, all of its values agreeing; or why not.
+    content_length: Result<Option<u64>, &'static str>,
+}
+
+impl Default for Says {
+    fn default() -> Self {
+        Self {
+            close: false,
+            keep_alive: false,
+            transfer_encoding: None,
+            content_length: Ok(None),
+        }
+    }
+}
+
+impl Says {
+    /// Notes what field `name` says with `value`.
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        if *name == header::CONNECTION {
+            self.close |= lists_token(value, "close");
+            self.keep_alive |= lists_token(value, "keep-alive");
+        } else if *name == header::TRANSFER_ENCODING {
+            self.transfer_encoding = Some(ends_chunked(value));
+        } else if *name == header::CONTENT_LENGTH
+            && let Ok(length) = &mut self.content_length
+        {
+            for part in value.split(|&b| b == b',') {
+                let part = part.trim_ascii();
+                let n =
+                    (!part.is_empty() && part.len() <= 19 && part.iter().all(u8::is_ascii_digit))
+                        .then(|| part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
+                match n {
+                    None => {
+                        self.content_length = Err("malformed Content-Length");
+                        return;
+                    }
+                    Some(n) if length.is_some_and(|l| l != n) => {
+                        self.content_length = Err("conflicting Content-Length values");
+                        return;
+                    }
+                    Some(n) => *length = Some(n),
+                }
+            }
+        }
+    }
+
+    /// Whether the upstream keeps the connection open after this response (RFC 9112 §9.3).
+    fn keep_alive(&self, version: Version) -> bool {
+        if version == Version::HTTP_11 {
+            !self.close
+        } else {
+            self.keep_alive && !self.close
+        }
     }
 }
 
 /// How the response body is delimited.
-fn framing<T>(method: &Method, upgrading: bool, response: &Response<T>) -> Result<Framing, Error> {
-    let status = response.status();
+fn framing(
+    method: &Method,
+    upgrading: bool,
+    status: StatusCode,
+    says: &Says,
+) -> Result<Framing, Error> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return if upgrading {
             Ok(Framing::Upgrade)
@@ -302,31 +380,12 @@ fn framing<T>(method: &Method, upgrading: bool, response: &Response<T>) -> Resul
     {
         return Ok(Framing::Length(0));
     }
-    let headers = response.headers();
-    if let Some(last) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        return Ok(if ends_chunked(last) {
-            Framing::Chunked(Chunked::default())
-        } else {
-            Framing::Close
-        });
+    match says.transfer_encoding {
+        Some(true) => return Ok(Framing::Chunked(Chunked::default())),
+        Some(false) => return Ok(Framing::Close),
+        None => {}
     }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            let n = (!part.is_empty() && part.len() <= 19 && part.iter().all(u8::is_ascii_digit))
-                .then(|| part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
-                .ok_or(Error::Invalid("malformed Content-Length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(Error::Invalid("conflicting Content-Length values"));
-            }
-            length = Some(n);
-        }
-    }
+    let length = says.content_length.map_err(Error::Invalid)?;
     Ok(length.map_or(Framing::Close, Framing::Length))
 }
 
@@ -335,6 +394,7 @@ struct Head {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    says: Says,
 }
 
 /// Where the response body ends.
@@ -536,7 +596,7 @@ where
                     return Poll::Ready(Err(Error::HeadTooLarge));
                 }
             }
-            if ready!(self.poll_fill(cx))? == 0 {
+            if ready!(self.poll_fill_head(cx))? == 0 {
                 return Poll::Ready(Err(match self.out.failed.take() {
                     Some(error) => Error::Io(error),
                     None if self.read.is_empty() => Error::ClosedBeforeResponse,
@@ -560,7 +620,19 @@ where
         }
     }
 
-    /// Reads more into `read`: the number of bytes, 0 at the connection's end.
+    /// Reads more of the response head into `read`: the number of bytes, 0 at the connection's
+    /// end. A small response comes whole in the first read, body and all.
+    fn poll_fill_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
+        let io = self
+            .connection
+            .as_mut()
+            .expect("read only while the body goes on")
+            .stream_mut();
+        Poll::Ready(Ok(ready!(poll_read_into(io, &mut self.read, cx))?))
+    }
+
+    /// Reads more of the response body into `read`: the number of bytes, 0 at the connection's
+    /// end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
         let io = self
             .connection
@@ -740,18 +812,21 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, Error> {
     }
     let head = read.split_to(length).freeze();
     let mut headers = HeaderMap::with_capacity(count);
+    let mut says = Says::default();
     for &(name, name_len, value, value_len) in &spans[..count] {
         let name = &head[name as usize..(name + name_len) as usize];
         let name = HeaderName::from_bytes(name).map_err(|_| Error::Invalid("header name"))?;
-        let value = head.slice(value as usize..(value + value_len) as usize);
-        let value =
-            HeaderValue::from_maybe_shared(value).map_err(|_| Error::Invalid("header value"))?;
+        let range = value as usize..(value + value_len) as usize;
+        says.note(&name, &head[range.clone()]);
+        let value = HeaderValue::from_maybe_shared(head.slice(range))
+            .map_err(|_| Error::Invalid("header value"))?;
         headers.append(name, value);
     }
     Ok(Some(Head {
         status,
         version,
         headers,
+        says,
     }))
 }
 

@@ -24,10 +24,10 @@ use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::mem::MaybeUninit;
-use std::pin::{Pin, pin};
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -36,23 +36,20 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::Connection;
 use super::body::{ClientBody, ProxyBody};
 use super::forward::{has_token, lists_token};
-use super::h1::{Outgoing, Rewind, encoded, ends_chunked, put_field};
+use super::h1::{Outgoing, Rewind, encoded, ends_chunked, poll_read_into, put_field};
 
 /// The most header fields parsed here; a head with more goes to hyper (which applies
 /// `limits.max_headers`).
 const MAX_HEADERS: usize = 100;
-/// The worker's scratch buffer: one read fills at most this much.
-const SCRATCH: usize = 16 * 1024;
 /// The longest request target hyper takes (beyond it, 414).
 const MAX_TARGET: usize = 65_534;
 
 thread_local! {
-    static SCRATCH_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
     static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
 }
 
@@ -247,20 +244,6 @@ pub(super) fn seen(done: impl Fn() -> bool) -> impl Future<Output = ()> {
     })
 }
 
-/// Reads what the client sent into `pending`, through the worker's scratch buffer.
-fn poll_read_into<I: AsyncRead + Unpin>(
-    io: &mut I,
-    pending: &mut BytesMut,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<usize>> {
-    SCRATCH_BUFFER.with_borrow_mut(|scratch| {
-        let mut buf = ReadBuf::new(scratch);
-        ready!(Pin::new(io).poll_read(cx, &mut buf))?;
-        pending.extend_from_slice(buf.filled());
-        Poll::Ready(Ok(buf.filled().len()))
-    })
-}
-
 /// What the bytes read so far hold.
 // Returned once per request and matched at once, never stored.
 #[allow(clippy::large_enum_variant)]
@@ -429,7 +412,7 @@ fn encode_head(
                 header::TRANSFER_ENCODING => {
                     wrote_length = true;
                     framing = Framing::Chunked;
-                    if !ends_chunked(value) {
+                    if !ends_chunked(value.as_bytes()) {
                         out.extend_from_slice(b"transfer-encoding: ");
                         out.extend_from_slice(value.as_bytes());
                         out.extend_from_slice(b", chunked\r\n");
