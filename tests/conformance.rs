@@ -738,6 +738,51 @@ async fn an_http_1_0_upstream_is_answered_for_in_http_1_1_and_the_client_keeps_i
 }
 
 #[tokio::test]
+async fn hop_by_hop_fields_of_an_upstreams_response_never_reach_the_client() {
+    // An upstream that keeps its connection, and one that closes it after each response; both
+    // also name a field of their own in `Connection`.
+    for (answer, closes) in [
+        (
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\
+               Connection: X-Up\r\nX-Up: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\n\r\nok"[..],
+            false,
+        ),
+        (
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\
+               X-Kept: yes\r\n\r\nok"[..],
+            true,
+        ),
+    ] {
+        let addr = raw_upstream(answer).await;
+        let target = format!(
+            "[[target]]\nname = \"up\"\nhosts = [\"up.localhost\"]\nupstream = \"{addr}\"\n"
+        );
+        let wg = Wakegate::start("", &target).await;
+        let response = raw_exchange(
+            wg.proxy,
+            "GET /a HTTP/1.1\r\nHost: up.localhost\r\n\r\n\
+             GET /b HTTP/1.1\r\nHost: up.localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .to_ascii_lowercase();
+        assert_eq!(
+            response.matches("http/1.1 200 ok\r\n").count(),
+            2,
+            "both answered on the client's one connection (upstream closes: {closes}): {response}"
+        );
+        assert_eq!(response.matches("x-kept: yes\r\n").count(), 2, "{response}");
+        for hop_by_hop in ["x-up:", "keep-alive", "connection: close\r\n"] {
+            assert_eq!(
+                response.matches(hop_by_hop).count(),
+                // The client's own `Connection: close` is answered with one.
+                usize::from(hop_by_hop.starts_with("connection")),
+                "{hop_by_hop} (upstream closes: {closes}): {response}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
 async fn an_upstreams_103_early_hints_does_not_disturb_its_final_response() {
     // A raw upstream: 103, then the final 200.
     let addr = raw_upstream(

@@ -424,11 +424,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            // The usual values name no other header.
-            .filter(|v| {
-                let v = v.as_bytes();
-                !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close"))
-            })
+            .filter(|v| !is_usual_connection(v.as_bytes()))
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
@@ -449,6 +445,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(*name);
         }
     }
+}
+
+/// Whether a `Connection` value is one of the usual two, which name no other field.
+pub(super) fn is_usual_connection(value: &[u8]) -> bool {
+    value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
-use super::forward::lists_token;
+use super::forward::{is_usual_connection, lists_token};
 use super::pool::Pooled;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -86,7 +86,9 @@ impl<B> From<Error> for Box<Failed<B>> {
 }
 
 /// Sends `req` (origin-form or authority-form, with its `Host`, hop-by-hop headers removed) on
-/// `connection`; the response comes with its body still on the connection.
+/// `connection`; the response comes with its body still on the connection, and without its
+/// `Connection` field when that says no more than `keep-alive` or `close` (unless it is a
+/// 101): the connection's own business, which the forwarder would remove.
 pub async fn send<B>(
     connection: Pooled,
     req: Request<B>,
@@ -818,6 +820,14 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, Error> {
         let name = HeaderName::from_bytes(name).map_err(|_| Error::Invalid("header name"))?;
         let range = value as usize..(value + value_len) as usize;
         says.note(&name, &head[range.clone()]);
+        if name == header::CONNECTION
+            && status != StatusCode::SWITCHING_PROTOCOLS
+            && is_usual_connection(&head[range.clone()])
+        {
+            // It concerns this connection alone and names no other field: noted, and not
+            // kept for the forwarder to remove (a 101's goes to its client).
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(range))
             .map_err(|_| Error::Invalid("header value"))?;
         headers.append(name, value);

@@ -40,7 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::Connection;
 use super::body::{ClientBody, ProxyBody};
-use super::forward::{has_token, lists_token};
+use super::forward::{has_token, is_usual_connection, lists_token};
 use super::h1::{Outgoing, Rewind, encoded, ends_chunked, poll_read_into, put_field};
 
 /// The most header fields parsed here; a head with more goes to hyper (which applies
@@ -305,6 +305,11 @@ fn parse(read: &Bytes, settings: Settings) -> Parse {
             !field.value.is_empty() && field.value.iter().all(|&b| b == b'0')
         } else if name.eq_ignore_ascii_case(b"connection") {
             close |= lists_token(field.value, "close");
+            if is_usual_connection(field.value) {
+                // It concerns this connection alone and names no other field: noted, and not
+                // kept for the forwarder to remove.
+                continue;
+            }
             true
         } else {
             !(name.eq_ignore_ascii_case(b"transfer-encoding")
