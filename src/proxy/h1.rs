@@ -625,22 +625,14 @@ where
     /// Reads more of the response head into `read`: the number of bytes, 0 at the connection's
     /// end. A small response comes whole in the first read, body and all.
     fn poll_fill_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
-        let io = self
-            .connection
-            .as_mut()
-            .expect("read only while the body goes on")
-            .stream_mut();
+        let io = reading(&mut self.connection);
         Poll::Ready(Ok(ready!(poll_read_into(io, &mut self.read, cx))?))
     }
 
     /// Reads more of the response body into `read`: the number of bytes, 0 at the connection's
     /// end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
-        let io = self
-            .connection
-            .as_mut()
-            .expect("read only while the body goes on")
-            .stream_mut();
+        let io = reading(&mut self.connection);
         ready!(io.poll_read_ready(cx))?;
         // Only now a buffer: a response that is slow to come costs none.
         if self.read.capacity() - self.read.len() < (self.want / 2).max(1) {
@@ -672,6 +664,15 @@ where
         }
         self.read = BytesMut::new();
     }
+}
+
+/// The connection a response is read from: there until the body has ended (a field apart,
+/// so that the rest of the exchange stays free to borrow).
+fn reading(connection: &mut Option<Pooled>) -> &mut TcpStream {
+    connection
+        .as_mut()
+        .expect("read only while the body goes on")
+        .stream_mut()
 }
 
 impl<B> http_body::Body for Body<B>
